@@ -1,0 +1,188 @@
+//! anna's storage: one trait per concern, a unit of work that writes an aggregate and its
+//! domain events in ONE transaction, and two implementations (SQLite for the embedded shape,
+//! Postgres for production) that both pass the conformance suite in `tests/conformance`.
+//!
+//! Choosing a backend happens once, in [`connect`]; nothing above this crate knows which one
+//! it runs on.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anna_domain::{DomainEvent, RefreshToken, User};
+use async_trait::async_trait;
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+mod postgres;
+mod sqlite;
+
+pub use postgres::PgStore;
+pub use sqlite::SqliteStore;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A uniqueness rule was broken; the string names the rule (for example `users_email`).
+    #[error("conflict on {0}")]
+    Conflict(&'static str),
+    #[error("unsupported database URL {0:?}: expected sqlite:… or postgres://…")]
+    UnsupportedUrl(String),
+    #[error("stored data is invalid: {0}")]
+    Corrupt(String),
+    #[error("migration failed: {0}")]
+    Migration(#[from] sqlx::migrate::MigrateError),
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("could not prepare the database location: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+impl Backend {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Sqlite => "sqlite",
+            Self::Postgres => "postgres",
+        }
+    }
+}
+
+/// Connection settings shared by both backends.
+#[derive(Debug, Clone)]
+pub struct ConnectOptions {
+    pub max_connections: u32,
+    pub acquire_timeout: Duration,
+}
+
+impl Default for ConnectOptions {
+    fn default() -> Self {
+        Self { max_connections: 10, acquire_timeout: Duration::from_secs(5) }
+    }
+}
+
+/// Opens the store named by `url`: `sqlite:path/to/file.db` (the file and its folder are
+/// created when missing) or `postgres://…`. Does not migrate.
+pub async fn connect(url: &str, options: &ConnectOptions) -> Result<Arc<dyn Store>, StoreError> {
+    if url.starts_with("sqlite:") {
+        Ok(Arc::new(SqliteStore::connect(url, options).await?))
+    } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Ok(Arc::new(PgStore::connect(url, options).await?))
+    } else {
+        Err(StoreError::UnsupportedUrl(redact_url(url)))
+    }
+}
+
+/// The URL without its password, for error messages and logs.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let userinfo = &url[scheme_end + 3..at];
+            let user = userinfo.split(':').next().unwrap_or_default();
+            format!("{}://{}:***@{}", &url[..scheme_end], user, &url[at + 1..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// An outbox row as stored (read side; the relay arrives with the events issue).
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutboxRecord {
+    pub id: Uuid,
+    pub event: DomainEvent,
+    pub status: String,
+    pub attempts: i32,
+    pub last_error: Option<String>,
+    pub published_at: Option<OffsetDateTime>,
+    pub created_at: OffsetDateTime,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    fn backend(&self) -> Backend;
+
+    /// Creates or upgrades every table; idempotent and tracked.
+    async fn migrate(&self) -> Result<(), StoreError>;
+
+    /// Cheap round trip, for readiness checks.
+    async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Starts a unit of work. On SQLite it takes the write lock at once (`BEGIN IMMEDIATE`),
+    /// on Postgres row locks are taken by the `find_*` methods of the unit of work.
+    async fn begin(&self) -> Result<Box<dyn UnitOfWork>, StoreError>;
+
+    async fn find_user_by_id(&self, id: Uuid) -> Result<Option<User>, StoreError>;
+
+    /// `email` must already be normalised (see `anna_domain::Email`).
+    async fn find_user_by_email(&self, email: &str) -> Result<Option<User>, StoreError>;
+
+    async fn find_refresh_token(&self, token_hash: &str) -> Result<Option<RefreshToken>, StoreError>;
+
+    /// Deletes refresh tokens that expired before `now`. Returns how many were deleted.
+    async fn purge_expired_refresh_tokens(&self, now: OffsetDateTime) -> Result<u64, StoreError>;
+
+    /// Outbox rows of one aggregate, oldest first.
+    async fn outbox_events_for_aggregate(&self, aggregate_id: &str) -> Result<Vec<OutboxRecord>, StoreError>;
+
+    async fn close(&self);
+}
+
+/// One transaction. Dropping it without `commit` rolls everything back.
+#[async_trait]
+pub trait UnitOfWork: Send {
+    /// Loads a user for change (Postgres: `FOR UPDATE`).
+    async fn find_user_by_id(&mut self, id: Uuid) -> Result<Option<User>, StoreError>;
+
+    /// Loads a user for change by normalised e-mail (Postgres: `FOR UPDATE`).
+    async fn find_user_by_email(&mut self, email: &str) -> Result<Option<User>, StoreError>;
+
+    /// Plain insert: an existing id or e-mail gives `Conflict("users_id")` or
+    /// `Conflict("users_email")`, never an overwrite.
+    async fn insert_user(&mut self, user: &User) -> Result<(), StoreError>;
+
+    /// Updates every column but `id` and `created_at`.
+    async fn update_user(&mut self, user: &User) -> Result<(), StoreError>;
+
+    async fn insert_refresh_token(&mut self, token: &RefreshToken) -> Result<(), StoreError>;
+
+    /// Loads a refresh token for change (Postgres: `FOR UPDATE`).
+    async fn find_refresh_token(&mut self, token_hash: &str) -> Result<Option<RefreshToken>, StoreError>;
+
+    /// Atomically revokes `old_hash` (only if it is not revoked yet), pointing it at the
+    /// replacement, and inserts the replacement. Returns false, inserting nothing, when the old
+    /// token was already revoked: of two concurrent rotations exactly one wins.
+    async fn rotate_refresh_token(
+        &mut self,
+        old_hash: &str,
+        replacement: &RefreshToken,
+        now: OffsetDateTime,
+    ) -> Result<bool, StoreError>;
+
+    /// Revokes one token if it is not revoked yet (logout). Keeps `replaced_by_token_hash`.
+    async fn revoke_refresh_token(&mut self, token_hash: &str, now: OffsetDateTime) -> Result<bool, StoreError>;
+
+    /// Revokes every unrevoked token of a family. Returns how many.
+    async fn revoke_refresh_token_family(&mut self, family_id: Uuid, now: OffsetDateTime) -> Result<u64, StoreError>;
+
+    /// Revokes every unrevoked token of a user. Returns how many.
+    async fn revoke_user_refresh_tokens(&mut self, user_id: Uuid, now: OffsetDateTime) -> Result<u64, StoreError>;
+
+    /// Appends events to `outbox_events` (status `pending`), in order.
+    async fn append_events(&mut self, events: &[DomainEvent]) -> Result<(), StoreError>;
+
+    async fn commit(self: Box<Self>) -> Result<(), StoreError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_passwords() {
+        assert_eq!(redact_url("postgres://anna:secret@db:5432/anna"), "postgres://anna:***@db:5432/anna");
+        assert_eq!(redact_url("sqlite:data/anna.db"), "sqlite:data/anna.db");
+    }
+}

@@ -1,1 +1,114 @@
+//! anna's HTTP API: routers by context, extractors, the single error-to-HTTP mapping and the
+//! OpenAPI document.
 
+pub mod auth;
+pub mod config;
+pub mod email;
+pub mod error;
+pub mod extract;
+pub mod health;
+pub mod rate_limit;
+pub mod state;
+pub mod telemetry;
+pub mod users;
+
+use std::time::Duration;
+
+use axum::extract::DefaultBodyLimit;
+use axum::http::StatusCode;
+use axum::middleware;
+use axum::routing::get;
+use axum::Router;
+use tower::ServiceBuilder;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_swagger_ui::SwaggerUi;
+
+pub use config::ApiConfig;
+pub use error::ApiError;
+pub use state::AppState;
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "anna", description = "Multi-tenant WhatsApp sessions platform: users, authentication, sessions."),
+    modifiers(&BearerAuth),
+    tags(
+        (name = "users", description = "Registration, verification, current user"),
+        (name = "auth", description = "Login, refresh tokens, logout, password reset"),
+        (name = "operations", description = "Health and readiness"),
+    )
+)]
+struct ApiDoc;
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).bearer_format("JWT").build()),
+        );
+    }
+}
+
+/// The OpenAPI 3.1 document, generated from the handlers.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    api_routes().split_for_parts().1
+}
+
+fn api_routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(ApiDoc::openapi()).merge(users::router()).merge(auth::router()).merge(health::router())
+}
+
+/// The whole HTTP application.
+pub fn router(state: AppState) -> Router {
+    let (routes, openapi) = api_routes().split_for_parts();
+    let mut app = routes.merge(SwaggerUi::new("/docs").url("/openapi.json", openapi));
+    if state.config.metrics_on_api_port {
+        app = app.route("/metrics", get(health::metrics));
+    }
+    let max_body = state.config.max_body_bytes;
+    app.fallback(not_found)
+        .route_layer(middleware::from_fn(telemetry::track_http_metrics))
+        .layer(DefaultBodyLimit::max(max_body))
+        .layer(
+            ServiceBuilder::new()
+                .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+                .layer(TraceLayer::new_for_http().make_span_with(telemetry::request_span).on_request(()).on_response(telemetry::log_response))
+                .layer(PropagateRequestIdLayer::x_request_id())
+                .layer(CatchPanicLayer::custom(|_| ApiError::internal("handler panicked").into_response_owned())),
+        )
+        .with_state(state)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", "route not found")
+}
+
+impl ApiError {
+    fn into_response_owned(self) -> axum::response::Response {
+        axum::response::IntoResponse::into_response(self)
+    }
+}
+
+/// Runs periodic upkeep until `shutdown`: prunes rate-limiter keys and expired refresh tokens.
+pub async fn run_maintenance(state: AppState, interval: Duration) {
+    let mut ticker = tokio::time::interval(interval);
+    loop {
+        tokio::select! {
+            () = state.shutdown.cancelled() => break,
+            _ = ticker.tick() => {}
+        }
+        state.limiters.retain_recent();
+        match state.store.purge_expired_refresh_tokens(time::OffsetDateTime::now_utc()).await {
+            Ok(0) => {}
+            Ok(purged) => tracing::info!(purged, "expired refresh tokens purged"),
+            Err(error) => tracing::warn!(%error, "purging expired refresh tokens failed"),
+        }
+    }
+}

@@ -1,1 +1,78 @@
-fn main() {}
+//! `anna`: a self-hostable, multi-tenant WhatsApp sessions platform.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use anna::commands::{self, WorkerKind};
+use anna::config::Config;
+
+/// Configuration comes from environment variables (and a `.env` file in the working
+/// directory); see the README for the full table.
+#[derive(Debug, Parser)]
+#[command(name = "anna", version, about = "Self-hostable, multi-tenant WhatsApp sessions platform")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// API, workers and demo UI in one process (the default); migrates the database first.
+    Serve,
+    /// The HTTP API alone (production shape; run `anna migrate` first).
+    Api,
+    /// One worker process.
+    Worker {
+        #[arg(value_enum)]
+        kind: WorkerKind,
+    },
+    /// Create or upgrade every table (SQLite or Postgres, from DATABASE_URL); idempotent.
+    Migrate,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // A missing .env is normal; a malformed one is not.
+    if let Err(error) = dotenvy::dotenv()
+        && !error.not_found()
+    {
+        eprintln!("anna: cannot read .env: {error}");
+        return ExitCode::from(2);
+    }
+    let config = match Config::from_env() {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("anna: configuration error: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Err(error) = anna::telemetry::init_logs(&config) {
+        eprintln!("anna: configuration error: {error}");
+        return ExitCode::from(2);
+    }
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("anna: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command.unwrap_or(Command::Serve) {
+            Command::Serve => commands::serve(config).await,
+            Command::Api => commands::api(config).await,
+            Command::Worker { kind } => commands::worker(config, kind).await,
+            Command::Migrate => commands::migrate(config).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!(error = format!("{error:#}"), "anna failed");
+            eprintln!("anna: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

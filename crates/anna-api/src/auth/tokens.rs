@@ -1,0 +1,136 @@
+//! Access tokens (HS256 JWT with the seed's claims) and the refresh-token cookie.
+
+use std::time::Duration;
+
+use axum_extra::extract::cookie::{Cookie, SameSite};
+use jsonwebtoken::{decode, encode, Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+pub const ACCESS_TOKEN_USE: &str = "access";
+
+/// The seed's claims: `sub`, `email`, `tokenUse`, `iat`, `exp`.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AccessClaims {
+    pub sub: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub email: Option<String>,
+    pub token_use: String,
+    pub iat: i64,
+    pub exp: i64,
+}
+
+pub struct JwtKeys {
+    encoding: EncodingKey,
+    decoding: DecodingKey,
+    validation: Validation,
+    ttl: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    #[error("access token could not be signed: {0}")]
+    Sign(#[from] jsonwebtoken::errors::Error),
+}
+
+/// An authenticated caller, from a valid access token.
+#[derive(Debug, Clone)]
+pub struct Authenticated {
+    pub user_id: Uuid,
+    pub email: Option<String>,
+}
+
+impl JwtKeys {
+    pub fn new(secret: &[u8], ttl: Duration) -> Self {
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.leeway = 0;
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        Self { encoding: EncodingKey::from_secret(secret), decoding: DecodingKey::from_secret(secret), validation, ttl }
+    }
+
+    pub fn ttl_secs(&self) -> u64 {
+        self.ttl.as_secs()
+    }
+
+    pub fn issue(&self, user_id: Uuid, email: &str, now: OffsetDateTime) -> Result<String, TokenError> {
+        let iat = now.unix_timestamp();
+        let claims = AccessClaims {
+            sub: user_id.to_string(),
+            email: Some(email.to_owned()),
+            token_use: ACCESS_TOKEN_USE.into(),
+            iat,
+            exp: iat.saturating_add(i64::try_from(self.ttl.as_secs()).unwrap_or(i64::MAX)),
+        };
+        Ok(encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)?)
+    }
+
+    /// `None` for a bad signature, another algorithm, an expired token, a token that is not an
+    /// access token, or a subject that is not a user id.
+    pub fn verify(&self, token: &str) -> Option<Authenticated> {
+        let data = decode::<AccessClaims>(token, &self.decoding, &self.validation).ok()?;
+        if data.claims.token_use != ACCESS_TOKEN_USE {
+            return None;
+        }
+        let user_id = Uuid::parse_str(&data.claims.sub).ok()?;
+        Some(Authenticated { user_id, email: data.claims.email })
+    }
+}
+
+/// The refresh cookie as the seed set it: `HttpOnly; Path=/; SameSite=Strict; Max-Age`,
+/// `Secure` when configured.
+pub fn refresh_cookie(name: &str, value: String, max_age: Duration, secure: bool) -> Cookie<'static> {
+    Cookie::build((name.to_owned(), value))
+        .http_only(true)
+        .path("/")
+        .same_site(SameSite::Strict)
+        .secure(secure)
+        .max_age(time::Duration::seconds(i64::try_from(max_age.as_secs()).unwrap_or(i64::MAX)))
+        .build()
+}
+
+pub fn cleared_refresh_cookie(name: &str, secure: bool) -> Cookie<'static> {
+    refresh_cookie(name, String::new(), Duration::ZERO, secure)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn issue_and_verify() {
+        let keys = JwtKeys::new(b"k", Duration::from_secs(900));
+        let id = Uuid::new_v4();
+        let token = keys.issue(id, "a@b.co", OffsetDateTime::now_utc()).unwrap_or_else(|e| panic!("{e}"));
+        let auth = keys.verify(&token).unwrap_or_else(|| panic!("valid token refused"));
+        assert_eq!(auth.user_id, id);
+        assert!(JwtKeys::new(b"other", Duration::from_secs(900)).verify(&token).is_none());
+        let expired = keys
+            .issue(id, "a@b.co", OffsetDateTime::now_utc() - time::Duration::hours(1))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(keys.verify(&expired).is_none());
+    }
+
+    #[test]
+    fn refuses_non_access_tokens() {
+        let keys = JwtKeys::new(b"k", Duration::from_secs(900));
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        let claims = AccessClaims { sub: Uuid::new_v4().to_string(), email: None, token_use: "refresh".into(), iat: now, exp: now + 60 };
+        let token = encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(b"k"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(keys.verify(&token).is_none());
+    }
+
+    #[test]
+    fn cookie_attributes() {
+        let c = refresh_cookie("refresh_token", "abc".into(), Duration::from_secs(2_592_000), false).to_string();
+        assert!(c.starts_with("refresh_token=abc"));
+        for part in ["HttpOnly", "SameSite=Strict", "Path=/", "Max-Age=2592000"] {
+            assert!(c.contains(part), "{c}");
+        }
+        assert!(!c.contains("Secure"));
+        assert!(refresh_cookie("r", "x".into(), Duration::from_secs(1), true).to_string().contains("Secure"));
+        assert!(cleared_refresh_cookie("r", false).to_string().contains("Max-Age=0"));
+    }
+}

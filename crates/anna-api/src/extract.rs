@@ -1,0 +1,147 @@
+//! Extractors: JSON bodies with clear errors, the client's IP, the authenticated caller.
+
+use std::net::{IpAddr, SocketAddr};
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Request};
+use axum::http::header::AUTHORIZATION;
+use axum::http::request::Parts;
+use axum::http::StatusCode;
+use serde::de::DeserializeOwned;
+use uuid::Uuid;
+
+use crate::auth::tokens::Authenticated;
+use crate::error::ApiError;
+use crate::state::AppState;
+
+/// A JSON body. Other content types → 415, malformed JSON → 400, wrong field types → 422,
+/// too large → 413; unknown fields are ignored.
+pub struct ApiJson<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::Json::<T>::from_request(req, state).await {
+            Ok(axum::Json(value)) => Ok(Self(value)),
+            Err(rejection) => Err(json_rejection(rejection)),
+        }
+    }
+}
+
+fn json_rejection(rejection: JsonRejection) -> ApiError {
+    let status = rejection.status();
+    let code = match status {
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
+        StatusCode::UNPROCESSABLE_ENTITY => "invalid_body",
+        _ => "malformed_json",
+    };
+    let message = match status {
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "expected a JSON body with Content-Type: application/json".to_owned(),
+        StatusCode::PAYLOAD_TOO_LARGE => "request body is too large".to_owned(),
+        _ => rejection.body_text(),
+    };
+    ApiError::new(status, code, message)
+}
+
+/// Parses a path id; anything that is not a UUID is a 400, never a 500.
+pub fn parse_uuid(raw: &str, what: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(raw).map_err(|_| ApiError::bad_request("invalid_id", format!("{what} must be a UUID")))
+}
+
+/// The client's IP: the peer address, or — when the peer is a trusted proxy — the nearest
+/// untrusted address in `X-Forwarded-For`.
+#[derive(Debug, Clone)]
+pub struct ClientIp(pub Option<IpAddr>);
+
+impl ClientIp {
+    pub fn key(&self) -> String {
+        self.0.map_or_else(|| "unknown".to_owned(), |ip| ip.to_string())
+    }
+}
+
+impl FromRequestParts<AppState> for ClientIp {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        let peer = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
+        Ok(Self(resolve_client_ip(peer, parts, &state.config.trusted_proxies)))
+    }
+}
+
+fn resolve_client_ip(peer: Option<IpAddr>, parts: &Parts, trusted: &[ipnet::IpNet]) -> Option<IpAddr> {
+    let is_trusted = |ip: &IpAddr| trusted.iter().any(|net| net.contains(ip));
+    let peer = peer?;
+    if !is_trusted(&peer) {
+        return Some(peer);
+    }
+    let forwarded: Vec<IpAddr> = parts
+        .headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    Some(forwarded.into_iter().rev().find(|ip| !is_trusted(ip)).unwrap_or(peer))
+}
+
+/// `User-Agent`, capped, for the refresh-token row.
+pub fn user_agent(parts_headers: &axum::http::HeaderMap) -> Option<String> {
+    parts_headers
+        .get(axum::http::header::USER_AGENT)
+        .and_then(|v| v.to_str().ok())
+        .map(|s| s.chars().take(512).collect())
+}
+
+/// The caller, from `Authorization: Bearer <access token>` (the scheme is checked).
+pub struct AuthUser(pub Authenticated);
+
+impl FromRequestParts<AppState> for AuthUser {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        let header = parts.headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::trim);
+        let Some(header) = header.filter(|h| !h.is_empty()) else {
+            return Err(ApiError::unauthorized("missing_access_token", "missing access token"));
+        };
+        let token = match header.split_once(' ') {
+            Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() => token.trim(),
+            _ => return Err(ApiError::unauthorized("invalid_access_token", "invalid access token")),
+        };
+        state
+            .jwt
+            .verify(token)
+            .map(AuthUser)
+            .ok_or_else(|| ApiError::unauthorized("invalid_access_token", "invalid access token"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts_with_xff(xff: &str) -> Parts {
+        let (parts, ()) = axum::http::Request::builder()
+            .header("x-forwarded-for", xff)
+            .body(())
+            .unwrap_or_else(|e| panic!("{e}"))
+            .into_parts();
+        parts
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn forwarded_for_is_believed_only_from_trusted_proxies() {
+        let trusted: Vec<ipnet::IpNet> = vec!["10.0.0.0/8".parse().unwrap_or_else(|e| panic!("{e}"))];
+        let parts = parts_with_xff("6.6.6.6, 1.2.3.4, 10.0.0.7");
+        assert_eq!(resolve_client_ip(Some(ip("9.9.9.9")), &parts, &trusted), Some(ip("9.9.9.9")));
+        assert_eq!(resolve_client_ip(Some(ip("10.0.0.1")), &parts, &trusted), Some(ip("1.2.3.4")));
+        assert_eq!(resolve_client_ip(Some(ip("10.0.0.1")), &parts_with_xff("junk"), &trusted), Some(ip("10.0.0.1")));
+        assert_eq!(resolve_client_ip(Some(ip("10.0.0.1")), &parts, &[]), Some(ip("10.0.0.1")));
+    }
+}

@@ -1,0 +1,172 @@
+//! `/users`: registration, verification (with automatic login) and the current user.
+
+use anna_domain::password;
+use anna_domain::user::{User, VerifyError};
+use anna_domain::{Email, UserName};
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::Json;
+use axum_extra::extract::CookieJar;
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::auth::session::{send_after_commit, start_family, ClientMeta};
+use crate::email::templates;
+use crate::error::{ApiError, ApiResult, ErrorBody};
+use crate::extract::{parse_uuid, user_agent, ApiJson, AuthUser, ClientIp};
+use crate::rate_limit::Limited;
+use crate::state::AppState;
+
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(register)).routes(routes!(verify)).routes(routes!(me))
+}
+
+/// Registration body. A client-supplied `id` is ignored: ids are always made by the server.
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct RegisterRequest {
+    name: Option<String>,
+    email: Option<String>,
+    #[schema(format = Password)]
+    password: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RegisterResponse {
+    pub id: String,
+}
+
+fn present(value: Option<String>) -> Option<String> {
+    value.filter(|v| !v.is_empty())
+}
+
+/// Register a user; a verification code and link are e-mailed.
+#[utoipa::path(post, path = "/users", tag = "users", request_body = RegisterRequest,
+    responses(
+        (status = 201, body = RegisterResponse),
+        (status = 400, description = "missing or invalid field", body = ErrorBody),
+        (status = 409, description = "e-mail already registered", body = ErrorBody),
+        (status = 413, body = ErrorBody), (status = 415, body = ErrorBody)))]
+async fn register(State(state): State<AppState>, ApiJson(body): ApiJson<RegisterRequest>) -> ApiResult<(StatusCode, Json<RegisterResponse>)> {
+    let (Some(name), Some(email), Some(password)) = (present(body.name), present(body.email), present(body.password)) else {
+        return Err(ApiError::bad_request("missing_fields", "name, email and password are required"));
+    };
+    let name = UserName::parse(&name).map_err(|e| ApiError::bad_request("invalid_name", e.0))?;
+    let email = Email::parse(&email).map_err(|e| ApiError::bad_request("invalid_email", e.0))?;
+    password::check_policy(&password, email.as_str()).map_err(|e| ApiError::bad_request("invalid_password", e.0))?;
+    let duplicate = || ApiError::conflict("email_taken", "a user with this e-mail already exists");
+    // Checked before hashing so duplicates cost no CPU; the insert below still decides races.
+    if state.store.find_user_by_email(email.as_str()).await?.is_some() {
+        return Err(duplicate());
+    }
+    let password_hash = state.hash_password(password).await?;
+    let now = OffsetDateTime::now_utc();
+    let (user, issued, events) = User::register(name, email, password_hash, now, &state.secret_policy, &state.secrets);
+    let mut uow = state.store.begin().await?;
+    match uow.insert_user(&user).await {
+        Err(anna_store::StoreError::Conflict(_)) => return Err(duplicate()),
+        other => other?,
+    }
+    uow.append_events(&events).await?;
+    uow.commit().await?;
+    tracing::info!(user_id = %user.id, "user registered");
+    let message = templates::verification_email(&state.config.app_base_url, user.id, &user.email, &issued, "register");
+    send_after_commit(&state, message, user.id);
+    Ok((StatusCode::CREATED, Json(RegisterResponse { id: user.id.to_string() })))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct VerifyRequest {
+    /// The link token from the e-mail.
+    token: Option<String>,
+    /// The six-digit code from the e-mail.
+    code: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VerifyResponse {
+    pub status: &'static str,
+    pub access_token: String,
+    pub access_token_expires_in: u64,
+}
+
+/// Verify an e-mail address with the code or the link token, and log in.
+#[utoipa::path(post, path = "/users/{id}/verify", tag = "users", request_body = VerifyRequest,
+    params(("id" = String, Path, description = "user id")),
+    responses(
+        (status = 200, body = VerifyResponse, description = "verified; the refresh cookie is set"),
+        (status = 400, description = "missing, wrong, expired or void code; bad id", body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 429, body = ErrorBody)))]
+async fn verify(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    client_ip: ClientIp,
+    headers: HeaderMap,
+    jar: CookieJar,
+    ApiJson(body): ApiJson<VerifyRequest>,
+) -> ApiResult<(CookieJar, Json<VerifyResponse>)> {
+    state.limiters.check_ip(Limited::Verify, &client_ip.key())?;
+    let user_id = parse_uuid(&id, "user id")?;
+    let Some(candidate) = body.token.filter(|t| !t.trim().is_empty()).or(body.code.filter(|c| !c.trim().is_empty())) else {
+        return Err(ApiError::bad_request("missing_fields", "token or code is required"));
+    };
+    state.limiters.check_account(Limited::Verify, &user_id.to_string())?;
+    let now = OffsetDateTime::now_utc();
+    let mut uow = state.store.begin().await?;
+    let mut user = uow
+        .find_user_by_id(user_id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("user_not_found", format!("The user {user_id} does not exist")))?;
+    match user.verify(&candidate, now, &state.secret_policy, &state.secrets) {
+        Ok(event) => {
+            uow.update_user(&user).await?;
+            uow.append_events(&[event]).await?;
+            let meta = ClientMeta { user_agent: user_agent(&headers), ip: client_ip.0.map(|ip| ip.to_string()) };
+            let (access_token, cookie) = start_family(&state, uow.as_mut(), &user, now, &meta).await?;
+            uow.commit().await?;
+            tracing::info!(%user_id, "user verified");
+            Ok((
+                jar.add(cookie),
+                Json(VerifyResponse { status: "active", access_token, access_token_expires_in: state.jwt.ttl_secs() }),
+            ))
+        }
+        Err(refused) => {
+            if matches!(refused, VerifyError::Mismatch(_) | VerifyError::AttemptsExhausted(_)) {
+                // The attempt counter must stick even though the request fails.
+                uow.update_user(&user).await?;
+                uow.commit().await?;
+            }
+            let message = refused.to_string();
+            Err(match refused {
+                VerifyError::AlreadyVerified(_) => ApiError::conflict("already_verified", message),
+                VerifyError::NotVerifiable(_) => ApiError::conflict("not_verifiable", message),
+                VerifyError::Mismatch(_) => ApiError::bad_request("verification_mismatch", message),
+                VerifyError::Expired { .. } => ApiError::bad_request("verification_expired", message),
+                VerifyError::AttemptsExhausted(_) => ApiError::bad_request("verification_void", message),
+            })
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct MeResponse {
+    pub id: String,
+    pub name: String,
+    pub email: String,
+    pub status: &'static str,
+}
+
+/// The authenticated user.
+#[utoipa::path(get, path = "/users/me", tag = "users", security(("bearer" = [])),
+    responses((status = 200, body = MeResponse), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn me(State(state): State<AppState>, AuthUser(caller): AuthUser) -> ApiResult<Json<MeResponse>> {
+    let user = state
+        .store
+        .find_user_by_id(caller.user_id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("user_not_found", format!("The user {} does not exist", caller.user_id)))?;
+    Ok(Json(MeResponse { id: user.id.to_string(), name: user.name, email: user.email, status: user.status.as_str() }))
+}

@@ -1,0 +1,126 @@
+//! Wiring: builds the store, the e-mail sender and the HTTP application from the
+//! configuration, and runs them until shutdown. The only place that picks backends.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anna_api::email::{ConsoleEmailSender, EmailSender, ResendEmailSender, SmtpEmailSender};
+use anna_api::AppState;
+use anna_store::{ConnectOptions, Store};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, EmailProvider};
+use crate::telemetry;
+
+pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
+    let options = ConnectOptions { max_connections: config.database_max_connections, ..ConnectOptions::default() };
+    let store = anna_store::connect(&config.database_url, &options)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot open DATABASE_URL={}: {e}", anna_store::redact_url(&config.database_url)))?;
+    Ok(store)
+}
+
+pub fn email_sender(config: &Config) -> anyhow::Result<Arc<dyn EmailSender>> {
+    Ok(match &config.email {
+        EmailProvider::Console => Arc::new(ConsoleEmailSender::new()),
+        EmailProvider::Smtp { url, from } => Arc::new(SmtpEmailSender::new(url, from)?),
+        EmailProvider::Resend { api_key, from, base_url } => {
+            Arc::new(ResendEmailSender::new(api_key.clone(), from.clone(), base_url)?)
+        }
+    })
+}
+
+/// A running API: its address, and a handle that ends when it has shut down.
+pub struct RunningApi {
+    pub addr: SocketAddr,
+    pub metrics_addr: Option<SocketAddr>,
+    pub state: AppState,
+    pub task: JoinHandle<anyhow::Result<()>>,
+}
+
+/// Binds the API (and the metrics port, if configured) and serves until `shutdown` is
+/// cancelled; then stops accepting, finishes in-flight requests, drains background work.
+pub async fn start_api(
+    config: &Config,
+    store: Arc<dyn Store>,
+    email: Arc<dyn EmailSender>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<RunningApi> {
+    let metrics = telemetry::metrics_handle()?;
+    let state = AppState::new(store, config.api.clone(), email, Some(metrics.clone()), shutdown.clone())?;
+    let listener = TcpListener::bind((config.host, config.port))
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}:{} (HOST, PORT): {e}", config.host, config.port))?;
+    let addr = listener.local_addr()?;
+    let metrics_listener = match config.metrics_port {
+        Some(port) => Some(
+            TcpListener::bind((config.host, port))
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot listen on {}:{port} (METRICS_PORT): {e}", config.host))?,
+        ),
+        None => None,
+    };
+    let metrics_addr = metrics_listener.as_ref().map(TcpListener::local_addr).transpose()?;
+    let app = anna_api::router(state.clone());
+    let maintenance = tokio::spawn(anna_api::run_maintenance(state.clone(), Duration::from_secs(60)));
+    let drain_timeout = config.shutdown_timeout;
+    let background = state.background.clone();
+    let task = tokio::spawn(async move {
+        let metrics_server = metrics_listener.map(|listener| {
+            let router = metrics_router(metrics);
+            let token = shutdown.clone();
+            tokio::spawn(async move { axum::serve(listener, router).with_graceful_shutdown(token.cancelled_owned()).await })
+        });
+        let serve = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
+            .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+        let served = serve.await;
+        tracing::info!("HTTP server stopped accepting; draining background work");
+        background.close();
+        if tokio::time::timeout(drain_timeout, background.wait()).await.is_err() {
+            tracing::warn!(timeout_ms = drain_timeout.as_millis() as u64, "background work did not finish in time");
+        }
+        maintenance.abort();
+        if let Some(server) = metrics_server {
+            let _ = server.await;
+        }
+        served.map_err(anyhow::Error::from)
+    });
+    tracing::info!(%addr, metrics_addr = ?metrics_addr, "listening");
+    Ok(RunningApi { addr, metrics_addr, state, task })
+}
+
+pub fn metrics_router(handle: metrics_exporter_prometheus::PrometheusHandle) -> axum::Router {
+    axum::Router::new()
+        .route("/metrics", axum::routing::get(move || std::future::ready(anna_api::health::render_metrics(Some(&handle)))))
+}
+
+/// Cancels `token` on SIGINT or SIGTERM.
+pub fn cancel_on_signal(token: CancellationToken) {
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(error) => {
+                    tracing::error!(%error, "cannot listen for SIGTERM");
+                    let _ = ctrl_c.await;
+                    token.cancel();
+                    return;
+                }
+            };
+            tokio::select! {
+                _ = ctrl_c => tracing::info!("SIGINT received: shutting down"),
+                _ = term.recv() => tracing::info!("SIGTERM received: shutting down"),
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = ctrl_c.await;
+        }
+        token.cancel();
+    });
+}

@@ -1,0 +1,319 @@
+//! Login, refresh rotation and reuse detection, logout, password reset, rate limits, and the
+//! absence of secrets in logs.
+
+use serde_json::json;
+
+use crate::helpers::{link_param, spawn_app, spawn_app_with, unique_email, Backend};
+
+const PASSWORD: &str = "correct horse battery";
+
+async fn login_does_not_enumerate(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let active = unique_email();
+    app.active_user(&active, PASSWORD).await;
+    let pending = unique_email();
+    app.register(&pending, PASSWORD).await;
+
+    let unknown = app.login(&unique_email(), PASSWORD).await;
+    let wrong = app.login(&active, "wrong password!").await;
+    let pending_wrong = app.login(&pending, "wrong password!").await;
+    for reply in [&unknown, &wrong, &pending_wrong] {
+        assert_eq!(reply.status, 401);
+        assert_eq!(reply.body, json!({"message": "Invalid credentials", "code": "invalid_credentials"}));
+    }
+    // Only a correct password learns that the account is not verified; no id, no status.
+    let pending_right = app.login(&pending, PASSWORD).await;
+    assert_eq!(pending_right.status, 403);
+    assert!(!pending_right.text.contains("pending"), "{}", pending_right.text);
+
+    let missing = app.post("/auth/login").json(json!({"email": active})).send().await;
+    assert_eq!((missing.status, missing.message()), (400, "email and password are required"));
+    let bad = app.login("nope", PASSWORD).await;
+    assert_eq!(bad.status, 400);
+
+    let ok = app.login(&format!(" {} ", active.to_uppercase()), PASSWORD).await;
+    assert_eq!(ok.status, 200, "{ok:?}");
+    assert_eq!(ok.body["accessTokenExpiresIn"], 900);
+    assert!(ok.set_cookie().contains("HttpOnly"));
+    let me = app.get("/users/me").bearer(&ok.access_token()).send().await;
+    assert_eq!(me.status, 200);
+    app.stop().await;
+}
+
+async fn refresh_rotates_and_detects_reuse(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let email = unique_email();
+    app.active_user(&email, PASSWORD).await;
+    let login = app.login(&email, PASSWORD).await;
+    let first = login.cookie_pair();
+
+    let missing = app.post("/auth/refresh").send().await;
+    assert_eq!((missing.status, missing.message()), (401, "refresh token is required"));
+    let unknown = app.post("/auth/refresh").cookie("refresh_token=deadbeef").send().await;
+    assert_eq!((unknown.status, unknown.message()), (401, "Invalid refresh token"));
+
+    let rotated = app.post("/auth/refresh").cookie(&first).send().await;
+    assert_eq!(rotated.status, 200, "{rotated:?}");
+    let second = rotated.cookie_pair();
+    assert_ne!(first, second);
+    assert!(rotated.set_cookie().contains("Max-Age=2592000"));
+    assert_eq!(app.get("/users/me").bearer(&rotated.access_token()).send().await.status, 200);
+
+    // Presenting the rotated-out token again revokes the whole family, including `second`.
+    let reuse = app.post("/auth/refresh").cookie(&first).send().await;
+    assert_eq!(reuse.status, 401);
+    let after = app.post("/auth/refresh").cookie(&second).send().await;
+    assert_eq!(after.status, 401, "family must be revoked after reuse");
+
+    // Another login is another family, unaffected.
+    let other = app.login(&email, PASSWORD).await;
+    assert_eq!(app.post("/auth/refresh").cookie(&other.cookie_pair()).send().await.status, 200);
+    app.stop().await;
+}
+
+async fn concurrent_refreshes_exactly_one_wins(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let email = unique_email();
+    app.active_user(&email, PASSWORD).await;
+    for _round in 0..3 {
+        let cookie = app.login(&email, PASSWORD).await.cookie_pair();
+        let (a, b) = tokio::join!(
+            app.post("/auth/refresh").cookie(&cookie).send(),
+            app.post("/auth/refresh").cookie(&cookie).send()
+        );
+        let wins = [a.status, b.status].iter().filter(|s| **s == 200).count();
+        assert_eq!(wins, 1, "statuses {} and {}", a.status, b.status);
+        assert!([a.status, b.status].contains(&401));
+    }
+    app.stop().await;
+}
+
+async fn reuse_grace_window_does_not_revoke(backend: Backend) {
+    let app = spawn_app_with(backend, &[("AUTH_REFRESH_REUSE_GRACE_MS", "60000")]).await;
+    let email = unique_email();
+    app.active_user(&email, PASSWORD).await;
+    let first = app.login(&email, PASSWORD).await.cookie_pair();
+    let second = app.post("/auth/refresh").cookie(&first).send().await.cookie_pair();
+    assert_eq!(app.post("/auth/refresh").cookie(&first).send().await.status, 401);
+    assert_eq!(app.post("/auth/refresh").cookie(&second).send().await.status, 200);
+    app.stop().await;
+}
+
+async fn logout_and_logout_all(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let email = unique_email();
+    app.active_user(&email, PASSWORD).await;
+    let one = app.login(&email, PASSWORD).await;
+    let logout = app.post("/auth/logout").cookie(&one.cookie_pair()).send().await;
+    assert_eq!(logout.status, 204);
+    assert!(logout.text.is_empty());
+    assert!(logout.set_cookie().contains("Max-Age=0"), "{}", logout.set_cookie());
+    assert_eq!(app.post("/auth/refresh").cookie(&one.cookie_pair()).send().await.status, 401);
+    // Without a cookie, logout still answers 204.
+    assert_eq!(app.post("/auth/logout").send().await.status, 204);
+
+    let a = app.login(&email, PASSWORD).await;
+    let b = app.login(&email, PASSWORD).await;
+    assert_eq!(app.post("/auth/logout-all").send().await.status, 401);
+    let all = app.post("/auth/logout-all").bearer(&a.access_token()).send().await;
+    assert_eq!(all.status, 204);
+    assert!(all.set_cookie().contains("Max-Age=0"));
+    for session in [a, b] {
+        assert_eq!(app.post("/auth/refresh").cookie(&session.cookie_pair()).send().await.status, 401);
+    }
+    app.stop().await;
+}
+
+async fn resend_and_reset_do_not_enumerate(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let active = unique_email();
+    app.active_user(&active, PASSWORD).await;
+    let pending = unique_email();
+    app.register(&pending, PASSWORD).await;
+    let unknown = unique_email();
+    for route in ["/auth/resend-verification", "/auth/password-reset"] {
+        for email in [&active, &pending, &unknown] {
+            let reply = app.post(route).json(json!({"email": email})).send().await;
+            assert_eq!((reply.status, &reply.body), (200, &json!({"status": "ok"})), "{route} {email}");
+        }
+        let missing = app.post(route).json(json!({})).send().await;
+        assert_eq!((missing.status, missing.message()), (400, "email is required"));
+    }
+    // Only the right e-mails went out: a new code for the pending user, a reset for the active one.
+    assert_eq!(app.mailbox.nth_to(&pending, 2).await.subject, "Verify your account");
+    assert_eq!(app.mailbox.nth_to(&active, 2).await.subject, "Reset your password");
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert_eq!(app.mailbox.all_to(&active).len(), 2);
+    assert_eq!(app.mailbox.all_to(&pending).len(), 2);
+    assert!(app.mailbox.all_to(&unknown).is_empty());
+    app.stop().await;
+}
+
+async fn password_reset_flow(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let email = unique_email();
+    let (id, _) = app.active_user(&email, PASSWORD).await;
+    let session = app.login(&email, PASSWORD).await;
+    assert_eq!(app.post("/auth/password-reset").json(json!({"email": email})).send().await.status, 200);
+    let mail = app.mailbox.nth_to(&email, 2).await;
+    let token = link_param(&mail, "token");
+    assert!(mail.text.contains("/reset-password?token="), "{}", mail.text);
+
+    let confirm = |token: String, password: &str| {
+        app.post("/auth/password-reset/confirm").json(json!({"email": email, "token": token, "newPassword": password})).send()
+    };
+    let missing = app.post("/auth/password-reset/confirm").json(json!({"email": email})).send().await;
+    assert_eq!((missing.status, missing.message()), (400, "email, token and newPassword are required"));
+    let wrong = confirm("f".repeat(64), "a new password").await;
+    assert_eq!((wrong.status, wrong.message()), (400, "invalid password reset request"));
+    let weak = confirm(token.clone(), "short").await;
+    assert_eq!(weak.status, 400);
+    let done = confirm(token.clone(), "a new password").await;
+    assert_eq!((done.status, &done.body), (200, &json!({"status": "ok"})), "{done:?}");
+    let reused = confirm(token, "another password").await;
+    assert_eq!(reused.status, 400, "a reset token works once");
+
+    assert_eq!(app.login(&email, PASSWORD).await.status, 401);
+    assert_eq!(app.login(&email, "a new password").await.status, 200);
+    // Every refresh token that existed before the reset is revoked.
+    assert_eq!(app.post("/auth/refresh").cookie(&session.cookie_pair()).send().await.status, 401);
+    let names: Vec<_> =
+        app.store.outbox_events_for_aggregate(&id).await.unwrap().into_iter().map(|r| r.event.event_name).collect();
+    assert!(names.contains(&"user.password_reset.requested".to_owned()));
+    assert_eq!(names.last().map(String::as_str), Some("user.password_reset.completed"));
+    app.stop().await;
+}
+
+async fn reset_token_brute_force_cut_off(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let email = unique_email();
+    app.active_user(&email, PASSWORD).await;
+    app.post("/auth/password-reset").json(json!({"email": email})).send().await;
+    let token = link_param(&app.mailbox.nth_to(&email, 2).await, "token");
+    for _ in 0..5 {
+        let reply = app
+            .post("/auth/password-reset/confirm")
+            .json(json!({"email": email, "token": "0".repeat(64), "newPassword": "a new password"}))
+            .send()
+            .await;
+        assert_eq!(reply.status, 400);
+    }
+    let late = app
+        .post("/auth/password-reset/confirm")
+        .json(json!({"email": email, "token": token, "newPassword": "a new password"}))
+        .send()
+        .await;
+    assert_eq!(late.status, 400, "the token is void after 5 wrong attempts");
+    app.stop().await;
+}
+
+async fn rate_limits_answer_429(backend: Backend) {
+    let app = spawn_app_with(
+        backend,
+        &[("RATE_LIMIT_ENABLED", "true"), ("RATE_LIMIT_PER_IP_PER_MINUTE", "3"), ("RATE_LIMIT_PER_ACCOUNT_PER_MINUTE", "2")],
+    )
+    .await;
+    // Per account: the third login about one e-mail is refused, whatever the password.
+    let email = unique_email();
+    for _ in 0..2 {
+        assert_eq!(app.login(&email, PASSWORD).await.status, 401);
+    }
+    let limited = app.login(&email, PASSWORD).await;
+    assert_eq!(limited.status, 429);
+    let retry_after: u64 = limited.headers.get("retry-after").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok()).unwrap();
+    assert!((1..=60).contains(&retry_after), "{retry_after}");
+    // Per IP: the fourth login from this client is refused, for any e-mail.
+    let limited = app.login(&unique_email(), PASSWORD).await;
+    assert_eq!(limited.status, 429, "{limited:?}");
+    // Other limited routes have their own budgets.
+    for _ in 0..3 {
+        assert_eq!(app.post("/auth/password-reset").json(json!({"email": unique_email()})).send().await.status, 200);
+    }
+    assert_eq!(app.post("/auth/password-reset").json(json!({"email": unique_email()})).send().await.status, 429);
+    app.stop().await;
+}
+
+async fn forwarded_for_is_used_only_from_trusted_proxies(backend: Backend) {
+    let app = spawn_app_with(
+        backend,
+        &[("RATE_LIMIT_ENABLED", "true"), ("RATE_LIMIT_PER_IP_PER_MINUTE", "1"), ("TRUSTED_PROXIES", "127.0.0.1/32")],
+    )
+    .await;
+    // Behind a trusted proxy each forwarded client has its own budget.
+    for client in ["203.0.113.1", "203.0.113.2"] {
+        let reply = app
+            .post("/auth/resend-verification")
+            .header("x-forwarded-for", client)
+            .json(json!({"email": unique_email()}))
+            .send()
+            .await;
+        assert_eq!(reply.status, 200);
+    }
+    let again = app
+        .post("/auth/resend-verification")
+        .header("x-forwarded-for", "203.0.113.1")
+        .json(json!({"email": unique_email()}))
+        .send()
+        .await;
+    assert_eq!(again.status, 429);
+    app.stop().await;
+
+    // Without trust, the header is ignored: one budget for the peer.
+    let app = spawn_app_with(backend, &[("RATE_LIMIT_ENABLED", "true"), ("RATE_LIMIT_PER_IP_PER_MINUTE", "1")]).await;
+    let first = app.post("/auth/resend-verification").header("x-forwarded-for", "203.0.113.1").json(json!({"email": unique_email()})).send().await;
+    let second = app.post("/auth/resend-verification").header("x-forwarded-for", "203.0.113.2").json(json!({"email": unique_email()})).send().await;
+    assert_eq!((first.status, second.status), (200, 429));
+    app.stop().await;
+}
+
+async fn no_secrets_in_logs(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let email = unique_email();
+    let password = format!("pw-{}", uuid::Uuid::new_v4().simple());
+    let id = app.register(&email, &password).await;
+    let mail = app.mailbox.nth_to(&email, 1).await;
+    let code = crate::helpers::code_of(&mail);
+    let link_token = link_param(&mail, "token");
+    let verified = app.post(&format!("/users/{id}/verify")).json(json!({"code": code})).send().await;
+    let login = app.login(&email, &password).await;
+    let refreshed = app.post("/auth/refresh").cookie(&login.cookie_pair()).send().await;
+    app.post("/auth/password-reset").json(json!({"email": email})).send().await;
+    let reset_token = link_param(&app.mailbox.nth_to(&email, 2).await, "token");
+    let new_password = format!("new-{}", uuid::Uuid::new_v4().simple());
+    app.post("/auth/password-reset/confirm").json(json!({"email": email, "token": reset_token, "newPassword": new_password})).send().await;
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+
+    let logs = app.logs.contents();
+    assert!(logs.contains(&id), "the flow must have been logged at all");
+    assert!(logs.contains("request_id"), "request logs carry the request id");
+    let cookie_value = |pair: String| pair.split_once('=').map(|(_, v)| v.to_owned()).unwrap_or_default();
+    let secrets = [
+        ("password", password),
+        ("new password", new_password),
+        ("verification code in context", format!("code={code}")),
+        ("link token", link_token),
+        ("reset token", reset_token),
+        ("access token", verified.access_token()),
+        ("refresh cookie", cookie_value(login.cookie_pair())),
+        ("rotated refresh cookie", cookie_value(refreshed.cookie_pair())),
+    ];
+    for (what, secret) in secrets {
+        assert!(!secret.is_empty(), "{what} missing");
+        assert!(!logs.contains(&secret), "{what} appears in the logs");
+    }
+    app.stop().await;
+}
+
+crate::on_both_backends!(
+    login_does_not_enumerate,
+    refresh_rotates_and_detects_reuse,
+    concurrent_refreshes_exactly_one_wins,
+    reuse_grace_window_does_not_revoke,
+    logout_and_logout_all,
+    resend_and_reset_do_not_enumerate,
+    password_reset_flow,
+    reset_token_brute_force_cut_off,
+    rate_limits_answer_429,
+    forwarded_for_is_used_only_from_trusted_proxies,
+    no_secrets_in_logs,
+);

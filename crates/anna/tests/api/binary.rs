@@ -1,0 +1,185 @@
+//! The real `anna` binary: help, configuration errors, `serve` with the console mailbox,
+//! graceful shutdown on SIGTERM, `migrate`, and the workers.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+const BIN: &str = env!("CARGO_BIN_EXE_anna");
+
+fn anna(args: &[&str], env: &[(&str, &str)]) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args).env_clear().env("PATH", std::env::var("PATH").unwrap_or_default());
+    // Cheap hashes: this is about the process, not the cost.
+    cmd.env("AUTH_ARGON2_MEMORY_KIB", "1024").env("AUTH_ARGON2_ITERATIONS", "1");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.current_dir(std::env::temp_dir());
+    cmd
+}
+
+/// A running binary whose stdout lines are collected in the background.
+struct Running {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Running {
+    fn start(mut cmd: Command) -> Self {
+        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self { child, lines, seen: Vec::new() }
+    }
+
+    /// Waits for a stdout line containing `needle`.
+    fn wait_for(&mut self, needle: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.contains(needle) {
+                        return line;
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        let _ = self.child.kill();
+        panic!("no line with {needle:?}; saw:\n{}", self.seen.join("\n"));
+    }
+
+    fn listening_addr(&mut self) -> String {
+        let line = self.wait_for("\"listening\"");
+        let value: serde_json::Value = serde_json::from_str(&line).unwrap();
+        value["addr"].as_str().unwrap().to_owned()
+    }
+
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        let status = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
+        assert!(status.success());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                while let Ok(line) = self.lines.try_recv() {
+                    self.seen.push(line);
+                }
+                return status;
+            }
+            assert!(Instant::now() < deadline, "did not exit within 30 s of SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+#[test]
+fn help_for_every_command() {
+    for args in [vec!["--help"], vec!["serve", "--help"], vec!["api", "--help"], vec!["migrate", "--help"], vec!["worker", "--help"], vec!["worker", "outbox", "--help"]] {
+        let out = anna(&args, &[]).output().unwrap();
+        assert!(out.status.success(), "{args:?}");
+        assert!(!out.stdout.is_empty());
+    }
+}
+
+#[test]
+fn bad_configuration_stops_startup_naming_the_variable() {
+    let out = anna(&["serve"], &[("PORT", "eighty")]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("PORT") && stderr.contains("port number"), "{stderr}");
+
+    let out = anna(&["serve"], &[("ANNA_ENV", "production")]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("AUTH_JWT_SECRET"));
+
+    let secret = "s".repeat(40);
+    let out = anna(&["serve"], &[("ANNA_ENV", "production"), ("AUTH_JWT_SECRET", &secret), ("SMTP_URL", "smtp://localhost:25")]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("AUTH_COOKIE_SECURE"), "{stderr}");
+    assert!(!stderr.contains(&secret));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_embedded_prints_codes_and_shuts_down_gracefully() {
+    let dir = std::env::temp_dir().join(format!("anna-bin-{}", uuid::Uuid::new_v4().simple()));
+    let db = format!("sqlite:{}/nested/anna.db", dir.display());
+    let mut app = Running::start(anna(&["serve"], &[("HOST", "127.0.0.1"), ("PORT", "0"), ("DATABASE_URL", &db)]));
+    let addr = app.listening_addr();
+    let base = format!("http://{addr}");
+    assert!(dir.join("nested/anna.db").exists(), "the database file and its folder are created");
+
+    let email = format!("bin-{}@example.com", uuid::Uuid::new_v4().simple());
+    let client = reqwest::Client::new();
+    let reply = client.post(format!("{base}/users")).json(&json!({"name": "Bin", "email": email, "password": "correct horse battery"})).send().await.unwrap();
+    assert_eq!(reply.status(), 201);
+    let id = reply.json::<serde_json::Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
+    // The console mailbox prints the seed's line; the code is the last field before `reason`.
+    let line = app.wait_for("[UserVerificationCode]");
+    assert!(line.starts_with(&format!("[UserVerificationCode] email={email} code=")), "{line}");
+    let code: String = line.split("code=").nth(1).unwrap().chars().take(6).collect();
+    let verified = client.post(format!("{base}/users/{id}/verify")).json(&json!({"code": code})).send().await.unwrap();
+    assert_eq!(verified.status(), 200);
+
+    // A request in flight when SIGTERM arrives still completes.
+    let slow = tokio::spawn({
+        let client = client.clone();
+        let base = base.clone();
+        let email = email.clone();
+        async move { client.post(format!("{base}/auth/login")).json(&json!({"email": email, "password": "correct horse battery"})).send().await.map(|r| r.status().as_u16()) }
+    });
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let status = app.terminate();
+    assert!(status.success(), "exit status {status:?}; output:\n{}", app.seen.join("\n"));
+    assert_eq!(slow.await.unwrap().ok(), Some(200));
+    assert!(app.seen.iter().any(|l| l.contains("SIGTERM received")));
+    // Every log line is JSON (the console mailbox lines aside).
+    for line in app.seen.iter().filter(|l| l.starts_with('{')) {
+        serde_json::from_str::<serde_json::Value>(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_is_idempotent_on_postgres_and_workers_start_and_stop() {
+    let url = anna_testkit::pg::fresh_database_url().await;
+    for _ in 0..2 {
+        let out = anna(&["migrate"], &[("DATABASE_URL", &url)]).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(String::from_utf8_lossy(&out.stdout).contains("migrations applied"));
+    }
+    for kind in ["outbox", "events", "sessions"] {
+        let mut worker = Running::start(anna(&["worker", kind], &[("DATABASE_URL", &url), ("HOST", "127.0.0.1")]));
+        worker.wait_for("worker started");
+        let status = worker.terminate();
+        assert!(status.success(), "worker {kind}: {status:?}");
+        assert!(worker.seen.iter().any(|l| l.contains("worker stopped")));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_process_against_postgres() {
+    let url = anna_testkit::pg::fresh_database_url().await;
+    let out = anna(&["migrate"], &[("DATABASE_URL", &url)]).output().unwrap();
+    assert!(out.status.success());
+    let mut api = Running::start(anna(&["api"], &[("DATABASE_URL", &url), ("HOST", "127.0.0.1"), ("PORT", "0"), ("LOG_PRETTY", "true")]));
+    let line = api.wait_for("listening");
+    let addr: String = line.split("addr: ").nth(1).map(|s| s.chars().take_while(|c| !c.is_whitespace() && *c != ',').collect()).unwrap_or_default();
+    let addr = if addr.is_empty() { panic!("no address in pretty log line: {line}") } else { addr };
+    let ready = reqwest::get(format!("http://{addr}/readyz")).await.unwrap();
+    assert_eq!(ready.status(), 200);
+    assert!(api.terminate().success());
+}

@@ -1,0 +1,258 @@
+//! `spawn_app()`: the real application on a random port, against a fresh SQLite file or a
+//! fresh Postgres database, with a recording e-mail sender as the only test double.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anna::app::{self, RunningApi};
+use anna::config::{Config, Vars};
+use anna_api::email::{EmailError, EmailMessage, EmailSender, EmailTag};
+use anna_store::Store;
+use anna_testkit::logs::CapturedLogs;
+use reqwest::header::HeaderMap;
+use serde_json::{json, Value};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// Test double for the e-mail provider: keeps every message.
+#[derive(Default)]
+pub struct Mailbox {
+    messages: Mutex<Vec<EmailMessage>>,
+    arrived: Notify,
+}
+
+#[async_trait::async_trait]
+impl EmailSender for Mailbox {
+    fn kind(&self) -> &'static str {
+        "test-mailbox"
+    }
+    async fn send(&self, message: &EmailMessage) -> Result<(), EmailError> {
+        self.messages.lock().unwrap_or_else(|e| e.into_inner()).push(message.clone());
+        self.arrived.notify_waiters();
+        Ok(())
+    }
+}
+
+impl Mailbox {
+    /// Waits for the `n`-th message (1-based) sent to `to`.
+    pub async fn nth_to(&self, to: &str, n: usize) -> EmailMessage {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let notified = self.arrived.notified();
+            if let Some(m) = self.all_to(to).into_iter().nth(n - 1) {
+                return m;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                panic!("no e-mail #{n} to {to} within 10 s");
+            }
+        }
+    }
+
+    pub fn all_to(&self, to: &str) -> Vec<EmailMessage> {
+        self.messages.lock().unwrap_or_else(|e| e.into_inner()).iter().filter(|m| m.to == to).cloned().collect()
+    }
+}
+
+pub fn code_of(message: &EmailMessage) -> String {
+    match &message.tag {
+        EmailTag::Verification { code, .. } => code.clone(),
+        other => panic!("not a verification e-mail: {other:?}"),
+    }
+}
+
+/// The value of `name=` in the first link of the e-mail's text.
+pub fn link_param(message: &EmailMessage, name: &str) -> String {
+    let key = format!("{name}=");
+    let start = message.text.find(&key).unwrap_or_else(|| panic!("no {name} in e-mail")) + key.len();
+    message.text[start..].chars().take_while(|c| c.is_ascii_alphanumeric()).collect()
+}
+
+pub struct TestApp {
+    pub base: String,
+    pub metrics_addr: Option<SocketAddr>,
+    pub mailbox: Arc<Mailbox>,
+    pub store: Arc<dyn Store>,
+    pub logs: CapturedLogs,
+    pub http: reqwest::Client,
+    shutdown: CancellationToken,
+    running: Option<RunningApi>,
+}
+
+pub async fn spawn_app(backend: Backend) -> TestApp {
+    spawn_app_with(backend, &[]).await
+}
+
+/// Starts the app with test settings overridden by `vars` (environment-variable names).
+pub async fn spawn_app_with(backend: Backend, vars: &[(&str, &str)]) -> TestApp {
+    let logs = anna_testkit::logs::capture();
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let database_url = match backend {
+        Backend::Sqlite => anna_testkit::sqlite::fresh_database_url(),
+        Backend::Postgres => anna_testkit::pg::fresh_database_url().await,
+    };
+    let mut map: HashMap<String, String> = [
+        ("HOST", "127.0.0.1"),
+        ("PORT", "0"),
+        ("AUTH_JWT_SECRET", "integration-test-secret-integration-test"),
+        // Cheap hashes keep the suite fast; production cost is checked by the benchmark.
+        ("AUTH_ARGON2_MEMORY_KIB", "1024"),
+        ("AUTH_ARGON2_ITERATIONS", "1"),
+        ("RATE_LIMIT_ENABLED", "false"),
+        ("DATABASE_MAX_CONNECTIONS", "5"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect();
+    map.insert("DATABASE_URL".into(), database_url);
+    for (k, v) in vars {
+        map.insert((*k).to_owned(), (*v).to_owned());
+    }
+    let config = Config::from_vars(&Vars(move |k: &str| map.get(k).cloned())).unwrap_or_else(|e| panic!("test config: {e}"));
+    let store = app::open_store(&config).await.unwrap_or_else(|e| panic!("store: {e:#}"));
+    store.migrate().await.unwrap_or_else(|e| panic!("migrate: {e}"));
+    let mailbox = Arc::new(Mailbox::default());
+    let shutdown = CancellationToken::new();
+    let running = app::start_api(&config, store.clone(), mailbox.clone(), shutdown.clone())
+        .await
+        .unwrap_or_else(|e| panic!("start: {e:#}"));
+    let http = reqwest::Client::builder().cookie_store(false).build().unwrap_or_else(|e| panic!("{e}"));
+    TestApp {
+        base: format!("http://{}", running.addr),
+        metrics_addr: running.metrics_addr,
+        mailbox,
+        store,
+        logs,
+        http,
+        shutdown,
+        running: Some(running),
+    }
+}
+
+/// A response reduced to what tests look at.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: HeaderMap,
+    pub body: Value,
+    pub text: String,
+}
+
+impl Reply {
+    pub fn set_cookie(&self) -> String {
+        self.headers.get("set-cookie").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned()
+    }
+    /// `name=value` of the Set-Cookie header, ready for a `Cookie` request header.
+    pub fn cookie_pair(&self) -> String {
+        self.set_cookie().split(';').next().unwrap_or_default().to_owned()
+    }
+    pub fn message(&self) -> &str {
+        self.body["message"].as_str().unwrap_or_default()
+    }
+    pub fn access_token(&self) -> String {
+        self.body["accessToken"].as_str().unwrap_or_else(|| panic!("no accessToken in {:?}", self.body)).to_owned()
+    }
+}
+
+pub struct Req<'a> {
+    app: &'a TestApp,
+    builder: reqwest::RequestBuilder,
+}
+
+impl<'a> Req<'a> {
+    pub fn bearer(mut self, token: &str) -> Self {
+        self.builder = self.builder.bearer_auth(token);
+        self
+    }
+    pub fn cookie(mut self, pair: &str) -> Self {
+        self.builder = self.builder.header("cookie", pair);
+        self
+    }
+    pub fn header(mut self, name: &str, value: &str) -> Self {
+        self.builder = self.builder.header(name, value);
+        self
+    }
+    pub fn json(mut self, body: Value) -> Self {
+        self.builder = self.builder.json(&body);
+        self
+    }
+    pub fn raw(mut self, content_type: &str, body: impl Into<reqwest::Body>) -> Self {
+        self.builder = self.builder.header("content-type", content_type).body(body);
+        self
+    }
+    pub async fn send(self) -> Reply {
+        let _ = self.app;
+        let response = self.builder.send().await.unwrap_or_else(|e| panic!("request failed: {e}"));
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let text = response.text().await.unwrap_or_default();
+        let body = serde_json::from_str(&text).unwrap_or(Value::Null);
+        Reply { status, headers, body, text }
+    }
+}
+
+impl TestApp {
+    pub fn get(&self, path: &str) -> Req<'_> {
+        Req { app: self, builder: self.http.get(format!("{}{path}", self.base)) }
+    }
+    pub fn post(&self, path: &str) -> Req<'_> {
+        Req { app: self, builder: self.http.post(format!("{}{path}", self.base)) }
+    }
+
+    pub async fn register(&self, email: &str, password: &str) -> String {
+        let reply = self.post("/users").json(json!({"name": "Test User", "email": email, "password": password})).send().await;
+        assert_eq!(reply.status, 201, "{reply:?}");
+        reply.body["id"].as_str().unwrap_or_default().to_owned()
+    }
+
+    /// Registers and verifies; returns (user id, verify reply with tokens and cookie).
+    pub async fn active_user(&self, email: &str, password: &str) -> (String, Reply) {
+        let id = self.register(email, password).await;
+        let code = code_of(&self.mailbox.nth_to(email, 1).await);
+        let reply = self.post(&format!("/users/{id}/verify")).json(json!({"code": code})).send().await;
+        assert_eq!(reply.status, 200, "{reply:?}");
+        (id, reply)
+    }
+
+    pub async fn login(&self, email: &str, password: &str) -> Reply {
+        self.post("/auth/login").json(json!({"email": email, "password": password})).send().await
+    }
+
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(running) = self.running.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), running.task).await;
+        }
+        self.store.close().await;
+    }
+}
+
+pub fn unique_email() -> String {
+    format!("user-{}@example.com", uuid::Uuid::new_v4().simple())
+}
+
+/// Instantiates each scenario once per backend.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() { super::$name($crate::helpers::Backend::Sqlite).await }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() { super::$name($crate::helpers::Backend::Postgres).await }
+            )*
+        }
+    };
+}

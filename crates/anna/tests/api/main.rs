@@ -1,0 +1,9 @@
+//! One integration-test binary: the real application over real sockets, against SQLite and
+//! against Postgres.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod auth;
+mod binary;
+mod helpers;
+mod ops;
+mod users;

@@ -1,0 +1,92 @@
+//! Health, readiness, metrics, the OpenAPI document and the docs page.
+
+use serde_json::json;
+
+use crate::helpers::{spawn_app, spawn_app_with, unique_email, Backend};
+
+async fn health_readiness_and_request_ids(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let health = app.get("/healthz").send().await;
+    assert_eq!((health.status, &health.body), (200, &json!({"status": "ok"})));
+    let ready = app.get("/readyz").send().await;
+    assert_eq!(ready.status, 200);
+    assert_eq!(ready.body["database"], "ok");
+    let id = health.headers.get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+    assert_eq!(id.len(), 36, "x-request-id is a UUID: {id:?}");
+    let unknown = app.get("/nope").send().await;
+    assert_eq!(unknown.status, 404);
+    assert_eq!(unknown.body["code"], "not_found");
+    app.stop().await;
+}
+
+async fn readiness_fails_when_the_database_is_gone(backend: Backend) {
+    let app = spawn_app(backend).await;
+    app.store.close().await;
+    let ready = app.get("/readyz").send().await;
+    assert_eq!(ready.status, 503);
+    assert_eq!(ready.body["database"], "unreachable");
+    app.stop().await;
+}
+
+async fn metrics_by_route_template(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let (_, verified) = app.active_user(&unique_email(), "correct horse battery").await;
+    app.get("/users/me").bearer(&verified.access_token()).send().await;
+    let metrics = app.get("/metrics").send().await;
+    assert_eq!(metrics.status, 200);
+    assert!(metrics.headers["content-type"].to_str().unwrap_or_default().starts_with("text/plain"));
+    let text = metrics.text;
+    assert!(text.contains("http_requests_total{"), "{text}");
+    assert!(text.contains("route=\"/users/{id}/verify\""), "route templates, not raw paths");
+    assert!(text.contains("route=\"/users/me\""));
+    assert!(text.contains("http_request_duration_seconds_bucket{"));
+    app.stop().await;
+}
+
+async fn metrics_can_move_to_their_own_port(backend: Backend) {
+    let app = spawn_app_with(backend, &[("METRICS_PORT", "0")]).await;
+    assert_eq!(app.get("/healthz").send().await.status, 200);
+    assert_eq!(app.get("/metrics").send().await.status, 404, "not on the public port");
+    let addr = app.metrics_addr.unwrap_or_else(|| panic!("metrics port not bound"));
+    let text = reqwest::get(format!("http://{addr}/metrics")).await.unwrap().text().await.unwrap();
+    assert!(text.contains("http_requests_total"), "{text}");
+    app.stop().await;
+}
+
+async fn openapi_and_docs(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let doc = app.get("/openapi.json").send().await;
+    assert_eq!(doc.status, 200);
+    assert_eq!(doc.body["openapi"], "3.1.0");
+    for path in [
+        "/users",
+        "/users/{id}/verify",
+        "/users/me",
+        "/auth/login",
+        "/auth/refresh",
+        "/auth/logout",
+        "/auth/logout-all",
+        "/auth/resend-verification",
+        "/auth/password-reset",
+        "/auth/password-reset/confirm",
+        "/healthz",
+        "/readyz",
+    ] {
+        assert!(doc.body["paths"][path].is_object(), "{path} missing from the OpenAPI document");
+    }
+    let docs = app.get("/docs/").send().await;
+    assert_eq!(docs.status, 200);
+    assert!(docs.text.to_lowercase().contains("swagger"), "docs page");
+    assert!(!docs.text.contains("cdn."), "docs assets are embedded, nothing from a CDN");
+    let bundle = app.get("/docs/swagger-ui-bundle.js").send().await;
+    assert_eq!(bundle.status, 200);
+    app.stop().await;
+}
+
+crate::on_both_backends!(
+    health_readiness_and_request_ids,
+    readiness_fails_when_the_database_is_gone,
+    metrics_by_route_template,
+    metrics_can_move_to_their_own_port,
+    openapi_and_docs,
+);

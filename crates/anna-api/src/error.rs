@@ -1,8 +1,8 @@
 //! The single mapping from every error to an HTTP response: `{"message": "...", "code": "..."}`.
 
-use axum::http::{header, HeaderValue, StatusCode};
-use axum::response::{IntoResponse, Response};
 use axum::Json;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use utoipa::ToSchema;
 
@@ -86,6 +86,5 @@ impl From<StoreError> for ApiError {
         }
     }
 }
-
 
 pub type ApiResult<T> = Result<T, ApiError>;

@@ -11,7 +11,8 @@ use tracing::Span;
 /// Route-template labels only (never raw paths), so label cardinality stays bounded.
 pub async fn track_http_metrics(request: Request, next: Next) -> Response {
     let started = Instant::now();
-    let route = request.extensions().get::<MatchedPath>().map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let route =
+        request.extensions().get::<MatchedPath>().map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
     let method = request.method().as_str().to_owned();
     let response = next.run(request).await;
     let status = response.status().as_u16().to_string();
@@ -24,11 +25,8 @@ pub async fn track_http_metrics(request: Request, next: Next) -> Response {
 /// The span of one request: method, path (never the query string, which may carry secrets)
 /// and the request id that is also returned in `x-request-id`.
 pub fn request_span(request: &axum::http::Request<axum::body::Body>) -> Span {
-    let request_id = request
-        .extensions()
-        .get::<RequestId>()
-        .and_then(|id| id.header_value().to_str().ok())
-        .unwrap_or("-");
+    let request_id =
+        request.extensions().get::<RequestId>().and_then(|id| id.header_value().to_str().ok()).unwrap_or("-");
     tracing::info_span!(
         "request",
         method = %request.method(),
@@ -38,8 +36,13 @@ pub fn request_span(request: &axum::http::Request<axum::body::Body>) -> Span {
 }
 
 pub fn log_response<B>(response: &axum::http::Response<B>, latency: Duration, _span: &Span) {
-    tracing::info!(status = response.status().as_u16(), latency_ms = latency.as_secs_f64() * 1000.0, "request completed");
+    tracing::info!(
+        status = response.status().as_u16(),
+        latency_ms = latency.as_secs_f64() * 1000.0,
+        "request completed"
+    );
 }
 
 /// Histogram buckets for HTTP latency, in seconds.
-pub const HTTP_LATENCY_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+pub const HTTP_LATENCY_BUCKETS: &[f64] =
+    &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];

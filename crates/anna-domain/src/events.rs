@@ -2,11 +2,11 @@
 //!
 //! Payloads carry no secret in clear: no verification code, link token or reset token.
 
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::user::{iso, IssuedPasswordReset, IssuedVerification, User};
+use crate::user::{IssuedPasswordReset, IssuedVerification, User, iso};
 
 pub const USER_REGISTERED: &str = "user.registered";
 pub const USER_VERIFICATION_TOKEN_ISSUED: &str = "user.verification.token_issued";
@@ -75,7 +75,11 @@ pub(crate) fn user_verified(user: &User, now: OffsetDateTime) -> DomainEvent {
     DomainEvent::new(USER_VERIFIED, user.id.to_string(), now, payload)
 }
 
-pub(crate) fn user_password_reset_requested(user: &User, issued: &IssuedPasswordReset, now: OffsetDateTime) -> DomainEvent {
+pub(crate) fn user_password_reset_requested(
+    user: &User,
+    issued: &IssuedPasswordReset,
+    now: OffsetDateTime,
+) -> DomainEvent {
     let payload = json!({ "email": user.email, "resetTokenExpiresAt": iso(issued.expires_at) });
     DomainEvent::new(USER_PASSWORD_RESET_REQUESTED, user.id.to_string(), now, payload)
 }

@@ -46,8 +46,7 @@ impl SecretHasher {
     /// Derives the hashing key from a server secret, so the key itself is never the secret
     /// used to sign access tokens.
     pub fn from_server_secret(server_secret: &[u8]) -> Self {
-        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(server_secret)
-            .unwrap_or_else(|_| unreachable_hmac());
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(server_secret).unwrap_or_else(|_| unreachable_hmac());
         mac.update(b"anna/secret-hashing/v1");
         Self { key: mac.finalize().into_bytes().to_vec() }
     }
@@ -55,8 +54,7 @@ impl SecretHasher {
     /// HMAC-SHA256 over the purpose, the owner and the secret, hex-encoded. The purpose and the
     /// owner are bound in so a hash can never be replayed for another user or another flow.
     pub fn hash(&self, purpose: &str, owner: &str, secret: &str) -> String {
-        let mut mac =
-            <Hmac<Sha256> as Mac>::new_from_slice(&self.key).unwrap_or_else(|_| unreachable_hmac());
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.key).unwrap_or_else(|_| unreachable_hmac());
         for part in [purpose, owner, secret] {
             mac.update(&(part.len() as u64).to_be_bytes());
             mac.update(part.as_bytes());
@@ -110,9 +108,6 @@ mod tests {
 
     #[test]
     fn sha256_matches_known_vector() {
-        assert_eq!(
-            sha256_hex("abc"),
-            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-        );
+        assert_eq!(sha256_hex("abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
     }
 }

@@ -3,9 +3,9 @@
 use time::{Duration, OffsetDateTime};
 use uuid::Uuid;
 
+use crate::InvalidArgument;
 use crate::events::{self, DomainEvent};
 use crate::secrets::{self, SecretHasher};
-use crate::InvalidArgument;
 
 /// Purposes bound into the keyed hashes of the user's secrets.
 pub const PURPOSE_VERIFICATION_CODE: &str = "user.verification.code";
@@ -38,8 +38,7 @@ fn is_email_shaped(s: &str) -> bool {
     let Some((local, domain)) = s.split_once('@') else { return false };
     let clean = |p: &str| !p.is_empty() && !p.chars().any(|c| c.is_whitespace() || c == '@');
     let Some((host, tld)) = domain.rsplit_once('.') else { return false };
-    clean(local) && clean(domain) && !host.is_empty() && !tld.is_empty()
-        && !host.chars().any(char::is_whitespace)
+    clean(local) && clean(domain) && !host.is_empty() && !tld.is_empty() && !host.chars().any(char::is_whitespace)
 }
 
 /// A display name: not blank, at most 200 characters, stored trimmed.
@@ -214,7 +213,12 @@ impl User {
         (user, issued, events)
     }
 
-    fn new_verification(&mut self, now: OffsetDateTime, policy: &SecretPolicy, hasher: &SecretHasher) -> IssuedVerification {
+    fn new_verification(
+        &mut self,
+        now: OffsetDateTime,
+        policy: &SecretPolicy,
+        hasher: &SecretHasher,
+    ) -> IssuedVerification {
         let issued = IssuedVerification {
             token: secrets::random_token(),
             code: secrets::random_code(),
@@ -307,7 +311,8 @@ impl User {
         if self.status != UserStatus::Active {
             return None;
         }
-        let issued = IssuedPasswordReset { token: secrets::random_token(), expires_at: now + policy.password_reset_ttl };
+        let issued =
+            IssuedPasswordReset { token: secrets::random_token(), expires_at: now + policy.password_reset_ttl };
         self.password_reset_token = Some(hasher.hash(PURPOSE_PASSWORD_RESET, &self.id.to_string(), &issued.token));
         self.password_reset_token_expires_at = Some(issued.expires_at);
         self.password_reset_attempts = 0;
@@ -404,10 +409,7 @@ mod tests {
         for bad in ["", "a", "a@b", "a b@c.d", "a@@b.c", "@b.c", "a@.c", "a@b."] {
             assert!(Email::parse(bad).is_err(), "{bad}");
         }
-        assert_eq!(
-            Email::parse("foo").err().map(|e| e.0),
-            Some("<UserEmail> does not allow the value <foo>".into())
-        );
+        assert_eq!(Email::parse("foo").err().map(|e| e.0), Some("<UserEmail> does not allow the value <foo>".into()));
     }
 
     #[test]

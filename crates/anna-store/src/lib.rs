@@ -39,10 +39,7 @@ pub enum StoreError {
 impl StoreError {
     /// Pool exhaustion, a closed pool or a lost connection: overload or an outage, not a bug.
     pub fn is_unavailable(&self) -> bool {
-        matches!(
-            self,
-            Self::Database(sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_))
-        )
+        matches!(self, Self::Database(sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_)))
     }
 }
 

@@ -3,8 +3,6 @@
 //! Units of work run at READ COMMITTED; the `find_*` methods of a unit of work lock the rows
 //! they return (`FOR UPDATE`), so two units of work changing the same aggregate take turns.
 
-use std::time::Duration;
-
 use anna_domain::{DomainEvent, RefreshToken, User, UserStatus};
 use async_trait::async_trait;
 use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
@@ -51,7 +49,6 @@ impl PgStore {
         let pool = PgPoolOptions::new()
             .max_connections(options.max_connections.max(1))
             .acquire_timeout(options.acquire_timeout)
-            .idle_timeout(Some(Duration::from_secs(600)))
             .connect(url)
             .await?;
         Ok(Self { pool })
@@ -236,12 +233,11 @@ impl UnitOfWork for PgUnitOfWork {
     }
 
     async fn revoke_refresh_token_family(&mut self, family_id: Uuid, now: OffsetDateTime) -> Result<u64, StoreError> {
-        let done =
-            sqlx::query("UPDATE refresh_tokens SET revoked_at = $1 WHERE family_id = $2 AND revoked_at IS NULL")
-                .bind(now)
-                .bind(family_id)
-                .execute(&mut *self.tx)
-                .await?;
+        let done = sqlx::query("UPDATE refresh_tokens SET revoked_at = $1 WHERE family_id = $2 AND revoked_at IS NULL")
+            .bind(now)
+            .bind(family_id)
+            .execute(&mut *self.tx)
+            .await?;
         Ok(done.rows_affected())
     }
 

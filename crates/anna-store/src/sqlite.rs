@@ -410,8 +410,8 @@ fn refresh_token_from_row(row: &SqliteRow) -> Result<RefreshToken, StoreError> {
 
 fn outbox_record_from_row(row: &SqliteRow) -> Result<OutboxRecord, StoreError> {
     let payload: String = row.try_get("payload")?;
-    let payload = serde_json::from_str(&payload)
-        .map_err(|e| StoreError::Corrupt(format!("outbox payload is not JSON: {e}")))?;
+    let payload =
+        serde_json::from_str(&payload).map_err(|e| StoreError::Corrupt(format!("outbox payload is not JSON: {e}")))?;
     Ok(OutboxRecord {
         id: get_uuid(row, "id")?,
         event: DomainEvent {

@@ -57,10 +57,9 @@ fn admin_url() -> String {
 
 fn port() -> u16 {
     match std::env::var("ANNA_TEST_PG_PORT") {
-        Ok(raw) if !raw.trim().is_empty() => raw
-            .trim()
-            .parse()
-            .unwrap_or_else(|e| panic!("ANNA_TEST_PG_PORT={raw:?} is not a port number: {e}")),
+        Ok(raw) if !raw.trim().is_empty() => {
+            raw.trim().parse().unwrap_or_else(|e| panic!("ANNA_TEST_PG_PORT={raw:?} is not a port number: {e}"))
+        }
         _ => DEFAULT_PORT,
     }
 }
@@ -73,8 +72,8 @@ fn ensure_cluster() -> String {
     let dir = std::env::temp_dir().join(format!("anna-test-pg-{port}"));
     // Several test binaries may start at once; only one of them may initdb / start.
     let lock_path = std::env::temp_dir().join(format!("anna-test-pg-{port}.lock"));
-    let lock = File::create(&lock_path)
-        .unwrap_or_else(|e| panic!("cannot create the lock file {}: {e}", lock_path.display()));
+    let lock =
+        File::create(&lock_path).unwrap_or_else(|e| panic!("cannot create the lock file {}: {e}", lock_path.display()));
     lock.lock().unwrap_or_else(|e| panic!("cannot lock {}: {e}", lock_path.display()));
 
     let as_postgres = running_as_root();
@@ -160,13 +159,11 @@ fn find_bin_dir() -> PathBuf {
     if let Some((_, bin)) = versions.pop() {
         return bin;
     }
-    std::env::var_os("PATH")
-        .iter()
-        .flat_map(std::env::split_paths)
-        .find(|dir| has_tools(dir))
-        .unwrap_or_else(|| {
-            panic!("no Postgres server binaries (initdb, pg_ctl) under /usr/lib/postgresql/*/bin or on PATH: {INSTALL_HINT}")
-        })
+    std::env::var_os("PATH").iter().flat_map(std::env::split_paths).find(|dir| has_tools(dir)).unwrap_or_else(|| {
+        panic!(
+            "no Postgres server binaries (initdb, pg_ctl) under /usr/lib/postgresql/*/bin or on PATH: {INSTALL_HINT}"
+        )
+    })
 }
 
 /// initdb and postgres refuse to run as root.

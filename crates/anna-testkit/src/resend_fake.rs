@@ -64,24 +64,14 @@ impl FakeResend {
             Ok(a) => a,
             Err(e) => panic!("FakeResend: could not read the bound address: {e}"),
         };
-        let shared = Arc::new(Shared {
-            requests: Mutex::new(Vec::new()),
-            arrived: Notify::new(),
-            failure,
-        });
-        let app = Router::new()
-            .route("/emails", post(send_email))
-            .with_state(Arc::clone(&shared));
+        let shared = Arc::new(Shared { requests: Mutex::new(Vec::new()), arrived: Notify::new(), failure });
+        let app = Router::new().route("/emails", post(send_email)).with_state(Arc::clone(&shared));
         let server = tokio::spawn(async move {
             if let Err(e) = axum::serve(listener, app).await {
                 tracing::warn!(error = %e, "FakeResend: server stopped");
             }
         });
-        FakeResend {
-            addr,
-            shared,
-            server,
-        }
+        FakeResend { addr, shared, server }
     }
 
     /// `http://127.0.0.1:<port>`, to pass as the Resend base URL.
@@ -123,22 +113,12 @@ impl Drop for FakeResend {
     }
 }
 
-async fn send_email(
-    State(shared): State<Arc<Shared>>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let authorization = headers
-        .get(header::AUTHORIZATION)
-        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+async fn send_email(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
+    let authorization = headers.get(header::AUTHORIZATION).map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
     let parsed = serde_json::from_slice::<Value>(&body);
     let is_json = parsed.is_ok();
-    let body =
-        parsed.unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into_owned()));
-    shared.requests.lock().await.push(RecordedRequest {
-        authorization,
-        body,
-    });
+    let body = parsed.unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into_owned()));
+    shared.requests.lock().await.push(RecordedRequest { authorization, body });
     shared.arrived.notify_waiters();
 
     if let Some((status, message)) = &shared.failure {
@@ -147,16 +127,11 @@ async fn send_email(
     if !is_json {
         return error_response(StatusCode::BAD_REQUEST, "Request body is not valid JSON");
     }
-    (
-        StatusCode::OK,
-        axum::Json(json!({ "id": uuid::Uuid::new_v4() })),
-    )
-        .into_response()
+    (StatusCode::OK, axum::Json(json!({ "id": uuid::Uuid::new_v4() }))).into_response()
 }
 
 fn error_response(status: StatusCode, message: &str) -> Response {
-    let body =
-        json!({ "statusCode": status.as_u16(), "message": message, "name": "validation_error" });
+    let body = json!({ "statusCode": status.as_u16(), "message": message, "name": "validation_error" });
     (status, axum::Json(body)).into_response()
 }
 
@@ -166,9 +141,7 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     async fn raw_post(fake: &FakeResend, body: &str) -> String {
-        let Ok(mut stream) = tokio::net::TcpStream::connect(fake.addr).await else {
-            panic!("connect failed")
-        };
+        let Ok(mut stream) = tokio::net::TcpStream::connect(fake.addr).await else { panic!("connect failed") };
         let request = format!(
             "POST /emails HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
             body.len()
@@ -196,16 +169,8 @@ mod tests {
         let fake = FakeResend::start_failing(422, "Invalid `to` field").await;
         let response = raw_post(&fake, "{}").await;
         assert!(response.starts_with("HTTP/1.1 422"), "{response}");
-        assert!(
-            response.contains("\"message\":\"Invalid `to` field\""),
-            "{response}"
-        );
+        assert!(response.contains("\"message\":\"Invalid `to` field\""), "{response}");
         assert!(response.contains("\"statusCode\":422"), "{response}");
-        assert_eq!(
-            fake.wait_for_requests(1, Duration::from_secs(5))
-                .await
-                .len(),
-            1
-        );
+        assert_eq!(fake.wait_for_requests(1, Duration::from_secs(5)).await.len(), 1);
     }
 }

@@ -46,10 +46,9 @@ impl ReceivedMail {
                     i += 2;
                     continue;
                 }
-                if let (Some(hi), Some(lo)) = (
-                    bytes.get(i + 1).and_then(hex_value),
-                    bytes.get(i + 2).and_then(hex_value),
-                ) {
+                if let (Some(hi), Some(lo)) =
+                    (bytes.get(i + 1).and_then(hex_value), bytes.get(i + 2).and_then(hex_value))
+                {
                     out.push((hi << 4) | lo);
                     i += 3;
                     continue;
@@ -121,11 +120,7 @@ impl SmtpSink {
         };
         let shared = Arc::new(Shared::default());
         let server = tokio::spawn(accept_loop(listener, Arc::clone(&shared)));
-        SmtpSink {
-            addr,
-            shared,
-            server,
-        }
+        SmtpSink { addr, shared, server }
     }
 
     /// `smtp://127.0.0.1:<port>`, as lettre's `from_url` expects.
@@ -202,9 +197,7 @@ async fn serve_connection(stream: TcpStream, shared: Arc<Shared>) {
 async fn session(stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::new(read);
-    write
-        .write_all(b"220 anna-testkit SMTP sink ready\r\n")
-        .await?;
+    write.write_all(b"220 anna-testkit SMTP sink ready\r\n").await?;
 
     let mut tx = Transaction::default();
     let mut raw = Vec::new();
@@ -223,12 +216,7 @@ async fn session(stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
             "EHLO" => {
                 tx = Transaction::default();
                 write
-                    .write_all(
-                        format!(
-                            "250-anna-testkit greets {rest}\r\n250-8BITMIME\r\n250 SMTPUTF8\r\n"
-                        )
-                        .as_bytes(),
-                    )
+                    .write_all(format!("250-anna-testkit greets {rest}\r\n250-8BITMIME\r\n250 SMTPUTF8\r\n").as_bytes())
                     .await?;
                 continue;
             }
@@ -238,10 +226,7 @@ async fn session(stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
             }
             "MAIL" => match path_after(rest, "FROM:") {
                 Some(from) => {
-                    tx = Transaction {
-                        from: Some(from),
-                        to: Vec::new(),
-                    };
+                    tx = Transaction { from: Some(from), to: Vec::new() };
                     b"250 OK\r\n"
                 }
                 None => b"501 Syntax: MAIL FROM:<address>\r\n",
@@ -258,18 +243,12 @@ async fn session(stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
                 if tx.from.is_none() || tx.to.is_empty() {
                     b"503 MAIL and RCPT first\r\n"
                 } else {
-                    write
-                        .write_all(b"354 End data with <CR><LF>.<CR><LF>\r\n")
-                        .await?;
+                    write.write_all(b"354 End data with <CR><LF>.<CR><LF>\r\n").await?;
                     let Some(data) = read_data(&mut reader).await? else {
                         return Ok(());
                     };
                     let done = std::mem::take(&mut tx);
-                    let mail = ReceivedMail {
-                        from: done.from.unwrap_or_default(),
-                        to: done.to,
-                        data,
-                    };
+                    let mail = ReceivedMail { from: done.from.unwrap_or_default(), to: done.to, data };
                     shared.mails.lock().await.push(mail);
                     shared.arrived.notify_waiters();
                     b"250 OK: queued\r\n"
@@ -319,11 +298,7 @@ where
         if line == b".\r\n" || line == b".\n" {
             return Ok(Some(String::from_utf8_lossy(&data).into_owned()));
         }
-        let unstuffed = if line.first() == Some(&b'.') {
-            &line[1..]
-        } else {
-            &line[..]
-        };
+        let unstuffed = if line.first() == Some(&b'.') { &line[1..] } else { &line[..] };
         data.extend_from_slice(unstuffed);
     }
 }
@@ -337,13 +312,9 @@ mod tests {
         let mail = ReceivedMail {
             from: String::new(),
             to: Vec::new(),
-            data: "Subject: x\r\n\r\nhttp://h/verify?userId=3D1&tok=\r\nen=3Dab=C3=A9\r\n"
-                .to_owned(),
+            data: "Subject: x\r\n\r\nhttp://h/verify?userId=3D1&tok=\r\nen=3Dab=C3=A9\r\n".to_owned(),
         };
-        assert_eq!(
-            mail.decoded_body(),
-            "Subject: x\r\n\r\nhttp://h/verify?userId=1&token=abé\r\n"
-        );
+        assert_eq!(mail.decoded_body(), "Subject: x\r\n\r\nhttp://h/verify?userId=1&token=abé\r\n");
     }
 
     #[test]
@@ -360,10 +331,7 @@ mod tests {
 
     #[test]
     fn paths_are_extracted() {
-        assert_eq!(
-            path_after("FROM:<a@b.c> BODY=8BITMIME", "FROM:").as_deref(),
-            Some("a@b.c")
-        );
+        assert_eq!(path_after("FROM:<a@b.c> BODY=8BITMIME", "FROM:").as_deref(), Some("a@b.c"));
         assert_eq!(path_after("to: <x@y.z>", "TO:").as_deref(), Some("x@y.z"));
         assert_eq!(path_after("FROM:<>", "FROM:").as_deref(), Some(""));
         assert_eq!(path_after("FROM a@b.c", "FROM:"), None);
@@ -373,19 +341,12 @@ mod tests {
     async fn accepts_a_raw_session() {
         let sink = SmtpSink::start().await;
         let stream = TcpStream::connect(sink.addr()).await;
-        let Ok(stream) = stream else {
-            panic!("connect failed")
-        };
+        let Ok(stream) = stream else { panic!("connect failed") };
         let (read, mut write) = stream.into_split();
         let mut reader = BufReader::new(read);
         let mut transcript = String::new();
-        let script = [
-            "EHLO test\r\n",
-            "MAIL FROM:<a@b.c>\r\n",
-            "RCPT TO:<x@y.z>\r\n",
-            "RCPT TO:<w@y.z>\r\n",
-            "DATA\r\n",
-        ];
+        let script =
+            ["EHLO test\r\n", "MAIL FROM:<a@b.c>\r\n", "RCPT TO:<x@y.z>\r\n", "RCPT TO:<w@y.z>\r\n", "DATA\r\n"];
         let mut line = String::new();
         let _ = reader.read_line(&mut line).await;
         for command in script {
@@ -399,9 +360,7 @@ mod tests {
                 }
             }
         }
-        let _ = write
-            .write_all(b"Subject: t\r\n\r\n..dotted\r\nplain\r\n.\r\nQUIT\r\n")
-            .await;
+        let _ = write.write_all(b"Subject: t\r\n\r\n..dotted\r\nplain\r\n.\r\nQUIT\r\n").await;
         let mails = sink.wait_for_messages(1, Duration::from_secs(5)).await;
         assert_eq!(mails.len(), 1, "transcript: {transcript}");
         assert_eq!(mails[0].from, "a@b.c");

@@ -5,8 +5,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anna_api::email::{ConsoleEmailSender, EmailSender, ResendEmailSender, SmtpEmailSender};
 use anna_api::AppState;
+use anna_api::email::{ConsoleEmailSender, EmailSender, ResendEmailSender, SmtpEmailSender};
 use anna_store::{ConnectOptions, Store};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -17,9 +17,9 @@ use crate::telemetry;
 
 pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
     let options = ConnectOptions { max_connections: config.database_max_connections, ..ConnectOptions::default() };
-    let store = anna_store::connect(&config.database_url, &options)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot open DATABASE_URL={}: {e}", anna_store::redact_url(&config.database_url)))?;
+    let store = anna_store::connect(&config.database_url, &options).await.map_err(|e| {
+        anyhow::anyhow!("cannot open DATABASE_URL={}: {e}", anna_store::redact_url(&config.database_url))
+    })?;
     Ok(store)
 }
 
@@ -72,7 +72,9 @@ pub async fn start_api(
         let metrics_server = metrics_listener.map(|listener| {
             let router = metrics_router(metrics);
             let token = shutdown.clone();
-            tokio::spawn(async move { axum::serve(listener, router).with_graceful_shutdown(token.cancelled_owned()).await })
+            tokio::spawn(
+                async move { axum::serve(listener, router).with_graceful_shutdown(token.cancelled_owned()).await },
+            )
         });
         let serve = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
             .with_graceful_shutdown(shutdown.clone().cancelled_owned());
@@ -93,8 +95,10 @@ pub async fn start_api(
 }
 
 pub fn metrics_router(handle: metrics_exporter_prometheus::PrometheusHandle) -> axum::Router {
-    axum::Router::new()
-        .route("/metrics", axum::routing::get(move || std::future::ready(anna_api::health::render_metrics(Some(&handle)))))
+    axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || std::future::ready(anna_api::health::render_metrics(Some(&handle)))),
+    )
 }
 
 /// Cancels `token` on SIGINT or SIGTERM.

@@ -81,7 +81,9 @@ pub async fn worker(config: Config, kind: WorkerKind) -> anyhow::Result<()> {
                 .with_context(|| format!("cannot listen on {}:{port} (METRICS_PORT)", config.host))?;
             let router = app::metrics_router(handle);
             let token = shutdown.clone();
-            Some(tokio::spawn(async move { axum::serve(listener, router).with_graceful_shutdown(token.cancelled_owned()).await }))
+            Some(tokio::spawn(async move {
+                axum::serve(listener, router).with_graceful_shutdown(token.cancelled_owned()).await
+            }))
         }
         None => None,
     };

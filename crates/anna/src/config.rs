@@ -37,8 +37,15 @@ pub enum Environment {
 pub enum EmailProvider {
     /// The development mailbox: e-mails are printed to stdout.
     Console,
-    Smtp { url: String, from: String },
-    Resend { api_key: String, from: String, base_url: String },
+    Smtp {
+        url: String,
+        from: String,
+    },
+    Resend {
+        api_key: String,
+        from: String,
+        base_url: String,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -78,10 +85,19 @@ impl<F: Fn(&str) -> Option<String>> Vars<F> {
         }
     }
 
-    fn positive<T: FromStr + PartialOrd + Default>(&self, var: &'static str, default: T, expected: &'static str) -> Result<T, ConfigError> {
+    fn positive<T: FromStr + PartialOrd + Default>(
+        &self,
+        var: &'static str,
+        default: T,
+        expected: &'static str,
+    ) -> Result<T, ConfigError> {
         let value = self.parse(var, default, expected)?;
         if value <= T::default() {
-            return Err(ConfigError::Invalid { var, shown: format!("{:?}", self.get(var).unwrap_or_default()), expected });
+            return Err(ConfigError::Invalid {
+                var,
+                shown: format!("{:?}", self.get(var).unwrap_or_default()),
+                expected,
+            });
         }
         Ok(value)
     }
@@ -163,9 +179,21 @@ impl Config {
             max_secret_attempts: vars.positive("AUTH_MAX_SECRET_ATTEMPTS", 5, "a positive whole number")?,
             app_base_url: vars.string("APP_BASE_URL", "http://localhost:3000").trim_end_matches('/').to_owned(),
             argon2: Argon2Cost {
-                memory_kib: vars.positive("AUTH_ARGON2_MEMORY_KIB", dev.argon2.memory_kib, "a memory cost in KiB (8 or more)")?,
-                iterations: vars.positive("AUTH_ARGON2_ITERATIONS", dev.argon2.iterations, "a positive number of passes")?,
-                parallelism: vars.positive("AUTH_ARGON2_PARALLELISM", dev.argon2.parallelism, "a positive number of lanes")?,
+                memory_kib: vars.positive(
+                    "AUTH_ARGON2_MEMORY_KIB",
+                    dev.argon2.memory_kib,
+                    "a memory cost in KiB (8 or more)",
+                )?,
+                iterations: vars.positive(
+                    "AUTH_ARGON2_ITERATIONS",
+                    dev.argon2.iterations,
+                    "a positive number of passes",
+                )?,
+                parallelism: vars.positive(
+                    "AUTH_ARGON2_PARALLELISM",
+                    dev.argon2.parallelism,
+                    "a positive number of lanes",
+                )?,
             },
             hashing_concurrency: vars.positive(
                 "AUTH_HASH_CONCURRENCY",
@@ -174,7 +202,11 @@ impl Config {
             )?,
             rate_limit: RateLimitConfig {
                 enabled: vars.boolean("RATE_LIMIT_ENABLED", true)?,
-                per_ip_per_minute: vars.positive("RATE_LIMIT_PER_IP_PER_MINUTE", 20, "a positive number of requests per minute")?,
+                per_ip_per_minute: vars.positive(
+                    "RATE_LIMIT_PER_IP_PER_MINUTE",
+                    20,
+                    "a positive number of requests per minute",
+                )?,
                 per_account_per_minute: vars.positive(
                     "RATE_LIMIT_PER_ACCOUNT_PER_MINUTE",
                     5,
@@ -195,7 +227,11 @@ impl Config {
             host: vars.parse("HOST", IpAddr::from([0, 0, 0, 0]), "an IP address to listen on, such as 0.0.0.0")?,
             port: vars.parse("PORT", 3000, "a port number (0-65535)")?,
             database_url: vars.string("DATABASE_URL", DEFAULT_DATABASE_URL),
-            database_max_connections: vars.positive("DATABASE_MAX_CONNECTIONS", 10, "a positive number of connections")?,
+            database_max_connections: vars.positive(
+                "DATABASE_MAX_CONNECTIONS",
+                10,
+                "a positive number of connections",
+            )?,
             log_level: vars.string("LOG_LEVEL", "info"),
             log_pretty: vars.boolean("LOG_PRETTY", false)?,
             service_name: vars.string("OTEL_SERVICE_NAME", "anna"),
@@ -260,15 +296,28 @@ fn email_provider<F: Fn(&str) -> Option<String>>(vars: &Vars<F>) -> Result<Email
     match vars.string("EMAIL_PROVIDER", default).to_ascii_lowercase().as_str() {
         "console" => Ok(EmailProvider::Console),
         "smtp" => {
-            let url = smtp_url.ok_or_else(|| ConfigError::Inconsistent("EMAIL_PROVIDER=smtp needs SMTP_URL (smtp://user:password@host:port)".into()))?;
+            let url = smtp_url.ok_or_else(|| {
+                ConfigError::Inconsistent("EMAIL_PROVIDER=smtp needs SMTP_URL (smtp://user:password@host:port)".into())
+            })?;
             Ok(EmailProvider::Smtp { url, from: vars.string("SMTP_FROM", "anna <no-reply@localhost>") })
         }
         "resend" => {
-            let api_key = resend_key.ok_or_else(|| ConfigError::Inconsistent("EMAIL_PROVIDER=resend needs RESEND_API_KEY".into()))?;
-            let from = vars.get("RESEND_FROM").ok_or_else(|| ConfigError::Inconsistent("EMAIL_PROVIDER=resend needs RESEND_FROM".into()))?;
-            Ok(EmailProvider::Resend { api_key, from, base_url: vars.string("RESEND_BASE_URL", "https://api.resend.com") })
+            let api_key = resend_key
+                .ok_or_else(|| ConfigError::Inconsistent("EMAIL_PROVIDER=resend needs RESEND_API_KEY".into()))?;
+            let from = vars
+                .get("RESEND_FROM")
+                .ok_or_else(|| ConfigError::Inconsistent("EMAIL_PROVIDER=resend needs RESEND_FROM".into()))?;
+            Ok(EmailProvider::Resend {
+                api_key,
+                from,
+                base_url: vars.string("RESEND_BASE_URL", "https://api.resend.com"),
+            })
         }
-        other => Err(ConfigError::Invalid { var: "EMAIL_PROVIDER", shown: format!("{other:?}"), expected: "console, smtp or resend" }),
+        other => Err(ConfigError::Invalid {
+            var: "EMAIL_PROVIDER",
+            shown: format!("{other:?}"),
+            expected: "console, smtp or resend",
+        }),
     }
 }
 
@@ -304,7 +353,8 @@ mod tests {
         assert!(e.contains("AUTH_ACCESS_TOKEN_TTL_MS"), "{e}");
         let e = config(&[("LOG_PRETTY", "maybe")]).err().map(|e| e.to_string()).unwrap_or_default();
         assert!(e.contains("LOG_PRETTY") && e.contains("true or false"), "{e}");
-        let e = config(&[("AUTH_REFRESH_TOKEN_TTL_MS", "99999999999")]).err().map(|e| e.to_string()).unwrap_or_default();
+        let e =
+            config(&[("AUTH_REFRESH_TOKEN_TTL_MS", "99999999999")]).err().map(|e| e.to_string()).unwrap_or_default();
         assert!(e.contains("400 days"), "{e}");
         let e = config(&[("DATABASE_URL", "mysql://u:hunter2@h/d")]).err().map(|e| e.to_string()).unwrap_or_default();
         assert!(e.contains("DATABASE_URL") && !e.contains("hunter2"), "{e}");

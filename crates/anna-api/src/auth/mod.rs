@@ -5,10 +5,10 @@ pub mod tokens;
 
 use anna_domain::password;
 use anna_domain::secrets;
-use anna_domain::{auth::RefreshTokenState, Email, UserStatus};
+use anna_domain::{Email, UserStatus, auth::RefreshTokenState};
+use axum::Json;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
-use axum::Json;
 use axum_extra::extract::CookieJar;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
@@ -18,10 +18,10 @@ use utoipa_axum::routes;
 
 use crate::email::templates;
 use crate::error::{ApiError, ApiResult, ErrorBody};
-use crate::extract::{user_agent, ApiJson, AuthUser, ClientIp};
+use crate::extract::{ApiJson, AuthUser, ClientIp, user_agent};
 use crate::rate_limit::Limited;
-use crate::state::{time_duration, AppState};
-use session::{new_refresh_token, send_after_commit, start_family, ClientMeta};
+use crate::state::{AppState, time_duration};
+use session::{ClientMeta, new_refresh_token, send_after_commit, start_family};
 use tokens::cleared_refresh_cookie;
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -87,7 +87,8 @@ async fn login(
     ApiJson(body): ApiJson<LoginRequest>,
 ) -> ApiResult<(CookieJar, Json<TokenResponse>)> {
     state.limiters.check_ip(Limited::Login, &client_ip.key())?;
-    let (Some(email), Some(password)) = (body.email.filter(|e| !e.is_empty()), body.password.filter(|p| !p.is_empty())) else {
+    let (Some(email), Some(password)) = (body.email.filter(|e| !e.is_empty()), body.password.filter(|p| !p.is_empty()))
+    else {
         return Err(ApiError::bad_request("missing_fields", "email and password are required"));
     };
     let email = parse_email(&email)?;
@@ -121,7 +122,9 @@ async fn refresh(
     headers: HeaderMap,
     jar: CookieJar,
 ) -> ApiResult<(CookieJar, Json<TokenResponse>)> {
-    let Some(presented) = jar.get(&state.config.refresh_cookie_name).map(|c| c.value().to_owned()).filter(|v| !v.is_empty()) else {
+    let Some(presented) =
+        jar.get(&state.config.refresh_cookie_name).map(|c| c.value().to_owned()).filter(|v| !v.is_empty())
+    else {
         return Err(ApiError::unauthorized("missing_refresh_token", "refresh token is required"));
     };
     let presented_hash = secrets::sha256_hex(&presented);
@@ -154,13 +157,18 @@ async fn refresh(
     }
     uow.commit().await?;
     let access_token = state.jwt.issue(user.id, &user.email, now).map_err(ApiError::internal)?;
-    Ok((jar.add(replacement.cookie), Json(TokenResponse { access_token, access_token_expires_in: state.jwt.ttl_secs() })))
+    Ok((
+        jar.add(replacement.cookie),
+        Json(TokenResponse { access_token, access_token_expires_in: state.jwt.ttl_secs() }),
+    ))
 }
 
 /// Revoke the current refresh token (if any) and clear the cookie.
 #[utoipa::path(post, path = "/auth/logout", tag = "auth", responses((status = 204, description = "cookie cleared")))]
 async fn logout(State(state): State<AppState>, jar: CookieJar) -> ApiResult<(StatusCode, CookieJar)> {
-    if let Some(presented) = jar.get(&state.config.refresh_cookie_name).map(|c| c.value().to_owned()).filter(|v| !v.is_empty()) {
+    if let Some(presented) =
+        jar.get(&state.config.refresh_cookie_name).map(|c| c.value().to_owned()).filter(|v| !v.is_empty())
+    {
         let mut uow = state.store.begin().await?;
         uow.revoke_refresh_token(&secrets::sha256_hex(&presented), OffsetDateTime::now_utc()).await?;
         uow.commit().await?;
@@ -172,7 +180,11 @@ async fn logout(State(state): State<AppState>, jar: CookieJar) -> ApiResult<(Sta
 /// Revoke every refresh token of the caller and clear the cookie.
 #[utoipa::path(post, path = "/auth/logout-all", tag = "auth", security(("bearer" = [])),
     responses((status = 204, description = "all refresh tokens revoked"), (status = 401, body = ErrorBody)))]
-async fn logout_all(State(state): State<AppState>, AuthUser(caller): AuthUser, jar: CookieJar) -> ApiResult<(StatusCode, CookieJar)> {
+async fn logout_all(
+    State(state): State<AppState>,
+    AuthUser(caller): AuthUser,
+    jar: CookieJar,
+) -> ApiResult<(StatusCode, CookieJar)> {
     let mut uow = state.store.begin().await?;
     let revoked = uow.revoke_user_refresh_tokens(caller.user_id, OffsetDateTime::now_utc()).await?;
     uow.commit().await?;
@@ -212,7 +224,8 @@ async fn resend_verification(
         uow.update_user(&user).await?;
         uow.append_events(&[event]).await?;
         uow.commit().await?;
-        let message = templates::verification_email(&state.config.app_base_url, user.id, &user.email, &issued, "resend");
+        let message =
+            templates::verification_email(&state.config.app_base_url, user.id, &user.email, &issued, "resend");
         send_after_commit(&state, message, user.id);
     }
     Ok(Json(OK))
@@ -271,7 +284,8 @@ async fn password_reset_confirm(
     };
     let email = parse_email(&email)?;
     state.limiters.check_account(Limited::PasswordResetConfirm, email.as_str())?;
-    password::check_policy(&new_password, email.as_str()).map_err(|e| ApiError::bad_request("invalid_password", e.0))?;
+    password::check_policy(&new_password, email.as_str())
+        .map_err(|e| ApiError::bad_request("invalid_password", e.0))?;
     let refused = || ApiError::bad_request("invalid_reset", "invalid password reset request");
     let now = OffsetDateTime::now_utc();
 

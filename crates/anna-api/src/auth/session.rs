@@ -12,7 +12,7 @@ use uuid::Uuid;
 use crate::auth::tokens::refresh_cookie;
 use crate::email::EmailMessage;
 use crate::error::ApiError;
-use crate::state::{time_duration, AppState};
+use crate::state::{AppState, time_duration};
 
 /// Where a refresh token was issued from (kept on its row).
 #[derive(Debug, Clone, Default)]
@@ -27,7 +27,13 @@ pub struct IssuedRefresh {
     pub cookie: Cookie<'static>,
 }
 
-pub fn new_refresh_token(state: &AppState, user_id: Uuid, family_id: Uuid, now: OffsetDateTime, meta: &ClientMeta) -> IssuedRefresh {
+pub fn new_refresh_token(
+    state: &AppState,
+    user_id: Uuid,
+    family_id: Uuid,
+    now: OffsetDateTime,
+    meta: &ClientMeta,
+) -> IssuedRefresh {
     let token = secrets::random_token();
     let ttl: Duration = state.config.refresh_token_ttl;
     let row = RefreshToken {

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use axum_extra::extract::cookie::{Cookie, SameSite};
-use jsonwebtoken::{decode, encode, Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation, decode, encode};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use uuid::Uuid;
@@ -116,7 +116,13 @@ mod tests {
     fn refuses_non_access_tokens() {
         let keys = JwtKeys::new(b"k", Duration::from_secs(900));
         let now = OffsetDateTime::now_utc().unix_timestamp();
-        let claims = AccessClaims { sub: Uuid::new_v4().to_string(), email: None, token_use: "refresh".into(), iat: now, exp: now + 60 };
+        let claims = AccessClaims {
+            sub: Uuid::new_v4().to_string(),
+            email: None,
+            token_use: "refresh".into(),
+            iat: now,
+            exp: now + 60,
+        };
         let token = encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(b"k"))
             .unwrap_or_else(|e| panic!("{e}"));
         assert!(keys.verify(&token).is_none());

@@ -37,15 +37,9 @@ impl EmailSender for ConsoleEmailSender {
 fn render(message: &EmailMessage) -> String {
     let mut out = String::new();
     if let EmailTag::Verification { code, reason } = &message.tag {
-        out.push_str(&format!(
-            "[UserVerificationCode] email={} code={} reason={}\n",
-            message.to, code, reason
-        ));
+        out.push_str(&format!("[UserVerificationCode] email={} code={} reason={}\n", message.to, code, reason));
     }
-    out.push_str(&format!(
-        "----- e-mail to=<{}> subject=\"{}\" -----\n",
-        message.to, message.subject
-    ));
+    out.push_str(&format!("----- e-mail to=<{}> subject=\"{}\" -----\n", message.to, message.subject));
     out.push_str(&message.text);
     if !message.text.ends_with('\n') {
         out.push('\n');
@@ -65,21 +59,12 @@ mod tests {
             subject: "Verify your account".to_owned(),
             text: "Your verification code is 123456\nhttp://x/verify?userId=1&token=t".to_owned(),
             html: "<p>ignored</p>".to_owned(),
-            tag: EmailTag::Verification {
-                code: "123456".to_owned(),
-                reason: "signup".to_owned(),
-            },
+            tag: EmailTag::Verification { code: "123456".to_owned(), reason: "signup".to_owned() },
         };
         let out = render(&message);
         let mut lines = out.lines();
-        assert_eq!(
-            lines.next(),
-            Some("[UserVerificationCode] email=ana@example.com code=123456 reason=signup")
-        );
-        assert_eq!(
-            lines.next(),
-            Some("----- e-mail to=<ana@example.com> subject=\"Verify your account\" -----")
-        );
+        assert_eq!(lines.next(), Some("[UserVerificationCode] email=ana@example.com code=123456 reason=signup"));
+        assert_eq!(lines.next(), Some("----- e-mail to=<ana@example.com> subject=\"Verify your account\" -----"));
         assert_eq!(lines.next(), Some("Your verification code is 123456"));
         assert_eq!(lines.next(), Some("http://x/verify?userId=1&token=t"));
         assert_eq!(lines.next(), Some("----- end of e-mail -----"));

@@ -7,6 +7,7 @@
 //! development mailbox and writes the e-mail to standard output.
 
 mod console;
+mod memory;
 mod resend;
 mod smtp;
 pub mod templates;
@@ -14,6 +15,7 @@ pub mod templates;
 use std::fmt;
 
 pub use console::ConsoleEmailSender;
+pub use memory::{MemoryMailbox, verification_code};
 pub use resend::ResendEmailSender;
 pub use smtp::SmtpEmailSender;
 
@@ -59,10 +61,9 @@ impl EmailTag {
 impl fmt::Debug for EmailTag {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::Verification { reason, .. } => f
-                .debug_struct("Verification")
-                .field("reason", reason)
-                .finish_non_exhaustive(),
+            Self::Verification { reason, .. } => {
+                f.debug_struct("Verification").field("reason", reason).finish_non_exhaustive()
+            }
             Self::PasswordReset => f.write_str("PasswordReset"),
             Self::Other => f.write_str("Other"),
         }
@@ -98,9 +99,7 @@ pub trait EmailSender: Send + Sync + 'static {
 fn parse_from(from: &str) -> Result<lettre::message::Mailbox, EmailError> {
     let trimmed = from.trim();
     if trimmed.is_empty() {
-        return Err(EmailError::InvalidConfig(
-            "the sender address (from) is empty".to_owned(),
-        ));
+        return Err(EmailError::InvalidConfig("the sender address (from) is empty".to_owned()));
     }
     trimmed.parse().map_err(|e| {
         EmailError::InvalidConfig(format!(
@@ -120,10 +119,7 @@ mod tests {
             subject: "Verify your account".to_owned(),
             text: "code 123456 token tok-secret".to_owned(),
             html: "<strong>123456</strong> tok-secret".to_owned(),
-            tag: EmailTag::Verification {
-                code: "123456".to_owned(),
-                reason: "signup".to_owned(),
-            },
+            tag: EmailTag::Verification { code: "123456".to_owned(), reason: "signup".to_owned() },
         }
     }
 
@@ -143,13 +139,7 @@ mod tests {
     fn from_accepts_named_and_bare_mailboxes() {
         assert!(parse_from("anna <no-reply@example.com>").is_ok());
         assert!(parse_from("no-reply@example.com").is_ok());
-        assert!(matches!(
-            parse_from("not an address"),
-            Err(EmailError::InvalidConfig(_))
-        ));
-        assert!(matches!(
-            parse_from("  "),
-            Err(EmailError::InvalidConfig(_))
-        ));
+        assert!(matches!(parse_from("not an address"), Err(EmailError::InvalidConfig(_))));
+        assert!(matches!(parse_from("  "), Err(EmailError::InvalidConfig(_))));
     }
 }

@@ -24,17 +24,11 @@ impl ResendEmailSender {
     pub fn new(api_key: String, from: String, base_url: &str) -> Result<Self, EmailError> {
         let api_key = api_key.trim();
         if api_key.is_empty() {
-            return Err(EmailError::InvalidConfig(
-                "the Resend API key is empty".to_owned(),
-            ));
+            return Err(EmailError::InvalidConfig("the Resend API key is empty".to_owned()));
         }
-        let mut authorization =
-            HeaderValue::from_str(&format!("Bearer {api_key}")).map_err(|_| {
-                EmailError::InvalidConfig(
-                    "the Resend API key contains characters not allowed in an HTTP header"
-                        .to_owned(),
-                )
-            })?;
+        let mut authorization = HeaderValue::from_str(&format!("Bearer {api_key}")).map_err(|_| {
+            EmailError::InvalidConfig("the Resend API key contains characters not allowed in an HTTP header".to_owned())
+        })?;
         authorization.set_sensitive(true);
 
         parse_from(&from)?;
@@ -42,15 +36,8 @@ impl ResendEmailSender {
         let client = reqwest::Client::builder()
             .timeout(REQUEST_TIMEOUT)
             .build()
-            .map_err(|e| {
-                EmailError::InvalidConfig(format!("could not build the HTTP client: {e}"))
-            })?;
-        Ok(Self {
-            client,
-            authorization,
-            from: from.trim().to_owned(),
-            endpoint,
-        })
+            .map_err(|e| EmailError::InvalidConfig(format!("could not build the HTTP client: {e}")))?;
+        Ok(Self { client, authorization, from: from.trim().to_owned(), endpoint })
     }
 }
 
@@ -101,10 +88,7 @@ impl EmailSender for ResendEmailSender {
         }
         // A failure to read the error body must not hide the status, which is what matters.
         let raw = response.text().await.unwrap_or_default();
-        Err(EmailError::Rejected {
-            status: status.as_u16(),
-            message: rejection_message(status, &raw),
-        })
+        Err(EmailError::Rejected { status: status.as_u16(), message: rejection_message(status, &raw) })
     }
 }
 
@@ -114,23 +98,17 @@ fn rejection_message(status: reqwest::StatusCode, raw: &str) -> String {
         .and_then(|v| v.get("message").and_then(|m| m.as_str()).map(str::to_owned));
     let message = from_json.unwrap_or_else(|| raw.trim().to_owned());
     if message.is_empty() {
-        return status
-            .canonical_reason()
-            .unwrap_or("no reason given")
-            .to_owned();
+        return status.canonical_reason().unwrap_or("no reason given").to_owned();
     }
     message.chars().take(MAX_ERROR_CHARS).collect()
 }
 
 fn emails_endpoint(base_url: &str) -> Result<reqwest::Url, EmailError> {
     let trimmed = base_url.trim().trim_end_matches('/');
-    let url = reqwest::Url::parse(&format!("{trimmed}/emails")).map_err(|e| {
-        EmailError::InvalidConfig(format!("the Resend base URL <{trimmed}> is not a URL: {e}"))
-    })?;
+    let url = reqwest::Url::parse(&format!("{trimmed}/emails"))
+        .map_err(|e| EmailError::InvalidConfig(format!("the Resend base URL <{trimmed}> is not a URL: {e}")))?;
     if url.scheme() != "https" && url.scheme() != "http" {
-        return Err(EmailError::InvalidConfig(format!(
-            "the Resend base URL <{trimmed}> must use http or https"
-        )));
+        return Err(EmailError::InvalidConfig(format!("the Resend base URL <{trimmed}> must use http or https")));
     }
     Ok(url)
 }
@@ -142,18 +120,9 @@ mod tests {
     #[test]
     fn endpoint_appends_emails_once() {
         let url = emails_endpoint("https://api.resend.com/");
-        assert_eq!(
-            url.map(|u| u.to_string()),
-            Ok("https://api.resend.com/emails".to_owned())
-        );
-        assert!(matches!(
-            emails_endpoint("ftp://x"),
-            Err(EmailError::InvalidConfig(_))
-        ));
-        assert!(matches!(
-            emails_endpoint(""),
-            Err(EmailError::InvalidConfig(_))
-        ));
+        assert_eq!(url.map(|u| u.to_string()), Ok("https://api.resend.com/emails".to_owned()));
+        assert!(matches!(emails_endpoint("ftp://x"), Err(EmailError::InvalidConfig(_))));
+        assert!(matches!(emails_endpoint(""), Err(EmailError::InvalidConfig(_))));
     }
 
     #[test]

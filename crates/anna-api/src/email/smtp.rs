@@ -27,21 +27,13 @@ impl SmtpEmailSender {
     pub fn new(smtp_url: &str, from: &str) -> Result<Self, EmailError> {
         let from = parse_from(from)?;
         let endpoint = describe_endpoint(smtp_url)?;
-        let builder =
-            AsyncSmtpTransport::<Tokio1Executor>::from_url(smtp_url.trim()).map_err(|e| {
-                EmailError::InvalidConfig(format!("the SMTP URL for {endpoint} is not usable: {e}"))
-            })?;
+        let builder = AsyncSmtpTransport::<Tokio1Executor>::from_url(smtp_url.trim())
+            .map_err(|e| EmailError::InvalidConfig(format!("the SMTP URL for {endpoint} is not usable: {e}")))?;
         if tokio::runtime::Handle::try_current().is_err() {
-            return Err(EmailError::InvalidConfig(
-                "the SMTP sender must be created inside a Tokio runtime".to_owned(),
-            ));
+            return Err(EmailError::InvalidConfig("the SMTP sender must be created inside a Tokio runtime".to_owned()));
         }
         let transport = builder.timeout(Some(SEND_TIMEOUT)).build();
-        Ok(Self {
-            transport,
-            from,
-            endpoint,
-        })
+        Ok(Self { transport, from, endpoint })
     }
 }
 
@@ -62,19 +54,13 @@ impl EmailSender for SmtpEmailSender {
 
     async fn send(&self, message: &EmailMessage) -> Result<(), EmailError> {
         let to: Mailbox = message.to.trim().parse().map_err(|e| {
-            EmailError::InvalidMessage(format!(
-                "the recipient <{}> is not an address: {e}",
-                message.to
-            ))
+            EmailError::InvalidMessage(format!("the recipient <{}> is not an address: {e}", message.to))
         })?;
         let email = Message::builder()
             .from(self.from.clone())
             .to(to)
             .subject(message.subject.as_str())
-            .multipart(MultiPart::alternative_plain_html(
-                message.text.clone(),
-                message.html.clone(),
-            ))
+            .multipart(MultiPart::alternative_plain_html(message.text.clone(), message.html.clone()))
             .map_err(|e| EmailError::InvalidMessage(format!("could not build the e-mail: {e}")))?;
 
         match tokio::time::timeout(SEND_TIMEOUT, self.transport.send(email)).await {
@@ -91,10 +77,7 @@ impl EmailSender for SmtpEmailSender {
 
 fn map_smtp_error(endpoint: &str, e: &lettre::transport::smtp::Error) -> EmailError {
     match e.status() {
-        Some(code) if e.is_permanent() => EmailError::Rejected {
-            status: u16::from(code),
-            message: e.to_string(),
-        },
+        Some(code) if e.is_permanent() => EmailError::Rejected { status: u16::from(code), message: e.to_string() },
         _ => EmailError::Transport(format!("SMTP delivery through {endpoint} failed: {e}")),
     }
 }
@@ -112,9 +95,7 @@ fn describe_endpoint(smtp_url: &str) -> Result<String, EmailError> {
         )));
     }
     let Some(host) = url.host_str().filter(|h| !h.is_empty()) else {
-        return Err(EmailError::InvalidConfig(
-            "the SMTP URL has no host".to_owned(),
-        ));
+        return Err(EmailError::InvalidConfig("the SMTP URL has no host".to_owned()));
     };
     Ok(match url.port() {
         Some(port) => format!("{scheme}://{host}:{port}"),
@@ -134,13 +115,7 @@ mod tests {
 
     #[test]
     fn endpoint_rejects_other_schemes_and_garbage() {
-        assert!(matches!(
-            describe_endpoint("http://mail.example.com"),
-            Err(EmailError::InvalidConfig(_))
-        ));
-        assert!(matches!(
-            describe_endpoint("not a url"),
-            Err(EmailError::InvalidConfig(_))
-        ));
+        assert!(matches!(describe_endpoint("http://mail.example.com"), Err(EmailError::InvalidConfig(_))));
+        assert!(matches!(describe_endpoint("not a url"), Err(EmailError::InvalidConfig(_))));
     }
 }

@@ -22,10 +22,8 @@ pub fn verification_email(
         percent_encode(&issued.token)
     );
     let expires = iso(issued.expires_at);
-    let text = format!(
-        "Your verification code is {code}\n{link}\nThis code expires at {expires}\n",
-        code = issued.code
-    );
+    let text =
+        format!("Your verification code is {code}\n{link}\nThis code expires at {expires}\n", code = issued.code);
     let html = format!(
         "<p>Your verification code is <strong>{code}</strong></p>\n\
          <p><a href=\"{href}\">{label}</a></p>\n\
@@ -40,18 +38,11 @@ pub fn verification_email(
         subject: "Verify your account".to_owned(),
         text,
         html,
-        tag: EmailTag::Verification {
-            code: issued.code.clone(),
-            reason: reason.to_owned(),
-        },
+        tag: EmailTag::Verification { code: issued.code.clone(), reason: reason.to_owned() },
     }
 }
 
-pub fn password_reset_email(
-    app_base_url: &str,
-    email: &str,
-    issued: &IssuedPasswordReset,
-) -> EmailMessage {
+pub fn password_reset_email(app_base_url: &str, email: &str, issued: &IssuedPasswordReset) -> EmailMessage {
     let link = format!(
         "{}/reset-password?token={}&email={}",
         base(app_base_url),
@@ -59,8 +50,7 @@ pub fn password_reset_email(
         percent_encode(email)
     );
     let expires = iso(issued.expires_at);
-    let text =
-        format!("Reset your password using this link:\n{link}\nThis link expires at {expires}\n");
+    let text = format!("Reset your password using this link:\n{link}\nThis link expires at {expires}\n");
     let html = format!(
         "<p>Reset your password using this link:</p>\n\
          <p><a href=\"{href}\">{label}</a></p>\n\
@@ -122,18 +112,12 @@ mod tests {
     #[test]
     fn percent_encoding_keeps_unreserved_only() {
         assert_eq!(percent_encode("aZ09-._~"), "aZ09-._~");
-        assert_eq!(
-            percent_encode("a+b@c.d&e=f g/h"),
-            "a%2Bb%40c.d%26e%3Df%20g%2Fh"
-        );
+        assert_eq!(percent_encode("a+b@c.d&e=f g/h"), "a%2Bb%40c.d%26e%3Df%20g%2Fh");
         assert_eq!(percent_encode("é"), "%C3%A9");
     }
 
     #[test]
     fn html_escaping_covers_markup_and_quotes() {
-        assert_eq!(
-            html_escape(r#"<a href="x">'&'</a>"#),
-            "&lt;a href=&quot;x&quot;&gt;&#39;&amp;&#39;&lt;/a&gt;"
-        );
+        assert_eq!(html_escape(r#"<a href="x">'&'</a>"#), "&lt;a href=&quot;x&quot;&gt;&#39;&amp;&#39;&lt;/a&gt;");
     }
 }

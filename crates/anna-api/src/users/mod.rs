@@ -3,9 +3,9 @@
 use anna_domain::password;
 use anna_domain::user::{User, VerifyError};
 use anna_domain::{Email, UserName};
+use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
-use axum::Json;
 use axum_extra::extract::CookieJar;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
@@ -13,10 +13,10 @@ use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::auth::session::{send_after_commit, start_family, ClientMeta};
+use crate::auth::session::{ClientMeta, send_after_commit, start_family};
 use crate::email::templates;
 use crate::error::{ApiError, ApiResult, ErrorBody};
-use crate::extract::{parse_uuid, user_agent, ApiJson, AuthUser, ClientIp};
+use crate::extract::{ApiJson, AuthUser, ClientIp, parse_uuid, user_agent};
 use crate::rate_limit::Limited;
 use crate::state::AppState;
 
@@ -49,8 +49,12 @@ fn present(value: Option<String>) -> Option<String> {
         (status = 400, description = "missing or invalid field", body = ErrorBody),
         (status = 409, description = "e-mail already registered", body = ErrorBody),
         (status = 413, body = ErrorBody), (status = 415, body = ErrorBody)))]
-async fn register(State(state): State<AppState>, ApiJson(body): ApiJson<RegisterRequest>) -> ApiResult<(StatusCode, Json<RegisterResponse>)> {
-    let (Some(name), Some(email), Some(password)) = (present(body.name), present(body.email), present(body.password)) else {
+async fn register(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<RegisterRequest>,
+) -> ApiResult<(StatusCode, Json<RegisterResponse>)> {
+    let (Some(name), Some(email), Some(password)) = (present(body.name), present(body.email), present(body.password))
+    else {
         return Err(ApiError::bad_request("missing_fields", "name, email and password are required"));
     };
     let name = UserName::parse(&name).map_err(|e| ApiError::bad_request("invalid_name", e.0))?;
@@ -110,7 +114,8 @@ async fn verify(
 ) -> ApiResult<(CookieJar, Json<VerifyResponse>)> {
     state.limiters.check_ip(Limited::Verify, &client_ip.key())?;
     let user_id = parse_uuid(&id, "user id")?;
-    let Some(candidate) = body.token.filter(|t| !t.trim().is_empty()).or(body.code.filter(|c| !c.trim().is_empty())) else {
+    let Some(candidate) = body.token.filter(|t| !t.trim().is_empty()).or(body.code.filter(|c| !c.trim().is_empty()))
+    else {
         return Err(ApiError::bad_request("missing_fields", "token or code is required"));
     };
     state.limiters.check_account(Limited::Verify, &user_id.to_string())?;
@@ -163,10 +168,9 @@ pub struct MeResponse {
 #[utoipa::path(get, path = "/users/me", tag = "users", security(("bearer" = [])),
     responses((status = 200, body = MeResponse), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
 async fn me(State(state): State<AppState>, AuthUser(caller): AuthUser) -> ApiResult<Json<MeResponse>> {
-    let user = state
-        .store
-        .find_user_by_id(caller.user_id)
-        .await?
-        .ok_or_else(|| ApiError::not_found("user_not_found", format!("The user {} does not exist", caller.user_id)))?;
+    let user =
+        state.store.find_user_by_id(caller.user_id).await?.ok_or_else(|| {
+            ApiError::not_found("user_not_found", format!("The user {} does not exist", caller.user_id))
+        })?;
     Ok(Json(MeResponse { id: user.id.to_string(), name: user.name, email: user.email, status: user.status.as_str() }))
 }

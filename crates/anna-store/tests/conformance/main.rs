@@ -94,8 +94,7 @@ conformance!(
 // Test data
 
 fn truncate_ms(at: OffsetDateTime) -> OffsetDateTime {
-    at.replace_nanosecond(at.nanosecond() / 1_000_000 * 1_000_000)
-        .unwrap_or_else(|e| panic!("truncating {at}: {e}"))
+    at.replace_nanosecond(at.nanosecond() / 1_000_000 * 1_000_000).unwrap_or_else(|e| panic!("truncating {at}: {e}"))
 }
 
 fn now() -> OffsetDateTime {
@@ -360,8 +359,11 @@ async fn units_of_work_on_one_user_take_turns(store: Arc<dyn Store>) -> TestResu
         tasks.push(tokio::spawn(async move {
             barrier.wait().await;
             let mut uow = store.begin().await?;
-            let found =
-                if by_email { uow.find_user_by_email(&user.email).await? } else { uow.find_user_by_id(user.id).await? };
+            let found = if by_email {
+                uow.find_user_by_email(&user.email).await?
+            } else {
+                uow.find_user_by_id(user.id).await?
+            };
             let Some(mut found) = found else { panic!("user {} vanished", user.id) };
             // Give the other unit of work every chance to read the same value.
             tokio::time::sleep(StdDuration::from_millis(150)).await;
@@ -699,4 +701,370 @@ async fn purge_deletes_only_expired_tokens(store: Arc<dyn Store>) -> TestResult 
         assert!(store.find_refresh_token(kept).await?.is_some(), "{kept}");
     }
     Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The schema contract: table, column and index names are shared with the TypeScript
+// predecessor and between the backends.
+
+mod schema {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use sqlx::{Connection, PgConnection, Row, SqliteConnection};
+
+    use super::*;
+
+    type Tables = BTreeMap<String, BTreeSet<String>>;
+
+    const CONTRACT: &[(&str, &[&str])] = &[
+        (
+            "users",
+            &[
+                "id",
+                "name",
+                "email",
+                "status",
+                "password_hash",
+                "verification_token",
+                "verification_code",
+                "verification_token_expires_at",
+                "verification_attempts",
+                "verified_at",
+                "password_reset_token",
+                "password_reset_token_expires_at",
+                "password_reset_attempts",
+                "created_at",
+                "updated_at",
+                "last_login_at",
+            ],
+        ),
+        (
+            "refresh_tokens",
+            &[
+                "token_hash",
+                "user_id",
+                "family_id",
+                "created_at",
+                "expires_at",
+                "revoked_at",
+                "replaced_by_token_hash",
+                "user_agent",
+                "ip",
+            ],
+        ),
+        ("session_auth_creds", &["session_id", "tenant_id", "creds", "created_at", "updated_at"]),
+        ("session_auth_keys", &["session_id", "tenant_id", "key_type", "key_id", "value", "created_at", "updated_at"]),
+        (
+            "sessions",
+            &[
+                "id",
+                "tenant_id",
+                "status",
+                "phone",
+                "qr",
+                "qr_expires_at",
+                "connected_at",
+                "disconnected_at",
+                "disconnected_reason",
+                "created_at",
+                "updated_at",
+            ],
+        ),
+        (
+            "outbox_events",
+            &[
+                "id",
+                "event_id",
+                "aggregate_id",
+                "event_name",
+                "occurred_on",
+                "payload",
+                "status",
+                "attempts",
+                "last_error",
+                "published_at",
+                "created_at",
+                "updated_at",
+                "tenant_id",
+                "traceparent",
+            ],
+        ),
+        (
+            "dead_letters",
+            &[
+                "id",
+                "event_id",
+                "aggregate_id",
+                "event_name",
+                "occurred_on",
+                "payload",
+                "error",
+                "attempts",
+                "created_at",
+            ],
+        ),
+    ];
+
+    fn contract() -> Tables {
+        CONTRACT
+            .iter()
+            .map(|(table, columns)| (table.to_string(), columns.iter().map(|c| c.to_string()).collect()))
+            .collect()
+    }
+
+    fn collect(pairs: Vec<(String, String)>) -> Tables {
+        let mut tables = Tables::new();
+        for (table, column) in pairs {
+            tables.entry(table).or_default().insert(column);
+        }
+        tables
+    }
+
+    const SHARED_INDEXES: &[&str] = &[
+        "users_email_idx",
+        "users_status_idx",
+        "refresh_tokens_user_id_idx",
+        "refresh_tokens_family_id_idx",
+        "refresh_tokens_expires_at_idx",
+        "refresh_tokens_revoked_at_idx",
+        "session_auth_creds_tenant_id_idx",
+        "session_auth_keys_session_id_idx",
+        "session_auth_keys_tenant_id_idx",
+        "sessions_tenant_id_idx",
+        "sessions_status_idx",
+        "outbox_events_status_occurred_on_idx",
+        "outbox_events_aggregate_id_idx",
+        "dead_letters_event_id_idx",
+    ];
+
+    #[tokio::test]
+    async fn sqlite_tables_match_the_contract() {
+        let url = anna_testkit::sqlite::fresh_database_url();
+        let store = anna_store::connect(&url, &test_options()).await.unwrap_or_else(|e| panic!("{e}"));
+        store.migrate().await.unwrap_or_else(|e| panic!("{e}"));
+        store.close().await;
+
+        let mut conn = SqliteConnection::connect(&url).await.unwrap_or_else(|e| panic!("{e}"));
+        let rows = sqlx::query(
+            "SELECT m.name, p.name FROM sqlite_master m JOIN pragma_table_info(m.name) p \
+             WHERE m.type = 'table' AND m.name NOT LIKE 'sqlite%' AND m.name <> '_sqlx_migrations'",
+        )
+        .fetch_all(&mut conn)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+        let pairs = rows.iter().map(|r| (r.get::<String, _>(0), r.get::<String, _>(1))).collect();
+        assert_eq!(collect(pairs), contract());
+
+        let indexes: BTreeSet<String> = sqlx::query_scalar(
+            "SELECT name FROM sqlite_master WHERE type = 'index' AND name NOT LIKE 'sqlite_autoindex%'",
+        )
+        .fetch_all(&mut conn)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .into_iter()
+        .collect();
+        assert_eq!(indexes, SHARED_INDEXES.iter().map(|i| i.to_string()).collect());
+    }
+
+    #[tokio::test]
+    async fn postgres_tables_match_the_contract() {
+        let url = anna_testkit::pg::fresh_database_url().await;
+        let store = anna_store::connect(&url, &test_options()).await.unwrap_or_else(|e| panic!("{e}"));
+        store.migrate().await.unwrap_or_else(|e| panic!("{e}"));
+        store.close().await;
+
+        let mut conn = PgConnection::connect(&url).await.unwrap_or_else(|e| panic!("{e}"));
+        let rows = sqlx::query(
+            "SELECT table_name::text, column_name::text FROM information_schema.columns \
+             WHERE table_schema = 'public' AND table_name <> '_sqlx_migrations'",
+        )
+        .fetch_all(&mut conn)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+        let pairs = rows.iter().map(|r| (r.get::<String, _>(0), r.get::<String, _>(1))).collect();
+        let mut expected = contract();
+        // The tie-breaker for outbox order; SQLite uses its rowid instead.
+        if let Some(outbox) = expected.get_mut("outbox_events") {
+            outbox.insert("seq".into());
+        }
+        assert_eq!(collect(pairs), expected);
+
+        let indexes: BTreeSet<String> = sqlx::query_scalar(
+            "SELECT indexname::text FROM pg_indexes WHERE schemaname = 'public' AND indexname NOT LIKE '%_pkey'",
+        )
+        .fetch_all(&mut conn)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .into_iter()
+        .collect();
+        assert_eq!(indexes, SHARED_INDEXES.iter().map(|i| i.to_string()).collect());
+        let _ = conn.close().await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Upgrading, in place, a Postgres database created by the TypeScript predecessor.
+
+mod postgres_upgrade {
+    use anna_store::PgStore;
+    use sqlx::{Connection, PgConnection};
+
+    use super::*;
+
+    /// The predecessor's schema: its tracked migrations plus its untracked outbox.sql. Some
+    /// columns that now hold keyed hashes had narrower types there.
+    const PREDECESSOR_SCHEMA: &str = r#"
+        CREATE TABLE schema_migrations (id text PRIMARY KEY, applied_at timestamptz DEFAULT now());
+        INSERT INTO schema_migrations (id) VALUES
+            ('0001__users.sql'), ('0002__refresh_tokens.sql'), ('0003__session_auth.sql'), ('0004__sessions.sql');
+
+        CREATE TABLE users (
+            id uuid PRIMARY KEY,
+            name text NOT NULL,
+            email text NOT NULL,
+            status text NOT NULL,
+            password_hash text NOT NULL,
+            verification_token uuid,
+            verification_code varchar(6),
+            verification_token_expires_at timestamptz,
+            verified_at timestamptz,
+            password_reset_token uuid,
+            password_reset_token_expires_at timestamptz,
+            created_at timestamptz NOT NULL,
+            updated_at timestamptz NOT NULL,
+            last_login_at timestamptz
+        );
+        CREATE UNIQUE INDEX users_email_idx ON users (email);
+        CREATE INDEX users_status_idx ON users (status);
+
+        CREATE TABLE refresh_tokens (
+            token_hash text PRIMARY KEY,
+            user_id uuid NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+            created_at timestamptz NOT NULL DEFAULT now(),
+            expires_at timestamptz NOT NULL,
+            revoked_at timestamptz,
+            replaced_by_token_hash text,
+            user_agent text,
+            ip text
+        );
+        CREATE INDEX refresh_tokens_user_id_idx ON refresh_tokens (user_id);
+        CREATE INDEX refresh_tokens_expires_at_idx ON refresh_tokens (expires_at);
+        CREATE INDEX refresh_tokens_revoked_at_idx ON refresh_tokens (revoked_at);
+
+        CREATE TABLE session_auth_creds (
+            session_id text PRIMARY KEY, tenant_id text, creds jsonb,
+            created_at timestamptz DEFAULT now(), updated_at timestamptz DEFAULT now()
+        );
+        CREATE TABLE session_auth_keys (
+            session_id text, tenant_id text, key_type text, key_id text, value jsonb,
+            created_at timestamptz DEFAULT now(), updated_at timestamptz DEFAULT now(),
+            PRIMARY KEY (session_id, key_type, key_id)
+        );
+        CREATE TABLE sessions (
+            id uuid PRIMARY KEY, tenant_id uuid NOT NULL, status text NOT NULL, phone text, qr text,
+            qr_expires_at timestamptz, connected_at timestamptz, disconnected_at timestamptz,
+            disconnected_reason text, created_at timestamptz NOT NULL, updated_at timestamptz NOT NULL
+        );
+
+        CREATE TABLE IF NOT EXISTS outbox_events (
+            id uuid PRIMARY KEY,
+            event_id text NOT NULL,
+            aggregate_id text NOT NULL,
+            event_name text NOT NULL,
+            occurred_on timestamptz NOT NULL,
+            payload jsonb NOT NULL,
+            status text NOT NULL DEFAULT 'pending',
+            attempts int NOT NULL DEFAULT 0,
+            last_error text,
+            published_at timestamptz,
+            created_at timestamptz NOT NULL DEFAULT now(),
+            updated_at timestamptz NOT NULL DEFAULT now()
+        );
+        CREATE INDEX IF NOT EXISTS outbox_events_status_occurred_on_idx ON outbox_events (status, occurred_on);
+        CREATE TABLE IF NOT EXISTS dead_letters (
+            id uuid PRIMARY KEY, event_id text, aggregate_id text, event_name text, occurred_on timestamptz,
+            payload jsonb, error text, attempts int, created_at timestamptz NOT NULL DEFAULT now()
+        );
+
+        INSERT INTO users (id, name, email, status, password_hash, verification_token, verification_code,
+                           verification_token_expires_at, created_at, updated_at)
+        VALUES ('6f1c1d52-3c0e-4c1a-9d7e-0d7f5c7e2a11', 'Seed', 'seed@example.com', 'pending_verification',
+                '$argon2id$v=19$m=65536,t=2,p=1$c2FsdA$aGFzaA', '3d0c7a7e-2a34-4b7e-a0d6-5b1f3c2d1e0f', '123456',
+                '2030-01-01T00:00:00.000Z', '2025-12-01T10:00:00.123Z', '2025-12-01T10:00:00.123Z');
+        INSERT INTO refresh_tokens (token_hash, user_id, created_at, expires_at) VALUES
+            ('seed-token-1', '6f1c1d52-3c0e-4c1a-9d7e-0d7f5c7e2a11', '2025-12-01T10:00:00Z', '2030-01-01T00:00:00Z'),
+            ('seed-token-2', '6f1c1d52-3c0e-4c1a-9d7e-0d7f5c7e2a11', '2025-12-01T10:00:00Z', '2030-01-01T00:00:00Z');
+        INSERT INTO outbox_events (id, event_id, aggregate_id, event_name, occurred_on, payload, status,
+                                   attempts, published_at, created_at, updated_at)
+        VALUES
+            ('0b7e5f3a-1d2c-4e5f-8a9b-0c1d2e3f4a5b', 'a8f0e8f2-7a52-4b5e-9d6c-1f2e3d4c5b6a',
+             '6f1c1d52-3c0e-4c1a-9d7e-0d7f5c7e2a11', 'user.registered', '2025-12-01T10:00:00.123Z',
+             '{"name": "Seed", "email": "seed@example.com"}', 'published', 1, '2025-12-01T10:00:01Z',
+             '2025-12-01T10:00:00.200Z', '2025-12-01T10:00:01Z'),
+            ('1c8f6a4b-2e3d-4f60-9bac-1d2e3f4a5b6c', 'b9a1f9a3-8b63-4c6f-8e7d-2a3b4c5d6e7f',
+             '6f1c1d52-3c0e-4c1a-9d7e-0d7f5c7e2a11', 'user.verification.token_issued', '2025-12-01T10:00:00.123Z',
+             '{"reason": "register"}', 'pending', 0, NULL,
+             '2025-12-01T10:00:00.300Z', '2025-12-01T10:00:00.300Z');
+    "#;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn upgrades_a_predecessor_database_in_place() {
+        let url = anna_testkit::pg::fresh_database_url().await;
+        let mut conn = PgConnection::connect(&url).await.unwrap_or_else(|e| panic!("{e}"));
+        sqlx::raw_sql(PREDECESSOR_SCHEMA).execute(&mut conn).await.unwrap_or_else(|e| panic!("seed schema: {e}"));
+        let _ = conn.close().await;
+
+        let store: Arc<dyn Store> =
+            Arc::new(PgStore::connect(&url, &test_options()).await.unwrap_or_else(|e| panic!("{e}")));
+        store.migrate().await.unwrap_or_else(|e| panic!("first migrate: {e}"));
+        store.migrate().await.unwrap_or_else(|e| panic!("second migrate: {e}"));
+        run(store, check_upgraded).await;
+    }
+
+    async fn check_upgraded(store: Arc<dyn Store>) -> TestResult {
+        let seed_id = Uuid::parse_str("6f1c1d52-3c0e-4c1a-9d7e-0d7f5c7e2a11").unwrap_or_else(|e| panic!("{e}"));
+        let Some(mut seed) = store.find_user_by_id(seed_id).await? else { panic!("the seed user is gone") };
+        assert_eq!(seed.email, "seed@example.com");
+        assert_eq!(seed.verification_code.as_deref(), Some("123456"));
+        assert_eq!((seed.verification_attempts, seed.password_reset_attempts), (0, 0));
+
+        // Every old token got a family of its own.
+        let (Some(one), Some(two)) =
+            (store.find_refresh_token("seed-token-1").await?, store.find_refresh_token("seed-token-2").await?)
+        else {
+            panic!("the seed tokens are gone")
+        };
+        assert!(!one.family_id.is_nil() && !two.family_id.is_nil());
+        assert_ne!(one.family_id, two.family_id);
+
+        let records = store.outbox_events_for_aggregate(&seed_id.to_string()).await?;
+        let names: Vec<&str> = records.iter().map(|r| r.event.event_name.as_str()).collect();
+        assert_eq!(names, ["user.registered", "user.verification.token_issued"]);
+        assert_eq!(records[0].status, "published");
+        assert_eq!((records[0].event.tenant_id.as_ref(), records[0].event.traceparent.as_ref()), (None, None));
+
+        // The new code writes keyed hashes where the old columns were narrower, rotates old
+        // tokens, and appends after the old events.
+        seed.verification_code = Some("a-keyed-hash-much-longer-than-six-characters".into());
+        seed.password_reset_token = Some("another-keyed-hash".into());
+        let replacement = token("seed-token-1b", seed_id, one.family_id, now() + Duration::days(30));
+        let new_event = event("user.verified", &seed_id.to_string(), now());
+        let mut uow = store.begin().await?;
+        uow.update_user(&seed).await?;
+        assert!(uow.rotate_refresh_token("seed-token-1", &replacement, now()).await?);
+        uow.append_events(std::slice::from_ref(&new_event)).await?;
+        assert_conflict(uow.insert_user(&bare_user("seed@example.com")).await, "users_email");
+        drop(uow);
+
+        let mut uow = store.begin().await?;
+        uow.update_user(&seed).await?;
+        assert!(uow.rotate_refresh_token("seed-token-1", &replacement, now()).await?);
+        uow.append_events(std::slice::from_ref(&new_event)).await?;
+        uow.insert_user(&full_user("new@example.com")).await?;
+        uow.commit().await?;
+        assert_eq!(store.find_user_by_id(seed_id).await?, Some(seed));
+        let records = store.outbox_events_for_aggregate(&seed_id.to_string()).await?;
+        assert_eq!(records.last().map(|r| &r.event), Some(&new_event));
+        Ok(())
+    }
 }

@@ -3,7 +3,7 @@
 
 use serde_json::json;
 
-use crate::helpers::{link_param, spawn_app, spawn_app_with, unique_email, Backend};
+use crate::helpers::{Backend, link_param, spawn_app, spawn_app_with, unique_email};
 
 const PASSWORD: &str = "correct horse battery";
 
@@ -160,7 +160,9 @@ async fn password_reset_flow(backend: Backend) {
     assert!(mail.text.contains("/reset-password?token="), "{}", mail.text);
 
     let confirm = |token: String, password: &str| {
-        app.post("/auth/password-reset/confirm").json(json!({"email": email, "token": token, "newPassword": password})).send()
+        app.post("/auth/password-reset/confirm")
+            .json(json!({"email": email, "token": token, "newPassword": password}))
+            .send()
     };
     let missing = app.post("/auth/password-reset/confirm").json(json!({"email": email})).send().await;
     assert_eq!((missing.status, missing.message()), (400, "email, token and newPassword are required"));
@@ -210,7 +212,11 @@ async fn reset_token_brute_force_cut_off(backend: Backend) {
 async fn rate_limits_answer_429(backend: Backend) {
     let app = spawn_app_with(
         backend,
-        &[("RATE_LIMIT_ENABLED", "true"), ("RATE_LIMIT_PER_IP_PER_MINUTE", "3"), ("RATE_LIMIT_PER_ACCOUNT_PER_MINUTE", "2")],
+        &[
+            ("RATE_LIMIT_ENABLED", "true"),
+            ("RATE_LIMIT_PER_IP_PER_MINUTE", "3"),
+            ("RATE_LIMIT_PER_ACCOUNT_PER_MINUTE", "2"),
+        ],
     )
     .await;
     // Per account: the third login about one e-mail is refused, whatever the password.
@@ -220,7 +226,8 @@ async fn rate_limits_answer_429(backend: Backend) {
     }
     let limited = app.login(&email, PASSWORD).await;
     assert_eq!(limited.status, 429);
-    let retry_after: u64 = limited.headers.get("retry-after").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok()).unwrap();
+    let retry_after: u64 =
+        limited.headers.get("retry-after").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok()).unwrap();
     assert!((1..=60).contains(&retry_after), "{retry_after}");
     // Per IP: the fourth login from this client is refused, for any e-mail.
     let limited = app.login(&unique_email(), PASSWORD).await;
@@ -260,8 +267,18 @@ async fn forwarded_for_is_used_only_from_trusted_proxies(backend: Backend) {
 
     // Without trust, the header is ignored: one budget for the peer.
     let app = spawn_app_with(backend, &[("RATE_LIMIT_ENABLED", "true"), ("RATE_LIMIT_PER_IP_PER_MINUTE", "1")]).await;
-    let first = app.post("/auth/resend-verification").header("x-forwarded-for", "203.0.113.1").json(json!({"email": unique_email()})).send().await;
-    let second = app.post("/auth/resend-verification").header("x-forwarded-for", "203.0.113.2").json(json!({"email": unique_email()})).send().await;
+    let first = app
+        .post("/auth/resend-verification")
+        .header("x-forwarded-for", "203.0.113.1")
+        .json(json!({"email": unique_email()}))
+        .send()
+        .await;
+    let second = app
+        .post("/auth/resend-verification")
+        .header("x-forwarded-for", "203.0.113.2")
+        .json(json!({"email": unique_email()}))
+        .send()
+        .await;
     assert_eq!((first.status, second.status), (200, 429));
     app.stop().await;
 }
@@ -280,7 +297,10 @@ async fn no_secrets_in_logs(backend: Backend) {
     app.post("/auth/password-reset").json(json!({"email": email})).send().await;
     let reset_token = link_param(&app.mailbox.nth_to(&email, 2).await, "token");
     let new_password = format!("new-{}", uuid::Uuid::new_v4().simple());
-    app.post("/auth/password-reset/confirm").json(json!({"email": email, "token": reset_token, "newPassword": new_password})).send().await;
+    app.post("/auth/password-reset/confirm")
+        .json(json!({"email": email, "token": reset_token, "newPassword": new_password}))
+        .send()
+        .await;
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
 
     let logs = app.logs.contents();

@@ -87,7 +87,14 @@ impl Running {
 
 #[test]
 fn help_for_every_command() {
-    for args in [vec!["--help"], vec!["serve", "--help"], vec!["api", "--help"], vec!["migrate", "--help"], vec!["worker", "--help"], vec!["worker", "outbox", "--help"]] {
+    for args in [
+        vec!["--help"],
+        vec!["serve", "--help"],
+        vec!["api", "--help"],
+        vec!["migrate", "--help"],
+        vec!["worker", "--help"],
+        vec!["worker", "outbox", "--help"],
+    ] {
         let out = anna(&args, &[]).output().unwrap();
         assert!(out.status.success(), "{args:?}");
         assert!(!out.stdout.is_empty());
@@ -106,7 +113,12 @@ fn bad_configuration_stops_startup_naming_the_variable() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("AUTH_JWT_SECRET"));
 
     let secret = "s".repeat(40);
-    let out = anna(&["serve"], &[("ANNA_ENV", "production"), ("AUTH_JWT_SECRET", &secret), ("SMTP_URL", "smtp://localhost:25")]).output().unwrap();
+    let out = anna(
+        &["serve"],
+        &[("ANNA_ENV", "production"), ("AUTH_JWT_SECRET", &secret), ("SMTP_URL", "smtp://localhost:25")],
+    )
+    .output()
+    .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("AUTH_COOKIE_SECURE"), "{stderr}");
@@ -124,7 +136,12 @@ async fn serve_embedded_prints_codes_and_shuts_down_gracefully() {
 
     let email = format!("bin-{}@example.com", uuid::Uuid::new_v4().simple());
     let client = reqwest::Client::new();
-    let reply = client.post(format!("{base}/users")).json(&json!({"name": "Bin", "email": email, "password": "correct horse battery"})).send().await.unwrap();
+    let reply = client
+        .post(format!("{base}/users"))
+        .json(&json!({"name": "Bin", "email": email, "password": "correct horse battery"}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(reply.status(), 201);
     let id = reply.json::<serde_json::Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
     // The console mailbox prints the seed's line; the code is the last field before `reason`.
@@ -139,7 +156,14 @@ async fn serve_embedded_prints_codes_and_shuts_down_gracefully() {
         let client = client.clone();
         let base = base.clone();
         let email = email.clone();
-        async move { client.post(format!("{base}/auth/login")).json(&json!({"email": email, "password": "correct horse battery"})).send().await.map(|r| r.status().as_u16()) }
+        async move {
+            client
+                .post(format!("{base}/auth/login"))
+                .json(&json!({"email": email, "password": "correct horse battery"}))
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+        }
     });
     tokio::time::sleep(Duration::from_millis(5)).await;
     let status = app.terminate();
@@ -175,9 +199,16 @@ async fn api_process_against_postgres() {
     let url = anna_testkit::pg::fresh_database_url().await;
     let out = anna(&["migrate"], &[("DATABASE_URL", &url)]).output().unwrap();
     assert!(out.status.success());
-    let mut api = Running::start(anna(&["api"], &[("DATABASE_URL", &url), ("HOST", "127.0.0.1"), ("PORT", "0"), ("LOG_PRETTY", "true")]));
+    let mut api = Running::start(anna(
+        &["api"],
+        &[("DATABASE_URL", &url), ("HOST", "127.0.0.1"), ("PORT", "0"), ("LOG_PRETTY", "true")],
+    ));
     let line = api.wait_for("listening");
-    let addr: String = line.split("addr: ").nth(1).map(|s| s.chars().take_while(|c| !c.is_whitespace() && *c != ',').collect()).unwrap_or_default();
+    let addr: String = line
+        .split("addr: ")
+        .nth(1)
+        .map(|s| s.chars().take_while(|c| !c.is_whitespace() && *c != ',').collect())
+        .unwrap_or_default();
     let addr = if addr.is_empty() { panic!("no address in pretty log line: {line}") } else { addr };
     let ready = reqwest::get(format!("http://{addr}/readyz")).await.unwrap();
     assert_eq!(ready.status(), 200);

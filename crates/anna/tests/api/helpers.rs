@@ -3,17 +3,16 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anna::app::{self, RunningApi};
 use anna::config::{Config, Vars};
-use anna_api::email::{EmailError, EmailMessage, EmailSender, EmailTag};
+use anna_api::email::{EmailMessage, EmailSender, MemoryMailbox, verification_code};
 use anna_store::Store;
 use anna_testkit::logs::CapturedLogs;
 use reqwest::header::HeaderMap;
-use serde_json::{json, Value};
-use tokio::sync::Notify;
+use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,50 +21,25 @@ pub enum Backend {
     Postgres,
 }
 
-/// Test double for the e-mail provider: keeps every message.
-#[derive(Default)]
-pub struct Mailbox {
-    messages: Mutex<Vec<EmailMessage>>,
-    arrived: Notify,
-}
-
-#[async_trait::async_trait]
-impl EmailSender for Mailbox {
-    fn kind(&self) -> &'static str {
-        "test-mailbox"
-    }
-    async fn send(&self, message: &EmailMessage) -> Result<(), EmailError> {
-        self.messages.lock().unwrap_or_else(|e| e.into_inner()).push(message.clone());
-        self.arrived.notify_waiters();
-        Ok(())
-    }
-}
+/// The test double for the e-mail provider, with a panicking wait.
+pub struct Mailbox(pub Arc<MemoryMailbox>);
 
 impl Mailbox {
     /// Waits for the `n`-th message (1-based) sent to `to`.
     pub async fn nth_to(&self, to: &str, n: usize) -> EmailMessage {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            let notified = self.arrived.notified();
-            if let Some(m) = self.all_to(to).into_iter().nth(n - 1) {
-                return m;
-            }
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                panic!("no e-mail #{n} to {to} within 10 s");
-            }
-        }
+        self.0
+            .wait_for(to, n, Duration::from_secs(10))
+            .await
+            .unwrap_or_else(|| panic!("no e-mail #{n} to {to} within 10 s"))
     }
 
     pub fn all_to(&self, to: &str) -> Vec<EmailMessage> {
-        self.messages.lock().unwrap_or_else(|e| e.into_inner()).iter().filter(|m| m.to == to).cloned().collect()
+        self.0.all_to(to)
     }
 }
 
 pub fn code_of(message: &EmailMessage) -> String {
-    match &message.tag {
-        EmailTag::Verification { code, .. } => code.clone(),
-        other => panic!("not a verification e-mail: {other:?}"),
-    }
+    verification_code(message).unwrap_or_else(|| panic!("not a verification e-mail: {message:?}")).to_owned()
 }
 
 /// The value of `name=` in the first link of the e-mail's text.
@@ -78,7 +52,7 @@ pub fn link_param(message: &EmailMessage, name: &str) -> String {
 pub struct TestApp {
     pub base: String,
     pub metrics_addr: Option<SocketAddr>,
-    pub mailbox: Arc<Mailbox>,
+    pub mailbox: Mailbox,
     pub store: Arc<dyn Store>,
     pub logs: CapturedLogs,
     pub http: reqwest::Client,
@@ -92,6 +66,16 @@ pub async fn spawn_app(backend: Backend) -> TestApp {
 
 /// Starts the app with test settings overridden by `vars` (environment-variable names).
 pub async fn spawn_app_with(backend: Backend, vars: &[(&str, &str)]) -> TestApp {
+    spawn(backend, vars, false).await
+}
+
+/// Like `spawn_app_with`, but e-mail goes through the sender the configuration selects
+/// (SMTP, Resend or console) instead of the in-memory mailbox.
+pub async fn spawn_app_with_configured_email(backend: Backend, vars: &[(&str, &str)]) -> TestApp {
+    spawn(backend, vars, true).await
+}
+
+async fn spawn(backend: Backend, vars: &[(&str, &str)], configured_email: bool) -> TestApp {
     let logs = anna_testkit::logs::capture();
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let database_url = match backend {
@@ -115,19 +99,25 @@ pub async fn spawn_app_with(backend: Backend, vars: &[(&str, &str)]) -> TestApp 
     for (k, v) in vars {
         map.insert((*k).to_owned(), (*v).to_owned());
     }
-    let config = Config::from_vars(&Vars(move |k: &str| map.get(k).cloned())).unwrap_or_else(|e| panic!("test config: {e}"));
+    let config =
+        Config::from_vars(&Vars(move |k: &str| map.get(k).cloned())).unwrap_or_else(|e| panic!("test config: {e}"));
     let store = app::open_store(&config).await.unwrap_or_else(|e| panic!("store: {e:#}"));
     store.migrate().await.unwrap_or_else(|e| panic!("migrate: {e}"));
-    let mailbox = Arc::new(Mailbox::default());
+    let mailbox = Arc::new(MemoryMailbox::default());
     let shutdown = CancellationToken::new();
-    let running = app::start_api(&config, store.clone(), mailbox.clone(), shutdown.clone())
+    let sender: Arc<dyn EmailSender> = if configured_email {
+        app::email_sender(&config).unwrap_or_else(|e| panic!("e-mail sender: {e:#}"))
+    } else {
+        mailbox.clone()
+    };
+    let running = app::start_api(&config, store.clone(), sender, shutdown.clone())
         .await
         .unwrap_or_else(|e| panic!("start: {e:#}"));
     let http = reqwest::Client::builder().cookie_store(false).build().unwrap_or_else(|e| panic!("{e}"));
     TestApp {
         base: format!("http://{}", running.addr),
         metrics_addr: running.metrics_addr,
-        mailbox,
+        mailbox: Mailbox(mailbox),
         store,
         logs,
         http,
@@ -207,7 +197,8 @@ impl TestApp {
     }
 
     pub async fn register(&self, email: &str, password: &str) -> String {
-        let reply = self.post("/users").json(json!({"name": "Test User", "email": email, "password": password})).send().await;
+        let reply =
+            self.post("/users").json(json!({"name": "Test User", "email": email, "password": password})).send().await;
         assert_eq!(reply.status, 201, "{reply:?}");
         reply.body["id"].as_str().unwrap_or_default().to_owned()
     }

@@ -2,7 +2,7 @@
 
 use serde_json::json;
 
-use crate::helpers::{spawn_app, spawn_app_with, unique_email, Backend};
+use crate::helpers::{Backend, spawn_app, spawn_app_with, unique_email};
 
 async fn health_readiness_and_request_ids(backend: Backend) {
     let app = spawn_app(backend).await;

@@ -2,7 +2,7 @@
 
 use serde_json::json;
 
-use crate::helpers::{code_of, link_param, spawn_app, unique_email, Backend};
+use crate::helpers::{Backend, code_of, link_param, spawn_app, unique_email};
 
 async fn register_verify_and_me(backend: Backend) {
     let app = spawn_app(backend).await;
@@ -68,8 +68,16 @@ async fn registration_input_errors(backend: Backend) {
     let cases = [
         (json!({"email": email, "password": "long enough"}), 400, "name, email and password are required"),
         (json!({"name": "", "email": email, "password": "long enough"}), 400, "name, email and password are required"),
-        (json!({"name": "A", "email": "foo", "password": "long enough"}), 400, "<UserEmail> does not allow the value <foo>"),
-        (json!({"name": "A", "email": email, "password": "short"}), 400, "password must be between 8 and 128 characters"),
+        (
+            json!({"name": "A", "email": "foo", "password": "long enough"}),
+            400,
+            "<UserEmail> does not allow the value <foo>",
+        ),
+        (
+            json!({"name": "A", "email": email, "password": "short"}),
+            400,
+            "password must be between 8 and 128 characters",
+        ),
         (json!({"name": "A", "email": email, "password": email}), 400, "password must not be the e-mail address"),
         (json!({"name": 5, "email": email, "password": "long enough"}), 422, ""),
     ];
@@ -98,7 +106,11 @@ async fn registration_input_errors(backend: Backend) {
         .await;
     assert_eq!(reply.status, 201);
     assert_ne!(reply.body["id"], chosen);
-    let reply = app.post("/users").json(json!({"name": "B", "email": format!(" {} ", email.to_uppercase()), "password": "other password"})).send().await;
+    let reply = app
+        .post("/users")
+        .json(json!({"name": "B", "email": format!(" {} ", email.to_uppercase()), "password": "other password"}))
+        .send()
+        .await;
     assert_eq!(reply.status, 409, "{reply:?}");
     app.stop().await;
 }
@@ -163,7 +175,8 @@ async fn me_requires_a_valid_bearer_token(backend: Backend) {
     let junk = app.get("/users/me").bearer("junk").send().await;
     assert_eq!((junk.status, junk.message()), (401, "invalid access token"));
     let (_, verified) = app.active_user(&unique_email(), "correct horse battery").await;
-    let scheme = app.get("/users/me").header("authorization", &format!("Token {}", verified.access_token())).send().await;
+    let scheme =
+        app.get("/users/me").header("authorization", &format!("Token {}", verified.access_token())).send().await;
     assert_eq!(scheme.status, 401, "only the Bearer scheme is accepted");
     app.stop().await;
 }

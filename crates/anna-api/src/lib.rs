@@ -3,7 +3,6 @@
 
 pub mod auth;
 pub mod config;
-pub mod email;
 pub mod error;
 pub mod extract;
 pub mod health;

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use anna_domain::password::{PasswordError, PasswordHasher};
-use anna_domain::secrets::SecretHasher;
+use anna_domain::secrets::{Sealer, SecretHasher};
 use anna_domain::user::SecretPolicy;
 use anna_store::Store;
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -13,7 +13,6 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::tokens::JwtKeys;
 use crate::config::ApiConfig;
-use crate::email::EmailSender;
 use crate::error::ApiError;
 use crate::rate_limit::RateLimiters;
 
@@ -27,10 +26,11 @@ pub struct Inner {
     pub secrets: SecretHasher,
     pub secret_policy: SecretPolicy,
     pub jwt: JwtKeys,
-    pub email: Arc<dyn EmailSender>,
+    /// Seals one-time secrets into domain events for the e-mail subscribers.
+    pub sealer: Sealer,
     pub limiters: RateLimiters,
     pub hashing_permits: Semaphore,
-    /// Work that outlives a request (e-mail delivery); drained on shutdown.
+    /// Work that outlives a request; drained on shutdown.
     pub background: TaskTracker,
     /// Cancelled when the process shuts down.
     pub shutdown: CancellationToken,
@@ -54,12 +54,12 @@ impl AppState {
     pub fn new(
         store: Arc<dyn Store>,
         config: ApiConfig,
-        email: Arc<dyn EmailSender>,
         metrics: Option<PrometheusHandle>,
         shutdown: CancellationToken,
     ) -> Result<Self, StateError> {
         let passwords = PasswordHasher::new(config.argon2)?;
         let secrets = SecretHasher::from_server_secret(config.jwt_secret.as_bytes());
+        let sealer = Sealer::from_server_secret(config.jwt_secret.as_bytes());
         let secret_policy = SecretPolicy {
             verification_ttl: time_duration(config.verification_ttl),
             password_reset_ttl: time_duration(config.password_reset_ttl),
@@ -75,7 +75,7 @@ impl AppState {
             secrets,
             secret_policy,
             jwt,
-            email,
+            sealer,
             limiters,
             hashing_permits,
             background: TaskTracker::new(),

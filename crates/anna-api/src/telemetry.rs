@@ -27,12 +27,22 @@ pub async fn track_http_metrics(request: Request, next: Next) -> Response {
 pub fn request_span(request: &axum::http::Request<axum::body::Body>) -> Span {
     let request_id =
         request.extensions().get::<RequestId>().and_then(|id| id.header_value().to_str().ok()).unwrap_or("-");
-    tracing::info_span!(
+    let span = tracing::info_span!(
         "request",
         method = %request.method(),
         path = %request.uri().path(),
         request_id = %request_id,
-    )
+    );
+    // Continue the caller's trace when it sent one.
+    let traceparent = request.headers().get("traceparent").and_then(|v| v.to_str().ok());
+    anna_streams::trace::set_parent(&span, traceparent);
+    span
+}
+
+/// Stamps events with the current trace, so the relay and the consumers continue it.
+pub fn traced(events: impl IntoIterator<Item = anna_domain::DomainEvent>) -> Vec<anna_domain::DomainEvent> {
+    let traceparent = anna_streams::trace::current_traceparent();
+    events.into_iter().map(|event| event.with_traceparent(traceparent.clone())).collect()
 }
 
 pub fn log_response<B>(response: &axum::http::Response<B>, latency: Duration, _span: &Span) {

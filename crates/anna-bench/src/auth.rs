@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use anna::app;
 use anna::config::{Config, Vars};
-use anna_api::email::{MemoryMailbox, verification_code};
+use anna_workers::email::{MemoryMailbox, verification_code};
 use anna_domain::password::{Argon2Cost, PasswordHasher};
 use futures::stream::{self, StreamExt};
 use serde_json::json;
@@ -77,12 +77,19 @@ async fn bench_backend(label: &str, database_url: &str, args: &AuthArgs) -> anyh
     ]
     .into_iter()
     .collect();
+    let mut vars = vars;
+    if database_url.starts_with("postgres") {
+        vars.insert("REDIS_URL", anna_testkit::redis::shared_url());
+    }
     let config = Config::from_vars(&Vars(|k: &str| vars.get(k).cloned()))?;
-    let store = app::open_store(&config).await?;
+    let backends = app::open_backends(&config).await?;
+    let store = backends.store.clone();
     store.migrate().await?;
     let mailbox = Arc::new(MemoryMailbox::default());
     let shutdown = CancellationToken::new();
-    let running = app::start_api(&config, store.clone(), mailbox.clone(), shutdown.clone()).await?;
+    let running = app::start_api(&config, store.clone(), shutdown.clone()).await?;
+    let relay = app::start_relay(&config, &backends, shutdown.clone());
+    let consumer = app::start_consumer(&config, &backends, mailbox.clone(), shutdown.clone());
     let base = format!("http://{}", running.addr);
     let client = reqwest::Client::builder().pool_max_idle_per_host(256).build()?;
 
@@ -116,6 +123,8 @@ async fn bench_backend(label: &str, database_url: &str, args: &AuthArgs) -> anyh
     .await;
     shutdown.cancel();
     let _ = running.task.await;
+    let _ = relay.await;
+    let _ = consumer.await;
     store.close().await;
     Ok(vec![me, login])
 }

@@ -6,7 +6,48 @@ use serde_json::{Value, json};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
+use crate::secrets::Sealer;
 use crate::user::{IssuedPasswordReset, IssuedVerification, User, iso};
+
+/// Payload field holding the sealed one-time secrets (see [`Sealer`]).
+pub const SEALED_SECRETS: &str = "sealedSecrets";
+
+/// The secrets sealed into `user.verification.token_issued`.
+#[derive(Debug, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct VerificationSecrets {
+    pub code: String,
+    pub token: String,
+}
+
+/// The secret sealed into `user.password_reset.requested`.
+#[derive(Debug, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct ResetSecrets {
+    pub token: String,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum OpenSecretsError {
+    #[error("event has no sealed secrets")]
+    Missing,
+    #[error(transparent)]
+    Seal(#[from] crate::secrets::SealError),
+    #[error("sealed secrets are not the expected JSON")]
+    Shape,
+}
+
+/// Seals `secrets` for the event of `aggregate_id`. `None` only if encryption itself failed,
+/// which the subscriber then reports (the user can ask for a new code).
+fn seal_json<T: serde::Serialize>(sealer: &Sealer, secrets: &T, aggregate_id: &str) -> Option<String> {
+    let plaintext = serde_json::to_vec(secrets).ok()?;
+    sealer.seal(&plaintext, aggregate_id).ok()
+}
+
+/// Opens the sealed secrets of an event.
+pub fn open_secrets<T: serde::de::DeserializeOwned>(event: &DomainEvent, sealer: &Sealer) -> Result<T, OpenSecretsError> {
+    let sealed = event.payload.get(SEALED_SECRETS).and_then(Value::as_str).ok_or(OpenSecretsError::Missing)?;
+    let plaintext = sealer.open(sealed, &event.aggregate_id)?;
+    serde_json::from_slice(&plaintext).map_err(|_| OpenSecretsError::Shape)
+}
 
 pub const USER_REGISTERED: &str = "user.registered";
 pub const USER_VERIFICATION_TOKEN_ISSUED: &str = "user.verification.token_issued";
@@ -61,11 +102,14 @@ pub(crate) fn user_verification_token_issued(
     issued: &IssuedVerification,
     reason: &str,
     now: OffsetDateTime,
+    sealer: &Sealer,
 ) -> DomainEvent {
+    let secrets = VerificationSecrets { code: issued.code.clone(), token: issued.token.clone() };
     let payload = json!({
         "email": user.email,
         "verificationTokenExpiresAt": iso(issued.expires_at),
         "reason": reason,
+        SEALED_SECRETS: seal_json(sealer, &secrets, &user.id.to_string()),
     });
     DomainEvent::new(USER_VERIFICATION_TOKEN_ISSUED, user.id.to_string(), now, payload)
 }
@@ -79,8 +123,14 @@ pub(crate) fn user_password_reset_requested(
     user: &User,
     issued: &IssuedPasswordReset,
     now: OffsetDateTime,
+    sealer: &Sealer,
 ) -> DomainEvent {
-    let payload = json!({ "email": user.email, "resetTokenExpiresAt": iso(issued.expires_at) });
+    let secrets = ResetSecrets { token: issued.token.clone() };
+    let payload = json!({
+        "email": user.email,
+        "resetTokenExpiresAt": iso(issued.expires_at),
+        SEALED_SECRETS: seal_json(sealer, &secrets, &user.id.to_string()),
+    });
     DomainEvent::new(USER_PASSWORD_RESET_REQUESTED, user.id.to_string(), now, payload)
 }
 

@@ -111,3 +111,85 @@ mod tests {
         assert_eq!(sha256_hex("abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
     }
 }
+
+/// Authenticated encryption of one-time secrets that must travel inside domain events (the
+/// verification code and link, the reset link) to the subscriber that e-mails them. Events
+/// are stored in the outbox and copied to streams and DLQs: they carry only this ciphertext.
+#[derive(Clone)]
+pub struct Sealer {
+    cipher: chacha20poly1305::XChaCha20Poly1305,
+}
+
+impl std::fmt::Debug for Sealer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Sealer(..)")
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SealError {
+    #[error("sealed value is not valid hex or too short")]
+    Malformed,
+    #[error("sealed value does not authenticate: wrong key or tampered")]
+    Unauthentic,
+    #[error("sealing failed")]
+    Seal,
+}
+
+const NONCE_BYTES: usize = 24;
+
+impl Sealer {
+    /// Derives the key from a server secret (with its own label, so it differs from every
+    /// other key derived from the same secret).
+    pub fn from_server_secret(server_secret: &[u8]) -> Self {
+        use chacha20poly1305::KeyInit;
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(server_secret).unwrap_or_else(|_| unreachable_hmac());
+        mac.update(b"anna/event-secrets/v1");
+        let key = mac.finalize().into_bytes();
+        Self { cipher: chacha20poly1305::XChaCha20Poly1305::new(&key) }
+    }
+
+    /// `hex(nonce || ciphertext)`; `context` (the event's aggregate) is authenticated too, so
+    /// a sealed value cannot be moved to another event.
+    pub fn seal(&self, plaintext: &[u8], context: &str) -> Result<String, SealError> {
+        use chacha20poly1305::aead::{Aead, Payload};
+        let mut nonce = [0u8; NONCE_BYTES];
+        rand::rng().fill(&mut nonce);
+        let ciphertext = self
+            .cipher
+            .encrypt(chacha20poly1305::XNonce::from_slice(&nonce), Payload { msg: plaintext, aad: context.as_bytes() })
+            .map_err(|_| SealError::Seal)?;
+        let mut out = nonce.to_vec();
+        out.extend_from_slice(&ciphertext);
+        Ok(hex::encode(out))
+    }
+
+    pub fn open(&self, sealed: &str, context: &str) -> Result<Vec<u8>, SealError> {
+        use chacha20poly1305::aead::{Aead, Payload};
+        let bytes = hex::decode(sealed).map_err(|_| SealError::Malformed)?;
+        if bytes.len() <= NONCE_BYTES {
+            return Err(SealError::Malformed);
+        }
+        let (nonce, ciphertext) = bytes.split_at(NONCE_BYTES);
+        self.cipher
+            .decrypt(chacha20poly1305::XNonce::from_slice(nonce), Payload { msg: ciphertext, aad: context.as_bytes() })
+            .map_err(|_| SealError::Unauthentic)
+    }
+}
+
+#[cfg(test)]
+mod sealer_tests {
+    use super::*;
+
+    #[test]
+    fn seal_then_open() {
+        let sealer = Sealer::from_server_secret(b"k");
+        let sealed = sealer.seal(b"123456", "user-1").unwrap_or_else(|e| panic!("{e}"));
+        assert!(!sealed.contains("123456"));
+        assert_eq!(sealer.open(&sealed, "user-1"), Ok(b"123456".to_vec()));
+        assert_eq!(sealer.open(&sealed, "user-2"), Err(SealError::Unauthentic));
+        assert_eq!(Sealer::from_server_secret(b"other").open(&sealed, "user-1"), Err(SealError::Unauthentic));
+        assert_eq!(sealer.open("zz", "user-1"), Err(SealError::Malformed));
+        assert_ne!(sealer.seal(b"123456", "user-1").ok(), Some(sealed), "fresh nonce each time");
+    }
+}

@@ -5,7 +5,7 @@ use uuid::Uuid;
 
 use crate::InvalidArgument;
 use crate::events::{self, DomainEvent};
-use crate::secrets::{self, SecretHasher};
+use crate::secrets::{self, Sealer, SecretHasher};
 
 /// Purposes bound into the keyed hashes of the user's secrets.
 pub const PURPOSE_VERIFICATION_CODE: &str = "user.verification.code";
@@ -186,6 +186,7 @@ impl User {
         now: OffsetDateTime,
         policy: &SecretPolicy,
         hasher: &SecretHasher,
+        sealer: &Sealer,
     ) -> (Self, IssuedVerification, Vec<DomainEvent>) {
         let mut user = Self {
             id: Uuid::new_v4(),
@@ -208,7 +209,7 @@ impl User {
         let issued = user.new_verification(now, policy, hasher);
         let events = vec![
             events::user_registered(&user, now),
-            events::user_verification_token_issued(&user, &issued, "register", now),
+            events::user_verification_token_issued(&user, &issued, "register", now, sealer),
         ];
         (user, issued, events)
     }
@@ -240,12 +241,13 @@ impl User {
         now: OffsetDateTime,
         policy: &SecretPolicy,
         hasher: &SecretHasher,
+        sealer: &Sealer,
     ) -> Option<(IssuedVerification, DomainEvent)> {
         if self.status != UserStatus::PendingVerification {
             return None;
         }
         let issued = self.new_verification(now, policy, hasher);
-        let event = events::user_verification_token_issued(self, &issued, "resend", now);
+        let event = events::user_verification_token_issued(self, &issued, "resend", now, sealer);
         Some((issued, event))
     }
 
@@ -307,6 +309,7 @@ impl User {
         now: OffsetDateTime,
         policy: &SecretPolicy,
         hasher: &SecretHasher,
+        sealer: &Sealer,
     ) -> Option<(IssuedPasswordReset, DomainEvent)> {
         if self.status != UserStatus::Active {
             return None;
@@ -317,7 +320,7 @@ impl User {
         self.password_reset_token_expires_at = Some(issued.expires_at);
         self.password_reset_attempts = 0;
         self.updated_at = now;
-        let event = events::user_password_reset_requested(self, &issued, now);
+        let event = events::user_password_reset_requested(self, &issued, now, sealer);
         Some((issued, event))
     }
 
@@ -387,6 +390,10 @@ pub fn iso(at: OffsetDateTime) -> String {
 mod tests {
     use super::*;
 
+    fn sealer() -> Sealer {
+        Sealer::from_server_secret(b"test")
+    }
+
     fn setup() -> (User, IssuedVerification, SecretPolicy, SecretHasher, OffsetDateTime) {
         let hasher = SecretHasher::from_server_secret(b"test");
         let policy = SecretPolicy::default();
@@ -398,6 +405,7 @@ mod tests {
             now,
             &policy,
             &hasher,
+            &sealer(),
         );
         assert_eq!(events.len(), 2);
         (user, issued, policy, hasher, now)
@@ -440,7 +448,7 @@ mod tests {
         }
         assert!(matches!(user.verify("000000x", now, &policy, &hasher), Err(VerifyError::AttemptsExhausted(_))));
         assert!(matches!(user.verify(&issued.code, now, &policy, &hasher), Err(VerifyError::AttemptsExhausted(_))));
-        let (again, _) = user.reissue_verification(now, &policy, &hasher).unwrap_or_else(|| panic!("reissue"));
+        let (again, _) = user.reissue_verification(now, &policy, &hasher, &sealer()).unwrap_or_else(|| panic!("reissue"));
         assert!(user.verify(&again.code, now, &policy, &hasher).is_ok());
     }
 
@@ -454,15 +462,33 @@ mod tests {
     #[test]
     fn password_reset_flow() {
         let (mut user, issued, policy, hasher, now) = setup();
-        assert!(user.request_password_reset(now, &policy, &hasher).is_none());
+        assert!(user.request_password_reset(now, &policy, &hasher, &sealer()).is_none());
         user.verify(&issued.code, now, &policy, &hasher).unwrap_or_else(|e| panic!("{e}"));
-        let (reset, _) = user.request_password_reset(now, &policy, &hasher).unwrap_or_else(|| panic!("reset"));
+        let (reset, _) = user.request_password_reset(now, &policy, &hasher, &sealer()).unwrap_or_else(|| panic!("reset"));
         assert!(user.check_password_reset("nope", now, &policy, &hasher).is_err());
         assert!(user.check_password_reset(&reset.token, now + Duration::hours(2), &policy, &hasher).is_err());
         assert!(user.check_password_reset(&reset.token, now, &policy, &hasher).is_ok());
         user.complete_password_reset("new".into(), now);
         assert_eq!(user.password_hash, "new");
         assert!(user.check_password_reset(&reset.token, now, &policy, &hasher).is_err());
+    }
+
+    #[test]
+    fn events_carry_secrets_only_sealed() {
+        let hasher = SecretHasher::from_server_secret(b"test");
+        let now = OffsetDateTime::now_utc();
+        let name = UserName::parse("Ann").unwrap_or_else(|e| panic!("{e}"));
+        let email = Email::parse("ann@example.com").unwrap_or_else(|e| panic!("{e}"));
+        let (_, issued, events) =
+            User::register(name, email, "phc".into(), now, &SecretPolicy::default(), &hasher, &sealer());
+        let issued_event = &events[1];
+        let text = issued_event.payload.to_string();
+        assert!(!text.contains(&issued.code) && !text.contains(&issued.token));
+        let opened: crate::events::VerificationSecrets =
+            crate::events::open_secrets(issued_event, &sealer()).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((opened.code, opened.token), (issued.code, issued.token));
+        let other = Sealer::from_server_secret(b"other");
+        assert!(crate::events::open_secrets::<crate::events::VerificationSecrets>(issued_event, &other).is_err());
     }
 
     #[test]

@@ -14,7 +14,9 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 mod postgres;
+mod postgres_events;
 mod sqlite;
+mod sqlite_events;
 
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
@@ -107,8 +109,101 @@ pub struct OutboxRecord {
     pub created_at: OffsetDateTime,
 }
 
+/// Counts for `anna outbox status` and the outbox gauges.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OutboxStatus {
+    /// Waiting to be published (including rows waiting for a retry).
+    pub pending: u64,
+    /// Claimed by a relay and not yet marked.
+    pub processing: u64,
+    /// Gave up after the maximum attempts; needs an operator.
+    pub failed: u64,
+    /// `created_at` of the oldest pending or processing row.
+    pub oldest_unpublished_at: Option<OffsetDateTime>,
+}
+
+/// An event that exhausted its attempts and could not be written to the DLQ stream.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeadLetter {
+    pub id: Uuid,
+    pub event: DomainEvent,
+    pub error: String,
+    pub attempts: i32,
+    pub created_at: OffsetDateTime,
+}
+
+/// The storage side of the event backbone: the outbox relay's claims and marks, subscriber
+/// bookkeeping (attempts) and the `dead_letters` fallback.
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait EventLog: Send + Sync + 'static {
+    /// Claims up to `limit` rows that are ready: `pending` with `available_at <= now`, or
+    /// `processing` whose lease (`locked_until`) has expired (a crashed relay). Claimed rows
+    /// become `processing` with `locked_until = now + lease` and `attempts + 1`. A row is never
+    /// claimed while an earlier row (by insertion order) of the same aggregate is still pending
+    /// or processing under a live lease, so each aggregate's events are published in commit
+    /// order even with several relays. Returned oldest first. Postgres: `FOR UPDATE SKIP
+    /// LOCKED`, with claims serialised by a transaction-scoped advisory lock.
+    async fn claim_outbox_batch(
+        &self,
+        limit: u32,
+        lease: Duration,
+        now: OffsetDateTime,
+    ) -> Result<Vec<OutboxRecord>, StoreError>;
+
+    /// Marks claimed rows `published` (`published_at = now`, lease cleared).
+    async fn mark_outbox_published(&self, ids: &[Uuid], now: OffsetDateTime) -> Result<(), StoreError>;
+
+    /// Returns a claimed row to `pending` until `retry_at`, recording the error.
+    async fn mark_outbox_retry(
+        &self,
+        id: Uuid,
+        error: &str,
+        retry_at: OffsetDateTime,
+        now: OffsetDateTime,
+    ) -> Result<(), StoreError>;
+
+    /// Marks a claimed row terminally `failed`, recording the error.
+    async fn mark_outbox_failed(&self, id: Uuid, error: &str, now: OffsetDateTime) -> Result<(), StoreError>;
+
+    /// Deletes `published` rows published before `before`. Returns how many.
+    async fn purge_published_outbox(&self, before: OffsetDateTime) -> Result<u64, StoreError>;
+
+    async fn outbox_status(&self) -> Result<OutboxStatus, StoreError>;
+
+    /// Waits until a unit of work that appended events commits (anywhere: Postgres uses
+    /// LISTEN/NOTIFY, SQLite an in-process signal), or `timeout` passes. Spurious wake-ups are
+    /// allowed; the relay re-checks.
+    async fn wait_for_outbox(&self, timeout: Duration);
+
+    /// Whether `subscriber` has applied `event_id`.
+    async fn is_event_applied(&self, subscriber: &str, event_id: Uuid) -> Result<bool, StoreError>;
+
+    /// Records one failed attempt of `subscriber` on `event_id`; returns the attempts so far.
+    async fn record_event_failure(
+        &self,
+        subscriber: &str,
+        event_id: Uuid,
+        error: &str,
+        now: OffsetDateTime,
+    ) -> Result<u32, StoreError>;
+
+    /// Forgets the failed attempts of every subscriber on `event_id` (before a DLQ replay).
+    async fn reset_event_attempts(&self, event_id: Uuid) -> Result<(), StoreError>;
+
+    /// Deletes applied-event records older than `before`. Returns how many.
+    async fn purge_applied_events(&self, before: OffsetDateTime) -> Result<u64, StoreError>;
+
+    async fn insert_dead_letter(&self, letter: &DeadLetter) -> Result<(), StoreError>;
+
+    /// Oldest first.
+    async fn list_dead_letters(&self, limit: u32) -> Result<Vec<DeadLetter>, StoreError>;
+
+    /// Deletes the given dead letters, or all of them with `None`. Returns how many.
+    async fn delete_dead_letters(&self, ids: Option<&[Uuid]>) -> Result<u64, StoreError>;
+}
+
+#[async_trait]
+pub trait Store: EventLog + Send + Sync + 'static {
     fn backend(&self) -> Backend;
 
     /// Creates or upgrades every table; idempotent and tracked.
@@ -179,6 +274,15 @@ pub trait UnitOfWork: Send {
 
     /// Appends events to `outbox_events` (status `pending`), in order.
     async fn append_events(&mut self, events: &[DomainEvent]) -> Result<(), StoreError>;
+
+    /// Records that `subscriber` applied `event_id`, in this transaction (so with the
+    /// subscriber's own effects). Returns false, changing nothing, if it already was.
+    async fn record_event_applied(
+        &mut self,
+        subscriber: &str,
+        event_id: Uuid,
+        now: OffsetDateTime,
+    ) -> Result<bool, StoreError>;
 
     async fn commit(self: Box<Self>) -> Result<(), StoreError>;
 }

@@ -2,6 +2,10 @@
 //!
 //! Units of work run at READ COMMITTED; the `find_*` methods of a unit of work lock the rows
 //! they return (`FOR UPDATE`), so two units of work changing the same aggregate take turns.
+//!
+//! The [`crate::EventLog`] half of the store is in `postgres_events.rs`.
+
+use std::sync::{Arc, Mutex, PoisonError};
 
 use anna_domain::{DomainEvent, RefreshToken, User, UserStatus};
 use async_trait::async_trait;
@@ -9,6 +13,8 @@ use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
 use sqlx::types::Json;
 use sqlx::{Postgres, Row, Transaction};
 use time::OffsetDateTime;
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
 use uuid::Uuid;
 
 use crate::{Backend, ConnectOptions, OutboxRecord, Store, StoreError, UnitOfWork};
@@ -38,10 +44,20 @@ const LOCK_USER_BY_EMAIL: &str = concat!("SELECT ", user_columns!(), " FROM user
 const LOCK_REFRESH_TOKEN: &str =
     concat!("SELECT ", refresh_token_columns!(), " FROM refresh_tokens WHERE token_hash = $1 FOR UPDATE");
 
+/// The channel `append_events` notifies and `wait_for_outbox` listens on.
+pub(crate) const OUTBOX_CHANNEL: &str = "anna_outbox";
+
 /// The Postgres implementation of [`Store`].
 #[derive(Debug, Clone)]
 pub struct PgStore {
-    pool: PgPool,
+    pub(crate) pool: PgPool,
+    /// One connection, opened on the first `wait_for_outbox`, for the listener alone: a LISTEN
+    /// connection is held for good, and taking it from `pool` would shrink the pool for queries.
+    pub(crate) listener_pool: PgPool,
+    /// Signalled by the listener task for each notification; `wait_for_outbox` waits on it.
+    pub(crate) outbox_signal: Arc<Notify>,
+    /// The task that owns the `PgListener`, started by the first `wait_for_outbox`.
+    pub(crate) listener_task: Arc<Mutex<Option<JoinHandle<()>>>>,
 }
 
 impl PgStore {
@@ -51,7 +67,18 @@ impl PgStore {
             .acquire_timeout(options.acquire_timeout)
             .connect(url)
             .await?;
-        Ok(Self { pool })
+        let listener_pool = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(options.acquire_timeout)
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .connect_lazy_with((*pool.connect_options()).clone());
+        Ok(Self {
+            pool,
+            listener_pool,
+            outbox_signal: Arc::new(Notify::new()),
+            listener_task: Arc::new(Mutex::new(None)),
+        })
     }
 }
 
@@ -73,7 +100,7 @@ impl Store for PgStore {
 
     async fn begin(&self) -> Result<Box<dyn UnitOfWork>, StoreError> {
         let tx = self.pool.begin().await?;
-        Ok(Box::new(PgUnitOfWork { tx }))
+        Ok(Box::new(PgUnitOfWork { tx, notified: false }))
     }
 
     async fn find_user_by_id(&self, id: Uuid) -> Result<Option<User>, StoreError> {
@@ -111,13 +138,24 @@ impl Store for PgStore {
     }
 
     async fn close(&self) {
+        // The listener task holds the listener pool's connection for good; the pool can only
+        // finish closing once the task is gone.
+        let task = self.listener_task.lock().unwrap_or_else(PoisonError::into_inner).take();
+        if let Some(task) = task {
+            task.abort();
+        }
+        self.listener_pool.close().await;
         self.pool.close().await;
+        // A relay waiting for the outbox gets to see that the store is closed.
+        self.outbox_signal.notify_waiters();
     }
 }
 
 /// Dropping it without `commit` rolls back (sqlx queues the ROLLBACK on the connection).
 struct PgUnitOfWork {
     tx: Transaction<'static, Postgres>,
+    /// Whether this transaction already queued its NOTIFY: one per transaction is enough.
+    notified: bool,
 }
 
 #[async_trait]
@@ -253,7 +291,9 @@ impl UnitOfWork for PgUnitOfWork {
     async fn append_events(&mut self, events: &[DomainEvent]) -> Result<(), StoreError> {
         // clock_timestamp(), not now(): now() is the start of the transaction, and a unit of
         // work that began first but waited on a row lock would then date its events before
-        // those of the unit of work it waited for.
+        // those of the unit of work it waited for. available_at keeps its default, now(): the
+        // earliest time the row could be called ready, so a relay whose clock trails the
+        // database's a little still sees it at once.
         for event in events {
             sqlx::query(
                 "INSERT INTO outbox_events (id, event_id, aggregate_id, event_name, occurred_on, payload, status, \
@@ -271,7 +311,30 @@ impl UnitOfWork for PgUnitOfWork {
             .execute(&mut *self.tx)
             .await?;
         }
+        // Postgres delivers the notification at commit, and not at all on rollback.
+        if !events.is_empty() && !self.notified {
+            sqlx::query("SELECT pg_notify($1, '')").bind(OUTBOX_CHANNEL).execute(&mut *self.tx).await?;
+            self.notified = true;
+        }
         Ok(())
+    }
+
+    async fn record_event_applied(
+        &mut self,
+        subscriber: &str,
+        event_id: Uuid,
+        now: OffsetDateTime,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "INSERT INTO applied_events (subscriber, event_id, applied_at) VALUES ($1, $2, $3) \
+             ON CONFLICT (subscriber, event_id) DO NOTHING",
+        )
+        .bind(subscriber)
+        .bind(event_id)
+        .bind(now)
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(done.rows_affected() > 0)
     }
 
     async fn commit(self: Box<Self>) -> Result<(), StoreError> {
@@ -352,7 +415,7 @@ fn refresh_token_from_row(row: &PgRow) -> Result<RefreshToken, StoreError> {
     })
 }
 
-fn outbox_record_from_row(row: &PgRow) -> Result<OutboxRecord, StoreError> {
+pub(crate) fn outbox_record_from_row(row: &PgRow) -> Result<OutboxRecord, StoreError> {
     // event_id is text (the predecessor's type); ours are always UUIDs.
     let event_id: String = row.try_get("event_id")?;
     let event_id =

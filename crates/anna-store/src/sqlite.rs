@@ -4,9 +4,12 @@
 //! start with `BEGIN IMMEDIATE`: SQLite has a single writer, and taking the write lock up front
 //! makes a second writer wait (busy timeout) instead of failing with `SQLITE_BUSY` when it
 //! tries to upgrade a read transaction halfway through.
+//!
+//! The [`crate::EventLog`] half of the store is in `sqlite_events.rs`.
 
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anna_domain::{DomainEvent, RefreshToken, User, UserStatus};
@@ -16,6 +19,7 @@ use sqlx::sqlite::{
 };
 use sqlx::{Row, Sqlite, Transaction};
 use time::OffsetDateTime;
+use tokio::sync::Notify;
 use uuid::Uuid;
 
 use crate::{Backend, ConnectOptions, OutboxRecord, Store, StoreError, UnitOfWork};
@@ -45,10 +49,18 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// The SQLite implementation of [`Store`].
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
-    pool: SqlitePool,
+    pub(crate) pool: SqlitePool,
+    /// Signalled when a unit of work that appended events commits. In-process only, which is
+    /// enough: an embedded deployment runs its single relay in the process that writes.
+    pub(crate) outbox_signal: Arc<Notify>,
 }
 
 impl SqliteStore {
+    /// The connection pool, shared with the embedded event streams that live in the same file.
+    pub fn pool(&self) -> SqlitePool {
+        self.pool.clone()
+    }
+
     /// Opens (creating when missing) the database file named by a `sqlite:` URL.
     pub async fn connect(url: &str, options: &ConnectOptions) -> Result<Self, StoreError> {
         let connect_options = SqliteConnectOptions::from_str(url)?
@@ -65,7 +77,7 @@ impl SqliteStore {
             .acquire_timeout(options.acquire_timeout)
             .connect_with(connect_options)
             .await?;
-        Ok(Self { pool })
+        Ok(Self { pool, outbox_signal: Arc::new(Notify::new()) })
     }
 }
 
@@ -98,7 +110,7 @@ impl Store for SqliteStore {
 
     async fn begin(&self) -> Result<Box<dyn UnitOfWork>, StoreError> {
         let tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        Ok(Box::new(SqliteUnitOfWork { tx }))
+        Ok(Box::new(SqliteUnitOfWork { tx, appended: false, outbox_signal: self.outbox_signal.clone() }))
     }
 
     async fn find_user_by_id(&self, id: Uuid) -> Result<Option<User>, StoreError> {
@@ -139,12 +151,17 @@ impl Store for SqliteStore {
 
     async fn close(&self) {
         self.pool.close().await;
+        // A relay waiting for the outbox gets to see that the store is closed.
+        self.outbox_signal.notify_waiters();
     }
 }
 
 /// Dropping it without `commit` rolls back (sqlx queues the ROLLBACK on the connection).
 struct SqliteUnitOfWork {
     tx: Transaction<'static, Sqlite>,
+    /// Whether the commit must wake the relay.
+    appended: bool,
+    outbox_signal: Arc<Notify>,
 }
 
 #[async_trait]
@@ -280,8 +297,8 @@ impl UnitOfWork for SqliteUnitOfWork {
         for event in events {
             sqlx::query(
                 "INSERT INTO outbox_events (id, event_id, aggregate_id, event_name, occurred_on, payload, status, \
-                 attempts, created_at, updated_at, tenant_id, traceparent) \
-                 VALUES (?, ?, ?, ?, ?, ?, 'pending', 0, ?, ?, ?, ?)",
+                 attempts, created_at, updated_at, available_at, tenant_id, traceparent) \
+                 VALUES (?, ?, ?, ?, ?, ?, 'pending', 0, ?, ?, ?, ?, ?)",
             )
             .bind(Uuid::new_v4().to_string())
             .bind(event.event_id.to_string())
@@ -291,16 +308,42 @@ impl UnitOfWork for SqliteUnitOfWork {
             .bind(event.payload.to_string())
             .bind(now)
             .bind(now)
+            .bind(now)
             .bind(&event.tenant_id)
             .bind(&event.traceparent)
             .execute(&mut *self.tx)
             .await?;
         }
+        self.appended |= !events.is_empty();
         Ok(())
     }
 
+    async fn record_event_applied(
+        &mut self,
+        subscriber: &str,
+        event_id: Uuid,
+        now: OffsetDateTime,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "INSERT INTO applied_events (subscriber, event_id, applied_at) VALUES (?, ?, ?) \
+             ON CONFLICT (subscriber, event_id) DO NOTHING",
+        )
+        .bind(subscriber)
+        .bind(event_id.to_string())
+        .bind(to_millis(now)?)
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
     async fn commit(self: Box<Self>) -> Result<(), StoreError> {
-        self.tx.commit().await?;
+        let Self { tx, appended, outbox_signal } = *self;
+        tx.commit().await?;
+        if appended {
+            // notify_one keeps a permit when the relay is not waiting yet (busy publishing the
+            // previous batch), so its next wait returns at once instead of missing this commit.
+            outbox_signal.notify_one();
+        }
         Ok(())
     }
 }
@@ -345,29 +388,29 @@ fn map_unique_violation(error: sqlx::Error) -> StoreError {
     StoreError::Database(error)
 }
 
-fn to_millis(at: OffsetDateTime) -> Result<i64, StoreError> {
+pub(crate) fn to_millis(at: OffsetDateTime) -> Result<i64, StoreError> {
     let millis = at.unix_timestamp_nanos().div_euclid(1_000_000);
     i64::try_from(millis).map_err(|_| StoreError::Corrupt(format!("timestamp {at} out of range")))
 }
 
-fn opt_millis(at: Option<OffsetDateTime>) -> Result<Option<i64>, StoreError> {
+pub(crate) fn opt_millis(at: Option<OffsetDateTime>) -> Result<Option<i64>, StoreError> {
     at.map(to_millis).transpose()
 }
 
-fn from_millis(millis: i64) -> Result<OffsetDateTime, StoreError> {
+pub(crate) fn from_millis(millis: i64) -> Result<OffsetDateTime, StoreError> {
     OffsetDateTime::from_unix_timestamp_nanos(i128::from(millis) * 1_000_000)
         .map_err(|e| StoreError::Corrupt(format!("timestamp {millis}: {e}")))
 }
 
-fn get_time(row: &SqliteRow, column: &str) -> Result<OffsetDateTime, StoreError> {
+pub(crate) fn get_time(row: &SqliteRow, column: &str) -> Result<OffsetDateTime, StoreError> {
     from_millis(row.try_get(column)?)
 }
 
-fn get_opt_time(row: &SqliteRow, column: &str) -> Result<Option<OffsetDateTime>, StoreError> {
+pub(crate) fn get_opt_time(row: &SqliteRow, column: &str) -> Result<Option<OffsetDateTime>, StoreError> {
     row.try_get::<Option<i64>, _>(column)?.map(from_millis).transpose()
 }
 
-fn get_uuid(row: &SqliteRow, column: &str) -> Result<Uuid, StoreError> {
+pub(crate) fn get_uuid(row: &SqliteRow, column: &str) -> Result<Uuid, StoreError> {
     let raw: String = row.try_get(column)?;
     Uuid::parse_str(&raw).map_err(|e| StoreError::Corrupt(format!("{column} {raw:?}: {e}")))
 }
@@ -408,7 +451,7 @@ fn refresh_token_from_row(row: &SqliteRow) -> Result<RefreshToken, StoreError> {
     })
 }
 
-fn outbox_record_from_row(row: &SqliteRow) -> Result<OutboxRecord, StoreError> {
+pub(crate) fn outbox_record_from_row(row: &SqliteRow) -> Result<OutboxRecord, StoreError> {
     let payload: String = row.try_get("payload")?;
     let payload =
         serde_json::from_str(&payload).map_err(|e| StoreError::Corrupt(format!("outbox payload is not JSON: {e}")))?;

@@ -5,6 +5,7 @@
 
 pub mod logs;
 pub mod pg;
+pub mod redis;
 pub mod resend_fake;
 pub mod smtp;
 pub mod sqlite;

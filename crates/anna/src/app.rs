@@ -1,26 +1,66 @@
-//! Wiring: builds the store, the e-mail sender and the HTTP application from the
-//! configuration, and runs them until shutdown. The only place that picks backends.
+//! Wiring: builds the store, the event stream, the e-mail sender, the HTTP application and the
+//! event workers from the configuration, and runs them until shutdown. The only place that
+//! picks backends.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anna_api::AppState;
-use anna_api::email::{ConsoleEmailSender, EmailSender, ResendEmailSender, SmtpEmailSender};
-use anna_store::{ConnectOptions, Store};
+use anna_domain::secrets::Sealer;
+use anna_store::{ConnectOptions, SqliteStore, Store};
+use anna_streams::consumer::{EventConsumer, Subscriber};
+use anna_streams::relay::OutboxRelay;
+use anna_streams::{EmbeddedStream, RedisStream, Stream};
+use anna_workers::email::{ConsoleEmailSender, EmailSender, ResendEmailSender, SmtpEmailSender};
+use anna_workers::subscribers::{SendPasswordResetEmail, SendVerificationEmail};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, EmailProvider};
+use crate::config::{Config, EmailProvider, StreamBackend};
 use crate::telemetry;
 
+fn connect_options(config: &Config) -> ConnectOptions {
+    ConnectOptions { max_connections: config.database_max_connections, ..ConnectOptions::default() }
+}
+
+fn database_error(config: &Config, error: impl std::fmt::Display) -> anyhow::Error {
+    anyhow::anyhow!("cannot open DATABASE_URL={}: {error}", anna_store::redact_url(&config.database_url))
+}
+
+/// The store alone (for `anna migrate`).
 pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
-    let options = ConnectOptions { max_connections: config.database_max_connections, ..ConnectOptions::default() };
-    let store = anna_store::connect(&config.database_url, &options).await.map_err(|e| {
-        anyhow::anyhow!("cannot open DATABASE_URL={}: {e}", anna_store::redact_url(&config.database_url))
-    })?;
-    Ok(store)
+    anna_store::connect(&config.database_url, &connect_options(config)).await.map_err(|e| database_error(config, e))
+}
+
+/// The database and the event stream the configuration names.
+#[derive(Clone)]
+pub struct Backends {
+    pub store: Arc<dyn Store>,
+    pub stream: Arc<dyn Stream>,
+}
+
+pub async fn open_backends(config: &Config) -> anyhow::Result<Backends> {
+    let options = connect_options(config);
+    let (store, embedded): (Arc<dyn Store>, Option<Arc<dyn Stream>>) = if config.database_url.starts_with("sqlite:") {
+        let sqlite = SqliteStore::connect(&config.database_url, &options).await.map_err(|e| database_error(config, e))?;
+        let embedded: Arc<dyn Stream> = Arc::new(EmbeddedStream::new(sqlite.pool()));
+        (Arc::new(sqlite), Some(embedded))
+    } else {
+        (open_store(config).await?, None)
+    };
+    let stream = match (&config.events.backend, embedded) {
+        (StreamBackend::Redis(url), _) => {
+            let redis = RedisStream::connect(url).await.map_err(|e| anyhow::anyhow!("cannot connect to REDIS_URL: {e}"))?;
+            Arc::new(redis) as Arc<dyn Stream>
+        }
+        (StreamBackend::Embedded, Some(embedded)) => embedded,
+        (StreamBackend::Embedded, None) => anyhow::bail!(
+            "REDIS_URL is required with a Postgres DATABASE_URL (embedded streams live in a SQLite database)"
+        ),
+    };
+    Ok(Backends { store, stream })
 }
 
 pub fn email_sender(config: &Config) -> anyhow::Result<Arc<dyn EmailSender>> {
@@ -33,6 +73,40 @@ pub fn email_sender(config: &Config) -> anyhow::Result<Arc<dyn EmailSender>> {
     })
 }
 
+/// Every domain-event subscriber anna runs.
+pub fn subscribers(config: &Config, sender: Arc<dyn EmailSender>) -> Vec<Arc<dyn Subscriber>> {
+    let sealer = Sealer::from_server_secret(config.api.jwt_secret.as_bytes());
+    vec![
+        Arc::new(SendVerificationEmail {
+            sender: sender.clone(),
+            sealer: sealer.clone(),
+            app_base_url: config.api.app_base_url.clone(),
+        }),
+        Arc::new(SendPasswordResetEmail { sender, sealer, app_base_url: config.api.app_base_url.clone() }),
+    ]
+}
+
+/// The outbox relay, until `shutdown`.
+pub fn start_relay(config: &Config, backends: &Backends, shutdown: CancellationToken) -> JoinHandle<()> {
+    let relay = OutboxRelay::new(backends.store.clone(), backends.stream.clone(), config.events.relay.clone());
+    tokio::spawn(async move { relay.run(shutdown).await })
+}
+
+/// The domain-event consumer with every subscriber, until `shutdown`.
+pub fn start_consumer(
+    config: &Config,
+    backends: &Backends,
+    sender: Arc<dyn EmailSender>,
+    shutdown: CancellationToken,
+) -> JoinHandle<()> {
+    let consumer = subscribers(config, sender).into_iter().fold(
+        EventConsumer::new(backends.store.clone(), backends.stream.clone(), config.events.consumer.clone()),
+        EventConsumer::subscribe,
+    );
+    let consumer = Arc::new(consumer);
+    tokio::spawn(async move { consumer.run(shutdown).await })
+}
+
 /// A running API: its address, and a handle that ends when it has shut down.
 pub struct RunningApi {
     pub addr: SocketAddr,
@@ -43,14 +117,9 @@ pub struct RunningApi {
 
 /// Binds the API (and the metrics port, if configured) and serves until `shutdown` is
 /// cancelled; then stops accepting, finishes in-flight requests, drains background work.
-pub async fn start_api(
-    config: &Config,
-    store: Arc<dyn Store>,
-    email: Arc<dyn EmailSender>,
-    shutdown: CancellationToken,
-) -> anyhow::Result<RunningApi> {
+pub async fn start_api(config: &Config, store: Arc<dyn Store>, shutdown: CancellationToken) -> anyhow::Result<RunningApi> {
     let metrics = telemetry::metrics_handle()?;
-    let state = AppState::new(store, config.api.clone(), email, Some(metrics.clone()), shutdown.clone())?;
+    let state = AppState::new(store, config.api.clone(), Some(metrics.clone()), shutdown.clone())?;
     let listener = TcpListener::bind((config.host, config.port))
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}:{} (HOST, PORT): {e}", config.host, config.port))?;
@@ -72,9 +141,7 @@ pub async fn start_api(
         let metrics_server = metrics_listener.map(|listener| {
             let router = metrics_router(metrics);
             let token = shutdown.clone();
-            tokio::spawn(
-                async move { axum::serve(listener, router).with_graceful_shutdown(token.cancelled_owned()).await },
-            )
+            tokio::spawn(async move { axum::serve(listener, router).with_graceful_shutdown(token.cancelled_owned()).await })
         });
         let serve = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
             .with_graceful_shutdown(shutdown.clone().cancelled_owned());
@@ -95,10 +162,8 @@ pub async fn start_api(
 }
 
 pub fn metrics_router(handle: metrics_exporter_prometheus::PrometheusHandle) -> axum::Router {
-    axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || std::future::ready(anna_api::health::render_metrics(Some(&handle)))),
-    )
+    axum::Router::new()
+        .route("/metrics", axum::routing::get(move || std::future::ready(anna_api::health::render_metrics(Some(&handle)))))
 }
 
 /// Cancels `token` on SIGINT or SIGTERM.

@@ -48,6 +48,23 @@ pub enum EmailProvider {
     },
 }
 
+/// Where domain events flow.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StreamBackend {
+    /// Streams stored in the SQLite database (embedded shape).
+    Embedded,
+    /// Redis Streams (`REDIS_URL`).
+    Redis(String),
+}
+
+/// The event backbone's settings (`EVENTS_*`, `OUTBOX_*`), with the seed's names and defaults.
+#[derive(Debug, Clone)]
+pub struct EventsConfig {
+    pub backend: StreamBackend,
+    pub relay: anna_streams::relay::RelayConfig,
+    pub consumer: anna_streams::consumer::ConsumerConfig,
+}
+
 #[derive(Debug, Clone)]
 pub struct Config {
     pub environment: Environment,
@@ -58,11 +75,14 @@ pub struct Config {
     pub log_level: String,
     pub log_pretty: bool,
     pub service_name: String,
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT`: where spans are exported (OTLP/HTTP); unset: not exported.
+    pub otlp_endpoint: Option<String>,
     /// When set, `/metrics` is served on this port only (and not on the API port).
     pub metrics_port: Option<u16>,
     pub email: EmailProvider,
     pub shutdown_timeout: Duration,
     pub api: ApiConfig,
+    pub events: EventsConfig,
 }
 
 /// Reads variables through a lookup function, so tests need not touch the process env.
@@ -235,10 +255,12 @@ impl Config {
             log_level: vars.string("LOG_LEVEL", "info"),
             log_pretty: vars.boolean("LOG_PRETTY", false)?,
             service_name: vars.string("OTEL_SERVICE_NAME", "anna"),
+            otlp_endpoint: vars.get("OTEL_EXPORTER_OTLP_ENDPOINT"),
             metrics_port,
             email,
             shutdown_timeout: vars.millis("SHUTDOWN_TIMEOUT_MS", 20_000)?,
             api,
+            events: events_config(vars)?,
         };
         config.api.metrics_on_api_port = config.metrics_port.is_none();
         if !(config.database_url.starts_with("sqlite:")
@@ -281,6 +303,55 @@ impl Config {
         }
         Ok(())
     }
+}
+
+fn events_config<F: Fn(&str) -> Option<String>>(vars: &Vars<F>) -> Result<EventsConfig, ConfigError> {
+    use anna_streams::backoff::Backoff;
+    use anna_streams::consumer::ConsumerConfig;
+    use anna_streams::relay::RelayConfig;
+
+    let backend = match vars.secret("REDIS_URL") {
+        None => StreamBackend::Embedded,
+        Some(url) if url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with("redis+unix://") => {
+            StreamBackend::Redis(url)
+        }
+        Some(_) => {
+            return Err(ConfigError::Invalid {
+                var: "REDIS_URL",
+                shown: "(hidden)".into(),
+                expected: "redis://[user:password@]host:port[/db] or rediss://…",
+            });
+        }
+    };
+    let stream = vars.string("EVENTS_STREAM", "domain-events");
+    let max_len = vars.parse("EVENTS_STREAM_MAX_LEN", 100_000u64, "a number of entries (0: no cap)")?;
+    let stream_max_len = (max_len > 0).then_some(max_len);
+    let relay = RelayConfig {
+        stream: stream.clone(),
+        batch_size: vars.positive("OUTBOX_BATCH_SIZE", 100, "a positive number of rows")?,
+        idle_wait: vars.millis("OUTBOX_INTERVAL_MS", 1000)?,
+        lease: vars.millis("OUTBOX_LEASE_MS", 30_000)?,
+        max_attempts: vars.positive("OUTBOX_MAX_ATTEMPTS", 10, "a positive number of attempts")?,
+        backoff: Backoff { base: vars.millis("OUTBOX_BACKOFF_MS", 1000)?, max: vars.millis("OUTBOX_BACKOFF_MAX_MS", 60_000)? },
+        stream_max_len,
+        retention: vars.millis("OUTBOX_RETENTION_MS", 7 * 24 * 3_600_000)?,
+    };
+    let host = std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()).unwrap_or_else(|| "anna".into());
+    let consumer = ConsumerConfig {
+        stream,
+        group: vars.string("EVENTS_GROUP", "domain-events-group"),
+        consumer: vars.string("EVENTS_CONSUMER", &format!("consumer-{host}-{}", std::process::id())),
+        dlq_stream: vars.string("EVENTS_DLQ_STREAM", "domain-events-dlq"),
+        max_attempts: vars.positive("EVENTS_MAX_ATTEMPTS", 5, "a positive number of attempts")?,
+        backoff: Backoff { base: vars.millis("EVENTS_BACKOFF_MS", 1000)?, max: vars.millis("EVENTS_BACKOFF_MAX_MS", 30_000)? },
+        claim_idle: vars.millis("EVENTS_CLAIM_IDLE_MS", 5000)?,
+        claim_interval: vars.millis("EVENTS_CLAIM_INTERVAL_MS", 2000)?,
+        batch_size: vars.positive("EVENTS_BATCH_SIZE", 50, "a positive number of entries")?,
+        block: vars.millis("EVENTS_BLOCK_MS", 5000)?,
+        concurrency: vars.positive("EVENTS_CONCURRENCY", 16, "a positive number of entries handled at once")?,
+        applied_retention: vars.millis("EVENTS_PROCESSED_TTL_MS", 604_800_000)?,
+    };
+    Ok(EventsConfig { backend, relay, consumer })
 }
 
 fn email_provider<F: Fn(&str) -> Option<String>>(vars: &Vars<F>) -> Result<EmailProvider, ConfigError> {
@@ -390,6 +461,24 @@ mod tests {
         ));
         assert!(matches!(config(&[("EMAIL_PROVIDER", "resend")]), Err(ConfigError::Inconsistent(_))));
         assert!(matches!(config(&[("EMAIL_PROVIDER", "pigeon")]), Err(ConfigError::Invalid { .. })));
+    }
+
+    #[test]
+    fn events_settings() {
+        let c = config(&[]).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.events.backend, StreamBackend::Embedded);
+        assert_eq!(c.events.consumer.group, "domain-events-group");
+        assert_eq!(c.events.consumer.dlq_stream, "domain-events-dlq");
+        assert_eq!(c.events.consumer.max_attempts, 5);
+        assert_eq!(c.events.consumer.claim_idle, Duration::from_millis(5000));
+        assert_eq!(c.events.relay.batch_size, 100);
+        assert!(c.events.consumer.consumer.starts_with("consumer-"));
+        let c = config(&[("DATABASE_URL", "postgres://u@h/d"), ("REDIS_URL", "redis://127.0.0.1:6379")]);
+        assert!(c.is_ok());
+        let e = config(&[("REDIS_URL", "http://x")]).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(e.contains("REDIS_URL") && !e.contains("http://x"), "{e}");
+        let e = config(&[("EVENTS_MAX_ATTEMPTS", "0")]).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(e.contains("EVENTS_MAX_ATTEMPTS"), "{e}");
     }
 
     #[test]

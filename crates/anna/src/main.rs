@@ -31,6 +31,20 @@ enum Command {
     Migrate,
 }
 
+impl Command {
+    /// Suffix of the trace service name (`anna-api`, `anna-outbox`, …), as the seed had.
+    fn process_name(&self) -> &'static str {
+        match self {
+            Self::Serve => "serve",
+            Self::Api => "api",
+            Self::Worker { kind: WorkerKind::Outbox } => "outbox",
+            Self::Worker { kind: WorkerKind::Events } => "events",
+            Self::Worker { kind: WorkerKind::Sessions } => "sessions",
+            Self::Migrate => "migrate",
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // A missing .env is normal; a malformed one is not.
@@ -47,11 +61,15 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if let Err(error) = anna::telemetry::init_logs(&config) {
-        eprintln!("anna: configuration error: {error}");
-        return ExitCode::from(2);
-    }
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let command = cli.command.unwrap_or(Command::Serve);
+    let telemetry = match anna::telemetry::init(&config, command.process_name()) {
+        Ok(guard) => guard,
+        Err(error) => {
+            eprintln!("anna: configuration error: {error}");
+            return ExitCode::from(2);
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -60,13 +78,14 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(async move {
-        match cli.command.unwrap_or(Command::Serve) {
+        match command {
             Command::Serve => commands::serve(config).await,
             Command::Api => commands::api(config).await,
             Command::Worker { kind } => commands::worker(config, kind).await,
             Command::Migrate => commands::migrate(config).await,
         }
     });
+    telemetry.shutdown();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {

@@ -5,7 +5,13 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use tracing_subscriber::EnvFilter;
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_otlp::WithExportConfig as _;
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer, Registry};
 
 use crate::config::Config;
 
@@ -13,22 +19,59 @@ use crate::config::Config;
 pub enum TelemetryError {
     #[error("invalid LOG_LEVEL={0:?}: expected a level (error, warn, info, debug, trace) or tracing directives")]
     LogLevel(String),
+    #[error("invalid OTEL_EXPORTER_OTLP_ENDPOINT: {0}")]
+    Otlp(String),
     #[error("metrics recorder could not be installed: {0}")]
     Metrics(String),
 }
 
-/// Installs the global log subscriber. Logs go to stdout, one JSON object a line (or pretty).
-pub fn init_logs(config: &Config) -> Result<(), TelemetryError> {
+/// Keeps the trace pipeline alive; `shutdown` flushes spans still buffered.
+pub struct TelemetryGuard {
+    provider: SdkTracerProvider,
+}
+
+impl TelemetryGuard {
+    pub fn shutdown(&self) {
+        if let Err(error) = self.provider.shutdown() {
+            eprintln!("anna: flushing traces failed: {error}");
+        }
+    }
+}
+
+/// The OTLP/HTTP traces URL: the seed gave the full `/v1/traces` URL in
+/// `OTEL_EXPORTER_OTLP_ENDPOINT`, the OpenTelemetry convention gives the base; both work.
+pub fn otlp_traces_url(endpoint: &str) -> String {
+    let endpoint = endpoint.trim_end_matches('/');
+    if endpoint.ends_with("/v1/traces") { endpoint.to_owned() } else { format!("{endpoint}/v1/traces") }
+}
+
+/// Installs the global subscriber: logs to stdout (JSON lines, or pretty) and OpenTelemetry
+/// spans. Spans always get W3C trace ids (they travel through the outbox and the streams);
+/// they are exported over OTLP/HTTP only when `OTEL_EXPORTER_OTLP_ENDPOINT` is set.
+pub fn init(config: &Config, process: &str) -> Result<TelemetryGuard, TelemetryError> {
     let filter = EnvFilter::try_new(format!("{},sqlx=warn,hyper=warn,h2=warn,tower_http=info", config.log_level))
         .map_err(|_| TelemetryError::LogLevel(config.log_level.clone()))?;
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(true);
-    // `try_init` fails only when a subscriber is already installed (tests): keep the first one.
-    if config.log_pretty {
-        let _ = builder.pretty().with_ansi(std::io::stdout().is_terminal()).try_init();
-    } else {
-        let _ = builder.json().with_current_span(true).with_span_list(false).flatten_event(true).try_init();
+    let mut provider = SdkTracerProvider::builder().with_resource(
+        Resource::builder().with_service_name(format!("{}-{process}", config.service_name)).build(),
+    );
+    if let Some(endpoint) = &config.otlp_endpoint {
+        let exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .with_endpoint(otlp_traces_url(endpoint))
+            .build()
+            .map_err(|e| TelemetryError::Otlp(e.to_string()))?;
+        provider = provider.with_batch_exporter(exporter);
     }
-    Ok(())
+    let provider = provider.build();
+    let otel = tracing_opentelemetry::layer().with_tracer(provider.tracer("anna"));
+    let fmt: Box<dyn Layer<Registry> + Send + Sync> = if config.log_pretty {
+        Box::new(tracing_subscriber::fmt::layer().pretty().with_ansi(std::io::stdout().is_terminal()))
+    } else {
+        Box::new(tracing_subscriber::fmt::layer().json().with_current_span(true).with_span_list(false).flatten_event(true))
+    };
+    // `try_init` fails only when a subscriber is already installed (tests): keep the first one.
+    let _ = tracing_subscriber::registry().with(fmt).with(otel).with(filter).try_init();
+    Ok(TelemetryGuard { provider })
 }
 
 /// The process-wide Prometheus recorder (installed on first call) and its upkeep task.

@@ -16,12 +16,11 @@ use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::email::templates;
 use crate::error::{ApiError, ApiResult, ErrorBody};
 use crate::extract::{ApiJson, AuthUser, ClientIp, user_agent};
 use crate::rate_limit::Limited;
 use crate::state::{AppState, time_duration};
-use session::{ClientMeta, new_refresh_token, send_after_commit, start_family};
+use session::{ClientMeta, new_refresh_token, start_family};
 use tokens::cleared_refresh_cookie;
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -219,14 +218,11 @@ async fn resend_verification(
     let now = OffsetDateTime::now_utc();
     let mut uow = state.store.begin().await?;
     if let Some(mut user) = uow.find_user_by_email(email.as_str()).await?
-        && let Some((issued, event)) = user.reissue_verification(now, &state.secret_policy, &state.secrets)
+        && let Some((_issued, event)) = user.reissue_verification(now, &state.secret_policy, &state.secrets, &state.sealer)
     {
         uow.update_user(&user).await?;
-        uow.append_events(&[event]).await?;
+        uow.append_events(&crate::telemetry::traced([event])).await?;
         uow.commit().await?;
-        let message =
-            templates::verification_email(&state.config.app_base_url, user.id, &user.email, &issued, "resend");
-        send_after_commit(&state, message, user.id);
     }
     Ok(Json(OK))
 }
@@ -245,13 +241,11 @@ async fn password_reset(
     let now = OffsetDateTime::now_utc();
     let mut uow = state.store.begin().await?;
     if let Some(mut user) = uow.find_user_by_email(email.as_str()).await?
-        && let Some((issued, event)) = user.request_password_reset(now, &state.secret_policy, &state.secrets)
+        && let Some((_issued, event)) = user.request_password_reset(now, &state.secret_policy, &state.secrets, &state.sealer)
     {
         uow.update_user(&user).await?;
-        uow.append_events(&[event]).await?;
+        uow.append_events(&crate::telemetry::traced([event])).await?;
         uow.commit().await?;
-        let message = templates::password_reset_email(&state.config.app_base_url, &user.email, &issued);
-        send_after_commit(&state, message, user.id);
     }
     Ok(Json(OK))
 }
@@ -312,7 +306,7 @@ async fn password_reset_confirm(
     let event = user.complete_password_reset(new_hash, now);
     uow.update_user(&user).await?;
     let revoked = uow.revoke_user_refresh_tokens(user.id, now).await?;
-    uow.append_events(&[event]).await?;
+    uow.append_events(&crate::telemetry::traced([event])).await?;
     uow.commit().await?;
     tracing::info!(user_id = %user.id, revoked, "password reset completed");
     Ok(Json(OK))

@@ -10,7 +10,6 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use crate::auth::tokens::refresh_cookie;
-use crate::email::EmailMessage;
 use crate::error::ApiError;
 use crate::state::{AppState, time_duration};
 
@@ -63,23 +62,4 @@ pub async fn start_family(
     uow.insert_refresh_token(&issued.row).await?;
     let access = state.jwt.issue(user.id, &user.email, now).map_err(ApiError::internal)?;
     Ok((access, issued.cookie))
-}
-
-/// Sends an e-mail after the transaction that caused it committed. Failures are logged
-/// (without the content) and the user can ask again; the request does not wait.
-pub fn send_after_commit(state: &AppState, message: EmailMessage, user_id: Uuid) {
-    let sender = state.email.clone();
-    state.background.spawn(async move {
-        let kind = sender.kind();
-        match sender.send(&message).await {
-            Ok(()) => {
-                metrics::counter!("emails_sent_total", "provider" => kind).increment(1);
-                tracing::info!(%user_id, provider = kind, subject = %message.subject, "e-mail sent");
-            }
-            Err(error) => {
-                metrics::counter!("emails_failed_total", "provider" => kind).increment(1);
-                tracing::error!(%user_id, provider = kind, subject = %message.subject, %error, "e-mail could not be sent");
-            }
-        }
-    });
 }

@@ -13,8 +13,7 @@ use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::auth::session::{ClientMeta, send_after_commit, start_family};
-use crate::email::templates;
+use crate::auth::session::{ClientMeta, start_family};
 use crate::error::{ApiError, ApiResult, ErrorBody};
 use crate::extract::{ApiJson, AuthUser, ClientIp, parse_uuid, user_agent};
 use crate::rate_limit::Limited;
@@ -67,17 +66,15 @@ async fn register(
     }
     let password_hash = state.hash_password(password).await?;
     let now = OffsetDateTime::now_utc();
-    let (user, issued, events) = User::register(name, email, password_hash, now, &state.secret_policy, &state.secrets);
+    let (user, _issued, events) = User::register(name, email, password_hash, now, &state.secret_policy, &state.secrets, &state.sealer);
     let mut uow = state.store.begin().await?;
     match uow.insert_user(&user).await {
         Err(anna_store::StoreError::Conflict(_)) => return Err(duplicate()),
         other => other?,
     }
-    uow.append_events(&events).await?;
+    uow.append_events(&crate::telemetry::traced(events)).await?;
     uow.commit().await?;
     tracing::info!(user_id = %user.id, "user registered");
-    let message = templates::verification_email(&state.config.app_base_url, user.id, &user.email, &issued, "register");
-    send_after_commit(&state, message, user.id);
     Ok((StatusCode::CREATED, Json(RegisterResponse { id: user.id.to_string() })))
 }
 
@@ -128,7 +125,7 @@ async fn verify(
     match user.verify(&candidate, now, &state.secret_policy, &state.secrets) {
         Ok(event) => {
             uow.update_user(&user).await?;
-            uow.append_events(&[event]).await?;
+            uow.append_events(&crate::telemetry::traced([event])).await?;
             let meta = ClientMeta { user_agent: user_agent(&headers), ip: client_ip.0.map(|ip| ip.to_string()) };
             let (access_token, cookie) = start_family(&state, uow.as_mut(), &user, now, &meta).await?;
             uow.commit().await?;

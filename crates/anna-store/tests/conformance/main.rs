@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration as StdDuration;
 
 use anna_domain::{DomainEvent, RefreshToken, User, UserStatus};
-use anna_store::{Backend, ConnectOptions, Store, StoreError};
+use anna_store::{Backend, ConnectOptions, DeadLetter, OutboxRecord, OutboxStatus, Store, StoreError};
 use serde_json::json;
 use time::{Duration, OffsetDateTime};
 use tokio::sync::Barrier;
@@ -88,6 +88,21 @@ conformance!(
     revoke_family_counts_only_unrevoked,
     revoke_user_counts_only_unrevoked,
     purge_deletes_only_expired_tokens,
+    claim_takes_ready_rows_oldest_first_under_a_lease,
+    claim_respects_the_limit,
+    one_batch_takes_an_aggregates_rows_in_order,
+    a_live_lease_holds_back_later_rows_of_its_aggregate,
+    a_retry_holds_back_later_rows_until_published,
+    failed_rows_are_never_claimed_and_block_nothing,
+    marks_record_the_outcome,
+    purge_deletes_only_old_published_rows,
+    outbox_status_counts_and_dates,
+    wait_for_outbox_wakes_on_commit_with_events,
+    close_wakes_a_relay_waiting_for_the_outbox,
+    record_event_applied_once_and_with_its_unit_of_work,
+    event_failures_count_per_subscriber,
+    purge_applied_events_deletes_only_old_ones,
+    dead_letters_round_trip_and_delete,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -704,6 +719,449 @@ async fn purge_deletes_only_expired_tokens(store: Arc<dyn Store>) -> TestResult 
 }
 
 // ---------------------------------------------------------------------------------------------
+// Event log: the outbox relay's side
+
+const LEASE: StdDuration = StdDuration::from_secs(30);
+
+/// The relay's clock when it claims: a second after the appends, because Postgres dates rows
+/// to the microsecond while the test clock is cut to milliseconds.
+fn relay_now() -> OffsetDateTime {
+    now() + Duration::seconds(1)
+}
+
+/// Past the lease of a claim made at `at`.
+fn after_lease(at: OffsetDateTime) -> OffsetDateTime {
+    at + Duration::seconds(31)
+}
+
+async fn append(store: &Arc<dyn Store>, events: &[DomainEvent]) -> TestResult {
+    let mut uow = store.begin().await?;
+    uow.append_events(events).await?;
+    uow.commit().await
+}
+
+fn names(records: &[OutboxRecord]) -> Vec<&str> {
+    records.iter().map(|r| r.event.event_name.as_str()).collect()
+}
+
+fn ids(records: &[OutboxRecord]) -> Vec<Uuid> {
+    records.iter().map(|r| r.id).collect()
+}
+
+/// The stored row of the (only) event called `name` in `aggregate`.
+async fn stored(store: &Arc<dyn Store>, aggregate: &str, name: &str) -> Result<OutboxRecord, StoreError> {
+    let records = store.outbox_events_for_aggregate(aggregate).await?;
+    let found = records.into_iter().find(|r| r.event.event_name == name);
+    Ok(found.unwrap_or_else(|| panic!("no {name} in {aggregate}")))
+}
+
+async fn claimable_ids(store: &Arc<dyn Store>, at: OffsetDateTime) -> Result<Vec<Uuid>, StoreError> {
+    Ok(ids(&store.claim_outbox_batch(100, LEASE, at).await?))
+}
+
+/// A1 and A2 of aggregate A, then B1 of aggregate B, in three units of work.
+async fn two_aggregates(store: &Arc<dyn Store>) -> Result<(String, String), StoreError> {
+    let (a, b) = (format!("A-{}", Uuid::new_v4()), format!("B-{}", Uuid::new_v4()));
+    append(store, &[event("A1", &a, now())]).await?;
+    append(store, &[event("A2", &a, now())]).await?;
+    append(store, &[event("B1", &b, now())]).await?;
+    Ok((a, b))
+}
+
+async fn claim_takes_ready_rows_oldest_first_under_a_lease(store: Arc<dyn Store>) -> TestResult {
+    let (x, y, z) = (Uuid::new_v4().to_string(), Uuid::new_v4().to_string(), Uuid::new_v4().to_string());
+    let first = DomainEvent {
+        tenant_id: Some("tenant-1".into()),
+        traceparent: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into()),
+        payload: json!({ "nested": { "list": [1, "two", null] }, "unicode": "ñandú ✓" }),
+        ..event("e1", &x, now())
+    };
+    // occurred_on out of order: claims follow insertion order, not event time.
+    let events = [first, event("e2", &y, now() - Duration::hours(1)), event("e3", &z, now())];
+    append(&store, &events[..2]).await?;
+    append(&store, &events[2..]).await?;
+
+    let t = relay_now();
+    let claimed = store.claim_outbox_batch(10, LEASE, t).await?;
+    assert_eq!(claimed.iter().map(|r| &r.event).collect::<Vec<_>>(), events.iter().collect::<Vec<_>>());
+    for record in &claimed {
+        assert_eq!((record.status.as_str(), record.attempts), ("processing", 1), "{}", record.event.event_name);
+        assert_eq!((record.last_error.as_ref(), record.published_at), (None, None));
+    }
+    assert_eq!(stored(&store, &x, "e1").await?.status, "processing");
+
+    // Under the lease, nobody else gets them, however often it asks.
+    assert!(store.claim_outbox_batch(10, LEASE, t).await?.is_empty());
+    assert!(store.claim_outbox_batch(10, LEASE, t + Duration::seconds(29)).await?.is_empty());
+
+    // The relay died: after the lease they come back, oldest first, with one more attempt.
+    let later = after_lease(t);
+    let again = store.claim_outbox_batch(10, LEASE, later).await?;
+    assert_eq!(names(&again), ["e1", "e2", "e3"]);
+    assert_eq!(ids(&again), ids(&claimed));
+    assert!(again.iter().all(|r| r.status == "processing" && r.attempts == 2));
+    // And the new lease counts from the new claim.
+    assert!(store.claim_outbox_batch(10, LEASE, later + Duration::seconds(29)).await?.is_empty());
+    Ok(())
+}
+
+async fn claim_respects_the_limit(store: Arc<dyn Store>) -> TestResult {
+    let events: Vec<DomainEvent> =
+        (0..5).map(|i| event(&format!("e{i}"), &Uuid::new_v4().to_string(), now())).collect();
+    append(&store, &events).await?;
+    let t = relay_now();
+    assert!(store.claim_outbox_batch(0, LEASE, t).await?.is_empty());
+    assert_eq!(names(&store.claim_outbox_batch(2, LEASE, t).await?), ["e0", "e1"]);
+    assert_eq!(names(&store.claim_outbox_batch(2, LEASE, t).await?), ["e2", "e3"]);
+    assert_eq!(names(&store.claim_outbox_batch(2, LEASE, t).await?), ["e4"]);
+    assert!(store.claim_outbox_batch(2, LEASE, t).await?.is_empty());
+    Ok(())
+}
+
+async fn one_batch_takes_an_aggregates_rows_in_order(store: Arc<dyn Store>) -> TestResult {
+    let (a, _) = two_aggregates(&store).await?;
+    // And a third row of A appended together with a fourth.
+    append(&store, &[event("A3", &a, now()), event("A4", &a, now())]).await?;
+    let claimed = store.claim_outbox_batch(10, LEASE, relay_now()).await?;
+    assert_eq!(names(&claimed), ["A1", "A2", "B1", "A3", "A4"]);
+    Ok(())
+}
+
+async fn a_live_lease_holds_back_later_rows_of_its_aggregate(store: Arc<dyn Store>) -> TestResult {
+    let (a, _) = two_aggregates(&store).await?;
+    let t = relay_now();
+    // Relay 1 takes only A1.
+    assert_eq!(names(&store.claim_outbox_batch(1, LEASE, t).await?), ["A1"]);
+    // Relay 2 gets B1, not A2: A1 is under relay 1's lease.
+    assert_eq!(names(&store.claim_outbox_batch(10, LEASE, t).await?), ["B1"]);
+    assert!(store.claim_outbox_batch(10, LEASE, t + Duration::seconds(5)).await?.is_empty());
+    assert_eq!(stored(&store, &a, "A2").await?.status, "pending");
+
+    // Relay 1 died: once its lease is over, A1 and A2 go together, in order (B1's lease from
+    // relay 2 is over too).
+    let claimed = store.claim_outbox_batch(10, LEASE, after_lease(t)).await?;
+    assert_eq!(names(&claimed), ["A1", "A2", "B1"]);
+    assert_eq!(claimed.iter().map(|r| r.attempts).collect::<Vec<_>>(), [2, 1, 2]);
+    Ok(())
+}
+
+async fn a_retry_holds_back_later_rows_until_published(store: Arc<dyn Store>) -> TestResult {
+    let (a, b) = two_aggregates(&store).await?;
+    let t = relay_now();
+    let a1 = store.claim_outbox_batch(1, LEASE, t).await?;
+    assert_eq!(names(&a1), ["A1"]);
+    store.mark_outbox_retry(a1[0].id, "stream unavailable", t + Duration::minutes(1), t).await?;
+
+    // A1 waits for its retry, so A2 waits too; B1 does not.
+    let b1 = store.claim_outbox_batch(10, LEASE, t).await?;
+    assert_eq!(names(&b1), ["B1"]);
+    store.mark_outbox_published(&ids(&b1), t).await?;
+    assert!(store.claim_outbox_batch(10, LEASE, t + Duration::seconds(59)).await?.is_empty());
+    assert_eq!(stored(&store, &a, "A2").await?.status, "pending");
+
+    // The retry is due: A1 first (alone here, by the limit).
+    let due = t + Duration::minutes(1);
+    let retried = store.claim_outbox_batch(1, LEASE, due).await?;
+    assert_eq!(names(&retried), ["A1"]);
+    assert_eq!(retried[0].attempts, 2);
+    // Under its new lease it still holds A2 back; once published, it no longer does.
+    assert!(store.claim_outbox_batch(10, LEASE, due).await?.is_empty());
+    store.mark_outbox_published(&ids(&retried), due).await?;
+    assert_eq!(names(&store.claim_outbox_batch(10, LEASE, due).await?), ["A2"]);
+    assert_eq!(stored(&store, &b, "B1").await?.status, "published");
+    Ok(())
+}
+
+async fn failed_rows_are_never_claimed_and_block_nothing(store: Arc<dyn Store>) -> TestResult {
+    let (a, _) = two_aggregates(&store).await?;
+    let t = relay_now();
+    let a1 = store.claim_outbox_batch(1, LEASE, t).await?;
+    store.mark_outbox_failed(a1[0].id, "payload rejected", t).await?;
+    let failed = stored(&store, &a, "A1").await?;
+    assert_eq!(
+        (failed.status.as_str(), failed.attempts, failed.last_error.as_deref()),
+        ("failed", 1, Some("payload rejected"))
+    );
+
+    assert_eq!(names(&store.claim_outbox_batch(10, LEASE, t).await?), ["A2", "B1"]);
+    // Not after any lease, nor much later.
+    assert_eq!(names(&store.claim_outbox_batch(10, LEASE, after_lease(t)).await?), ["A2", "B1"]);
+    assert!(!claimable_ids(&store, t + Duration::days(30)).await?.contains(&a1[0].id));
+    Ok(())
+}
+
+async fn marks_record_the_outcome(store: Arc<dyn Store>) -> TestResult {
+    let aggregate = Uuid::new_v4().to_string();
+    append(&store, &[event("ok", &aggregate, now())]).await?;
+    append(&store, &[event("retried", &Uuid::new_v4().to_string(), now())]).await?;
+    let t = relay_now();
+    let claimed = store.claim_outbox_batch(10, LEASE, t).await?;
+    let (ok, retried) = (claimed[0].clone(), claimed[1].clone());
+
+    let published_at = t + Duration::milliseconds(250);
+    store.mark_outbox_published(&[ok.id], published_at).await?;
+    store.mark_outbox_published(&[], published_at).await?;
+    let row = stored(&store, &aggregate, "ok").await?;
+    assert_eq!(
+        (row.status.as_str(), row.attempts, row.last_error.as_ref(), row.published_at),
+        ("published", 1, None, Some(published_at))
+    );
+    // Published again (a relay whose lease ran out): the first publication stands, and a late
+    // retry or failure does not take it back.
+    store.mark_outbox_published(&[ok.id], published_at + Duration::seconds(5)).await?;
+    store.mark_outbox_retry(ok.id, "late", t + Duration::minutes(1), t).await?;
+    store.mark_outbox_failed(ok.id, "late", t).await?;
+    assert_eq!(stored(&store, &aggregate, "ok").await?, row);
+
+    let retry_at = t + Duration::minutes(2);
+    store.mark_outbox_retry(retried.id, "timeout", retry_at, t).await?;
+    let row = stored(&store, &retried.event.aggregate_id, "retried").await?;
+    assert_eq!(
+        (row.status.as_str(), row.attempts, row.last_error.as_deref(), row.published_at),
+        ("pending", 1, Some("timeout"), None)
+    );
+    // Due exactly at retry_at, not a millisecond before.
+    assert!(claimable_ids(&store, retry_at - Duration::milliseconds(1)).await?.is_empty());
+    assert_eq!(claimable_ids(&store, retry_at).await?, [retried.id]);
+    // A failure of the second attempt replaces the error.
+    store.mark_outbox_failed(retried.id, "gave up", retry_at).await?;
+    let row = stored(&store, &retried.event.aggregate_id, "retried").await?;
+    assert_eq!((row.status.as_str(), row.attempts, row.last_error.as_deref()), ("failed", 2, Some("gave up")));
+    // A row nobody claimed cannot be marked retry or failed.
+    let pending = Uuid::new_v4().to_string();
+    append(&store, &[event("pending", &pending, now())]).await?;
+    let untouched = stored(&store, &pending, "pending").await?;
+    store.mark_outbox_retry(untouched.id, "no", t, t).await?;
+    store.mark_outbox_failed(untouched.id, "no", t).await?;
+    assert_eq!(stored(&store, &pending, "pending").await?, untouched);
+    Ok(())
+}
+
+async fn purge_deletes_only_old_published_rows(store: Arc<dyn Store>) -> TestResult {
+    let aggregate = Uuid::new_v4().to_string();
+    let labels = ["old", "recent", "failed", "processing", "pending"];
+    append(&store, &labels.map(|label| event(label, &aggregate, now()))).await?;
+    let t = relay_now();
+    let claimed = store.claim_outbox_batch(4, LEASE, t).await?;
+    store.mark_outbox_published(&[claimed[0].id], t - Duration::hours(2)).await?;
+    store.mark_outbox_published(&[claimed[1].id], t).await?;
+    store.mark_outbox_failed(claimed[2].id, "boom", t - Duration::days(3)).await?;
+
+    assert_eq!(store.purge_published_outbox(t - Duration::hours(1)).await?, 1);
+    assert_eq!(store.purge_published_outbox(t - Duration::hours(1)).await?, 0);
+    let left = store.outbox_events_for_aggregate(&aggregate).await?;
+    assert_eq!(names(&left), ["recent", "failed", "processing", "pending"]);
+    // published_at exactly at the cut-off stays.
+    assert_eq!(store.purge_published_outbox(t).await?, 0);
+    assert_eq!(store.purge_published_outbox(t + Duration::milliseconds(1)).await?, 1);
+    Ok(())
+}
+
+async fn outbox_status_counts_and_dates(store: Arc<dyn Store>) -> TestResult {
+    assert_eq!(store.outbox_status().await?, OutboxStatus::default());
+    let aggregates: Vec<String> = (0..6).map(|_| Uuid::new_v4().to_string()).collect();
+    for aggregate in &aggregates {
+        append(&store, &[event("e", aggregate, now())]).await?;
+    }
+    let oldest = store.outbox_events_for_aggregate(&aggregates[0]).await?[0].created_at;
+    assert_eq!(
+        store.outbox_status().await?,
+        OutboxStatus { pending: 6, processing: 0, failed: 0, oldest_unpublished_at: Some(oldest) }
+    );
+
+    // 0 published, 1 failed, 2 waiting for a retry, 3 processing, 4 and 5 pending.
+    let t = relay_now();
+    let claimed = store.claim_outbox_batch(4, LEASE, t).await?;
+    store.mark_outbox_published(&[claimed[0].id], t).await?;
+    store.mark_outbox_failed(claimed[1].id, "boom", t).await?;
+    store.mark_outbox_retry(claimed[2].id, "later", t + Duration::hours(1), t).await?;
+    let second = store.outbox_events_for_aggregate(&aggregates[2]).await?[0].created_at;
+    assert_eq!(
+        store.outbox_status().await?,
+        OutboxStatus { pending: 3, processing: 1, failed: 1, oldest_unpublished_at: Some(second) }
+    );
+    Ok(())
+}
+
+async fn wait_for_outbox_wakes_on_commit_with_events(store: Arc<dyn Store>) -> TestResult {
+    let timeout = StdDuration::from_millis(300);
+    // Nothing happens: the full timeout, never an error.
+    let started = std::time::Instant::now();
+    store.wait_for_outbox(timeout).await;
+    assert!(started.elapsed() >= timeout, "returned after {:?}", started.elapsed());
+
+    // A commit without events and a rolled-back unit of work with events wake nobody.
+    save_user(&store, &bare_user("quiet@example.com")).await?;
+    let mut uow = store.begin().await?;
+    uow.append_events(&[event("rolled.back", "nobody", now())]).await?;
+    drop(uow);
+    let started = std::time::Instant::now();
+    store.wait_for_outbox(timeout).await;
+    let elapsed = started.elapsed();
+    assert!(elapsed >= timeout && elapsed < StdDuration::from_secs(5), "returned after {elapsed:?}");
+
+    // Another task commits events while the relay waits.
+    let waiter = tokio::spawn({
+        let store = store.clone();
+        async move {
+            store.wait_for_outbox(StdDuration::from_secs(20)).await;
+            std::time::Instant::now()
+        }
+    });
+    tokio::time::sleep(StdDuration::from_millis(300)).await;
+    let writer = tokio::spawn({
+        let store = store.clone();
+        async move { append(&store, &[event("wake.up", "someone", now())]).await.map(|()| std::time::Instant::now()) }
+    });
+    let committed = writer.await.unwrap_or_else(|e| panic!("writer: {e}"))?;
+    let woke = tokio::time::timeout(StdDuration::from_secs(5), waiter)
+        .await
+        .unwrap_or_else(|_| panic!("still waiting 5 s after the commit"))
+        .unwrap_or_else(|e| panic!("waiter: {e}"));
+    let delay = woke.saturating_duration_since(committed);
+    assert!(delay < StdDuration::from_secs(1), "woke {delay:?} after the commit");
+
+    // Many commits while the relay is busy elsewhere add up to one wake-up, not one each.
+    for i in 0..50 {
+        append(&store, &[event("burst", &format!("burst-{i}"), now())]).await?;
+    }
+    tokio::time::sleep(StdDuration::from_millis(300)).await;
+    let started = std::time::Instant::now();
+    store.wait_for_outbox(StdDuration::from_secs(5)).await;
+    assert!(started.elapsed() < StdDuration::from_secs(1), "returned after {:?}", started.elapsed());
+    let started = std::time::Instant::now();
+    store.wait_for_outbox(timeout).await;
+    assert!(started.elapsed() >= timeout, "woken again after {:?}", started.elapsed());
+    Ok(())
+}
+
+async fn close_wakes_a_relay_waiting_for_the_outbox(store: Arc<dyn Store>) -> TestResult {
+    let waiter = tokio::spawn({
+        let store = store.clone();
+        async move { store.wait_for_outbox(StdDuration::from_secs(20)).await }
+    });
+    tokio::time::sleep(StdDuration::from_millis(300)).await;
+    tokio::time::timeout(StdDuration::from_secs(5), store.close())
+        .await
+        .unwrap_or_else(|_| panic!("close hangs while a relay waits"));
+    tokio::time::timeout(StdDuration::from_secs(1), waiter)
+        .await
+        .unwrap_or_else(|_| panic!("the relay still waits after close"))
+        .unwrap_or_else(|e| panic!("waiter: {e}"));
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Event log: the subscribers' side
+
+async fn record_event_applied_once_and_with_its_unit_of_work(store: Arc<dyn Store>) -> TestResult {
+    let (event_id, other) = (Uuid::new_v4(), Uuid::new_v4());
+    let t = now();
+    assert!(!store.is_event_applied("mailer", event_id).await?);
+
+    let mut uow = store.begin().await?;
+    assert!(uow.record_event_applied("mailer", event_id, t).await?);
+    assert!(!uow.record_event_applied("mailer", event_id, t).await?);
+    uow.commit().await?;
+    assert!(store.is_event_applied("mailer", event_id).await?);
+    // Per subscriber and per event.
+    assert!(!store.is_event_applied("webhooks", event_id).await?);
+    assert!(!store.is_event_applied("mailer", other).await?);
+
+    let mut uow = store.begin().await?;
+    assert!(!uow.record_event_applied("mailer", event_id, t + Duration::seconds(1)).await?);
+    assert!(uow.record_event_applied("webhooks", event_id, t).await?);
+    uow.commit().await?;
+    assert!(store.is_event_applied("webhooks", event_id).await?);
+
+    // Rolled back with the effects it went with.
+    let mut uow = store.begin().await?;
+    assert!(uow.record_event_applied("mailer", other, t).await?);
+    uow.insert_user(&bare_user("effect@example.com")).await?;
+    drop(uow);
+    assert!(!store.is_event_applied("mailer", other).await?);
+    assert_eq!(store.find_user_by_email("effect@example.com").await?, None);
+    let mut uow = store.begin().await?;
+    assert!(uow.record_event_applied("mailer", other, t).await?);
+    uow.commit().await?;
+    assert!(store.is_event_applied("mailer", other).await?);
+    Ok(())
+}
+
+async fn event_failures_count_per_subscriber(store: Arc<dyn Store>) -> TestResult {
+    let (event_id, other) = (Uuid::new_v4(), Uuid::new_v4());
+    let t = now();
+    for expected in 1..=3 {
+        assert_eq!(store.record_event_failure("mailer", event_id, &format!("error {expected}"), t).await?, expected);
+    }
+    assert_eq!(store.record_event_failure("webhooks", event_id, "down", t).await?, 1);
+    assert_eq!(store.record_event_failure("mailer", other, "down", t).await?, 1);
+
+    // A replay forgets every subscriber's attempts on that event, and only on that event.
+    store.reset_event_attempts(event_id).await?;
+    store.reset_event_attempts(Uuid::new_v4()).await?;
+    assert_eq!(store.record_event_failure("mailer", event_id, "again", t).await?, 1);
+    assert_eq!(store.record_event_failure("webhooks", event_id, "again", t).await?, 1);
+    assert_eq!(store.record_event_failure("mailer", other, "again", t).await?, 2);
+    Ok(())
+}
+
+async fn purge_applied_events_deletes_only_old_ones(store: Arc<dyn Store>) -> TestResult {
+    let (old, recent, edge) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+    let t = now();
+    let mut uow = store.begin().await?;
+    uow.record_event_applied("mailer", old, t - Duration::days(8)).await?;
+    uow.record_event_applied("webhooks", old, t - Duration::days(9)).await?;
+    uow.record_event_applied("mailer", edge, t - Duration::days(7)).await?;
+    uow.record_event_applied("mailer", recent, t).await?;
+    uow.commit().await?;
+
+    assert_eq!(store.purge_applied_events(t - Duration::days(7)).await?, 2);
+    assert_eq!(store.purge_applied_events(t - Duration::days(7)).await?, 0);
+    assert!(!store.is_event_applied("mailer", old).await?);
+    assert!(!store.is_event_applied("webhooks", old).await?);
+    assert!(store.is_event_applied("mailer", edge).await?);
+    assert!(store.is_event_applied("mailer", recent).await?);
+    Ok(())
+}
+
+fn dead_letter(name: &str, created_at: OffsetDateTime) -> DeadLetter {
+    DeadLetter {
+        id: Uuid::new_v4(),
+        event: event(name, &Uuid::new_v4().to_string(), created_at - Duration::minutes(5)),
+        error: format!("{name} failed: consumer error"),
+        attempts: 5,
+        created_at,
+    }
+}
+
+async fn dead_letters_round_trip_and_delete(store: Arc<dyn Store>) -> TestResult {
+    assert!(store.list_dead_letters(10).await?.is_empty());
+    let t = now();
+    let mut full = dead_letter("full", t - Duration::hours(2));
+    full.event.tenant_id = Some("tenant-7".into());
+    full.event.traceparent = Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into());
+    full.event.payload = json!({ "nested": { "list": [1, 2.5, "three", null, true] }, "unicode": "ñandú ✓" });
+    let bare = DeadLetter { attempts: 1, ..dead_letter("bare", t - Duration::hours(1)) };
+    let newest = dead_letter("newest", t);
+    // Inserted out of order: listed oldest first.
+    for letter in [&newest, &full, &bare] {
+        store.insert_dead_letter(letter).await?;
+    }
+    assert_eq!(store.list_dead_letters(10).await?, [full.clone(), bare.clone(), newest.clone()]);
+    assert_eq!(store.list_dead_letters(2).await?, [full.clone(), bare.clone()]);
+
+    assert_eq!(store.delete_dead_letters(Some(&[])).await?, 0);
+    assert_eq!(store.delete_dead_letters(Some(&[bare.id, Uuid::new_v4()])).await?, 1);
+    assert_eq!(store.delete_dead_letters(Some(&[bare.id])).await?, 0);
+    assert_eq!(store.list_dead_letters(10).await?, [full, newest]);
+    assert_eq!(store.delete_dead_letters(None).await?, 2);
+    assert!(store.list_dead_letters(10).await?.is_empty());
+    assert_eq!(store.delete_dead_letters(None).await?, 0);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
 // The schema contract: table, column and index names are shared with the TypeScript
 // predecessor and between the backends.
 
@@ -787,6 +1245,8 @@ mod schema {
                 "updated_at",
                 "tenant_id",
                 "traceparent",
+                "available_at",
+                "locked_until",
             ],
         ),
         (
@@ -801,8 +1261,12 @@ mod schema {
                 "error",
                 "attempts",
                 "created_at",
+                "tenant_id",
+                "traceparent",
             ],
         ),
+        ("applied_events", &["subscriber", "event_id", "applied_at"]),
+        ("event_attempts", &["subscriber", "event_id", "attempts", "last_error", "updated_at"]),
     ];
 
     fn contract() -> Tables {
@@ -834,7 +1298,11 @@ mod schema {
         "sessions_status_idx",
         "outbox_events_status_occurred_on_idx",
         "outbox_events_aggregate_id_idx",
+        "outbox_events_claim_idx",
+        "outbox_events_pending_aggregate_idx",
+        "outbox_events_processing_aggregate_idx",
         "dead_letters_event_id_idx",
+        "applied_events_applied_at_idx",
     ];
 
     #[tokio::test]
@@ -845,6 +1313,9 @@ mod schema {
         store.close().await;
 
         let mut conn = SqliteConnection::connect(&url).await.unwrap_or_else(|e| panic!("{e}"));
+        // Only the shared tables: SQLite also holds the embedded streams (migration 0006), which
+        // exist on no other backend and are not part of this contract.
+        let contract = contract();
         let rows = sqlx::query(
             "SELECT m.name, p.name FROM sqlite_master m JOIN pragma_table_info(m.name) p \
              WHERE m.type = 'table' AND m.name NOT LIKE 'sqlite%' AND m.name <> '_sqlx_migrations'",
@@ -852,17 +1323,24 @@ mod schema {
         .fetch_all(&mut conn)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-        let pairs = rows.iter().map(|r| (r.get::<String, _>(0), r.get::<String, _>(1))).collect();
-        assert_eq!(collect(pairs), contract());
+        let pairs = rows
+            .iter()
+            .map(|r| (r.get::<String, _>(0), r.get::<String, _>(1)))
+            .filter(|(table, _)| contract.contains_key(table))
+            .collect();
+        assert_eq!(collect(pairs), contract);
 
-        let indexes: BTreeSet<String> = sqlx::query_scalar(
-            "SELECT name FROM sqlite_master WHERE type = 'index' AND name NOT LIKE 'sqlite_autoindex%'",
+        let rows = sqlx::query(
+            "SELECT name, tbl_name FROM sqlite_master WHERE type = 'index' AND name NOT LIKE 'sqlite_autoindex%'",
         )
         .fetch_all(&mut conn)
         .await
-        .unwrap_or_else(|e| panic!("{e}"))
-        .into_iter()
-        .collect();
+        .unwrap_or_else(|e| panic!("{e}"));
+        let indexes: BTreeSet<String> = rows
+            .iter()
+            .filter(|r| contract.contains_key(&r.get::<String, _>(1)))
+            .map(|r| r.get::<String, _>(0))
+            .collect();
         assert_eq!(indexes, SHARED_INDEXES.iter().map(|i| i.to_string()).collect());
     }
 
@@ -1065,6 +1543,136 @@ mod postgres_upgrade {
         assert_eq!(store.find_user_by_id(seed_id).await?, Some(seed));
         let records = store.outbox_events_for_aggregate(&seed_id.to_string()).await?;
         assert_eq!(records.last().map(|r| &r.event), Some(&new_event));
+
+        // The predecessor's pending row became ready (available_at = its created_at) and goes
+        // out before the new one; its published row is never claimed.
+        let claimed = store.claim_outbox_batch(10, StdDuration::from_secs(30), now() + Duration::seconds(1)).await?;
+        assert_eq!(super::names(&claimed), ["user.verification.token_issued", "user.verified"]);
         Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Several relays on one Postgres database (SQLite has one relay per database).
+
+mod postgres_relays {
+    use std::collections::HashSet;
+    use std::sync::Mutex;
+
+    use anna_store::PgStore;
+
+    use super::*;
+
+    const AGGREGATES: u64 = 8;
+    const EVENTS_PER_AGGREGATE: u64 = 40;
+    const APPENDERS: u64 = 4;
+    const CLAIMERS: usize = 20;
+
+    /// What the claimers saw, checked under one lock.
+    #[derive(Default)]
+    struct Ledger {
+        claimed: HashSet<Uuid>,
+        /// (aggregate, n) of every event whose publication was recorded, before it is marked.
+        published: HashSet<(String, u64)>,
+    }
+
+    fn position(record: &OutboxRecord) -> (String, u64) {
+        let n = record.event.payload["n"].as_u64().unwrap_or_else(|| panic!("no n in {:?}", record.event.payload));
+        (record.event.aggregate_id.clone(), n)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_relays_claim_each_row_once_and_in_aggregate_order() {
+        let url = anna_testkit::pg::fresh_database_url().await;
+        let relays: Vec<Arc<dyn Store>> = vec![
+            Arc::new(PgStore::connect(&url, &test_options()).await.unwrap_or_else(|e| panic!("{e}"))),
+            Arc::new(PgStore::connect(&url, &test_options()).await.unwrap_or_else(|e| panic!("{e}"))),
+        ];
+        relays[0].migrate().await.unwrap_or_else(|e| panic!("migrate: {e}"));
+        let outcome = tokio::time::timeout(StdDuration::from_secs(120), race(&relays)).await;
+        for relay in &relays {
+            relay.close().await;
+        }
+        match outcome {
+            Err(_) => panic!("the relays did not publish everything within 2 minutes"),
+            Ok(Err(e)) => panic!("{e} ({e:?})"),
+            Ok(Ok(())) => {}
+        }
+    }
+
+    async fn race(relays: &[Arc<dyn Store>]) -> TestResult {
+        let total = usize::try_from(AGGREGATES * EVENTS_PER_AGGREGATE).unwrap_or(usize::MAX);
+        let ledger = Arc::new(Mutex::new(Ledger::default()));
+        let mut tasks = Vec::new();
+
+        // Each appender owns some aggregates and appends their events in order, one or two per
+        // unit of work, while the claimers run.
+        for appender in 0..APPENDERS {
+            let store = relays[0].clone();
+            tasks.push(tokio::spawn(async move {
+                let mut n = 0;
+                while n < EVENTS_PER_AGGREGATE {
+                    for aggregate in (appender..AGGREGATES).step_by(usize::try_from(APPENDERS).unwrap_or(1)) {
+                        let aggregate = format!("aggregate-{aggregate}");
+                        let events: Vec<DomainEvent> = (n..(n + 2).min(EVENTS_PER_AGGREGATE))
+                            .map(|i| DomainEvent::new("counted", aggregate.as_str(), now(), json!({ "n": i })))
+                            .collect();
+                        append(&store, &events).await?;
+                    }
+                    n += 2;
+                }
+                Ok::<_, StoreError>(())
+            }));
+        }
+
+        for claimer in 0..CLAIMERS {
+            let (store, ledger) = (relays[claimer % relays.len()].clone(), ledger.clone());
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    let batch =
+                        store.claim_outbox_batch(5, StdDuration::from_secs(60), OffsetDateTime::now_utc()).await?;
+                    if batch.is_empty() {
+                        if ledger.lock().unwrap_or_else(|e| panic!("{e}")).published.len() == total {
+                            return Ok(());
+                        }
+                        tokio::time::sleep(StdDuration::from_millis(2)).await;
+                        continue;
+                    }
+                    check(&ledger, &batch);
+                    // Publishing takes a while, so that other claims overlap this lease.
+                    let pause = u64::from(Uuid::new_v4().as_bytes()[0] % 4);
+                    tokio::time::sleep(StdDuration::from_millis(pause)).await;
+                    ledger.lock().unwrap_or_else(|e| panic!("{e}")).published.extend(batch.iter().map(position));
+                    store.mark_outbox_published(&ids(&batch), OffsetDateTime::now_utc()).await?;
+                }
+            }));
+        }
+
+        for task in tasks {
+            task.await.unwrap_or_else(|e| panic!("task: {e}"))?;
+        }
+        let status = relays[1].outbox_status().await?;
+        assert_eq!(status, OutboxStatus::default());
+        assert_eq!(ledger.lock().unwrap_or_else(|e| panic!("{e}")).claimed.len(), total);
+        Ok(())
+    }
+
+    /// No row twice; every earlier event of a claimed row's aggregate is either published
+    /// already or ahead of it in the same batch.
+    fn check(ledger: &Mutex<Ledger>, batch: &[OutboxRecord]) {
+        let mut ledger = ledger.lock().unwrap_or_else(|e| panic!("{e}"));
+        for (i, record) in batch.iter().enumerate() {
+            assert!(ledger.claimed.insert(record.id), "row {} claimed twice", record.id);
+            assert_eq!(record.attempts, 1);
+            let (aggregate, n) = position(record);
+            for earlier in 0..n {
+                let key = (aggregate.clone(), earlier);
+                let ahead = batch[..i].iter().any(|r| position(r) == key);
+                assert!(
+                    ahead || ledger.published.contains(&key),
+                    "{aggregate} #{n} claimed while #{earlier} was neither published nor ahead in its batch"
+                );
+            }
+        }
     }
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anna::app::{self, RunningApi};
 use anna::config::{Config, Vars};
-use anna_api::email::{EmailMessage, EmailSender, MemoryMailbox, verification_code};
+use anna_workers::email::{EmailMessage, EmailSender, MemoryMailbox, verification_code};
 use anna_store::Store;
 use anna_testkit::logs::CapturedLogs;
 use reqwest::header::HeaderMap;
@@ -58,6 +58,7 @@ pub struct TestApp {
     pub http: reqwest::Client,
     shutdown: CancellationToken,
     running: Option<RunningApi>,
+    workers: Vec<tokio::task::JoinHandle<()>>,
 }
 
 pub async fn spawn_app(backend: Backend) -> TestApp {
@@ -82,6 +83,7 @@ async fn spawn(backend: Backend, vars: &[(&str, &str)], configured_email: bool) 
         Backend::Sqlite => anna_testkit::sqlite::fresh_database_url(),
         Backend::Postgres => anna_testkit::pg::fresh_database_url().await,
     };
+    let suffix = uuid::Uuid::new_v4().simple().to_string();
     let mut map: HashMap<String, String> = [
         ("HOST", "127.0.0.1"),
         ("PORT", "0"),
@@ -96,12 +98,20 @@ async fn spawn(backend: Backend, vars: &[(&str, &str)], configured_email: bool) 
     .map(|(k, v)| (k.to_owned(), v.to_owned()))
     .collect();
     map.insert("DATABASE_URL".into(), database_url);
+    // Each app gets its own streams, so apps sharing one Redis never see each other's events.
+    map.insert("EVENTS_STREAM".into(), format!("domain-events-{suffix}"));
+    map.insert("EVENTS_DLQ_STREAM".into(), format!("domain-events-dlq-{suffix}"));
+    map.insert("EVENTS_BLOCK_MS".into(), "500".into());
+    if backend == Backend::Postgres {
+        map.insert("REDIS_URL".into(), anna_testkit::redis::shared_url());
+    }
     for (k, v) in vars {
         map.insert((*k).to_owned(), (*v).to_owned());
     }
     let config =
         Config::from_vars(&Vars(move |k: &str| map.get(k).cloned())).unwrap_or_else(|e| panic!("test config: {e}"));
-    let store = app::open_store(&config).await.unwrap_or_else(|e| panic!("store: {e:#}"));
+    let backends = app::open_backends(&config).await.unwrap_or_else(|e| panic!("backends: {e:#}"));
+    let store = backends.store.clone();
     store.migrate().await.unwrap_or_else(|e| panic!("migrate: {e}"));
     let mailbox = Arc::new(MemoryMailbox::default());
     let shutdown = CancellationToken::new();
@@ -110,9 +120,12 @@ async fn spawn(backend: Backend, vars: &[(&str, &str)], configured_email: bool) 
     } else {
         mailbox.clone()
     };
-    let running = app::start_api(&config, store.clone(), sender, shutdown.clone())
-        .await
-        .unwrap_or_else(|e| panic!("start: {e:#}"));
+    let running =
+        app::start_api(&config, store.clone(), shutdown.clone()).await.unwrap_or_else(|e| panic!("start: {e:#}"));
+    let workers = vec![
+        app::start_relay(&config, &backends, shutdown.clone()),
+        app::start_consumer(&config, &backends, sender, shutdown.clone()),
+    ];
     let http = reqwest::Client::builder().cookie_store(false).build().unwrap_or_else(|e| panic!("{e}"));
     TestApp {
         base: format!("http://{}", running.addr),
@@ -123,6 +136,7 @@ async fn spawn(backend: Backend, vars: &[(&str, &str)], configured_email: bool) 
         http,
         shutdown,
         running: Some(running),
+        workers,
     }
 }
 
@@ -220,6 +234,9 @@ impl TestApp {
         self.shutdown.cancel();
         if let Some(running) = self.running.take() {
             let _ = tokio::time::timeout(Duration::from_secs(10), running.task).await;
+        }
+        for worker in self.workers.drain(..) {
+            let _ = tokio::time::timeout(Duration::from_secs(10), worker).await;
         }
         self.store.close().await;
     }

@@ -4,8 +4,8 @@
 
 use std::time::Duration;
 
-use anna_api::email::templates::{password_reset_email, verification_email};
-use anna_api::email::{ConsoleEmailSender, EmailError, EmailSender, ResendEmailSender, SmtpEmailSender};
+use anna_workers::email::templates::{password_reset_email, verification_email};
+use anna_workers::email::{ConsoleEmailSender, EmailError, EmailSender, ResendEmailSender, SmtpEmailSender};
 use anna_domain::user::{IssuedPasswordReset, IssuedVerification};
 use anna_testkit::resend_fake::FakeResend;
 use anna_testkit::smtp::SmtpSink;
@@ -258,7 +258,7 @@ async fn console_sender_accepts_every_message() {
 }
 
 mod templates {
-    use anna_api::email::EmailTag;
+    use anna_workers::email::EmailTag;
 
     use super::*;
 

@@ -1,0 +1,457 @@
+//! The consumer runtime: reads the event stream in a consumer group and runs the subscribers
+//! registered for each event name.
+//!
+//! Guarantees: at-least-once delivery; effectively-once effects for database subscribers (the
+//! applied event id is recorded in the same transaction as the effects); at-least-once for
+//! subscribers with external effects (recorded right after the effect, before the ack).
+//! Retries are per subscriber: one that already applied an event is never re-run for it.
+//! After `max_attempts` failures of a subscriber the entry is written to the DLQ stream first
+//! and acknowledged second; if the DLQ cannot be written it goes to `dead_letters`; if that
+//! fails too it stays pending and is retried later. Nothing is dropped.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anna_domain::DomainEvent;
+use anna_store::{DeadLetter, Store, StoreError, UnitOfWork};
+use async_trait::async_trait;
+use futures::StreamExt;
+use time::OffsetDateTime;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+use uuid::Uuid;
+
+use crate::backoff::Backoff;
+use crate::{Delivery, Fields, Stream, StreamError, envelope};
+
+/// Where a subscriber's effects go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Effect {
+    /// Effects in the database, made through the unit of work the runtime passes; applied at
+    /// most once.
+    Database,
+    /// Effects outside the database (e-mail): may happen more than once if the process dies
+    /// between the effect and its record.
+    External,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct HandlerError(pub String);
+
+impl HandlerError {
+    pub fn new(message: impl std::fmt::Display) -> Self {
+        Self(message.to_string())
+    }
+}
+
+impl From<StoreError> for HandlerError {
+    fn from(error: StoreError) -> Self {
+        Self(error.to_string())
+    }
+}
+
+/// An event as a subscriber sees it.
+#[derive(Debug, Clone)]
+pub struct ReceivedEvent {
+    pub event: DomainEvent,
+    pub entry_id: String,
+    pub delivery_count: u64,
+}
+
+#[async_trait]
+pub trait Subscriber: Send + Sync + 'static {
+    /// Stable name, recorded with every applied event id: renaming a subscriber makes it
+    /// re-apply old events.
+    fn name(&self) -> &'static str;
+
+    fn event_names(&self) -> Vec<&'static str>;
+
+    fn effect(&self) -> Effect;
+
+    /// Applies the event. `uow` is `Some` for `Effect::Database` subscribers (committed by the
+    /// runtime together with the applied-event record) and `None` for external ones.
+    async fn handle(&self, event: &ReceivedEvent, uow: Option<&mut dyn UnitOfWork>) -> Result<(), HandlerError>;
+}
+
+#[derive(Debug, Clone)]
+pub struct ConsumerConfig {
+    /// `EVENTS_STREAM`.
+    pub stream: String,
+    /// `EVENTS_GROUP`.
+    pub group: String,
+    /// `EVENTS_CONSUMER`.
+    pub consumer: String,
+    /// `EVENTS_DLQ_STREAM`.
+    pub dlq_stream: String,
+    /// `EVENTS_MAX_ATTEMPTS`: failures of one subscriber before the entry is dead-lettered.
+    pub max_attempts: u32,
+    /// `EVENTS_BACKOFF_MS` / `EVENTS_BACKOFF_MAX_MS`.
+    pub backoff: Backoff,
+    /// `EVENTS_CLAIM_IDLE_MS`: entries pending this long in a consumer are taken over. Must
+    /// exceed the slowest handler.
+    pub claim_idle: Duration,
+    /// `EVENTS_CLAIM_INTERVAL_MS`.
+    pub claim_interval: Duration,
+    /// `EVENTS_BATCH_SIZE`.
+    pub batch_size: usize,
+    /// `EVENTS_BLOCK_MS`.
+    pub block: Duration,
+    /// `EVENTS_CONCURRENCY`: entries handled at once (entries of one aggregate in one batch are
+    /// handled in order).
+    pub concurrency: usize,
+    /// `EVENTS_PROCESSED_TTL_MS`: applied-event records older than this are purged.
+    pub applied_retention: Duration,
+}
+
+impl Default for ConsumerConfig {
+    fn default() -> Self {
+        Self {
+            stream: "domain-events".into(),
+            group: "domain-events-group".into(),
+            consumer: format!("consumer-{}", std::process::id()),
+            dlq_stream: "domain-events-dlq".into(),
+            max_attempts: 5,
+            backoff: Backoff { base: Duration::from_millis(1000), max: Duration::from_millis(30_000) },
+            claim_idle: Duration::from_millis(5000),
+            claim_interval: Duration::from_millis(2000),
+            batch_size: 50,
+            block: Duration::from_millis(5000),
+            concurrency: 16,
+            applied_retention: Duration::from_secs(7 * 24 * 3600),
+        }
+    }
+}
+
+/// How handling one delivery ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Every subscriber applied it (now or before); acknowledged.
+    Done,
+    /// No subscriber for it; acknowledged.
+    Ignored,
+    /// A subscriber failed and will be retried after `retry_in`; left pending.
+    Retry { retry_in: Duration },
+    /// Written to the DLQ stream (or `dead_letters`), then acknowledged.
+    DeadLettered,
+    /// Could not be settled (storage or stream down); left pending for a later claim.
+    Stuck,
+}
+
+pub struct EventConsumer {
+    store: Arc<dyn Store>,
+    stream: Arc<dyn Stream>,
+    config: ConsumerConfig,
+    subscribers: HashMap<&'static str, Vec<Arc<dyn Subscriber>>>,
+}
+
+impl EventConsumer {
+    pub fn new(store: Arc<dyn Store>, stream: Arc<dyn Stream>, config: ConsumerConfig) -> Self {
+        Self { store, stream, config, subscribers: HashMap::new() }
+    }
+
+    pub fn subscribe(mut self, subscriber: Arc<dyn Subscriber>) -> Self {
+        for name in subscriber.event_names() {
+            self.subscribers.entry(name).or_default().push(subscriber.clone());
+        }
+        self
+    }
+
+    pub fn config(&self) -> &ConsumerConfig {
+        &self.config
+    }
+
+    /// Consumes until `shutdown`: in-flight handlers finish and are acknowledged before it
+    /// returns; entries waiting for a retry stay pending for the next start or another
+    /// consumer.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        let config = &self.config;
+        loop {
+            match self.stream.create_group(&config.stream, &config.group).await {
+                Ok(()) => break,
+                Err(error) => {
+                    tracing::error!(%error, "Event consumer group setup failed");
+                    tokio::select! {
+                        () = shutdown.cancelled() => return,
+                        () = tokio::time::sleep(config.backoff.base) => {}
+                    }
+                }
+            }
+        }
+        tracing::info!(stream = %config.stream, group = %config.group, consumer = %config.consumer, "Event consumer started");
+        let retries = TaskTracker::new();
+        let mut last_claim = Instant::now() - config.claim_interval;
+        let mut last_gauges = Instant::now() - Duration::from_secs(10);
+        let mut last_purge = Instant::now() - Duration::from_secs(3600);
+        while !shutdown.is_cancelled() {
+            if last_gauges.elapsed() >= Duration::from_secs(5) {
+                self.update_gauges().await;
+                last_gauges = Instant::now();
+            }
+            if last_purge.elapsed() >= Duration::from_secs(3600) {
+                self.purge_applied().await;
+                last_purge = Instant::now();
+            }
+            if last_claim.elapsed() >= config.claim_interval {
+                last_claim = Instant::now();
+                match self
+                    .stream
+                    .claim_idle(&config.stream, &config.group, &config.consumer, config.claim_idle, config.batch_size)
+                    .await
+                {
+                    Ok(claimed) if !claimed.is_empty() => {
+                        tracing::info!(count = claimed.len(), "claimed idle entries");
+                        self.clone().handle_batch(claimed, &retries, &shutdown).await;
+                        continue;
+                    }
+                    Ok(_) => {}
+                    Err(error) => {
+                        self.pause_after(error, &shutdown).await;
+                        continue;
+                    }
+                }
+            }
+            let block = config.block.min(config.claim_interval);
+            let read = tokio::select! {
+                () = shutdown.cancelled() => break,
+                read = self.stream.read_group(&config.stream, &config.group, &config.consumer, config.batch_size, block) => read,
+            };
+            match read {
+                Ok(deliveries) => self.clone().handle_batch(deliveries, &retries, &shutdown).await,
+                Err(error) => self.pause_after(error, &shutdown).await,
+            }
+        }
+        retries.close();
+        tracing::info!("Event consumer stopped");
+    }
+
+    async fn pause_after(&self, error: StreamError, shutdown: &CancellationToken) {
+        tracing::error!(%error, "Event consumer loop failed");
+        tokio::select! {
+            () = shutdown.cancelled() => {}
+            () = tokio::time::sleep(self.config.backoff.base) => {}
+        }
+    }
+
+    /// Handles a batch: entries of one aggregate in order, different aggregates concurrently.
+    async fn handle_batch(self: Arc<Self>, deliveries: Vec<Delivery>, retries: &TaskTracker, shutdown: &CancellationToken) {
+        let mut by_aggregate: Vec<(String, Vec<Delivery>)> = Vec::new();
+        for delivery in deliveries {
+            let key = delivery.entry.fields.get(envelope::AGGREGATE_ID).cloned().unwrap_or_default();
+            match by_aggregate.iter_mut().find(|(k, _)| *k == key) {
+                Some((_, group)) => group.push(delivery),
+                None => by_aggregate.push((key, vec![delivery])),
+            }
+        }
+        let concurrency = self.config.concurrency.max(1);
+        futures::stream::iter(by_aggregate)
+            .for_each_concurrent(concurrency, |(_, group)| {
+                let this = self.clone();
+                async move {
+                    for delivery in group {
+                        let outcome = this.handle(&delivery).await;
+                        if let Outcome::Retry { retry_in } = outcome {
+                            this.clone().schedule_retry(delivery, retry_in, retries, shutdown.clone());
+                        }
+                    }
+                }
+            })
+            .await;
+    }
+
+    /// Re-handles `delivery` after `delay`, again and again until it is settled. The entry
+    /// stays pending meanwhile; if this process stops, another consumer claims it.
+    fn schedule_retry(self: Arc<Self>, delivery: Delivery, delay: Duration, retries: &TaskTracker, shutdown: CancellationToken) {
+        retries.spawn(async move {
+            let mut delay = delay;
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(delay) => {}
+                }
+                metrics::counter!("events_retried_total", "event_name" => delivery.entry.fields.get(envelope::EVENT_NAME).cloned().unwrap_or_default()).increment(1);
+                match self.handle(&delivery).await {
+                    Outcome::Retry { retry_in } => delay = retry_in,
+                    _ => return,
+                }
+            }
+        });
+    }
+
+    /// Handles one delivery and settles it (ack, DLQ) when it can.
+    pub async fn handle(&self, delivery: &Delivery) -> Outcome {
+        let fields = &delivery.entry.fields;
+        let event = match envelope::from_fields(fields) {
+            Ok(event) => event,
+            Err(error) => {
+                let name = fields.get(envelope::EVENT_NAME).cloned().unwrap_or_default();
+                tracing::error!(entry_id = %delivery.entry.id, %error, "Event payload invalid");
+                metrics::counter!("events_failed_total", "event_name" => name.clone(), "subscriber" => "").increment(1);
+                return self.dead_letter(delivery, None, &error.to_string(), self.config.max_attempts).await;
+            }
+        };
+        let Some(subscribers) = self.subscribers.get(event.event_name.as_str()) else {
+            return self.ack(delivery, Outcome::Ignored).await;
+        };
+        let received = ReceivedEvent {
+            event: event.clone(),
+            entry_id: delivery.entry.id.clone(),
+            delivery_count: delivery.delivery_count,
+        };
+        let span = tracing::info_span!("event.process", event.name = %event.event_name, event.id = %event.event_id);
+        crate::trace::set_parent(&span, event.traceparent.as_deref());
+        async move {
+            let mut retry_in: Option<Duration> = None;
+            for subscriber in subscribers {
+                match self.apply(subscriber.as_ref(), &received).await {
+                    Ok(()) => {}
+                    Err(error) => {
+                        let name = subscriber.name();
+                        metrics::counter!("events_failed_total", "event_name" => event.event_name.clone(), "subscriber" => name).increment(1);
+                        tracing::warn!(subscriber = name, %error, "Event processing failed");
+                        let attempts = match self.store.record_event_failure(name, event.event_id, &error.0, OffsetDateTime::now_utc()).await {
+                            Ok(attempts) => attempts,
+                            Err(store_error) => {
+                                tracing::error!(%store_error, "recording a failed attempt failed");
+                                return Outcome::Stuck;
+                            }
+                        };
+                        if attempts >= self.config.max_attempts {
+                            return self.dead_letter(delivery, Some(name), &error.0, attempts).await;
+                        }
+                        let delay = self.config.backoff.delay(attempts);
+                        retry_in = Some(retry_in.map_or(delay, |d| d.min(delay)));
+                    }
+                }
+            }
+            if let Some(retry_in) = retry_in {
+                return Outcome::Retry { retry_in };
+            }
+            let latency = (OffsetDateTime::now_utc() - event.occurred_on).as_seconds_f64().max(0.0);
+            metrics::histogram!("event_end_to_end_latency_seconds", "event_name" => event.event_name.clone()).record(latency);
+            self.ack(delivery, Outcome::Done).await
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Runs one subscriber unless it already applied the event.
+    async fn apply(&self, subscriber: &dyn Subscriber, received: &ReceivedEvent) -> Result<(), HandlerError> {
+        let name = subscriber.name();
+        let event_id = received.event.event_id;
+        let started = Instant::now();
+        let applied = match subscriber.effect() {
+            Effect::Database => {
+                let mut uow = self.store.begin().await?;
+                if !uow.record_event_applied(name, event_id, OffsetDateTime::now_utc()).await? {
+                    return Ok(());
+                }
+                subscriber.handle(received, Some(uow.as_mut())).await?;
+                uow.commit().await?;
+                true
+            }
+            Effect::External => {
+                if self.store.is_event_applied(name, event_id).await? {
+                    return Ok(());
+                }
+                subscriber.handle(received, None).await?;
+                let mut uow = self.store.begin().await?;
+                let first = uow.record_event_applied(name, event_id, OffsetDateTime::now_utc()).await?;
+                uow.commit().await?;
+                first
+            }
+        };
+        if applied {
+            let event_name = received.event.event_name.clone();
+            metrics::counter!("events_processed_total", "event_name" => event_name.clone(), "subscriber" => name).increment(1);
+            metrics::histogram!("event_processing_duration_ms", "event_name" => event_name, "subscriber" => name)
+                .record(started.elapsed().as_secs_f64() * 1000.0);
+        }
+        Ok(())
+    }
+
+    async fn ack(&self, delivery: &Delivery, outcome: Outcome) -> Outcome {
+        match self.stream.ack(&self.config.stream, &self.config.group, std::slice::from_ref(&delivery.entry.id)).await {
+            Ok(_) => outcome,
+            Err(error) => {
+                // Left pending: it will be claimed and found already applied.
+                tracing::warn!(entry_id = %delivery.entry.id, %error, "ack failed");
+                Outcome::Stuck
+            }
+        }
+    }
+
+    /// DLQ stream first, `dead_letters` second, ack last; anything failing leaves the entry
+    /// pending.
+    async fn dead_letter(&self, delivery: &Delivery, subscriber: Option<&str>, error: &str, attempts: u32) -> Outcome {
+        let name = delivery.entry.fields.get(envelope::EVENT_NAME).cloned().unwrap_or_default();
+        let mut fields: Fields = delivery.entry.fields.clone();
+        fields.insert(envelope::DLQ_ERROR.into(), error.to_owned());
+        fields.insert(envelope::DLQ_ATTEMPTS.into(), attempts.to_string());
+        fields.insert(envelope::DLQ_SUBSCRIBER.into(), subscriber.unwrap_or_default().to_owned());
+        fields.insert(envelope::DLQ_FAILED_AT.into(), anna_domain::user::iso(OffsetDateTime::now_utc()));
+        let written = match self.stream.append(&self.config.dlq_stream, &fields, None).await {
+            Ok(_) => true,
+            Err(stream_error) => {
+                tracing::error!(%stream_error, "DLQ stream write failed; using dead_letters");
+                let letter = DeadLetter {
+                    id: Uuid::new_v4(),
+                    event: envelope::from_fields(&delivery.entry.fields).unwrap_or_else(|_| raw_event(&delivery.entry.fields)),
+                    error: format!("{}{error}", subscriber.map(|s| format!("{s}: ")).unwrap_or_default()),
+                    attempts: i32::try_from(attempts).unwrap_or(i32::MAX),
+                    created_at: OffsetDateTime::now_utc(),
+                };
+                match self.store.insert_dead_letter(&letter).await {
+                    Ok(()) => true,
+                    Err(store_error) => {
+                        tracing::error!(%store_error, "dead_letters write failed; entry stays pending");
+                        false
+                    }
+                }
+            }
+        };
+        if !written {
+            return Outcome::Stuck;
+        }
+        metrics::counter!("events_dead_lettered_total", "event_name" => name, "subscriber" => subscriber.unwrap_or_default().to_owned()).increment(1);
+        tracing::error!(entry_id = %delivery.entry.id, subscriber = subscriber.unwrap_or_default(), attempts, "event dead-lettered");
+        self.ack(delivery, Outcome::DeadLettered).await
+    }
+
+    async fn update_gauges(&self) {
+        if let Ok(groups) = self.stream.groups(&self.config.stream).await {
+            for group in groups {
+                metrics::gauge!("stream_group_lag", "stream" => self.config.stream.clone(), "group" => group.name.clone()).set(group.lag as f64);
+                metrics::gauge!("stream_group_pending", "stream" => self.config.stream.clone(), "group" => group.name).set(group.pending as f64);
+            }
+        }
+        if let Ok(len) = self.stream.len(&self.config.stream).await {
+            metrics::gauge!("stream_length", "stream" => self.config.stream.clone()).set(len as f64);
+        }
+        if let Ok(len) = self.stream.len(&self.config.dlq_stream).await {
+            metrics::gauge!("stream_length", "stream" => self.config.dlq_stream.clone()).set(len as f64);
+        }
+    }
+
+    async fn purge_applied(&self) {
+        let before = OffsetDateTime::now_utc() - time::Duration::try_from(self.config.applied_retention).unwrap_or(time::Duration::MAX);
+        if let Err(error) = self.store.purge_applied_events(before).await {
+            tracing::warn!(%error, "purging applied-event records failed");
+        }
+    }
+}
+
+/// A best-effort event for an entry whose envelope is broken, so it can still be kept.
+fn raw_event(fields: &Fields) -> DomainEvent {
+    DomainEvent {
+        event_id: fields.get(envelope::EVENT_ID).and_then(|v| Uuid::parse_str(v).ok()).unwrap_or_else(Uuid::nil),
+        event_name: fields.get(envelope::EVENT_NAME).cloned().unwrap_or_default(),
+        aggregate_id: fields.get(envelope::AGGREGATE_ID).cloned().unwrap_or_default(),
+        occurred_on: OffsetDateTime::now_utc(),
+        tenant_id: fields.get(envelope::TENANT_ID).cloned(),
+        payload: serde_json::json!({ "payload": fields.get(envelope::PAYLOAD) }),
+        traceparent: fields.get(envelope::TRACEPARENT).cloned(),
+    }
+}

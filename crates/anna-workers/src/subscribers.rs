@@ -1,0 +1,101 @@
+//! Domain-event subscribers.
+//!
+//! E-mail subscribers have an external effect: they are at-least-once (a crash between sending
+//! and recording the event as applied sends the e-mail again on redelivery). The one-time
+//! secrets an e-mail carries travel sealed in the event (`anna_domain::secrets::Sealer`); the
+//! subscriber opens them with the key derived from `AUTH_JWT_SECRET`.
+
+use std::sync::Arc;
+
+use anna_domain::events::{
+    self, ResetSecrets, USER_PASSWORD_RESET_REQUESTED, USER_VERIFICATION_TOKEN_ISSUED, VerificationSecrets,
+};
+use anna_domain::secrets::Sealer;
+use anna_domain::user::{IssuedPasswordReset, IssuedVerification};
+use anna_store::UnitOfWork;
+use anna_streams::consumer::{Effect, HandlerError, ReceivedEvent, Subscriber};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+use uuid::Uuid;
+
+use crate::email::{EmailSender, templates};
+
+fn payload_str<'a>(event: &'a ReceivedEvent, field: &str) -> Result<&'a str, HandlerError> {
+    event.event.payload.get(field).and_then(serde_json::Value::as_str).ok_or_else(|| HandlerError::new(format!("payload has no {field}")))
+}
+
+fn payload_time(event: &ReceivedEvent, field: &str) -> Result<OffsetDateTime, HandlerError> {
+    OffsetDateTime::parse(payload_str(event, field)?, &Rfc3339).map_err(|e| HandlerError::new(format!("payload {field}: {e}")))
+}
+
+/// `user.verification.token_issued` → the verification e-mail (code and link).
+pub struct SendVerificationEmail {
+    pub sender: Arc<dyn EmailSender>,
+    pub sealer: Sealer,
+    pub app_base_url: String,
+}
+
+#[async_trait::async_trait]
+impl Subscriber for SendVerificationEmail {
+    fn name(&self) -> &'static str {
+        "SendUserVerificationEmailOnUserVerificationTokenIssued"
+    }
+
+    fn event_names(&self) -> Vec<&'static str> {
+        vec![USER_VERIFICATION_TOKEN_ISSUED]
+    }
+
+    fn effect(&self) -> Effect {
+        Effect::External
+    }
+
+    async fn handle(&self, received: &ReceivedEvent, _uow: Option<&mut dyn UnitOfWork>) -> Result<(), HandlerError> {
+        let secrets: VerificationSecrets =
+            events::open_secrets(&received.event, &self.sealer).map_err(|e| HandlerError::new(format!("verification secrets: {e}")))?;
+        let user_id = Uuid::parse_str(&received.event.aggregate_id).map_err(|e| HandlerError::new(format!("aggregate id: {e}")))?;
+        let email = payload_str(received, "email")?;
+        let reason = payload_str(received, "reason").unwrap_or("register");
+        let issued = IssuedVerification {
+            token: secrets.token,
+            code: secrets.code,
+            expires_at: payload_time(received, "verificationTokenExpiresAt")?,
+        };
+        let message = templates::verification_email(&self.app_base_url, user_id, email, &issued, reason);
+        self.sender.send(&message).await.map_err(HandlerError::new)?;
+        tracing::info!(%user_id, provider = self.sender.kind(), reason, "verification e-mail sent");
+        Ok(())
+    }
+}
+
+/// `user.password_reset.requested` → the reset e-mail (link).
+pub struct SendPasswordResetEmail {
+    pub sender: Arc<dyn EmailSender>,
+    pub sealer: Sealer,
+    pub app_base_url: String,
+}
+
+#[async_trait::async_trait]
+impl Subscriber for SendPasswordResetEmail {
+    fn name(&self) -> &'static str {
+        "SendUserPasswordResetEmailOnUserPasswordResetRequested"
+    }
+
+    fn event_names(&self) -> Vec<&'static str> {
+        vec![USER_PASSWORD_RESET_REQUESTED]
+    }
+
+    fn effect(&self) -> Effect {
+        Effect::External
+    }
+
+    async fn handle(&self, received: &ReceivedEvent, _uow: Option<&mut dyn UnitOfWork>) -> Result<(), HandlerError> {
+        let secrets: ResetSecrets =
+            events::open_secrets(&received.event, &self.sealer).map_err(|e| HandlerError::new(format!("reset secrets: {e}")))?;
+        let email = payload_str(received, "email")?;
+        let issued = IssuedPasswordReset { token: secrets.token, expires_at: payload_time(received, "resetTokenExpiresAt")? };
+        let message = templates::password_reset_email(&self.app_base_url, email, &issued);
+        self.sender.send(&message).await.map_err(HandlerError::new)?;
+        tracing::info!(user_id = %received.event.aggregate_id, provider = self.sender.kind(), "password-reset e-mail sent");
+        Ok(())
+    }
+}

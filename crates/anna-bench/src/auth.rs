@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use anna::app;
 use anna::config::{Config, Vars};
-use anna_workers::email::{MemoryMailbox, verification_code};
 use anna_domain::password::{Argon2Cost, PasswordHasher};
+use anna_workers::email::{MemoryMailbox, verification_code};
 use futures::stream::{self, StreamExt};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;

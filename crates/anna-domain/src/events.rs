@@ -43,7 +43,10 @@ fn seal_json<T: serde::Serialize>(sealer: &Sealer, secrets: &T, aggregate_id: &s
 }
 
 /// Opens the sealed secrets of an event.
-pub fn open_secrets<T: serde::de::DeserializeOwned>(event: &DomainEvent, sealer: &Sealer) -> Result<T, OpenSecretsError> {
+pub fn open_secrets<T: serde::de::DeserializeOwned>(
+    event: &DomainEvent,
+    sealer: &Sealer,
+) -> Result<T, OpenSecretsError> {
     let sealed = event.payload.get(SEALED_SECRETS).and_then(Value::as_str).ok_or(OpenSecretsError::Missing)?;
     let plaintext = sealer.open(sealed, &event.aggregate_id)?;
     serde_json::from_slice(&plaintext).map_err(|_| OpenSecretsError::Shape)

@@ -448,7 +448,8 @@ mod tests {
         }
         assert!(matches!(user.verify("000000x", now, &policy, &hasher), Err(VerifyError::AttemptsExhausted(_))));
         assert!(matches!(user.verify(&issued.code, now, &policy, &hasher), Err(VerifyError::AttemptsExhausted(_))));
-        let (again, _) = user.reissue_verification(now, &policy, &hasher, &sealer()).unwrap_or_else(|| panic!("reissue"));
+        let (again, _) =
+            user.reissue_verification(now, &policy, &hasher, &sealer()).unwrap_or_else(|| panic!("reissue"));
         assert!(user.verify(&again.code, now, &policy, &hasher).is_ok());
     }
 
@@ -464,7 +465,8 @@ mod tests {
         let (mut user, issued, policy, hasher, now) = setup();
         assert!(user.request_password_reset(now, &policy, &hasher, &sealer()).is_none());
         user.verify(&issued.code, now, &policy, &hasher).unwrap_or_else(|e| panic!("{e}"));
-        let (reset, _) = user.request_password_reset(now, &policy, &hasher, &sealer()).unwrap_or_else(|| panic!("reset"));
+        let (reset, _) =
+            user.request_password_reset(now, &policy, &hasher, &sealer()).unwrap_or_else(|| panic!("reset"));
         assert!(user.check_password_reset("nope", now, &policy, &hasher).is_err());
         assert!(user.check_password_reset(&reset.token, now + Duration::hours(2), &policy, &hasher).is_err());
         assert!(user.check_password_reset(&reset.token, now, &policy, &hasher).is_ok());

@@ -122,6 +122,14 @@ pub struct OutboxStatus {
     pub oldest_unpublished_at: Option<OffsetDateTime>,
 }
 
+/// How many events of one name the statistics projection has applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventStat {
+    pub event_name: String,
+    pub count: i64,
+    pub last_occurred_on: OffsetDateTime,
+}
+
 /// An event that exhausted its attempts and could not be written to the DLQ stream.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DeadLetter {
@@ -200,6 +208,9 @@ pub trait EventLog: Send + Sync + 'static {
 
     /// Deletes the given dead letters, or all of them with `None`. Returns how many.
     async fn delete_dead_letters(&self, ids: Option<&[Uuid]>) -> Result<u64, StoreError>;
+
+    /// The event statistics projection, by event name.
+    async fn event_stats(&self) -> Result<Vec<EventStat>, StoreError>;
 }
 
 #[async_trait]
@@ -283,6 +294,9 @@ pub trait UnitOfWork: Send {
         event_id: Uuid,
         now: OffsetDateTime,
     ) -> Result<bool, StoreError>;
+
+    /// Counts one applied event in the statistics projection (`event_stats`).
+    async fn count_event(&mut self, event_name: &str, occurred_on: OffsetDateTime) -> Result<(), StoreError>;
 
     async fn commit(self: Box<Self>) -> Result<(), StoreError>;
 }

@@ -337,6 +337,19 @@ impl UnitOfWork for PgUnitOfWork {
         Ok(done.rows_affected() > 0)
     }
 
+    async fn count_event(&mut self, event_name: &str, occurred_on: OffsetDateTime) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO event_stats (event_name, count, last_occurred_on) VALUES ($1, 1, $2) \
+             ON CONFLICT (event_name) DO UPDATE SET count = event_stats.count + 1, \
+             last_occurred_on = GREATEST(event_stats.last_occurred_on, EXCLUDED.last_occurred_on)",
+        )
+        .bind(event_name)
+        .bind(occurred_on)
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(())
+    }
+
     async fn commit(self: Box<Self>) -> Result<(), StoreError> {
         self.tx.commit().await?;
         Ok(())

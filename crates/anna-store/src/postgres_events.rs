@@ -15,7 +15,7 @@ use tokio::task::JoinHandle;
 use uuid::Uuid;
 
 use crate::postgres::{OUTBOX_CHANNEL, PgStore, outbox_record_from_row};
-use crate::{DeadLetter, EventLog, OutboxRecord, OutboxStatus, StoreError};
+use crate::{DeadLetter, EventLog, EventStat, OutboxRecord, OutboxStatus, StoreError};
 
 /// Key of the transaction-scoped advisory lock that serialises claims ("annaoutb" in ASCII).
 /// Without it, two relays could each judge from their own snapshot that the other's rows do
@@ -261,6 +261,21 @@ impl EventLog for PgStore {
         };
         Ok(done.rows_affected())
     }
+
+    async fn event_stats(&self) -> Result<Vec<EventStat>, StoreError> {
+        let rows = sqlx::query("SELECT event_name, count, last_occurred_on FROM event_stats ORDER BY event_name")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(EventStat {
+                    event_name: row.try_get("event_name")?,
+                    count: row.try_get("count")?,
+                    last_occurred_on: row.try_get("last_occurred_on")?,
+                })
+            })
+            .collect()
+    }
 }
 
 impl PgStore {
@@ -320,10 +335,9 @@ const LISTEN_BACKOFF_MAX: Duration = Duration::from_secs(5);
 async fn relay_notifications(listener: &mut PgListener, signal: &Notify) -> sqlx::Error {
     loop {
         match listener.try_recv().await {
-            Ok(Some(_)) => signal.notify_one(),
-            // The connection dropped and sqlx re-established it: whatever was notified in
-            // between is lost, so wake the relay to look for itself.
-            Ok(None) => signal.notify_one(),
+            // Ok(None): the connection dropped and sqlx re-established it. Whatever was
+            // notified in between is lost, so wake the relay to look for itself.
+            Ok(_) => signal.notify_one(),
             Err(error) => return error,
         }
     }

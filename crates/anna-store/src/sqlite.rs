@@ -336,6 +336,19 @@ impl UnitOfWork for SqliteUnitOfWork {
         Ok(done.rows_affected() > 0)
     }
 
+    async fn count_event(&mut self, event_name: &str, occurred_on: OffsetDateTime) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO event_stats (event_name, count, last_occurred_on) VALUES (?, 1, ?) \
+             ON CONFLICT (event_name) DO UPDATE SET count = event_stats.count + 1, \
+             last_occurred_on = MAX(event_stats.last_occurred_on, excluded.last_occurred_on)",
+        )
+        .bind(event_name)
+        .bind(to_millis(occurred_on)?)
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(())
+    }
+
     async fn commit(self: Box<Self>) -> Result<(), StoreError> {
         let Self { tx, appended, outbox_signal } = *self;
         tx.commit().await?;

@@ -1,10 +1,10 @@
 //! [`EventLog`] on SQLite: the outbox relay's claims and marks, subscriber bookkeeping and
 //! dead letters.
 //!
-//! One relay per database, and every statement here is a single autocommit write, which takes
-//! the write lock before it reads anything (so the busy timeout applies, as with BEGIN
-//! IMMEDIATE). Sets of ids travel as one JSON array read back with `json_each`: one statement
-//! per batch, whatever its size.
+//! One relay per database. Every write here is a single autocommit statement, which takes the
+//! write lock before it reads anything (so the busy timeout applies, as with BEGIN IMMEDIATE).
+//! Sets of ids travel as one JSON array read back with `json_each`: one statement per batch,
+//! whatever its size.
 
 use std::time::Duration;
 
@@ -16,7 +16,7 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use crate::sqlite::{SqliteStore, from_millis, get_time, get_uuid, outbox_record_from_row, to_millis};
-use crate::{DeadLetter, EventLog, OutboxRecord, OutboxStatus, StoreError};
+use crate::{DeadLetter, EventLog, EventStat, OutboxRecord, OutboxStatus, StoreError};
 
 /// ?1 = now, ?2 = end of the lease, ?3 = limit. Same rule as the Postgres claim (see
 /// `postgres_events.rs`), with rowid as the insertion order. SQLite runs correlated
@@ -248,6 +248,21 @@ impl EventLog for SqliteStore {
             }
         };
         Ok(done.rows_affected())
+    }
+
+    async fn event_stats(&self) -> Result<Vec<EventStat>, StoreError> {
+        let rows = sqlx::query("SELECT event_name, count, last_occurred_on FROM event_stats ORDER BY event_name")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(EventStat {
+                    event_name: row.try_get("event_name")?,
+                    count: row.try_get("count")?,
+                    last_occurred_on: from_millis(row.try_get("last_occurred_on")?)?,
+                })
+            })
+            .collect()
     }
 }
 

@@ -4,6 +4,11 @@ use std::time::Duration;
 
 use rand::Rng;
 
+/// A std duration as a `time` duration, saturating (for arithmetic on timestamps).
+pub fn to_time(d: Duration) -> time::Duration {
+    time::Duration::try_from(d).unwrap_or(time::Duration::MAX)
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Backoff {
     pub base: Duration,

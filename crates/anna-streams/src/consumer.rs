@@ -236,7 +236,12 @@ impl EventConsumer {
     }
 
     /// Handles a batch: entries of one aggregate in order, different aggregates concurrently.
-    async fn handle_batch(self: Arc<Self>, deliveries: Vec<Delivery>, retries: &TaskTracker, shutdown: &CancellationToken) {
+    async fn handle_batch(
+        self: Arc<Self>,
+        deliveries: Vec<Delivery>,
+        retries: &TaskTracker,
+        shutdown: &CancellationToken,
+    ) {
         let mut by_aggregate: Vec<(String, Vec<Delivery>)> = Vec::new();
         for delivery in deliveries {
             let key = delivery.entry.fields.get(envelope::AGGREGATE_ID).cloned().unwrap_or_default();
@@ -262,16 +267,38 @@ impl EventConsumer {
     }
 
     /// Re-handles `delivery` after `delay`, again and again until it is settled. The entry
-    /// stays pending meanwhile; if this process stops, another consumer claims it.
-    fn schedule_retry(self: Arc<Self>, delivery: Delivery, delay: Duration, retries: &TaskTracker, shutdown: CancellationToken) {
+    /// stays pending meanwhile and is touched well within the claim threshold, so other
+    /// consumers leave it alone; if this process stops, another consumer claims it.
+    fn schedule_retry(
+        self: Arc<Self>,
+        delivery: Delivery,
+        delay: Duration,
+        retries: &TaskTracker,
+        shutdown: CancellationToken,
+    ) {
         retries.spawn(async move {
+            let touch_every = (self.config.claim_idle / 3).max(Duration::from_millis(20));
+            let ids = [delivery.entry.id.clone()];
             let mut delay = delay;
             loop {
-                tokio::select! {
-                    () = shutdown.cancelled() => return,
-                    () = tokio::time::sleep(delay) => {}
+                let due = tokio::time::Instant::now() + delay;
+                loop {
+                    let now = tokio::time::Instant::now();
+                    if now >= due {
+                        break;
+                    }
+                    tokio::select! {
+                        () = shutdown.cancelled() => return,
+                        () = tokio::time::sleep((due - now).min(touch_every)) => {}
+                    }
+                    if let Err(error) =
+                        self.stream.touch(&self.config.stream, &self.config.group, &self.config.consumer, &ids).await
+                    {
+                        tracing::warn!(entry_id = %delivery.entry.id, %error, "could not keep a retrying entry");
+                    }
                 }
-                metrics::counter!("events_retried_total", "event_name" => delivery.entry.fields.get(envelope::EVENT_NAME).cloned().unwrap_or_default()).increment(1);
+                let event_name = delivery.entry.fields.get(envelope::EVENT_NAME).cloned().unwrap_or_default();
+                metrics::counter!("events_retried_total", "event_name" => event_name).increment(1);
                 match self.handle(&delivery).await {
                     Outcome::Retry { retry_in } => delay = retry_in,
                     _ => return,
@@ -365,7 +392,8 @@ impl EventConsumer {
         };
         if applied {
             let event_name = received.event.event_name.clone();
-            metrics::counter!("events_processed_total", "event_name" => event_name.clone(), "subscriber" => name).increment(1);
+            metrics::counter!("events_processed_total", "event_name" => event_name.clone(), "subscriber" => name)
+                .increment(1);
             metrics::histogram!("event_processing_duration_ms", "event_name" => event_name, "subscriber" => name)
                 .record(started.elapsed().as_secs_f64() * 1000.0);
         }
@@ -398,7 +426,8 @@ impl EventConsumer {
                 tracing::error!(%stream_error, "DLQ stream write failed; using dead_letters");
                 let letter = DeadLetter {
                     id: Uuid::new_v4(),
-                    event: envelope::from_fields(&delivery.entry.fields).unwrap_or_else(|_| raw_event(&delivery.entry.fields)),
+                    event: envelope::from_fields(&delivery.entry.fields)
+                        .unwrap_or_else(|_| raw_event(&delivery.entry.fields)),
                     error: format!("{}{error}", subscriber.map(|s| format!("{s}: ")).unwrap_or_default()),
                     attempts: i32::try_from(attempts).unwrap_or(i32::MAX),
                     created_at: OffsetDateTime::now_utc(),
@@ -424,7 +453,8 @@ impl EventConsumer {
         if let Ok(groups) = self.stream.groups(&self.config.stream).await {
             for group in groups {
                 metrics::gauge!("stream_group_lag", "stream" => self.config.stream.clone(), "group" => group.name.clone()).set(group.lag as f64);
-                metrics::gauge!("stream_group_pending", "stream" => self.config.stream.clone(), "group" => group.name).set(group.pending as f64);
+                metrics::gauge!("stream_group_pending", "stream" => self.config.stream.clone(), "group" => group.name)
+                    .set(group.pending as f64);
             }
         }
         if let Ok(len) = self.stream.len(&self.config.stream).await {
@@ -436,7 +466,7 @@ impl EventConsumer {
     }
 
     async fn purge_applied(&self) {
-        let before = OffsetDateTime::now_utc() - time::Duration::try_from(self.config.applied_retention).unwrap_or(time::Duration::MAX);
+        let before = OffsetDateTime::now_utc().saturating_sub(crate::backoff::to_time(self.config.applied_retention));
         if let Err(error) = self.store.purge_applied_events(before).await {
             tracing::warn!(%error, "purging applied-event records failed");
         }

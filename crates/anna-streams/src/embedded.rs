@@ -369,16 +369,7 @@ impl Stream for EmbeddedStream {
     }
 
     async fn ack(&self, stream: &str, group: &str, ids: &[String]) -> Result<u64, StreamError> {
-        let mut seqs = Vec::with_capacity(ids.len());
-        for id in ids {
-            let (seq, sub) = parse_id(id)?;
-            // Every id here ends in -0; another one names no entry.
-            if sub == 0 {
-                seqs.push(seq);
-            }
-        }
-        seqs.sort_unstable();
-        seqs.dedup();
+        let seqs = entry_seqs(ids)?;
         let mut acked = 0;
         for chunk in seqs.chunks(IDS_PER_STATEMENT) {
             let mut query = QueryBuilder::<Sqlite>::new("DELETE FROM stream_pending WHERE stream = ");
@@ -388,6 +379,41 @@ impl Stream for EmbeddedStream {
             acked += query.build().execute(&self.pool).await?.rows_affected();
         }
         Ok(acked)
+    }
+
+    async fn touch(&self, stream: &str, group: &str, consumer: &str, ids: &[String]) -> Result<u64, StreamError> {
+        let seqs = entry_seqs(ids)?;
+        let now = now_millis();
+        let mut touched = 0;
+        for chunk in seqs.chunks(IDS_PER_STATEMENT) {
+            let mut query = QueryBuilder::<Sqlite>::new("UPDATE stream_pending SET delivered_at = ");
+            query
+                .push_bind(now)
+                .push(" WHERE stream = ")
+                .push_bind(stream)
+                .push(" AND group_name = ")
+                .push_bind(group)
+                .push(" AND consumer = ")
+                .push_bind(consumer)
+                .push(" AND entry_id IN (");
+            push_id_list(&mut query, chunk);
+            query.push(")");
+            touched += query.build().execute(&self.pool).await?.rows_affected();
+        }
+        Ok(touched)
+    }
+
+    async fn delete(&self, stream: &str, ids: &[String]) -> Result<u64, StreamError> {
+        let seqs = entry_seqs(ids)?;
+        let mut deleted = 0;
+        for chunk in seqs.chunks(IDS_PER_STATEMENT) {
+            let mut query = QueryBuilder::<Sqlite>::new("DELETE FROM stream_entries WHERE stream = ");
+            query.push_bind(stream).push(" AND id IN (");
+            push_id_list(&mut query, chunk);
+            query.push(")");
+            deleted += query.build().execute(&self.pool).await?.rows_affected();
+        }
+        Ok(deleted)
     }
 
     async fn claim_idle(
@@ -494,7 +520,13 @@ impl Stream for EmbeddedStream {
         Ok(summary)
     }
 
-    async fn read_after(&self, stream: &str, after: &str, count: usize, block: Duration) -> Result<Vec<Entry>, StreamError> {
+    async fn read_after(
+        &self,
+        stream: &str,
+        after: &str,
+        count: usize,
+        block: Duration,
+    ) -> Result<Vec<Entry>, StreamError> {
         if count == 0 {
             return Ok(Vec::new());
         }
@@ -512,8 +544,10 @@ impl Stream for EmbeddedStream {
     }
 
     async fn len(&self, stream: &str) -> Result<u64, StreamError> {
-        let len: i64 =
-            sqlx::query_scalar("SELECT COUNT(*) FROM stream_entries WHERE stream = ?").bind(stream).fetch_one(&self.pool).await?;
+        let len: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM stream_entries WHERE stream = ?")
+            .bind(stream)
+            .fetch_one(&self.pool)
+            .await?;
         Ok(u64::try_from(len).unwrap_or(0))
     }
 
@@ -563,6 +597,20 @@ fn format_id(seq: i64) -> String {
 }
 
 /// `"<n>"` or `"<n>-<m>"`, as Redis accepts them.
+/// The sequence numbers of well-formed entry ids (every id here ends in `-0`), sorted, unique.
+fn entry_seqs(ids: &[String]) -> Result<Vec<i64>, StreamError> {
+    let mut seqs = Vec::with_capacity(ids.len());
+    for id in ids {
+        let (seq, sub) = parse_id(id)?;
+        if sub == 0 {
+            seqs.push(seq);
+        }
+    }
+    seqs.sort_unstable();
+    seqs.dedup();
+    Ok(seqs)
+}
+
 fn parse_id(id: &str) -> Result<(i64, i64), StreamError> {
     let invalid = || StreamError::Protocol(format!("invalid stream id {id:?}"));
     let (seq, sub) = id.split_once('-').unwrap_or((id, "0"));
@@ -578,9 +626,7 @@ fn sql_count(count: usize) -> i64 {
 }
 
 fn now_millis() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |since| i64::try_from(since.as_millis()).unwrap_or(i64::MAX))
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |since| i64::try_from(since.as_millis()).unwrap_or(i64::MAX))
 }
 
 fn encode_fields(fields: &Fields) -> Result<String, StreamError> {

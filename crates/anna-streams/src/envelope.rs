@@ -59,14 +59,15 @@ fn required<'a>(fields: &'a Fields, name: &'static str) -> Result<&'a str, Envel
 /// The event carried by a stream entry.
 pub fn from_fields(fields: &Fields) -> Result<DomainEvent, EnvelopeError> {
     let event_id = required(fields, EVENT_ID)?;
-    let event_id = Uuid::parse_str(event_id)
-        .map_err(|e| EnvelopeError::Invalid { field: EVENT_ID, reason: e.to_string() })?;
+    let event_id =
+        Uuid::parse_str(event_id).map_err(|e| EnvelopeError::Invalid { field: EVENT_ID, reason: e.to_string() })?;
     let occurred_on = OffsetDateTime::parse(required(fields, OCCURRED_ON)?, &Rfc3339)
         .map_err(|e| EnvelopeError::Invalid { field: OCCURRED_ON, reason: e.to_string() })?;
     let payload = match fields.get(PAYLOAD) {
         None => serde_json::Value::Object(serde_json::Map::new()),
-        Some(raw) => serde_json::from_str(raw)
-            .map_err(|e| EnvelopeError::Invalid { field: PAYLOAD, reason: e.to_string() })?,
+        Some(raw) => {
+            serde_json::from_str(raw).map_err(|e| EnvelopeError::Invalid { field: PAYLOAD, reason: e.to_string() })?
+        }
     };
     Ok(DomainEvent {
         event_id,

@@ -141,11 +141,27 @@ pub trait Stream: Send + Sync + 'static {
         count: usize,
     ) -> Result<Vec<Delivery>, StreamError>;
 
+    /// Resets the idle time of entries still pending for `consumer` (it keeps working on them,
+    /// for example waiting to retry), so other consumers' claims leave them alone. Entries not
+    /// pending for `consumer` are untouched; delivery counts do not change. Returns how many
+    /// were touched.
+    async fn touch(&self, stream: &str, group: &str, consumer: &str, ids: &[String]) -> Result<u64, StreamError>;
+
+    /// Deletes entries from the stream (operator use: DLQ replay and purge). Returns how many
+    /// existed.
+    async fn delete(&self, stream: &str, ids: &[String]) -> Result<u64, StreamError>;
+
     async fn pending(&self, stream: &str, group: &str) -> Result<PendingSummary, StreamError>;
 
     /// Up to `count` entries with ids greater than `after` (`"0"`: from the start), waiting up
     /// to `block` for the first. No group: for fan-out readers such as WebSocket feeds.
-    async fn read_after(&self, stream: &str, after: &str, count: usize, block: Duration) -> Result<Vec<Entry>, StreamError>;
+    async fn read_after(
+        &self,
+        stream: &str,
+        after: &str,
+        count: usize,
+        block: Duration,
+    ) -> Result<Vec<Entry>, StreamError>;
 
     /// The id of the newest entry, if any (a tail reader starts after it).
     async fn last_id(&self, stream: &str) -> Result<Option<String>, StreamError>;

@@ -12,7 +12,7 @@
 //!   restart or a network cut kills them all, and the call is retried once on a fresh one: a
 //!   Redis restart costs a reader at most one error, and its next call reconnects.
 //!
-//! `append_batch` pipelines its `XADD`s, [`BATCH_PIPELINE`] per round trip.
+//! `append_batch` pipelines its `XADD`s, a thousand per round trip.
 //!
 //! Commands whose connection dropped are retried once. For `XADD` this can append the entry
 //! twice if the first attempt reached Redis before the connection died; delivery is
@@ -145,6 +145,22 @@ if not minid then return 0 end
 return redis.call('XTRIM', stream, 'MINID', '~', minid)
 ";
 
+/// Resets the idle time of the given entries that are pending for ARGV[2] in group ARGV[1]:
+/// `XCLAIM … 0 … JUSTID` would also take entries of other consumers and does not bump the
+/// delivery count, so ownership is checked first, atomically.
+const TOUCH_SCRIPT: &str = r#"
+local touched = 0
+for i = 3, #ARGV do
+    local id = ARGV[i]
+    local entry = redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1)
+    if #entry == 1 and entry[1][2] == ARGV[2] then
+        redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, id, 'JUSTID')
+        touched = touched + 1
+    end
+end
+return touched
+"#;
+
 /// The Redis Streams implementation of [`Stream`]. Cheap to clone; clones share connections.
 #[derive(Clone)]
 pub struct RedisStream {
@@ -158,6 +174,7 @@ struct Inner {
     trim_clocks: Mutex<HashMap<String, TrimClock>>,
     claim_script: Script,
     trim_script: Script,
+    touch_script: Script,
 }
 
 struct TrimClock {
@@ -172,7 +189,7 @@ impl std::fmt::Debug for RedisStream {
 }
 
 impl RedisStream {
-    /// Connects to `redis://…` (or `rediss://…`); fails when the server cannot be reached.
+    /// Connects to a `redis://…` URL; fails when the server cannot be reached.
     pub async fn connect(url: &str) -> Result<Self, StreamError> {
         let client = Client::open(url)?;
         let config = ConnectionManagerConfig::new()
@@ -187,6 +204,7 @@ impl RedisStream {
                 trim_clocks: Mutex::new(HashMap::new()),
                 claim_script: Script::new(CLAIM_SCRIPT),
                 trim_script: Script::new(TRIM_SCRIPT),
+                touch_script: Script::new(TOUCH_SCRIPT),
             }),
         })
     }
@@ -258,9 +276,8 @@ impl RedisStream {
         if let Some(conn) = lock(&self.inner.blocking).pop() {
             return Ok(conn);
         }
-        let config = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(CONNECT_TIMEOUT))
-            .set_response_timeout(None);
+        let config =
+            AsyncConnectionConfig::new().set_connection_timeout(Some(CONNECT_TIMEOUT)).set_response_timeout(None);
         self.inner.client.get_multiplexed_async_connection_with_config(&config).await
     }
 
@@ -350,7 +367,7 @@ impl Stream for RedisStream {
         Ok(id)
     }
 
-    /// Pipelined, [`BATCH_PIPELINE`] entries per round trip. A failed pipeline reports none
+    /// Pipelined, `BATCH_PIPELINE` entries per round trip. A failed pipeline reports none
     /// of its entries (some may have been appended); earlier pipelines' entries are reported.
     async fn append_batch(
         &self,
@@ -426,6 +443,24 @@ impl Stream for RedisStream {
         Ok(self.query(&cmd).await?)
     }
 
+    async fn touch(&self, stream: &str, group: &str, consumer: &str, ids: &[String]) -> Result<u64, StreamError> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let mut invocation = self.inner.touch_script.key(stream);
+        invocation.arg(group).arg(consumer).arg(ids);
+        let touched: u64 = self.invoke(&invocation).await.map_err(|e| group_error(e, stream, group))?;
+        Ok(touched)
+    }
+
+    async fn delete(&self, stream: &str, ids: &[String]) -> Result<u64, StreamError> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let cmd = redis::cmd("XDEL").arg(stream).arg(ids).to_owned();
+        Ok(self.query(&cmd).await?)
+    }
+
     async fn claim_idle(
         &self,
         stream: &str,
@@ -459,7 +494,13 @@ impl Stream for RedisStream {
         parse_pending_summary(reply)
     }
 
-    async fn read_after(&self, stream: &str, after: &str, count: usize, block: Duration) -> Result<Vec<Entry>, StreamError> {
+    async fn read_after(
+        &self,
+        stream: &str,
+        after: &str,
+        count: usize,
+        block: Duration,
+    ) -> Result<Vec<Entry>, StreamError> {
         if count == 0 {
             return Ok(Vec::new());
         }

@@ -170,14 +170,16 @@ impl OutboxRelay {
         } else {
             let delay = self.config.backoff.delay(attempts);
             tracing::warn!(outbox_id = %row.id, event_name = %row.event.event_name, attempts, retry_in_ms = delay.as_millis() as u64, error, "Outbox publish failed");
-            self.store.mark_outbox_retry(row.id, error, now + time::Duration::try_from(delay).unwrap_or(time::Duration::MAX), now).await?;
+            self.store
+                .mark_outbox_retry(row.id, error, now.saturating_add(crate::backoff::to_time(delay)), now)
+                .await?;
             pass.retried += 1;
         }
         Ok(())
     }
 
     async fn purge(&self) {
-        let before = OffsetDateTime::now_utc() - time::Duration::try_from(self.config.retention).unwrap_or(time::Duration::MAX);
+        let before = OffsetDateTime::now_utc().saturating_sub(crate::backoff::to_time(self.config.retention));
         match self.store.purge_published_outbox(before).await {
             Ok(0) => {}
             Ok(purged) => tracing::info!(purged, "published outbox rows purged"),

@@ -171,11 +171,11 @@ impl RedisServer {
         let Some(mut running) = self.running.take() else {
             return;
         };
-        if let Some(mut stdin) = running.stdin.take() {
-            if keep_dir {
-                let _ = stdin.write_all(b"keep\n");
-            }
-            // Dropping it closes the pipe, which is what the watchdog waits for.
+        // Dropping stdin closes the pipe, which is what the watchdog waits for.
+        if let Some(mut stdin) = running.stdin.take()
+            && keep_dir
+        {
+            let _ = stdin.write_all(b"keep\n");
         }
         let _ = running.watchdog.wait();
     }

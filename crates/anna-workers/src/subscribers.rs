@@ -21,11 +21,17 @@ use uuid::Uuid;
 use crate::email::{EmailSender, templates};
 
 fn payload_str<'a>(event: &'a ReceivedEvent, field: &str) -> Result<&'a str, HandlerError> {
-    event.event.payload.get(field).and_then(serde_json::Value::as_str).ok_or_else(|| HandlerError::new(format!("payload has no {field}")))
+    event
+        .event
+        .payload
+        .get(field)
+        .and_then(serde_json::Value::as_str)
+        .ok_or_else(|| HandlerError::new(format!("payload has no {field}")))
 }
 
 fn payload_time(event: &ReceivedEvent, field: &str) -> Result<OffsetDateTime, HandlerError> {
-    OffsetDateTime::parse(payload_str(event, field)?, &Rfc3339).map_err(|e| HandlerError::new(format!("payload {field}: {e}")))
+    OffsetDateTime::parse(payload_str(event, field)?, &Rfc3339)
+        .map_err(|e| HandlerError::new(format!("payload {field}: {e}")))
 }
 
 /// `user.verification.token_issued` → the verification e-mail (code and link).
@@ -50,9 +56,10 @@ impl Subscriber for SendVerificationEmail {
     }
 
     async fn handle(&self, received: &ReceivedEvent, _uow: Option<&mut dyn UnitOfWork>) -> Result<(), HandlerError> {
-        let secrets: VerificationSecrets =
-            events::open_secrets(&received.event, &self.sealer).map_err(|e| HandlerError::new(format!("verification secrets: {e}")))?;
-        let user_id = Uuid::parse_str(&received.event.aggregate_id).map_err(|e| HandlerError::new(format!("aggregate id: {e}")))?;
+        let secrets: VerificationSecrets = events::open_secrets(&received.event, &self.sealer)
+            .map_err(|e| HandlerError::new(format!("verification secrets: {e}")))?;
+        let user_id = Uuid::parse_str(&received.event.aggregate_id)
+            .map_err(|e| HandlerError::new(format!("aggregate id: {e}")))?;
         let email = payload_str(received, "email")?;
         let reason = payload_str(received, "reason").unwrap_or("register");
         let issued = IssuedVerification {
@@ -89,13 +96,57 @@ impl Subscriber for SendPasswordResetEmail {
     }
 
     async fn handle(&self, received: &ReceivedEvent, _uow: Option<&mut dyn UnitOfWork>) -> Result<(), HandlerError> {
-        let secrets: ResetSecrets =
-            events::open_secrets(&received.event, &self.sealer).map_err(|e| HandlerError::new(format!("reset secrets: {e}")))?;
+        let secrets: ResetSecrets = events::open_secrets(&received.event, &self.sealer)
+            .map_err(|e| HandlerError::new(format!("reset secrets: {e}")))?;
         let email = payload_str(received, "email")?;
-        let issued = IssuedPasswordReset { token: secrets.token, expires_at: payload_time(received, "resetTokenExpiresAt")? };
+        let issued =
+            IssuedPasswordReset { token: secrets.token, expires_at: payload_time(received, "resetTokenExpiresAt")? };
         let message = templates::password_reset_email(&self.app_base_url, email, &issued);
         self.sender.send(&message).await.map_err(HandlerError::new)?;
         tracing::info!(user_id = %received.event.aggregate_id, provider = self.sender.kind(), "password-reset e-mail sent");
+        Ok(())
+    }
+}
+
+/// Every domain event → `event_stats` (count and latest occurrence per event name). A database
+/// subscriber: its count and its applied-event record commit together, so each event counts
+/// exactly once however often it is delivered.
+pub struct EventStatistics {
+    pub event_names: Vec<&'static str>,
+}
+
+impl EventStatistics {
+    /// Counts every event anna emits today.
+    pub fn all_events() -> Self {
+        Self {
+            event_names: vec![
+                events::USER_REGISTERED,
+                USER_VERIFICATION_TOKEN_ISSUED,
+                events::USER_VERIFIED,
+                USER_PASSWORD_RESET_REQUESTED,
+                events::USER_PASSWORD_RESET_COMPLETED,
+            ],
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Subscriber for EventStatistics {
+    fn name(&self) -> &'static str {
+        "EventStatisticsProjection"
+    }
+
+    fn event_names(&self) -> Vec<&'static str> {
+        self.event_names.clone()
+    }
+
+    fn effect(&self) -> Effect {
+        Effect::Database
+    }
+
+    async fn handle(&self, received: &ReceivedEvent, uow: Option<&mut dyn UnitOfWork>) -> Result<(), HandlerError> {
+        let uow = uow.ok_or_else(|| HandlerError::new("database subscriber called without a unit of work"))?;
+        uow.count_event(&received.event.event_name, received.event.occurred_on).await?;
         Ok(())
     }
 }

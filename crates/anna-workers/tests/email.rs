@@ -4,11 +4,11 @@
 
 use std::time::Duration;
 
-use anna_workers::email::templates::{password_reset_email, verification_email};
-use anna_workers::email::{ConsoleEmailSender, EmailError, EmailSender, ResendEmailSender, SmtpEmailSender};
 use anna_domain::user::{IssuedPasswordReset, IssuedVerification};
 use anna_testkit::resend_fake::FakeResend;
 use anna_testkit::smtp::SmtpSink;
+use anna_workers::email::templates::{password_reset_email, verification_email};
+use anna_workers::email::{ConsoleEmailSender, EmailError, EmailSender, ResendEmailSender, SmtpEmailSender};
 use serde_json::json;
 use time::macros::datetime;
 use uuid::Uuid;

@@ -13,7 +13,7 @@ use anna_streams::consumer::{EventConsumer, Subscriber};
 use anna_streams::relay::OutboxRelay;
 use anna_streams::{EmbeddedStream, RedisStream, Stream};
 use anna_workers::email::{ConsoleEmailSender, EmailSender, ResendEmailSender, SmtpEmailSender};
-use anna_workers::subscribers::{SendPasswordResetEmail, SendVerificationEmail};
+use anna_workers::subscribers::{EventStatistics, SendPasswordResetEmail, SendVerificationEmail};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -44,7 +44,8 @@ pub struct Backends {
 pub async fn open_backends(config: &Config) -> anyhow::Result<Backends> {
     let options = connect_options(config);
     let (store, embedded): (Arc<dyn Store>, Option<Arc<dyn Stream>>) = if config.database_url.starts_with("sqlite:") {
-        let sqlite = SqliteStore::connect(&config.database_url, &options).await.map_err(|e| database_error(config, e))?;
+        let sqlite =
+            SqliteStore::connect(&config.database_url, &options).await.map_err(|e| database_error(config, e))?;
         let embedded: Arc<dyn Stream> = Arc::new(EmbeddedStream::new(sqlite.pool()));
         (Arc::new(sqlite), Some(embedded))
     } else {
@@ -52,7 +53,8 @@ pub async fn open_backends(config: &Config) -> anyhow::Result<Backends> {
     };
     let stream = match (&config.events.backend, embedded) {
         (StreamBackend::Redis(url), _) => {
-            let redis = RedisStream::connect(url).await.map_err(|e| anyhow::anyhow!("cannot connect to REDIS_URL: {e}"))?;
+            let redis =
+                RedisStream::connect(url).await.map_err(|e| anyhow::anyhow!("cannot connect to REDIS_URL: {e}"))?;
             Arc::new(redis) as Arc<dyn Stream>
         }
         (StreamBackend::Embedded, Some(embedded)) => embedded,
@@ -83,6 +85,7 @@ pub fn subscribers(config: &Config, sender: Arc<dyn EmailSender>) -> Vec<Arc<dyn
             app_base_url: config.api.app_base_url.clone(),
         }),
         Arc::new(SendPasswordResetEmail { sender, sealer, app_base_url: config.api.app_base_url.clone() }),
+        Arc::new(EventStatistics::all_events()),
     ]
 }
 
@@ -117,7 +120,11 @@ pub struct RunningApi {
 
 /// Binds the API (and the metrics port, if configured) and serves until `shutdown` is
 /// cancelled; then stops accepting, finishes in-flight requests, drains background work.
-pub async fn start_api(config: &Config, store: Arc<dyn Store>, shutdown: CancellationToken) -> anyhow::Result<RunningApi> {
+pub async fn start_api(
+    config: &Config,
+    store: Arc<dyn Store>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<RunningApi> {
     let metrics = telemetry::metrics_handle()?;
     let state = AppState::new(store, config.api.clone(), Some(metrics.clone()), shutdown.clone())?;
     let listener = TcpListener::bind((config.host, config.port))
@@ -141,7 +148,9 @@ pub async fn start_api(config: &Config, store: Arc<dyn Store>, shutdown: Cancell
         let metrics_server = metrics_listener.map(|listener| {
             let router = metrics_router(metrics);
             let token = shutdown.clone();
-            tokio::spawn(async move { axum::serve(listener, router).with_graceful_shutdown(token.cancelled_owned()).await })
+            tokio::spawn(
+                async move { axum::serve(listener, router).with_graceful_shutdown(token.cancelled_owned()).await },
+            )
         });
         let serve = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
             .with_graceful_shutdown(shutdown.clone().cancelled_owned());
@@ -162,8 +171,10 @@ pub async fn start_api(config: &Config, store: Arc<dyn Store>, shutdown: Cancell
 }
 
 pub fn metrics_router(handle: metrics_exporter_prometheus::PrometheusHandle) -> axum::Router {
-    axum::Router::new()
-        .route("/metrics", axum::routing::get(move || std::future::ready(anna_api::health::render_metrics(Some(&handle)))))
+    axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || std::future::ready(anna_api::health::render_metrics(Some(&handle)))),
+    )
 }
 
 /// Cancels `token` on SIGINT or SIGTERM.

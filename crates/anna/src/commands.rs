@@ -86,11 +86,18 @@ pub async fn worker(config: Config, kind: WorkerKind) -> anyhow::Result<()> {
                 .with_context(|| format!("cannot listen on {}:{port} (METRICS_PORT)", config.host))?;
             let router = app::metrics_router(handle);
             let token = shutdown.clone();
-            Some(tokio::spawn(async move { axum::serve(listener, router).with_graceful_shutdown(token.cancelled_owned()).await }))
+            Some(tokio::spawn(async move {
+                axum::serve(listener, router).with_graceful_shutdown(token.cancelled_owned()).await
+            }))
         }
         None => None,
     };
-    tracing::info!(worker = kind.as_str(), database = backends.store.backend().as_str(), streams = backends.stream.backend(), "worker started");
+    tracing::info!(
+        worker = kind.as_str(),
+        database = backends.store.backend().as_str(),
+        streams = backends.stream.backend(),
+        "worker started"
+    );
     match kind {
         WorkerKind::Outbox => {
             let _ = app::start_relay(&config, &backends, shutdown.clone()).await;

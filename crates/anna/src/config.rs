@@ -122,8 +122,16 @@ impl<F: Fn(&str) -> Option<String>> Vars<F> {
         Ok(value)
     }
 
+    /// A positive duration in milliseconds, at most ten years (so timestamp arithmetic never
+    /// overflows).
     fn millis(&self, var: &'static str, default_ms: u64) -> Result<Duration, ConfigError> {
-        Ok(Duration::from_millis(self.positive(var, default_ms, "a positive number of milliseconds")?))
+        const MAX_MS: u64 = 10 * 365 * 24 * 3_600_000;
+        let expected = "a positive number of milliseconds (at most ten years)";
+        let ms = self.positive(var, default_ms, expected)?;
+        if ms > MAX_MS {
+            return Err(ConfigError::Invalid { var, shown: ms.to_string(), expected });
+        }
+        Ok(Duration::from_millis(ms))
     }
 
     fn boolean(&self, var: &'static str, default: bool) -> Result<bool, ConfigError> {
@@ -312,7 +320,9 @@ fn events_config<F: Fn(&str) -> Option<String>>(vars: &Vars<F>) -> Result<Events
 
     let backend = match vars.secret("REDIS_URL") {
         None => StreamBackend::Embedded,
-        Some(url) if url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with("redis+unix://") => {
+        Some(url)
+            if url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with("redis+unix://") =>
+        {
             StreamBackend::Redis(url)
         }
         Some(_) => {
@@ -332,7 +342,10 @@ fn events_config<F: Fn(&str) -> Option<String>>(vars: &Vars<F>) -> Result<Events
         idle_wait: vars.millis("OUTBOX_INTERVAL_MS", 1000)?,
         lease: vars.millis("OUTBOX_LEASE_MS", 30_000)?,
         max_attempts: vars.positive("OUTBOX_MAX_ATTEMPTS", 10, "a positive number of attempts")?,
-        backoff: Backoff { base: vars.millis("OUTBOX_BACKOFF_MS", 1000)?, max: vars.millis("OUTBOX_BACKOFF_MAX_MS", 60_000)? },
+        backoff: Backoff {
+            base: vars.millis("OUTBOX_BACKOFF_MS", 1000)?,
+            max: vars.millis("OUTBOX_BACKOFF_MAX_MS", 60_000)?,
+        },
         stream_max_len,
         retention: vars.millis("OUTBOX_RETENTION_MS", 7 * 24 * 3_600_000)?,
     };
@@ -343,7 +356,10 @@ fn events_config<F: Fn(&str) -> Option<String>>(vars: &Vars<F>) -> Result<Events
         consumer: vars.string("EVENTS_CONSUMER", &format!("consumer-{host}-{}", std::process::id())),
         dlq_stream: vars.string("EVENTS_DLQ_STREAM", "domain-events-dlq"),
         max_attempts: vars.positive("EVENTS_MAX_ATTEMPTS", 5, "a positive number of attempts")?,
-        backoff: Backoff { base: vars.millis("EVENTS_BACKOFF_MS", 1000)?, max: vars.millis("EVENTS_BACKOFF_MAX_MS", 30_000)? },
+        backoff: Backoff {
+            base: vars.millis("EVENTS_BACKOFF_MS", 1000)?,
+            max: vars.millis("EVENTS_BACKOFF_MAX_MS", 30_000)?,
+        },
         claim_idle: vars.millis("EVENTS_CLAIM_IDLE_MS", 5000)?,
         claim_interval: vars.millis("EVENTS_CLAIM_INTERVAL_MS", 2000)?,
         batch_size: vars.positive("EVENTS_BATCH_SIZE", 50, "a positive number of entries")?,

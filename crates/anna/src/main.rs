@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 
 use anna::commands::{self, WorkerKind};
 use anna::config::Config;
+use anna::operator;
 
 /// Configuration comes from environment variables (and a `.env` file in the working
 /// directory); see the README for the full table.
@@ -29,6 +30,39 @@ enum Command {
     },
     /// Create or upgrade every table (SQLite or Postgres, from DATABASE_URL); idempotent.
     Migrate,
+    /// Inspect the transactional outbox.
+    Outbox {
+        #[command(subcommand)]
+        command: OutboxCommand,
+    },
+    /// Inspect and act on dead-lettered events (the DLQ stream and the `dead_letters` table).
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum OutboxCommand {
+    /// Pending, processing and failed rows, and the age of the oldest unpublished one.
+    Status,
+}
+
+#[derive(Debug, Subcommand)]
+enum DlqCommand {
+    /// Every dead letter: id, event, attempts, failing subscriber, error.
+    List,
+    /// Re-append dead letters to the event stream (same event id) and remove them from the DLQ.
+    Replay {
+        /// A dead-letter id from `anna dlq list`.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        id: Option<String>,
+        /// Replay every dead letter.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Delete every dead letter.
+    Purge,
 }
 
 impl Command {
@@ -41,6 +75,7 @@ impl Command {
             Self::Worker { kind: WorkerKind::Events } => "events",
             Self::Worker { kind: WorkerKind::Sessions } => "sessions",
             Self::Migrate => "migrate",
+            Self::Outbox { .. } | Self::Dlq { .. } => "operator",
         }
     }
 }
@@ -83,6 +118,10 @@ fn main() -> ExitCode {
             Command::Api => commands::api(config).await,
             Command::Worker { kind } => commands::worker(config, kind).await,
             Command::Migrate => commands::migrate(config).await,
+            Command::Outbox { command: OutboxCommand::Status } => operator::outbox_status(config).await,
+            Command::Dlq { command: DlqCommand::List } => operator::dlq_list(config).await,
+            Command::Dlq { command: DlqCommand::Replay { id, all: _ } } => operator::dlq_replay(config, id).await,
+            Command::Dlq { command: DlqCommand::Purge } => operator::dlq_purge(config).await,
         }
     });
     telemetry.shutdown();

@@ -51,9 +51,8 @@ pub fn otlp_traces_url(endpoint: &str) -> String {
 pub fn init(config: &Config, process: &str) -> Result<TelemetryGuard, TelemetryError> {
     let filter = EnvFilter::try_new(format!("{},sqlx=warn,hyper=warn,h2=warn,tower_http=info", config.log_level))
         .map_err(|_| TelemetryError::LogLevel(config.log_level.clone()))?;
-    let mut provider = SdkTracerProvider::builder().with_resource(
-        Resource::builder().with_service_name(format!("{}-{process}", config.service_name)).build(),
-    );
+    let mut provider = SdkTracerProvider::builder()
+        .with_resource(Resource::builder().with_service_name(format!("{}-{process}", config.service_name)).build());
     if let Some(endpoint) = &config.otlp_endpoint {
         let exporter = opentelemetry_otlp::SpanExporter::builder()
             .with_http()
@@ -67,7 +66,9 @@ pub fn init(config: &Config, process: &str) -> Result<TelemetryGuard, TelemetryE
     let fmt: Box<dyn Layer<Registry> + Send + Sync> = if config.log_pretty {
         Box::new(tracing_subscriber::fmt::layer().pretty().with_ansi(std::io::stdout().is_terminal()))
     } else {
-        Box::new(tracing_subscriber::fmt::layer().json().with_current_span(true).with_span_list(false).flatten_event(true))
+        Box::new(
+            tracing_subscriber::fmt::layer().json().with_current_span(true).with_span_list(false).flatten_event(true),
+        )
     };
     // `try_init` fails only when a subscriber is already installed (tests): keep the first one.
     let _ = tracing_subscriber::registry().with(fmt).with(otel).with(filter).try_init();

@@ -218,7 +218,8 @@ async fn resend_verification(
     let now = OffsetDateTime::now_utc();
     let mut uow = state.store.begin().await?;
     if let Some(mut user) = uow.find_user_by_email(email.as_str()).await?
-        && let Some((_issued, event)) = user.reissue_verification(now, &state.secret_policy, &state.secrets, &state.sealer)
+        && let Some((_issued, event)) =
+            user.reissue_verification(now, &state.secret_policy, &state.secrets, &state.sealer)
     {
         uow.update_user(&user).await?;
         uow.append_events(&crate::telemetry::traced([event])).await?;
@@ -241,7 +242,8 @@ async fn password_reset(
     let now = OffsetDateTime::now_utc();
     let mut uow = state.store.begin().await?;
     if let Some(mut user) = uow.find_user_by_email(email.as_str()).await?
-        && let Some((_issued, event)) = user.request_password_reset(now, &state.secret_policy, &state.secrets, &state.sealer)
+        && let Some((_issued, event)) =
+            user.request_password_reset(now, &state.secret_policy, &state.secrets, &state.sealer)
     {
         uow.update_user(&user).await?;
         uow.append_events(&crate::telemetry::traced([event])).await?;

@@ -66,7 +66,8 @@ async fn register(
     }
     let password_hash = state.hash_password(password).await?;
     let now = OffsetDateTime::now_utc();
-    let (user, _issued, events) = User::register(name, email, password_hash, now, &state.secret_policy, &state.secrets, &state.sealer);
+    let (user, _issued, events) =
+        User::register(name, email, password_hash, now, &state.secret_policy, &state.secrets, &state.sealer);
     let mut uow = state.store.begin().await?;
     match uow.insert_user(&user).await {
         Err(anna_store::StoreError::Conflict(_)) => return Err(duplicate()),

@@ -103,6 +103,7 @@ conformance!(
     event_failures_count_per_subscriber,
     purge_applied_events_deletes_only_old_ones,
     dead_letters_round_trip_and_delete,
+    event_stats_count_with_their_unit_of_work,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -1267,6 +1268,7 @@ mod schema {
         ),
         ("applied_events", &["subscriber", "event_id", "applied_at"]),
         ("event_attempts", &["subscriber", "event_id", "attempts", "last_error", "updated_at"]),
+        ("event_stats", &["event_name", "count", "last_occurred_on"]),
     ];
 
     fn contract() -> Tables {
@@ -1553,13 +1555,15 @@ mod postgres_upgrade {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Several relays on one Postgres database (SQLite has one relay per database).
+// Postgres only: several relays on one database (SQLite has one relay per database), and the
+// LISTEN connection behind wait_for_outbox.
 
 mod postgres_relays {
     use std::collections::HashSet;
     use std::sync::Mutex;
 
     use anna_store::PgStore;
+    use sqlx::Connection;
 
     use super::*;
 
@@ -1657,6 +1661,58 @@ mod postgres_relays {
         Ok(())
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn wait_for_outbox_survives_a_lost_listener() {
+        let url = anna_testkit::pg::fresh_database_url().await;
+        let store: Arc<dyn Store> =
+            Arc::new(PgStore::connect(&url, &test_options()).await.unwrap_or_else(|e| panic!("{e}")));
+        store.migrate().await.unwrap_or_else(|e| panic!("migrate: {e}"));
+        run(store, async move |store: Arc<dyn Store>| -> TestResult {
+            // Starts the listener.
+            store.wait_for_outbox(StdDuration::from_millis(300)).await;
+            // Kill the listener's connection and refuse new ones for a while, so that
+            // reconnecting fails a few times before it works.
+            let options: sqlx::postgres::PgConnectOptions = url.parse()?;
+            let database = options.get_database().unwrap_or_else(|| panic!("no database in {url}")).to_owned();
+            // From another database: a database cannot refuse connections to itself.
+            let mut admin = sqlx::PgConnection::connect_with(&options.database("postgres")).await?;
+            let allow = |yes: bool| sqlx::AssertSqlSafe(format!("ALTER DATABASE {database} ALLOW_CONNECTIONS {yes}"));
+            sqlx::query(allow(false)).execute(&mut admin).await?;
+            let killed: Vec<bool> = sqlx::query_scalar(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                 WHERE datname = $1 AND query LIKE 'LISTEN %'",
+            )
+            .bind(&database)
+            .fetch_all(&mut admin)
+            .await?;
+            assert_eq!(killed, [true], "exactly one listener connection");
+            tokio::time::sleep(StdDuration::from_millis(400)).await;
+            sqlx::query(allow(true)).execute(&mut admin).await?;
+            let _ = admin.close().await;
+            // A wake-up to look after the outage is allowed, and then it listens again.
+            tokio::time::sleep(StdDuration::from_millis(1500)).await;
+            store.wait_for_outbox(StdDuration::from_millis(300)).await;
+
+            let waiter = tokio::spawn({
+                let store = store.clone();
+                async move {
+                    store.wait_for_outbox(StdDuration::from_secs(20)).await;
+                    std::time::Instant::now()
+                }
+            });
+            tokio::time::sleep(StdDuration::from_millis(300)).await;
+            append(&store, &[event("after.outage", "someone", now())]).await?;
+            let committed = std::time::Instant::now();
+            let woke = tokio::time::timeout(StdDuration::from_secs(5), waiter)
+                .await
+                .unwrap_or_else(|_| panic!("the listener did not come back"))
+                .unwrap_or_else(|e| panic!("waiter: {e}"));
+            assert!(woke.saturating_duration_since(committed) < StdDuration::from_secs(1));
+            Ok(())
+        })
+        .await;
+    }
+
     /// No row twice; every earlier event of a claimed row's aggregate is either published
     /// already or ahead of it in the same batch.
     fn check(ledger: &Mutex<Ledger>, batch: &[OutboxRecord]) {
@@ -1675,4 +1731,27 @@ mod postgres_relays {
             }
         }
     }
+}
+
+async fn event_stats_count_with_their_unit_of_work(store: Arc<dyn Store>) -> TestResult {
+    let t = now();
+    assert!(store.event_stats().await?.is_empty());
+    let mut uow = store.begin().await?;
+    uow.count_event("user.registered", t - Duration::seconds(5)).await?;
+    uow.count_event("user.registered", t).await?;
+    uow.count_event("user.verified", t).await?;
+    uow.commit().await?;
+    // Rolled back with its unit of work.
+    let mut uow = store.begin().await?;
+    uow.count_event("user.registered", t).await?;
+    drop(uow);
+    // An older event does not move last_occurred_on back.
+    let mut uow = store.begin().await?;
+    uow.count_event("user.registered", t - Duration::hours(1)).await?;
+    uow.commit().await?;
+    let stats = store.event_stats().await?;
+    let summary: Vec<(&str, i64, OffsetDateTime)> =
+        stats.iter().map(|s| (s.event_name.as_str(), s.count, s.last_occurred_on)).collect();
+    assert_eq!(summary, [("user.registered", 3, t), ("user.verified", 1, t)]);
+    Ok(())
 }

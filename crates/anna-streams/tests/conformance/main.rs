@@ -87,6 +87,8 @@ macro_rules! all_conformance_tests {
             missing_group_is_an_error,
             tail_reading_after_an_id,
             trimming_keeps_what_a_lagging_group_needs,
+            touch_keeps_own_entries_from_being_claimed,
+            delete_removes_entries,
         );
     };
 }
@@ -96,6 +98,26 @@ mod redis {
     use anna_testkit::redis::RedisServer;
 
     all_conformance_tests!(redis_stream);
+
+    /// Entries deleted while pending are dropped from the pending list by the next claim
+    /// instead of clogging it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn claim_drops_entries_deleted_while_pending() {
+        let url = anna_testkit::redis::shared_url();
+        let s: Arc<dyn Stream> = Arc::new(RedisStream::connect(&url).await.unwrap());
+        let stream = name("deleted");
+        s.create_group(&stream, "g").await.unwrap();
+        let ids = append_numbered(&s, &stream, 0..3).await;
+        assert_eq!(s.read_group(&stream, "g", "c", 10, Duration::ZERO).await.unwrap().len(), 3);
+        let mut raw = ::redis::Client::open(url).unwrap().get_multiplexed_async_connection().await.unwrap();
+        let _: u64 = ::redis::cmd("XDEL").arg(&stream).arg(&ids[1]).query_async(&mut raw).await.unwrap();
+
+        let claimed = s.claim_idle(&stream, "g", "other", Duration::ZERO, 10).await.unwrap();
+        assert_eq!(ids_of(&claimed), [ids[0].clone(), ids[2].clone()]);
+        assert!(claimed.iter().all(|d| d.delivery_count == 2));
+        let pending = s.pending(&stream, "g").await.unwrap();
+        assert_eq!((pending.count, pending.consumers.get("other")), (2, Some(&2)));
+    }
 
     /// Redis reports no lag after an XDEL in the undelivered range; it is counted instead.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -109,8 +131,12 @@ mod redis {
         let mut raw = ::redis::Client::open(url).unwrap().get_multiplexed_async_connection().await.unwrap();
         let deleted: u64 = ::redis::cmd("XDEL").arg(&stream).arg(&ids[2]).query_async(&mut raw).await.unwrap();
         assert_eq!(deleted, 1);
-        let info: ::redis::Value = ::redis::cmd("XINFO").arg("GROUPS").arg(&stream).query_async(&mut raw).await.unwrap();
-        assert!(format!("{info:?}").ends_with("bulk-string('\"lag\"'), nil])])"), "Redis now reports a lag: {info:?}");
+        let info: ::redis::Value =
+            ::redis::cmd("XINFO").arg("GROUPS").arg(&stream).query_async(&mut raw).await.unwrap();
+        let ::redis::Value::Array(groups) = &info else { panic!("{info:?}") };
+        let ::redis::Value::Array(pairs) = &groups[0] else { panic!("{info:?}") };
+        let lag = pairs.chunks(2).find(|pair| pair[0] == ::redis::Value::BulkString(b"lag".to_vec()));
+        assert_eq!(lag.map(|pair| &pair[1]), Some(&::redis::Value::Nil), "Redis now reports a lag: {info:?}");
 
         let groups = s.groups(&stream).await.unwrap();
         assert_eq!((groups[0].lag, groups[0].pending), (3, 1));
@@ -223,7 +249,7 @@ mod redis {
         server.restart();
         let id = s.append(&stream, &numbered(999), None).await.expect("append right after a restart");
         let next = s.read_group(&stream, "g", "reader", 10, Duration::from_millis(500)).await.expect("blocking read");
-        assert_eq!(ids_of(&next), [id.clone()]);
+        assert_eq!(ids_of(&next), std::slice::from_ref(&id));
         s.ack(&stream, "g", &[id]).await.unwrap();
         server.restart();
         let next = s.read_group(&stream, "g", "reader", 10, Duration::from_millis(200)).await.expect("blocking read");
@@ -241,6 +267,26 @@ mod embedded {
     use super::*;
 
     all_conformance_tests!(embedded_stream);
+
+    /// Rows deleted behind the stream's back while pending leave the pending list at the next
+    /// claim, as in Redis.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn claim_drops_entries_deleted_while_pending() {
+        let pool = embedded_pool(&anna_testkit::sqlite::fresh_database_url()).await;
+        let s: Arc<dyn Stream> = Arc::new(EmbeddedStream::new(pool.clone()));
+        let stream = name("deleted");
+        s.create_group(&stream, "g").await.unwrap();
+        let ids = append_numbered(&s, &stream, 0..3).await;
+        assert_eq!(s.read_group(&stream, "g", "c", 10, Duration::ZERO).await.unwrap().len(), 3);
+        let seq: i64 = ids[1].trim_end_matches("-0").parse().unwrap();
+        sqlx::query("DELETE FROM stream_entries WHERE id = ?").bind(seq).execute(&pool).await.unwrap();
+
+        let claimed = s.claim_idle(&stream, "g", "other", Duration::ZERO, 10).await.unwrap();
+        assert_eq!(ids_of(&claimed), [ids[0].clone(), ids[2].clone()]);
+        assert!(claimed.iter().all(|d| d.delivery_count == 2));
+        let pending = s.pending(&stream, "g").await.unwrap();
+        assert_eq!((pending.count, pending.consumers.get("other")), (2, Some(&2)));
+    }
 
     /// Handles on the same database wake each other's blocked readers: clones, a second
     /// `EmbeddedStream::new` on the same pool, and one on a second pool of the same file.
@@ -562,15 +608,15 @@ async fn continue_after_errors(s: Arc<dyn Stream>) {
         batch.extend(s.read_group(&stream, "g", "c", 3, Duration::ZERO).await.unwrap());
         for delivery in batch {
             let n = number(&delivery.entry);
-            let fails = n % 2 == 0 && delivery.delivery_count <= FAILURES;
+            let fails = n.is_multiple_of(2) && delivery.delivery_count <= FAILURES;
             if !fails {
-                assert_eq!(s.ack(&stream, "g", &[delivery.entry.id.clone()]).await.unwrap(), 1);
+                assert_eq!(s.ack(&stream, "g", std::slice::from_ref(&delivery.entry.id)).await.unwrap(), 1);
                 assert!(done.insert(n, delivery.delivery_count).is_none(), "entry {n} handled twice");
             }
         }
     }
     let expected: BTreeMap<usize, u64> =
-        (0..10).map(|n| (n, if n % 2 == 0 { FAILURES + 1 } else { 1 })).collect();
+        (0..10usize).map(|n| (n, if n.is_multiple_of(2) { FAILURES + 1 } else { 1 })).collect();
     assert_eq!(done, expected);
     assert_eq!(s.pending(&stream, "g").await.unwrap().count, 0);
 }
@@ -655,7 +701,7 @@ async fn blocked_readers_do_not_stall_other_commands(s: Arc<dyn Stream>) {
 
     for reader in readers {
         let got = tokio::time::timeout(Duration::from_secs(3), reader).await.unwrap().unwrap();
-        assert_eq!(ids_of(&got), [id.clone()]);
+        assert_eq!(ids_of(&got), std::slice::from_ref(&id));
     }
 }
 
@@ -722,7 +768,11 @@ async fn pending_summary_per_consumer(s: Arc<dyn Stream>) {
 
     s.ack(&stream, "g", &ids[1..3]).await.unwrap();
     let pending = s.pending(&stream, "g").await.unwrap();
-    assert_eq!(pending.consumers, BTreeMap::from([("b".to_owned(), 2)]), "a consumer without pending entries is not listed");
+    assert_eq!(
+        pending.consumers,
+        BTreeMap::from([("b".to_owned(), 2)]),
+        "a consumer without pending entries is not listed"
+    );
     assert_eq!(pending.oldest_id.as_ref(), Some(&ids[3]));
 
     let groups = s.groups(&stream).await.unwrap();
@@ -733,9 +783,7 @@ async fn pending_summary_per_consumer(s: Arc<dyn Stream>) {
 async fn missing_group_is_an_error(s: Arc<dyn Stream>) {
     let stream = name("missing");
     s.append(&stream, &numbered(0), None).await.unwrap();
-    let no_group = |result: Result<Vec<Delivery>, StreamError>| {
-        matches!(result, Err(StreamError::NoGroup { ref group, .. }) if group == "ghost")
-    };
+    let no_group = |result: Result<Vec<Delivery>, StreamError>| matches!(result, Err(StreamError::NoGroup { ref group, .. }) if group == "ghost");
     assert!(no_group(s.read_group(&stream, "ghost", "c", 10, Duration::ZERO).await));
     assert!(no_group(s.read_group(&stream, "ghost", "c", 10, Duration::from_millis(100)).await));
     assert!(no_group(s.claim_idle(&stream, "ghost", "c", Duration::ZERO, 10).await));
@@ -865,4 +913,40 @@ async fn trimming_keeps_what_a_lagging_group_needs(s: Arc<dyn Stream>) {
     for name in ["fast", "slow"] {
         assert_eq!((group(&groups, name).lag, group(&groups, name).pending), (1, 0), "{name}");
     }
+}
+
+/// A consumer that keeps working on its entries (waiting to retry) touches them, so other
+/// consumers do not claim them; it cannot touch another consumer's entries.
+async fn touch_keeps_own_entries_from_being_claimed(s: Arc<dyn Stream>) {
+    const IDLE: Duration = Duration::from_millis(400);
+    let stream = name("touch");
+    s.create_group(&stream, "g").await.unwrap();
+    let ids = append_numbered(&s, &stream, 0..4).await;
+    let mine = s.read_group(&stream, "g", "worker", 2, Duration::ZERO).await.unwrap();
+    let theirs = s.read_group(&stream, "g", "other", 2, Duration::ZERO).await.unwrap();
+    tokio::time::sleep(IDLE + Duration::from_millis(100)).await;
+    // Touching all four ids only touches the two pending for "worker".
+    assert_eq!(s.touch(&stream, "g", "worker", &ids).await.unwrap(), 2);
+    let claimed = s.claim_idle(&stream, "g", "rescuer", IDLE, 10).await.unwrap();
+    assert_eq!(ids_of(&claimed), ids_of(&theirs), "only the untouched entries are idle");
+    let pending = s.pending(&stream, "g").await.unwrap();
+    assert_eq!(pending.consumers, BTreeMap::from([("rescuer".to_owned(), 2), ("worker".to_owned(), 2)]));
+    // Touching does not count as a delivery.
+    tokio::time::sleep(IDLE + Duration::from_millis(100)).await;
+    let reclaimed = s.claim_idle(&stream, "g", "rescuer", IDLE, 10).await.unwrap();
+    let counts: Vec<u64> =
+        reclaimed.iter().filter(|d| ids_of(&mine).contains(&d.entry.id)).map(|d| d.delivery_count).collect();
+    assert_eq!(counts, [2, 2]);
+    assert_eq!(s.touch(&stream, "g", "worker", &[]).await.unwrap(), 0);
+}
+
+async fn delete_removes_entries(s: Arc<dyn Stream>) {
+    let stream = name("delete");
+    let ids = append_numbered(&s, &stream, 0..5).await;
+    assert_eq!(s.delete(&stream, &ids[1..3]).await.unwrap(), 2);
+    assert_eq!(s.delete(&stream, &ids[1..3]).await.unwrap(), 0, "already gone");
+    let left: Vec<String> = read_all(&s, &stream).await.into_iter().map(|e| e.id).collect();
+    assert_eq!(left, [ids[0].clone(), ids[3].clone(), ids[4].clone()]);
+    assert_eq!(s.len(&stream).await.unwrap(), 3);
+    assert_eq!(s.delete(&stream, &[]).await.unwrap(), 0);
 }

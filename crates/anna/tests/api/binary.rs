@@ -187,11 +187,16 @@ async fn migrate_is_idempotent_on_postgres_and_workers_start_and_stop() {
     }
     let out = anna(&["worker", "outbox"], &[("DATABASE_URL", &url)]).output().unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("REDIS_URL is required"), "a Postgres worker without Redis says why");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("REDIS_URL is required"),
+        "a Postgres worker without Redis says why"
+    );
     for kind in ["outbox", "events", "sessions"] {
         let redis = anna_testkit::redis::shared_url();
-        let mut worker =
-            Running::start(anna(&["worker", kind], &[("DATABASE_URL", &url), ("REDIS_URL", &redis), ("HOST", "127.0.0.1")]));
+        let mut worker = Running::start(anna(
+            &["worker", kind],
+            &[("DATABASE_URL", &url), ("REDIS_URL", &redis), ("HOST", "127.0.0.1")],
+        ));
         worker.wait_for("worker started");
         let status = worker.terminate();
         assert!(status.success(), "worker {kind}: {status:?}");

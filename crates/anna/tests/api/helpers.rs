@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use anna::app::{self, RunningApi};
 use anna::config::{Config, Vars};
-use anna_workers::email::{EmailMessage, EmailSender, MemoryMailbox, verification_code};
 use anna_store::Store;
 use anna_testkit::logs::CapturedLogs;
+use anna_workers::email::{EmailMessage, EmailSender, MemoryMailbox, verification_code};
 use reqwest::header::HeaderMap;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;

@@ -1,0 +1,177 @@
+//! Operator commands: `anna outbox status` and `anna dlq list|replay|purge`. They print to
+//! stdout (a report, not logs) and never print payloads, which may hold sealed secrets.
+
+use anyhow::Context;
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use anna_streams::{Entry, Fields, envelope};
+
+use crate::app::{self, Backends};
+use crate::config::Config;
+
+/// `anna outbox status`.
+pub async fn outbox_status(config: Config) -> anyhow::Result<()> {
+    let store = app::open_store(&config).await?;
+    let status = store.outbox_status().await.context("reading the outbox")?;
+    let age = status
+        .oldest_unpublished_at
+        .map(|at| format!("{:.1} s", (OffsetDateTime::now_utc() - at).as_seconds_f64().max(0.0)))
+        .unwrap_or_else(|| "-".into());
+    println!("pending     {}", status.pending);
+    println!("processing  {}", status.processing);
+    println!("failed      {}", status.failed);
+    println!("oldest unpublished age  {age}");
+    store.close().await;
+    Ok(())
+}
+
+/// A dead letter wherever it is kept.
+struct Letter {
+    /// The DLQ stream entry id, or the `dead_letters` row id.
+    id: String,
+    source: &'static str,
+    event_name: String,
+    event_id: String,
+    subscriber: String,
+    attempts: String,
+    failed_at: String,
+    error: String,
+    /// The fields to append to the main stream on replay.
+    replay_fields: Fields,
+}
+
+const DLQ_ONLY_FIELDS: [&str; 4] =
+    [envelope::DLQ_ERROR, envelope::DLQ_ATTEMPTS, envelope::DLQ_SUBSCRIBER, envelope::DLQ_FAILED_AT];
+
+async fn all_letters(config: &Config, backends: &Backends) -> anyhow::Result<Vec<Letter>> {
+    let dlq = &config.events.consumer.dlq_stream;
+    let mut letters = Vec::new();
+    let mut after = "0".to_owned();
+    loop {
+        let entries: Vec<Entry> = backends
+            .stream
+            .read_after(dlq, &after, 500, std::time::Duration::ZERO)
+            .await
+            .context("reading the DLQ stream")?;
+        let Some(last) = entries.last() else { break };
+        after = last.id.clone();
+        for entry in entries {
+            let get = |k: &str| entry.fields.get(k).cloned().unwrap_or_default();
+            let mut replay_fields = entry.fields.clone();
+            for field in DLQ_ONLY_FIELDS {
+                replay_fields.remove(field);
+            }
+            letters.push(Letter {
+                source: "stream",
+                event_name: get(envelope::EVENT_NAME),
+                event_id: get(envelope::EVENT_ID),
+                subscriber: get(envelope::DLQ_SUBSCRIBER),
+                attempts: get(envelope::DLQ_ATTEMPTS),
+                failed_at: get(envelope::DLQ_FAILED_AT),
+                error: get(envelope::DLQ_ERROR),
+                id: entry.id,
+                replay_fields,
+            });
+        }
+    }
+    for row in backends.store.list_dead_letters(u32::MAX).await.context("reading dead_letters")? {
+        letters.push(Letter {
+            id: row.id.to_string(),
+            source: "table",
+            event_name: row.event.event_name.clone(),
+            event_id: row.event.event_id.to_string(),
+            subscriber: String::new(),
+            attempts: row.attempts.to_string(),
+            failed_at: anna_domain::user::iso(row.created_at),
+            error: row.error.clone(),
+            replay_fields: envelope::to_fields(&row.event, None),
+        });
+    }
+    Ok(letters)
+}
+
+/// `anna dlq list`.
+pub async fn dlq_list(config: Config) -> anyhow::Result<()> {
+    let backends = app::open_backends(&config).await?;
+    let letters = all_letters(&config, &backends).await?;
+    println!(
+        "{:<24} {:<6} {:<34} {:<36} {:<8} {:<24} {:<40} error",
+        "id", "source", "event", "event id", "attempts", "failed at", "subscriber"
+    );
+    for l in &letters {
+        let error: String = l.error.chars().take(120).collect();
+        println!(
+            "{:<24} {:<6} {:<34} {:<36} {:<8} {:<24} {:<40} {error}",
+            l.id, l.source, l.event_name, l.event_id, l.attempts, l.failed_at, l.subscriber
+        );
+    }
+    println!("{} dead letter(s)", letters.len());
+    backends.store.close().await;
+    Ok(())
+}
+
+/// `anna dlq replay <id>|--all`: re-appends to the main stream with the same event id (so
+/// subscribers that already applied it skip it), clears the failed attempts, then removes the
+/// dead letter.
+pub async fn dlq_replay(config: Config, id: Option<String>) -> anyhow::Result<()> {
+    let backends = app::open_backends(&config).await?;
+    let letters = all_letters(&config, &backends).await?;
+    let selected: Vec<&Letter> = match &id {
+        Some(id) => letters.iter().filter(|l| &l.id == id).collect(),
+        None => letters.iter().collect(),
+    };
+    if let Some(id) = &id
+        && selected.is_empty()
+    {
+        backends.store.close().await;
+        anyhow::bail!("no dead letter with id {id} (see `anna dlq list`)");
+    }
+    for letter in &selected {
+        if let Ok(event_id) = Uuid::parse_str(&letter.event_id) {
+            backends.store.reset_event_attempts(event_id).await.context("clearing failed attempts")?;
+        }
+        let new_id = backends
+            .stream
+            .append(&config.events.consumer.stream, &letter.replay_fields, config.events.relay.stream_max_len)
+            .await
+            .context("appending to the event stream")?;
+        match letter.source {
+            "stream" => {
+                backends
+                    .stream
+                    .delete(&config.events.consumer.dlq_stream, std::slice::from_ref(&letter.id))
+                    .await
+                    .context("removing the DLQ entry")?;
+            }
+            _ => {
+                let row = Uuid::parse_str(&letter.id).context("dead letter id")?;
+                backends.store.delete_dead_letters(Some(&[row])).await.context("removing the dead letter")?;
+            }
+        }
+        println!("replayed {} ({} {}) as {new_id}", letter.id, letter.event_name, letter.event_id);
+    }
+    println!("{} dead letter(s) replayed", selected.len());
+    backends.store.close().await;
+    Ok(())
+}
+
+/// `anna dlq purge`: deletes every dead letter (DLQ stream entries and `dead_letters` rows).
+pub async fn dlq_purge(config: Config) -> anyhow::Result<()> {
+    let backends = app::open_backends(&config).await?;
+    let letters = all_letters(&config, &backends).await?;
+    let stream_ids: Vec<String> = letters.iter().filter(|l| l.source == "stream").map(|l| l.id.clone()).collect();
+    let removed_entries = if stream_ids.is_empty() {
+        0
+    } else {
+        backends
+            .stream
+            .delete(&config.events.consumer.dlq_stream, &stream_ids)
+            .await
+            .context("purging the DLQ stream")?
+    };
+    let removed_rows = backends.store.delete_dead_letters(None).await.context("purging dead_letters")?;
+    println!("purged {removed_entries} DLQ stream entr(ies) and {removed_rows} dead_letters row(s)");
+    backends.store.close().await;
+    Ok(())
+}

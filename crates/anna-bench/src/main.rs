@@ -2,12 +2,14 @@
 //!
 //! ```text
 //! cargo run --release -p anna-bench -- auth
+//! cargo run --release -p anna-bench -- events
 //! ```
 //!
 //! The load generator runs in the same process as the server it measures (on a 2-core machine
 //! they share the cores), so compare figures measured in one run, not across machines.
 
 mod auth;
+mod events;
 mod stats;
 
 use clap::{Parser, Subcommand};
@@ -23,6 +25,8 @@ struct Cli {
 enum Bench {
     /// `GET /users/me` and `POST /auth/login` throughput and latency on SQLite and Postgres.
     Auth(auth::AuthArgs),
+    /// Domain events end to end (commit → relay → stream → subscriber applied), both shapes.
+    Events(events::EventsArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -32,6 +36,7 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(async move {
         match cli.bench {
             Bench::Auth(args) => auth::run(args).await,
+            Bench::Events(args) => events::run(args).await,
         }
     })
 }

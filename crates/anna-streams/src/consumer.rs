@@ -9,7 +9,7 @@
 //! and acknowledged second; if the DLQ cannot be written it goes to `dead_letters`; if that
 //! fails too it stays pending and is retried later. Nothing is dropped.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -51,6 +51,13 @@ impl From<StoreError> for HandlerError {
     fn from(error: StoreError) -> Self {
         Self(error.to_string())
     }
+}
+
+/// Why a batch transaction failed: the position of the event whose handler failed, if it was
+/// a handler (and not the storage).
+struct BatchFailure {
+    culprit: Option<usize>,
+    error: HandlerError,
 }
 
 /// An event as a subscriber sees it.
@@ -235,35 +242,178 @@ impl EventConsumer {
         }
     }
 
-    /// Handles a batch: entries of one aggregate in order, different aggregates concurrently.
+    /// Handles a batch. Fast path: each database subscriber applies all its events of the batch
+    /// in ONE transaction (in stream order, so per aggregate in order), and everything settled
+    /// that way is acknowledged in one call. Events with external subscribers, events of a
+    /// failed batch and undecodable entries go one by one (`handle`), aggregates concurrently;
+    /// the event whose handler broke a batch counts one failed attempt and is retried after
+    /// the backoff (or dead-lettered), like any failure.
     async fn handle_batch(
         self: Arc<Self>,
         deliveries: Vec<Delivery>,
         retries: &TaskTracker,
         shutdown: &CancellationToken,
     ) {
-        let mut by_aggregate: Vec<(String, Vec<Delivery>)> = Vec::new();
-        for delivery in deliveries {
-            let key = delivery.entry.fields.get(envelope::AGGREGATE_ID).cloned().unwrap_or_default();
-            match by_aggregate.iter_mut().find(|(k, _)| *k == key) {
-                Some((_, group)) => group.push(delivery),
-                None => by_aggregate.push((key, vec![delivery])),
+        if deliveries.is_empty() {
+            return;
+        }
+        let received: Vec<Option<ReceivedEvent>> = deliveries
+            .iter()
+            .map(|d| {
+                envelope::from_fields(&d.entry.fields).ok().map(|event| ReceivedEvent {
+                    event,
+                    entry_id: d.entry.id.clone(),
+                    delivery_count: d.delivery_count,
+                })
+            })
+            .collect();
+        // Entries for the one-by-one path, and entries whose handler failed in a batch.
+        let mut one_by_one: HashSet<usize> =
+            received.iter().enumerate().filter(|(_, r)| r.is_none()).map(|(i, _)| i).collect();
+        let mut culprits: Vec<(usize, &'static str, String)> = Vec::new();
+
+        let mut database_subscribers: Vec<&Arc<dyn Subscriber>> = Vec::new();
+        for subscriber in self.subscribers.values().flatten() {
+            if subscriber.effect() == Effect::Database
+                && !database_subscribers.iter().any(|s| s.name() == subscriber.name())
+            {
+                database_subscribers.push(subscriber);
             }
         }
-        let concurrency = self.config.concurrency.max(1);
-        futures::stream::iter(by_aggregate)
-            .for_each_concurrent(concurrency, |(_, group)| {
+        for subscriber in database_subscribers {
+            let names = subscriber.event_names();
+            let indices: Vec<usize> = received
+                .iter()
+                .enumerate()
+                .filter(|(i, r)| {
+                    !one_by_one.contains(i) && r.as_ref().is_some_and(|r| names.contains(&r.event.event_name.as_str()))
+                })
+                .map(|(i, _)| i)
+                .collect();
+            if indices.is_empty() {
+                continue;
+            }
+            let events: Vec<&ReceivedEvent> = indices.iter().filter_map(|i| received[*i].as_ref()).collect();
+            if let Err(failure) = self.apply_batch(subscriber.as_ref(), &events).await {
+                tracing::debug!(subscriber = subscriber.name(), error = %failure.error, "batch failed; its entries go one by one");
+                for (position, index) in indices.iter().enumerate() {
+                    if failure.culprit == Some(position) {
+                        culprits.push((*index, subscriber.name(), failure.error.0.clone()));
+                    }
+                    one_by_one.insert(*index);
+                }
+            }
+        }
+        let culprit_indices: HashSet<usize> = culprits.iter().map(|(i, _, _)| *i).collect();
+
+        // Settled by the fast path: decoded, no failure, no external subscriber.
+        let mut settled = Vec::new();
+        for (i, r) in received.iter().enumerate() {
+            let Some(r) = r else { continue };
+            if one_by_one.contains(&i) {
+                continue;
+            }
+            let external = self
+                .subscribers
+                .get(r.event.event_name.as_str())
+                .is_some_and(|subs| subs.iter().any(|s| s.effect() == Effect::External));
+            if external {
+                one_by_one.insert(i);
+            } else {
+                settled.push(i);
+            }
+        }
+        if !settled.is_empty() {
+            let ids: Vec<String> = settled.iter().map(|i| deliveries[*i].entry.id.clone()).collect();
+            match self.stream.ack(&self.config.stream, &self.config.group, &ids).await {
+                Ok(_) => {
+                    let now = OffsetDateTime::now_utc();
+                    for event in settled.iter().filter_map(|i| received[*i].as_ref()) {
+                        if self.subscribers.contains_key(event.event.event_name.as_str()) {
+                            let latency = (now - event.event.occurred_on).as_seconds_f64().max(0.0);
+                            metrics::histogram!("event_end_to_end_latency_seconds", "event_name" => event.event.event_name.clone())
+                                .record(latency);
+                        }
+                    }
+                }
+                // Left pending: they will be claimed and found already applied.
+                Err(error) => tracing::warn!(%error, count = ids.len(), "ack failed"),
+            }
+        }
+
+        // Batch failures count one attempt each, then wait for their backoff like any failure.
+        for (index, subscriber, error) in culprits {
+            let delivery = &deliveries[index];
+            let Some(event) = received[index].as_ref() else { continue };
+            metrics::counter!("events_failed_total", "event_name" => event.event.event_name.clone(), "subscriber" => subscriber).increment(1);
+            tracing::warn!(subscriber, %error, "Event processing failed");
+            match self.store.record_event_failure(subscriber, event.event.event_id, &error, OffsetDateTime::now_utc()).await {
+                Ok(attempts) if attempts >= self.config.max_attempts => {
+                    let _ = self.dead_letter(delivery, Some(subscriber), &error, attempts).await;
+                }
+                Ok(attempts) => {
+                    self.clone().schedule_retry(delivery.clone(), self.config.backoff.delay(attempts), retries, shutdown.clone());
+                }
+                // Stays pending: claimed again later.
+                Err(store_error) => tracing::error!(%store_error, "recording a failed attempt failed"),
+            }
+        }
+
+        // The rest one by one: one aggregate in order, aggregates concurrently.
+        let mut by_aggregate: HashMap<String, Vec<usize>> = HashMap::new();
+        let mut order: Vec<String> = Vec::new();
+        let mut rest: Vec<usize> = one_by_one.into_iter().filter(|i| !culprit_indices.contains(i)).collect();
+        rest.sort_unstable();
+        for i in rest {
+            let key = deliveries[i].entry.fields.get(envelope::AGGREGATE_ID).cloned().unwrap_or_default();
+            if !by_aggregate.contains_key(&key) {
+                order.push(key.clone());
+            }
+            by_aggregate.entry(key).or_default().push(i);
+        }
+        let groups: Vec<Vec<usize>> = order.iter().filter_map(|k| by_aggregate.remove(k)).collect();
+        let deliveries = &deliveries;
+        futures::stream::iter(groups)
+            .for_each_concurrent(self.config.concurrency.max(1), |indices| {
                 let this = self.clone();
                 async move {
-                    for delivery in group {
-                        let outcome = this.handle(&delivery).await;
-                        if let Outcome::Retry { retry_in } = outcome {
-                            this.clone().schedule_retry(delivery, retry_in, retries, shutdown.clone());
+                    for i in indices {
+                        let delivery = &deliveries[i];
+                        if let Outcome::Retry { retry_in } = this.handle(delivery).await {
+                            this.clone().schedule_retry(delivery.clone(), retry_in, retries, shutdown.clone());
                         }
                     }
                 }
             })
             .await;
+    }
+
+    /// Applies `events` with a database subscriber in one transaction; events it already
+    /// applied are skipped. All or nothing; a failure names the event whose handler failed.
+    async fn apply_batch(&self, subscriber: &dyn Subscriber, events: &[&ReceivedEvent]) -> Result<(), BatchFailure> {
+        let name = subscriber.name();
+        let started = Instant::now();
+        let unattributed = |error: StoreError| BatchFailure { culprit: None, error: HandlerError::from(error) };
+        let mut uow = self.store.begin().await.map_err(unattributed)?;
+        let mut applied: Vec<&ReceivedEvent> = Vec::with_capacity(events.len());
+        for (position, event) in events.iter().enumerate() {
+            if uow.record_event_applied(name, event.event.event_id, OffsetDateTime::now_utc()).await.map_err(unattributed)? {
+                subscriber
+                    .handle(event, Some(uow.as_mut()))
+                    .await
+                    .map_err(|error| BatchFailure { culprit: Some(position), error })?;
+                applied.push(event);
+            }
+        }
+        uow.commit().await.map_err(unattributed)?;
+        let per_event_ms = started.elapsed().as_secs_f64() * 1000.0 / applied.len().max(1) as f64;
+        for event in applied {
+            let event_name = event.event.event_name.clone();
+            metrics::counter!("events_processed_total", "event_name" => event_name.clone(), "subscriber" => name).increment(1);
+            metrics::histogram!("event_processing_duration_ms", "event_name" => event_name, "subscriber" => name)
+                .record(per_event_ms);
+        }
+        Ok(())
     }
 
     /// Re-handles `delivery` after `delay`, again and again until it is settled. The entry

@@ -3,6 +3,10 @@
 use std::io::Write;
 use std::sync::{Arc, Mutex, OnceLock};
 
+use opentelemetry::trace::TracerProvider as _;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+
 /// Everything written through the capturing subscriber since the process started.
 #[derive(Clone, Default)]
 pub struct CapturedLogs(Arc<Mutex<Vec<u8>>>);
@@ -36,11 +40,14 @@ pub fn capture() -> CapturedLogs {
         .get_or_init(|| {
             let logs = CapturedLogs::default();
             let writer_logs = logs.clone();
-            let _ = tracing_subscriber::fmt()
-                .json()
-                .with_env_filter(tracing_subscriber::EnvFilter::new("debug,sqlx=warn,hyper=warn,h2=warn,reqwest=warn"))
-                .with_writer(move || CaptureWriter(writer_logs.clone()))
-                .try_init();
+            // Spans get W3C trace ids as in production (nothing is exported), so tests can follow
+            // a trace through the outbox and the streams.
+            static PROVIDER: OnceLock<opentelemetry_sdk::trace::SdkTracerProvider> = OnceLock::new();
+            let provider = PROVIDER.get_or_init(|| opentelemetry_sdk::trace::SdkTracerProvider::builder().build());
+            let otel = tracing_opentelemetry::layer().with_tracer(provider.tracer("anna-tests"));
+            let fmt = tracing_subscriber::fmt::layer().json().with_writer(move || CaptureWriter(writer_logs.clone()));
+            let filter = tracing_subscriber::EnvFilter::new("debug,sqlx=warn,hyper=warn,h2=warn,reqwest=warn");
+            let _ = tracing_subscriber::registry().with(fmt).with(otel).with(filter).try_init();
             logs
         })
         .clone()

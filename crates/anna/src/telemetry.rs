@@ -86,6 +86,22 @@ pub fn metrics_handle() -> Result<PrometheusHandle, TelemetryError> {
                     anna_api::telemetry::HTTP_LATENCY_BUCKETS,
                 )
                 .map_err(|e| e.to_string())?
+                // The seed's buckets.
+                .set_buckets_for_metric(
+                    Matcher::Full("event_processing_duration_ms".into()),
+                    &[25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0],
+                )
+                .map_err(|e| e.to_string())?
+                .set_buckets_for_metric(
+                    Matcher::Full("outbox_dispatch_duration_ms".into()),
+                    &[10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0],
+                )
+                .map_err(|e| e.to_string())?
+                .set_buckets_for_metric(
+                    Matcher::Full("event_end_to_end_latency_seconds".into()),
+                    &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0],
+                )
+                .map_err(|e| e.to_string())?
                 .install_recorder()
                 .map_err(|e| e.to_string())?;
             let upkeep = handle.clone();

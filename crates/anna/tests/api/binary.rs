@@ -224,3 +224,51 @@ async fn api_process_against_postgres() {
     assert_eq!(ready.status(), 200);
     assert!(api.terminate().success());
 }
+
+/// A stand-in OpenTelemetry collector: counts OTLP/HTTP trace exports.
+async fn start_otlp_sink() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let received = std::sync::Arc::new(AtomicUsize::new(0));
+    let counter = received.clone();
+    let app = axum::Router::new().route(
+        "/v1/traces",
+        axum::routing::post(move |headers: axum::http::HeaderMap, body: axum::body::Bytes| {
+            let counter = counter.clone();
+            async move {
+                let protobuf = headers.get("content-type").and_then(|v| v.to_str().ok()) == Some("application/x-protobuf");
+                if protobuf && !body.is_empty() {
+                    counter.fetch_add(1, Ordering::SeqCst);
+                }
+                axum::http::StatusCode::OK
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (format!("http://{addr}"), received)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traces_are_exported_over_otlp_and_flushed_on_shutdown() {
+    let (endpoint, received) = start_otlp_sink().await;
+    let dir = std::env::temp_dir().join(format!("anna-otlp-{}", uuid::Uuid::new_v4().simple()));
+    let db = format!("sqlite:{}/anna.db", dir.display());
+    let mut app = Running::start(anna(
+        &["serve"],
+        &[("HOST", "127.0.0.1"), ("PORT", "0"), ("DATABASE_URL", &db), ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)],
+    ));
+    let addr = app.listening_addr();
+    let reply = reqwest::Client::new()
+        .post(format!("http://{addr}/users"))
+        .json(&json!({"name": "O", "email": "otlp@example.com", "password": "correct horse battery"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reply.status(), 201);
+    app.wait_for("[UserVerificationCode]");
+    let status = app.terminate();
+    assert!(status.success());
+    assert!(received.load(std::sync::atomic::Ordering::SeqCst) >= 1, "no OTLP export reached the collector");
+    let _ = std::fs::remove_dir_all(dir);
+}

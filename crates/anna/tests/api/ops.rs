@@ -83,7 +83,51 @@ async fn openapi_and_docs(backend: Backend) {
     app.stop().await;
 }
 
+async fn events_metrics_and_trace_context(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let email = unique_email();
+    // The caller's trace continues through the outbox into the stream entries.
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let reply = app
+        .post("/users")
+        .header("traceparent", &format!("00-{trace_id}-00f067aa0ba902b7-01"))
+        .json(json!({"name": "T", "email": email, "password": "correct horse battery"}))
+        .send()
+        .await;
+    assert_eq!(reply.status, 201);
+    let id = reply.body["id"].as_str().unwrap_or_default().to_owned();
+    let rows = app.store.outbox_events_for_aggregate(&id).await.unwrap();
+    assert!(!rows.is_empty());
+    for row in &rows {
+        let traceparent = row.event.traceparent.clone().unwrap_or_default();
+        assert!(traceparent.starts_with(&format!("00-{trace_id}-")), "{traceparent:?}");
+        assert_eq!(traceparent.len(), 55);
+    }
+    app.mailbox.nth_to(&email, 1).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let text = app.get("/metrics").send().await.text;
+        let ready = [
+            "outbox_dispatch_total{",
+            "events_processed_total{",
+            "event_processing_duration_ms_bucket{",
+            "event_end_to_end_latency_seconds_bucket{",
+            "outbox_dispatch_duration_ms_bucket{",
+        ]
+        .iter()
+        .all(|m| text.contains(m));
+        if ready {
+            assert!(text.contains("subscriber=\"SendUserVerificationEmailOnUserVerificationTokenIssued\""));
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "event metrics missing:\n{text}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    app.stop().await;
+}
+
 crate::on_both_backends!(
+    events_metrics_and_trace_context,
     health_readiness_and_request_ids,
     readiness_fails_when_the_database_is_gone,
     metrics_by_route_template,

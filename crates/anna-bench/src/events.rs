@@ -39,6 +39,9 @@ pub struct EventsArgs {
     /// Duration of the latency run, in seconds.
     #[arg(long, default_value_t = 10)]
     seconds: u64,
+    /// Relay loops and consumer loops run side by side in the distributed shape.
+    #[arg(long, default_value_t = 1)]
+    parallel: usize,
     /// Only these shapes (embedded, distributed).
     #[arg(long, value_delimiter = ',', default_value = "distributed,embedded")]
     shapes: Vec<String>,
@@ -77,7 +80,11 @@ impl Subscriber for Witness {
 
 impl Witness {
     fn new() -> Arc<Self> {
-        Arc::new(Self { committed_at: Mutex::new(HashMap::new()), latencies: Mutex::new(Vec::new()), applied: Notify::new() })
+        Arc::new(Self {
+            committed_at: Mutex::new(HashMap::new()),
+            latencies: Mutex::new(Vec::new()),
+            applied: Notify::new(),
+        })
     }
     fn take_latencies(&self) -> Vec<Duration> {
         std::mem::take(&mut *self.latencies.lock().unwrap_or_else(|e| e.into_inner()))
@@ -114,16 +121,22 @@ async fn open_shape(name: &str) -> anyhow::Result<Shape> {
 
 async fn commit_events(store: &Arc<dyn Store>, witness: &Witness, count: usize) -> anyhow::Result<()> {
     let events: Vec<DomainEvent> = (0..count)
-        .map(|_| DomainEvent::new(EVENT_NAME, Uuid::new_v4().to_string(), OffsetDateTime::now_utc(), serde_json::json!({})))
+        .map(|_| {
+            DomainEvent::new(EVENT_NAME, Uuid::new_v4().to_string(), OffsetDateTime::now_utc(), serde_json::json!({}))
+        })
         .collect();
     let mut uow = store.begin().await?;
     uow.append_events(&events).await?;
-    uow.commit().await?;
+    // Noted just before the commit, or a fast consumer could apply an event before its commit
+    // time is known: latencies include the commit itself.
     let now = Instant::now();
-    let mut committed = witness.committed_at.lock().unwrap_or_else(|e| e.into_inner());
-    for event in &events {
-        committed.insert(event.event_id, now);
+    {
+        let mut committed = witness.committed_at.lock().unwrap_or_else(|e| e.into_inner());
+        for event in &events {
+            committed.insert(event.event_id, now);
+        }
     }
+    uow.commit().await?;
     Ok(())
 }
 
@@ -166,7 +179,11 @@ async fn bench_shape(shape: &Shape, args: &EventsArgs) -> anyhow::Result<Vec<Sum
     let fields: Vec<Fields> = (0..500).map(|i| Fields::from([("n".to_owned(), i.to_string())])).collect();
     let mut appended = 0;
     while appended < args.events {
-        shape.stream.append_batch(&format!("bench-raw-{suffix}"), &fields, None).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+        shape
+            .stream
+            .append_batch(&format!("bench-raw-{suffix}"), &fields, None)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
         appended += fields.len();
     }
     rows.push(Summary::from_latencies(
@@ -178,52 +195,52 @@ async fn bench_shape(shape: &Shape, args: &EventsArgs) -> anyhow::Result<Vec<Sum
 
     // Clean slate: the reference rows must not be relayed into the end-to-end runs.
     let _ = shape.store.purge_published_outbox(OffsetDateTime::now_utc()).await;
-    let leftover = shape.store.claim_outbox_batch(u32::MAX, Duration::from_secs(3600), OffsetDateTime::now_utc()).await?;
+    let leftover =
+        shape.store.claim_outbox_batch(u32::MAX, Duration::from_secs(3600), OffsetDateTime::now_utc()).await?;
     let ids: Vec<Uuid> = leftover.iter().map(|r| r.id).collect();
     shape.store.mark_outbox_published(&ids, OffsetDateTime::now_utc()).await?;
 
     let witness = Witness::new();
     let shutdown = CancellationToken::new();
-    let relay = OutboxRelay::new(
-        shape.store.clone(),
-        shape.stream.clone(),
-        RelayConfig {
-            stream: stream_name.clone(),
-            batch_size: 1000,
-            idle_wait: Duration::from_millis(500),
-            lease: Duration::from_secs(30),
-            max_attempts: 10,
-            backoff: Backoff { base: Duration::from_millis(100), max: Duration::from_secs(5) },
-            stream_max_len: Some(1_000_000),
-            retention: Duration::from_secs(3600),
-        },
-    );
-    let consumer = Arc::new(
-        EventConsumer::new(
+    let loops = if shape.label.starts_with("embedded") { 1 } else { args.parallel.max(1) };
+    let mut tasks = Vec::new();
+    for n in 0..loops {
+        let relay = OutboxRelay::new(
             shape.store.clone(),
             shape.stream.clone(),
-            ConsumerConfig {
+            RelayConfig {
                 stream: stream_name.clone(),
-                group: "bench".into(),
-                consumer: format!("bench-{suffix}"),
-                dlq_stream: format!("{stream_name}-dlq"),
-                batch_size: 500,
-                block: Duration::from_millis(500),
-                concurrency: 64,
-                ..ConsumerConfig::default()
+                batch_size: 1000,
+                idle_wait: Duration::from_millis(500),
+                lease: Duration::from_secs(30),
+                max_attempts: 10,
+                backoff: Backoff { base: Duration::from_millis(100), max: Duration::from_secs(5) },
+                stream_max_len: Some(1_000_000),
+                retention: Duration::from_secs(3600),
             },
-        )
-        .subscribe(witness.clone()),
-    );
-    let relay_task = tokio::spawn({
+        );
+        let consumer = Arc::new(
+            EventConsumer::new(
+                shape.store.clone(),
+                shape.stream.clone(),
+                ConsumerConfig {
+                    stream: stream_name.clone(),
+                    group: "bench".into(),
+                    consumer: format!("bench-{suffix}-{n}"),
+                    dlq_stream: format!("{stream_name}-dlq"),
+                    batch_size: 500,
+                    block: Duration::from_millis(500),
+                    concurrency: 64,
+                    ..ConsumerConfig::default()
+                },
+            )
+            .subscribe(witness.clone()),
+        );
         let token = shutdown.clone();
-        async move { relay.run(token).await }
-    });
-    let consumer_task = tokio::spawn({
+        tasks.push(tokio::spawn(async move { relay.run(token).await }));
         let token = shutdown.clone();
-        let consumer = consumer.clone();
-        async move { consumer.run(token).await }
-    });
+        tasks.push(tokio::spawn(async move { consumer.run(token).await }));
+    }
 
     // Throughput: producers commit as fast as they can.
     let started = Instant::now();
@@ -266,11 +283,16 @@ async fn bench_shape(shape: &Shape, args: &EventsArgs) -> anyhow::Result<Vec<Sum
     ));
 
     shutdown.cancel();
-    let _ = relay_task.await;
-    let _ = consumer_task.await;
-    let counted: i64 = shape.store.event_stats().await?.iter().filter(|s| s.event_name == EVENT_NAME).map(|s| s.count).sum();
+    for task in tasks {
+        let _ = task.await;
+    }
+    let counted: i64 =
+        shape.store.event_stats().await?.iter().filter(|s| s.event_name == EVENT_NAME).map(|s| s.count).sum();
     let expected = args.events + total;
-    anyhow::ensure!(counted == i64::try_from(expected).unwrap_or(i64::MAX), "applied {counted} events, expected {expected}");
+    anyhow::ensure!(
+        counted == i64::try_from(expected).unwrap_or(i64::MAX),
+        "applied {counted} events, expected {expected}"
+    );
     Ok(rows)
 }
 

@@ -347,12 +347,21 @@ impl EventConsumer {
             let Some(event) = received[index].as_ref() else { continue };
             metrics::counter!("events_failed_total", "event_name" => event.event.event_name.clone(), "subscriber" => subscriber).increment(1);
             tracing::warn!(subscriber, %error, "Event processing failed");
-            match self.store.record_event_failure(subscriber, event.event.event_id, &error, OffsetDateTime::now_utc()).await {
+            match self
+                .store
+                .record_event_failure(subscriber, event.event.event_id, &error, OffsetDateTime::now_utc())
+                .await
+            {
                 Ok(attempts) if attempts >= self.config.max_attempts => {
                     let _ = self.dead_letter(delivery, Some(subscriber), &error, attempts).await;
                 }
                 Ok(attempts) => {
-                    self.clone().schedule_retry(delivery.clone(), self.config.backoff.delay(attempts), retries, shutdown.clone());
+                    self.clone().schedule_retry(
+                        delivery.clone(),
+                        self.config.backoff.delay(attempts),
+                        retries,
+                        shutdown.clone(),
+                    );
                 }
                 // Stays pending: claimed again later.
                 Err(store_error) => tracing::error!(%store_error, "recording a failed attempt failed"),
@@ -397,7 +406,11 @@ impl EventConsumer {
         let mut uow = self.store.begin().await.map_err(unattributed)?;
         let mut applied: Vec<&ReceivedEvent> = Vec::with_capacity(events.len());
         for (position, event) in events.iter().enumerate() {
-            if uow.record_event_applied(name, event.event.event_id, OffsetDateTime::now_utc()).await.map_err(unattributed)? {
+            if uow
+                .record_event_applied(name, event.event.event_id, OffsetDateTime::now_utc())
+                .await
+                .map_err(unattributed)?
+            {
                 subscriber
                     .handle(event, Some(uow.as_mut()))
                     .await
@@ -409,7 +422,8 @@ impl EventConsumer {
         let per_event_ms = started.elapsed().as_secs_f64() * 1000.0 / applied.len().max(1) as f64;
         for event in applied {
             let event_name = event.event.event_name.clone();
-            metrics::counter!("events_processed_total", "event_name" => event_name.clone(), "subscriber" => name).increment(1);
+            metrics::counter!("events_processed_total", "event_name" => event_name.clone(), "subscriber" => name)
+                .increment(1);
             metrics::histogram!("event_processing_duration_ms", "event_name" => event_name, "subscriber" => name)
                 .record(per_event_ms);
         }

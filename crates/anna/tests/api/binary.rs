@@ -235,7 +235,8 @@ async fn start_otlp_sink() -> (String, std::sync::Arc<std::sync::atomic::AtomicU
         axum::routing::post(move |headers: axum::http::HeaderMap, body: axum::body::Bytes| {
             let counter = counter.clone();
             async move {
-                let protobuf = headers.get("content-type").and_then(|v| v.to_str().ok()) == Some("application/x-protobuf");
+                let protobuf =
+                    headers.get("content-type").and_then(|v| v.to_str().ok()) == Some("application/x-protobuf");
                 if protobuf && !body.is_empty() {
                     counter.fetch_add(1, Ordering::SeqCst);
                 }

@@ -134,15 +134,13 @@ impl OutboxRelay {
             Err(failure) => {
                 let done = failure.appended.len().min(rows.len());
                 let error = failure.error.to_string();
-                // The first row not appended carries the error; the rest of the batch goes
-                // straight back (their aggregates' order is kept by the claim rule).
-                if let Some(first) = rows.get(done) {
-                    self.schedule_retry(first, &error, &mut pass).await?;
+                // Every row not appended was tried and failed: each waits for its own backoff
+                // and counts towards its own maximum (their aggregates' order is kept by the
+                // claim rule).
+                for row in rows.iter().skip(done) {
+                    self.schedule_retry(row, &error, &mut pass).await?;
                 }
-                for row in rows.iter().skip(done + 1) {
-                    self.store.mark_outbox_retry(row.id, "an earlier entry of the batch failed", now, now).await?;
-                    pass.retried += 1;
-                }
+                tracing::warn!(unpublished = rows.len() - done, retried = pass.retried, failed = pass.failed, %error, "Outbox publish failed");
                 done
             }
         };
@@ -169,7 +167,7 @@ impl OutboxRelay {
             pass.failed += 1;
         } else {
             let delay = self.config.backoff.delay(attempts);
-            tracing::warn!(outbox_id = %row.id, event_name = %row.event.event_name, attempts, retry_in_ms = delay.as_millis() as u64, error, "Outbox publish failed");
+            tracing::debug!(outbox_id = %row.id, event_name = %row.event.event_name, attempts, retry_in_ms = delay.as_millis() as u64, error, "outbox row will be retried");
             self.store
                 .mark_outbox_retry(row.id, error, now.saturating_add(crate::backoff::to_time(delay)), now)
                 .await?;

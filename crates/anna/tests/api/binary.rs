@@ -273,3 +273,86 @@ async fn traces_are_exported_over_otlp_and_flushed_on_shutdown() {
     assert!(received.load(std::sync::atomic::Ordering::SeqCst) >= 1, "no OTLP export reached the collector");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+fn env_of(pairs: &[(String, String)]) -> Vec<(&str, &str)> {
+    pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
+}
+
+fn run_anna(args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
+    let out = anna(args, env).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    (out.status.success(), format!("{stdout}{stderr}"))
+}
+
+/// A verification e-mail the provider refuses is dead-lettered after EVENTS_MAX_ATTEMPTS;
+/// `anna dlq list` shows it, `anna dlq replay` delivers it once through a running consumer,
+/// `anna outbox status` reports, `anna dlq purge` empties.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_are_listed_replayed_and_purged() {
+    use anna_testkit::resend_fake::FakeResend;
+    let dir = std::env::temp_dir().join(format!("anna-dlq-{}", uuid::Uuid::new_v4().simple()));
+    let db = format!("sqlite:{}/anna.db", dir.display());
+    let refusing = FakeResend::start_failing(422, "domain not verified").await;
+    let refusing_url = refusing.base_url();
+    let common = [
+        ("HOST", "127.0.0.1"),
+        ("PORT", "0"),
+        ("DATABASE_URL", db.as_str()),
+        ("EMAIL_PROVIDER", "resend"),
+        ("RESEND_API_KEY", "re_test_key_for_the_fake"),
+        ("RESEND_FROM", "anna <no-reply@anna.test>"),
+        ("EVENTS_MAX_ATTEMPTS", "2"),
+        ("EVENTS_BACKOFF_MS", "20"),
+        ("EVENTS_BACKOFF_MAX_MS", "50"),
+        ("EVENTS_BLOCK_MS", "200"),
+    ];
+    let with = |extra: &[(&'static str, &str)]| -> Vec<(String, String)> {
+        common.iter().chain(extra.iter()).map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+    };
+
+    let first = with(&[("RESEND_BASE_URL", refusing_url.as_str())]);
+    let mut app = Running::start(anna(&["serve"], &env_of(&first)));
+    let addr = app.listening_addr();
+    let reply = reqwest::Client::new()
+        .post(format!("http://{addr}/users"))
+        .json(&json!({"name": "D", "email": "dlq@example.com", "password": "correct horse battery"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reply.status(), 201);
+    app.wait_for("event dead-lettered");
+    assert_eq!(refusing.requests().await.len(), 2, "exactly EVENTS_MAX_ATTEMPTS attempts");
+    assert!(app.terminate().success());
+
+    let (ok, listing) = run_anna(&["dlq", "list"], &env_of(&first));
+    assert!(ok, "{listing}");
+    assert!(listing.contains("user.verification.token_issued"), "{listing}");
+    assert!(listing.contains("SendUserVerificationEmailOnUserVerificationTokenIssued"), "{listing}");
+    assert!(listing.contains("1 dead letter(s)"), "{listing}");
+    let (ok, status) = run_anna(&["outbox", "status"], &env_of(&first));
+    assert!(ok && status.contains("pending     0") && status.contains("failed      0"), "{status}");
+    let (ok, missing) = run_anna(&["dlq", "replay", "no-such-id"], &env_of(&first));
+    assert!(!ok && missing.contains("no dead letter with id no-such-id"), "{missing}");
+
+    // The provider works again: replaying delivers the e-mail exactly once.
+    let accepting = FakeResend::start().await;
+    let accepting_url = accepting.base_url();
+    let second = with(&[("RESEND_BASE_URL", accepting_url.as_str())]);
+    let mut app = Running::start(anna(&["serve"], &env_of(&second)));
+    app.listening_addr();
+    let (ok, replayed) = run_anna(&["dlq", "replay", "--all"], &env_of(&second));
+    assert!(ok && replayed.contains("1 dead letter(s) replayed"), "{replayed}");
+    let delivered = accepting.wait_for_requests(1, Duration::from_secs(20)).await;
+    assert_eq!(delivered.len(), 1);
+    assert_eq!(delivered[0].body["to"], json!(["dlq@example.com"]));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(accepting.requests().await.len(), 1, "delivered once");
+    assert!(app.terminate().success());
+
+    let (ok, listing) = run_anna(&["dlq", "list"], &env_of(&second));
+    assert!(ok && listing.contains("0 dead letter(s)"), "{listing}");
+    let (ok, purged) = run_anna(&["dlq", "purge"], &env_of(&second));
+    assert!(ok && purged.contains("purged 0 DLQ stream entr"), "{purged}");
+    let _ = std::fs::remove_dir_all(dir);
+}

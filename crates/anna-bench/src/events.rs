@@ -39,8 +39,9 @@ pub struct EventsArgs {
     /// Duration of the latency run, in seconds.
     #[arg(long, default_value_t = 10)]
     seconds: u64,
-    /// Relay loops and consumer loops run side by side in the distributed shape.
-    #[arg(long, default_value_t = 1)]
+    /// Relay loops and consumer readers side by side in the distributed shape (as
+    /// `OUTBOX_RELAYS` and `EVENTS_READERS`, default 2).
+    #[arg(long, default_value_t = 2)]
     parallel: usize,
     /// Only these shapes (embedded, distributed).
     #[arg(long, value_delimiter = ',', default_value = "distributed,embedded")]
@@ -68,10 +69,25 @@ impl Subscriber for Witness {
     }
     async fn handle(&self, event: &ReceivedEvent, uow: Option<&mut dyn UnitOfWork>) -> Result<(), HandlerError> {
         let uow = uow.ok_or_else(|| HandlerError::new("no unit of work"))?;
-        uow.count_event(&event.event.event_name, event.event.occurred_on).await?;
-        let committed = self.committed_at.lock().unwrap_or_else(|e| e.into_inner()).remove(&event.event.event_id);
-        if let Some(committed) = committed {
-            self.latencies.lock().unwrap_or_else(|e| e.into_inner()).push(committed.elapsed());
+        self.handle_batch(&[event], uow).await.map_err(|(_, e)| e)
+    }
+
+    async fn handle_batch(
+        &self,
+        events: &[&ReceivedEvent],
+        uow: &mut dyn UnitOfWork,
+    ) -> Result<(), (Option<usize>, HandlerError)> {
+        let Some(last) = events.iter().map(|e| e.event.occurred_on).max() else { return Ok(()) };
+        let count = i64::try_from(events.len()).unwrap_or(i64::MAX);
+        uow.count_events(EVENT_NAME, count, last).await.map_err(|e| (None, HandlerError::from(e)))?;
+        {
+            let mut committed = self.committed_at.lock().unwrap_or_else(|e| e.into_inner());
+            let mut latencies = self.latencies.lock().unwrap_or_else(|e| e.into_inner());
+            for event in events {
+                if let Some(at) = committed.remove(&event.event.event_id) {
+                    latencies.push(at.elapsed());
+                }
+            }
         }
         self.applied.notify_waiters();
         Ok(())

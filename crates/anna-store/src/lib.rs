@@ -295,8 +295,28 @@ pub trait UnitOfWork: Send {
         now: OffsetDateTime,
     ) -> Result<bool, StoreError>;
 
-    /// Counts one applied event in the statistics projection (`event_stats`).
-    async fn count_event(&mut self, event_name: &str, occurred_on: OffsetDateTime) -> Result<(), StoreError>;
+    /// Records that `subscriber` applied each of `event_ids` (one statement), in this
+    /// transaction. Returns the ids recorded now — those not applied before; an id given twice
+    /// is returned once.
+    async fn record_events_applied(
+        &mut self,
+        subscriber: &str,
+        event_ids: &[Uuid],
+        now: OffsetDateTime,
+    ) -> Result<Vec<Uuid>, StoreError>;
+
+    /// Counts `count` applied events of one name in the statistics projection (`event_stats`).
+    async fn count_events(
+        &mut self,
+        event_name: &str,
+        count: i64,
+        last_occurred_on: OffsetDateTime,
+    ) -> Result<(), StoreError>;
+
+    /// Counts one applied event in the statistics projection.
+    async fn count_event(&mut self, event_name: &str, occurred_on: OffsetDateTime) -> Result<(), StoreError> {
+        self.count_events(event_name, 1, occurred_on).await
+    }
 
     async fn commit(self: Box<Self>) -> Result<(), StoreError>;
 }

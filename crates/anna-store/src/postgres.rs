@@ -294,23 +294,39 @@ impl UnitOfWork for PgUnitOfWork {
         // those of the unit of work it waited for. available_at keeps its default, now(): the
         // earliest time the row could be called ready, so a relay whose clock trails the
         // database's a little still sees it at once.
-        for event in events {
-            sqlx::query(
-                "INSERT INTO outbox_events (id, event_id, aggregate_id, event_name, occurred_on, payload, status, \
-                 attempts, created_at, updated_at, tenant_id, traceparent) \
-                 VALUES ($1, $2, $3, $4, $5, $6, 'pending', 0, clock_timestamp(), clock_timestamp(), $7, $8)",
-            )
-            .bind(Uuid::new_v4())
-            .bind(event.event_id.to_string())
-            .bind(&event.aggregate_id)
-            .bind(&event.event_name)
-            .bind(event.occurred_on)
-            .bind(Json(&event.payload))
-            .bind(&event.tenant_id)
-            .bind(&event.traceparent)
-            .execute(&mut *self.tx)
-            .await?;
+        if events.is_empty() {
+            return Ok(());
         }
+        // One statement for all the events; ORDER BY the input position so seq follows the
+        // order they were given in.
+        let ids: Vec<Uuid> = events.iter().map(|_| Uuid::new_v4()).collect();
+        let event_ids: Vec<String> = events.iter().map(|e| e.event_id.to_string()).collect();
+        let aggregate_ids: Vec<&str> = events.iter().map(|e| e.aggregate_id.as_str()).collect();
+        let names: Vec<&str> = events.iter().map(|e| e.event_name.as_str()).collect();
+        let occurred: Vec<OffsetDateTime> = events.iter().map(|e| e.occurred_on).collect();
+        let payloads: Vec<Json<&serde_json::Value>> = events.iter().map(|e| Json(&e.payload)).collect();
+        let tenants: Vec<Option<&str>> = events.iter().map(|e| e.tenant_id.as_deref()).collect();
+        let traceparents: Vec<Option<&str>> = events.iter().map(|e| e.traceparent.as_deref()).collect();
+        sqlx::query(
+            "INSERT INTO outbox_events (id, event_id, aggregate_id, event_name, occurred_on, payload, status, \
+             attempts, created_at, updated_at, tenant_id, traceparent) \
+             SELECT id, event_id, aggregate_id, event_name, occurred_on, payload, 'pending', 0, \
+                    clock_timestamp(), clock_timestamp(), tenant_id, traceparent \
+             FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::jsonb[], \
+                         $7::text[], $8::text[]) WITH ORDINALITY \
+                  AS t(id, event_id, aggregate_id, event_name, occurred_on, payload, tenant_id, traceparent, n) \
+             ORDER BY n",
+        )
+        .bind(&ids)
+        .bind(&event_ids)
+        .bind(&aggregate_ids)
+        .bind(&names)
+        .bind(&occurred)
+        .bind(&payloads)
+        .bind(&tenants)
+        .bind(&traceparents)
+        .execute(&mut *self.tx)
+        .await?;
         // Postgres delivers the notification at commit, and not at all on rollback.
         if !events.is_empty() && !self.notified {
             sqlx::query("SELECT pg_notify($1, '')").bind(OUTBOX_CHANNEL).execute(&mut *self.tx).await?;
@@ -337,14 +353,42 @@ impl UnitOfWork for PgUnitOfWork {
         Ok(done.rows_affected() > 0)
     }
 
-    async fn count_event(&mut self, event_name: &str, occurred_on: OffsetDateTime) -> Result<(), StoreError> {
+    async fn record_events_applied(
+        &mut self,
+        subscriber: &str,
+        event_ids: &[Uuid],
+        now: OffsetDateTime,
+    ) -> Result<Vec<Uuid>, StoreError> {
+        if event_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let recorded: Vec<Uuid> = sqlx::query_scalar(
+            "INSERT INTO applied_events (subscriber, event_id, applied_at) \
+             SELECT $1, id, $3 FROM unnest($2::uuid[]) AS t(id) \
+             ON CONFLICT (subscriber, event_id) DO NOTHING RETURNING event_id",
+        )
+        .bind(subscriber)
+        .bind(event_ids)
+        .bind(now)
+        .fetch_all(&mut *self.tx)
+        .await?;
+        Ok(recorded)
+    }
+
+    async fn count_events(
+        &mut self,
+        event_name: &str,
+        count: i64,
+        last_occurred_on: OffsetDateTime,
+    ) -> Result<(), StoreError> {
         sqlx::query(
-            "INSERT INTO event_stats (event_name, count, last_occurred_on) VALUES ($1, 1, $2) \
-             ON CONFLICT (event_name) DO UPDATE SET count = event_stats.count + 1, \
+            "INSERT INTO event_stats (event_name, count, last_occurred_on) VALUES ($1, $2, $3) \
+             ON CONFLICT (event_name) DO UPDATE SET count = event_stats.count + EXCLUDED.count, \
              last_occurred_on = GREATEST(event_stats.last_occurred_on, EXCLUDED.last_occurred_on)",
         )
         .bind(event_name)
-        .bind(occurred_on)
+        .bind(count)
+        .bind(last_occurred_on)
         .execute(&mut *self.tx)
         .await?;
         Ok(())

@@ -336,14 +336,47 @@ impl UnitOfWork for SqliteUnitOfWork {
         Ok(done.rows_affected() > 0)
     }
 
-    async fn count_event(&mut self, event_name: &str, occurred_on: OffsetDateTime) -> Result<(), StoreError> {
+    async fn record_events_applied(
+        &mut self,
+        subscriber: &str,
+        event_ids: &[Uuid],
+        now: OffsetDateTime,
+    ) -> Result<Vec<Uuid>, StoreError> {
+        let now = to_millis(now)?;
+        let mut recorded = Vec::with_capacity(event_ids.len());
+        // 3 parameters a row; well under SQLite's limit of 32766 per statement.
+        for chunk in event_ids.chunks(1000) {
+            let mut query = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+                "INSERT INTO applied_events (subscriber, event_id, applied_at) ",
+            );
+            query.push_values(chunk, |mut row, id| {
+                row.push_bind(subscriber).push_bind(id.to_string()).push_bind(now);
+            });
+            query.push(" ON CONFLICT (subscriber, event_id) DO NOTHING RETURNING event_id");
+            let ids: Vec<String> = query.build_query_scalar().fetch_all(&mut *self.tx).await?;
+            for id in ids {
+                recorded.push(
+                    Uuid::parse_str(&id).map_err(|e| StoreError::Corrupt(format!("applied event id {id:?}: {e}")))?,
+                );
+            }
+        }
+        Ok(recorded)
+    }
+
+    async fn count_events(
+        &mut self,
+        event_name: &str,
+        count: i64,
+        last_occurred_on: OffsetDateTime,
+    ) -> Result<(), StoreError> {
         sqlx::query(
-            "INSERT INTO event_stats (event_name, count, last_occurred_on) VALUES (?, 1, ?) \
-             ON CONFLICT (event_name) DO UPDATE SET count = event_stats.count + 1, \
+            "INSERT INTO event_stats (event_name, count, last_occurred_on) VALUES (?, ?, ?) \
+             ON CONFLICT (event_name) DO UPDATE SET count = event_stats.count + excluded.count, \
              last_occurred_on = MAX(event_stats.last_occurred_on, excluded.last_occurred_on)",
         )
         .bind(event_name)
-        .bind(to_millis(occurred_on)?)
+        .bind(count)
+        .bind(to_millis(last_occurred_on)?)
         .execute(&mut *self.tx)
         .await?;
         Ok(())

@@ -81,6 +81,20 @@ pub trait Subscriber: Send + Sync + 'static {
     /// Applies the event. `uow` is `Some` for `Effect::Database` subscribers (committed by the
     /// runtime together with the applied-event record) and `None` for external ones.
     async fn handle(&self, event: &ReceivedEvent, uow: Option<&mut dyn UnitOfWork>) -> Result<(), HandlerError>;
+
+    /// Applies several events (in stream order) in one unit of work: database subscribers may
+    /// override it to write once per batch. On failure, returns the position of the event
+    /// that failed, when one did. The default handles them one by one.
+    async fn handle_batch(
+        &self,
+        events: &[&ReceivedEvent],
+        uow: &mut dyn UnitOfWork,
+    ) -> Result<(), (Option<usize>, HandlerError)> {
+        for (position, event) in events.iter().enumerate() {
+            self.handle(event, Some(&mut *uow)).await.map_err(|error| (Some(position), error))?;
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -398,29 +412,33 @@ impl EventConsumer {
     }
 
     /// Applies `events` with a database subscriber in one transaction; events it already
-    /// applied are skipped. All or nothing; a failure names the event whose handler failed.
+    /// applied (or that repeat in the batch) are skipped. All or nothing; a failure names the
+    /// event whose handler failed, when it was a handler.
     async fn apply_batch(&self, subscriber: &dyn Subscriber, events: &[&ReceivedEvent]) -> Result<(), BatchFailure> {
         let name = subscriber.name();
         let started = Instant::now();
         let unattributed = |error: StoreError| BatchFailure { culprit: None, error: HandlerError::from(error) };
         let mut uow = self.store.begin().await.map_err(unattributed)?;
-        let mut applied: Vec<&ReceivedEvent> = Vec::with_capacity(events.len());
-        for (position, event) in events.iter().enumerate() {
-            if uow
-                .record_event_applied(name, event.event.event_id, OffsetDateTime::now_utc())
-                .await
-                .map_err(unattributed)?
-            {
-                subscriber
-                    .handle(event, Some(uow.as_mut()))
-                    .await
-                    .map_err(|error| BatchFailure { culprit: Some(position), error })?;
-                applied.push(event);
-            }
+        let ids: Vec<Uuid> = events.iter().map(|e| e.event.event_id).collect();
+        let mut fresh: HashSet<Uuid> = uow
+            .record_events_applied(name, &ids, OffsetDateTime::now_utc())
+            .await
+            .map_err(unattributed)?
+            .into_iter()
+            .collect();
+        // Positions in `events` of the events to apply now, first occurrence only.
+        let positions: Vec<usize> =
+            events.iter().enumerate().filter(|(_, e)| fresh.remove(&e.event.event_id)).map(|(i, _)| i).collect();
+        let todo: Vec<&ReceivedEvent> = positions.iter().map(|i| events[*i]).collect();
+        if !todo.is_empty() {
+            subscriber.handle_batch(&todo, uow.as_mut()).await.map_err(|(position, error)| BatchFailure {
+                culprit: position.and_then(|p| positions.get(p).copied()),
+                error,
+            })?;
         }
         uow.commit().await.map_err(unattributed)?;
-        let per_event_ms = started.elapsed().as_secs_f64() * 1000.0 / applied.len().max(1) as f64;
-        for event in applied {
+        let per_event_ms = started.elapsed().as_secs_f64() * 1000.0 / todo.len().max(1) as f64;
+        for event in todo {
             let event_name = event.event.event_name.clone();
             metrics::counter!("events_processed_total", "event_name" => event_name.clone(), "subscriber" => name)
                 .increment(1);

@@ -149,4 +149,27 @@ impl Subscriber for EventStatistics {
         uow.count_event(&received.event.event_name, received.event.occurred_on).await?;
         Ok(())
     }
+
+    /// One write per event name per batch.
+    async fn handle_batch(
+        &self,
+        events: &[&ReceivedEvent],
+        uow: &mut dyn UnitOfWork,
+    ) -> Result<(), (Option<usize>, HandlerError)> {
+        let mut per_name: Vec<(&str, i64, time::OffsetDateTime)> = Vec::new();
+        for event in events {
+            let (name, at) = (event.event.event_name.as_str(), event.event.occurred_on);
+            match per_name.iter_mut().find(|(n, _, _)| *n == name) {
+                Some((_, count, last)) => {
+                    *count += 1;
+                    *last = (*last).max(at);
+                }
+                None => per_name.push((name, 1, at)),
+            }
+        }
+        for (name, count, last) in per_name {
+            uow.count_events(name, count, last).await.map_err(|e| (None, HandlerError::from(e)))?;
+        }
+        Ok(())
+    }
 }

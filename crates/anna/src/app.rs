@@ -89,25 +89,55 @@ pub fn subscribers(config: &Config, sender: Arc<dyn EmailSender>) -> Vec<Arc<dyn
     ]
 }
 
-/// The outbox relay, until `shutdown`.
-pub fn start_relay(config: &Config, backends: &Backends, shutdown: CancellationToken) -> JoinHandle<()> {
-    let relay = OutboxRelay::new(backends.store.clone(), backends.stream.clone(), config.events.relay.clone());
-    tokio::spawn(async move { relay.run(shutdown).await })
+/// Waits for every task.
+fn join_all(tasks: Vec<JoinHandle<()>>) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        for task in tasks {
+            let _ = task.await;
+        }
+    })
 }
 
-/// The domain-event consumer with every subscriber, until `shutdown`.
+/// The outbox relay loops (`OUTBOX_RELAYS` on Postgres, one on SQLite), until `shutdown`.
+pub fn start_relay(config: &Config, backends: &Backends, shutdown: CancellationToken) -> JoinHandle<()> {
+    // SQLite serialises writers: a second relay would only wait for the first.
+    let loops = if backends.store.backend() == anna_store::Backend::Sqlite { 1 } else { config.events.relays };
+    let tasks = (0..loops)
+        .map(|_| {
+            let relay = OutboxRelay::new(backends.store.clone(), backends.stream.clone(), config.events.relay.clone());
+            let token = shutdown.clone();
+            tokio::spawn(async move { relay.run(token).await })
+        })
+        .collect();
+    join_all(tasks)
+}
+
+/// The domain-event consumer with every subscriber (`EVENTS_READERS` readers, each its own
+/// consumer name), until `shutdown`.
 pub fn start_consumer(
     config: &Config,
     backends: &Backends,
     sender: Arc<dyn EmailSender>,
     shutdown: CancellationToken,
 ) -> JoinHandle<()> {
-    let consumer = subscribers(config, sender).into_iter().fold(
-        EventConsumer::new(backends.store.clone(), backends.stream.clone(), config.events.consumer.clone()),
-        EventConsumer::subscribe,
-    );
-    let consumer = Arc::new(consumer);
-    tokio::spawn(async move { consumer.run(shutdown).await })
+    let subscribers = subscribers(config, sender);
+    let readers = config.events.readers.max(1);
+    let tasks = (0..readers)
+        .map(|n| {
+            let mut consumer_config = config.events.consumer.clone();
+            if n > 0 {
+                consumer_config.consumer = format!("{}-{n}", consumer_config.consumer);
+            }
+            let consumer = subscribers.iter().cloned().fold(
+                EventConsumer::new(backends.store.clone(), backends.stream.clone(), consumer_config),
+                EventConsumer::subscribe,
+            );
+            let consumer = Arc::new(consumer);
+            let token = shutdown.clone();
+            tokio::spawn(async move { consumer.run(token).await })
+        })
+        .collect();
+    join_all(tasks)
 }
 
 /// A running API: its address, and a handle that ends when it has shut down.

@@ -61,6 +61,10 @@ pub enum StreamBackend {
 #[derive(Debug, Clone)]
 pub struct EventsConfig {
     pub backend: StreamBackend,
+    /// `OUTBOX_RELAYS`: relay loops per process (Postgres; SQLite runs one).
+    pub relays: usize,
+    /// `EVENTS_READERS`: consumer-group readers per process, each its own consumer name.
+    pub readers: usize,
     pub relay: anna_streams::relay::RelayConfig,
     pub consumer: anna_streams::consumer::ConsumerConfig,
 }
@@ -367,7 +371,13 @@ fn events_config<F: Fn(&str) -> Option<String>>(vars: &Vars<F>) -> Result<Events
         concurrency: vars.positive("EVENTS_CONCURRENCY", 16, "a positive number of entries handled at once")?,
         applied_retention: vars.millis("EVENTS_PROCESSED_TTL_MS", 604_800_000)?,
     };
-    Ok(EventsConfig { backend, relay, consumer })
+    Ok(EventsConfig {
+        backend,
+        relays: vars.positive("OUTBOX_RELAYS", 2, "a positive number of relay loops")?,
+        readers: vars.positive("EVENTS_READERS", 2, "a positive number of stream readers")?,
+        relay,
+        consumer,
+    })
 }
 
 fn email_provider<F: Fn(&str) -> Option<String>>(vars: &Vars<F>) -> Result<EmailProvider, ConfigError> {
@@ -488,6 +498,7 @@ mod tests {
         assert_eq!(c.events.consumer.max_attempts, 5);
         assert_eq!(c.events.consumer.claim_idle, Duration::from_millis(5000));
         assert_eq!(c.events.relay.batch_size, 100);
+        assert_eq!((c.events.relays, c.events.readers), (2, 2));
         assert!(c.events.consumer.consumer.starts_with("consumer-"));
         let c = config(&[("DATABASE_URL", "postgres://u@h/d"), ("REDIS_URL", "redis://127.0.0.1:6379")]);
         assert!(c.is_ok());

@@ -104,6 +104,7 @@ conformance!(
     purge_applied_events_deletes_only_old_ones,
     dead_letters_round_trip_and_delete,
     event_stats_count_with_their_unit_of_work,
+    record_events_applied_in_one_statement,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -1753,5 +1754,31 @@ async fn event_stats_count_with_their_unit_of_work(store: Arc<dyn Store>) -> Tes
     let summary: Vec<(&str, i64, OffsetDateTime)> =
         stats.iter().map(|s| (s.event_name.as_str(), s.count, s.last_occurred_on)).collect();
     assert_eq!(summary, [("user.registered", 3, t), ("user.verified", 1, t)]);
+    Ok(())
+}
+
+async fn record_events_applied_in_one_statement(store: Arc<dyn Store>) -> TestResult {
+    let t = now();
+    let (a, b, c) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+    let mut uow = store.begin().await?;
+    assert!(uow.record_event_applied("projector", a, t).await?);
+    let mut fresh = uow.record_events_applied("projector", &[a, b, c, b], t).await?;
+    fresh.sort();
+    let mut expected = vec![b, c];
+    expected.sort();
+    assert_eq!(fresh, expected, "already applied and repeated ids are not returned");
+    assert!(uow.record_events_applied("projector", &[], t).await?.is_empty());
+    uow.count_events("user.registered", 5, t).await?;
+    uow.commit().await?;
+    for id in [a, b, c] {
+        assert!(store.is_event_applied("projector", id).await?);
+    }
+    // Rolled back with its unit of work.
+    let d = Uuid::new_v4();
+    let mut uow = store.begin().await?;
+    assert_eq!(uow.record_events_applied("projector", &[d], t).await?, vec![d]);
+    drop(uow);
+    assert!(!store.is_event_applied("projector", d).await?);
+    assert_eq!(store.event_stats().await?[0].count, 5);
     Ok(())
 }

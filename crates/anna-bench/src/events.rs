@@ -39,10 +39,12 @@ pub struct EventsArgs {
     /// Duration of the latency run, in seconds.
     #[arg(long, default_value_t = 10)]
     seconds: u64,
-    /// Relay loops and consumer readers side by side in the distributed shape (as
-    /// `OUTBOX_RELAYS` and `EVENTS_READERS`, default 2).
+    /// Relay loops side by side in the distributed shape (as `OUTBOX_RELAYS`).
     #[arg(long, default_value_t = 2)]
-    parallel: usize,
+    relays: usize,
+    /// Stream readers side by side in the distributed shape (as `EVENTS_READERS`).
+    #[arg(long, default_value_t = 4)]
+    readers: usize,
     /// Only these shapes (embedded, distributed).
     #[arg(long, value_delimiter = ',', default_value = "distributed,embedded")]
     shapes: Vec<String>,
@@ -218,9 +220,11 @@ async fn bench_shape(shape: &Shape, args: &EventsArgs) -> anyhow::Result<Vec<Sum
 
     let witness = Witness::new();
     let shutdown = CancellationToken::new();
-    let loops = if shape.label.starts_with("embedded") { 1 } else { args.parallel.max(1) };
+    let embedded = shape.label.starts_with("embedded");
+    let relays = if embedded { 1 } else { args.relays.max(1) };
+    let readers = if embedded { 1 } else { args.readers.max(1) };
     let mut tasks = Vec::new();
-    for n in 0..loops {
+    for n in 0..relays.max(readers) {
         let relay = OutboxRelay::new(
             shape.store.clone(),
             shape.stream.clone(),
@@ -252,10 +256,14 @@ async fn bench_shape(shape: &Shape, args: &EventsArgs) -> anyhow::Result<Vec<Sum
             )
             .subscribe(witness.clone()),
         );
-        let token = shutdown.clone();
-        tasks.push(tokio::spawn(async move { relay.run(token).await }));
-        let token = shutdown.clone();
-        tasks.push(tokio::spawn(async move { consumer.run(token).await }));
+        if n < relays {
+            let token = shutdown.clone();
+            tasks.push(tokio::spawn(async move { relay.run(token).await }));
+        }
+        if n < readers {
+            let token = shutdown.clone();
+            tasks.push(tokio::spawn(async move { consumer.run(token).await }));
+        }
     }
 
     // Throughput: producers commit as fast as they can.

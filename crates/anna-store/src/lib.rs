@@ -180,7 +180,9 @@ pub trait EventLog: Send + Sync + 'static {
 
     /// Waits until a unit of work that appended events commits (anywhere: Postgres uses
     /// LISTEN/NOTIFY, SQLite an in-process signal), or `timeout` passes. Spurious wake-ups are
-    /// allowed; the relay re-checks.
+    /// allowed; the relay re-checks. Signals may be coalesced: on Postgres a process sends at
+    /// most one NOTIFY per 5 ms, so after a wake-up the relay claims until it finds nothing and
+    /// looks again shortly after.
     async fn wait_for_outbox(&self, timeout: Duration);
 
     /// Whether `subscriber` has applied `event_id`.

@@ -47,6 +47,18 @@ const LOCK_REFRESH_TOKEN: &str =
 /// The channel `append_events` notifies and `wait_for_outbox` listens on.
 pub(crate) const OUTBOX_CHANNEL: &str = "anna_outbox";
 
+/// At most one NOTIFY per this interval per process. A notifying transaction takes a
+/// cluster-wide lock while it commits, so notifying on every commit caps the commit rate (here:
+/// ~6 500/s with, ~9 400/s without). A relay woken by one notification keeps claiming while it
+/// finds rows, and lingers briefly after, so skipped notifications cost no latency under load.
+const NOTIFY_MIN_GAP: std::time::Duration = std::time::Duration::from_millis(5);
+
+/// When this process last queued a NOTIFY (microseconds since `notify_epoch()`).
+fn notify_epoch() -> std::time::Instant {
+    static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    *EPOCH.get_or_init(std::time::Instant::now)
+}
+
 /// The Postgres implementation of [`Store`].
 #[derive(Debug, Clone)]
 pub struct PgStore {
@@ -58,6 +70,8 @@ pub struct PgStore {
     pub(crate) outbox_signal: Arc<Notify>,
     /// The task that owns the `PgListener`, started by the first `wait_for_outbox`.
     pub(crate) listener_task: Arc<Mutex<Option<JoinHandle<()>>>>,
+    /// When a unit of work of this store last queued a NOTIFY (see `NOTIFY_MIN_GAP`).
+    last_notify_micros: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl PgStore {
@@ -78,6 +92,7 @@ impl PgStore {
             listener_pool,
             outbox_signal: Arc::new(Notify::new()),
             listener_task: Arc::new(Mutex::new(None)),
+            last_notify_micros: Arc::new(std::sync::atomic::AtomicU64::new(0)),
         })
     }
 }
@@ -100,7 +115,7 @@ impl Store for PgStore {
 
     async fn begin(&self) -> Result<Box<dyn UnitOfWork>, StoreError> {
         let tx = self.pool.begin().await?;
-        Ok(Box::new(PgUnitOfWork { tx, notified: false }))
+        Ok(Box::new(PgUnitOfWork { tx, notified: false, last_notify_micros: self.last_notify_micros.clone() }))
     }
 
     async fn find_user_by_id(&self, id: Uuid) -> Result<Option<User>, StoreError> {
@@ -156,6 +171,7 @@ struct PgUnitOfWork {
     tx: Transaction<'static, Postgres>,
     /// Whether this transaction already queued its NOTIFY: one per transaction is enough.
     notified: bool,
+    last_notify_micros: Arc<std::sync::atomic::AtomicU64>,
 }
 
 #[async_trait]
@@ -328,9 +344,17 @@ impl UnitOfWork for PgUnitOfWork {
         .execute(&mut *self.tx)
         .await?;
         // Postgres delivers the notification at commit, and not at all on rollback.
-        if !events.is_empty() && !self.notified {
-            sqlx::query("SELECT pg_notify($1, '')").bind(OUTBOX_CHANNEL).execute(&mut *self.tx).await?;
-            self.notified = true;
+        if !self.notified {
+            use std::sync::atomic::Ordering;
+            let now = u64::try_from(notify_epoch().elapsed().as_micros()).unwrap_or(u64::MAX);
+            let last = self.last_notify_micros.load(Ordering::Relaxed);
+            let gap = u64::try_from(NOTIFY_MIN_GAP.as_micros()).unwrap_or(u64::MAX);
+            // The first transaction after a quiet spell always notifies (last == 0 at start).
+            if last == 0 || now.saturating_sub(last) >= gap {
+                self.last_notify_micros.store(now.max(1), Ordering::Relaxed);
+                sqlx::query("SELECT pg_notify($1, '')").bind(OUTBOX_CHANNEL).execute(&mut *self.tx).await?;
+                self.notified = true;
+            }
         }
         Ok(())
     }

@@ -12,6 +12,9 @@ use tokio_util::sync::CancellationToken;
 use crate::backoff::Backoff;
 use crate::{Fields, Stream, envelope};
 
+/// How long an idle relay waits before looking again right after it published something.
+const LINGER: Duration = Duration::from_millis(50);
+
 #[derive(Debug, Clone)]
 pub struct RelayConfig {
     /// `EVENTS_STREAM`.
@@ -81,6 +84,7 @@ impl OutboxRelay {
         let purge_every = Duration::from_secs(60);
         let mut last_purge = Instant::now() - purge_every;
         let mut last_gauges = Instant::now() - Duration::from_secs(10);
+        let mut busy = false;
         while !shutdown.is_cancelled() {
             if last_gauges.elapsed() >= Duration::from_secs(5) {
                 self.update_gauges().await;
@@ -91,11 +95,18 @@ impl OutboxRelay {
                 last_purge = Instant::now();
             }
             match self.relay_once().await {
-                Ok(pass) if pass.claimed > 0 => continue,
+                Ok(pass) if pass.claimed > 0 => {
+                    busy = true;
+                    continue;
+                }
                 Ok(_) => {
+                    // Right after traffic, look again soon: a commit that landed just after
+                    // the last claim may not have signalled (stores may coalesce signals).
+                    let wait = if busy { self.config.idle_wait.min(LINGER) } else { self.config.idle_wait };
+                    busy = false;
                     tokio::select! {
                         () = shutdown.cancelled() => break,
-                        () = self.store.wait_for_outbox(self.config.idle_wait) => {}
+                        () = self.store.wait_for_outbox(wait) => {}
                     }
                 }
                 Err(error) => {

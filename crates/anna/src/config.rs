@@ -374,7 +374,7 @@ fn events_config<F: Fn(&str) -> Option<String>>(vars: &Vars<F>) -> Result<Events
     Ok(EventsConfig {
         backend,
         relays: vars.positive("OUTBOX_RELAYS", 2, "a positive number of relay loops")?,
-        readers: vars.positive("EVENTS_READERS", 2, "a positive number of stream readers")?,
+        readers: vars.positive("EVENTS_READERS", 4, "a positive number of stream readers")?,
         relay,
         consumer,
     })
@@ -498,7 +498,7 @@ mod tests {
         assert_eq!(c.events.consumer.max_attempts, 5);
         assert_eq!(c.events.consumer.claim_idle, Duration::from_millis(5000));
         assert_eq!(c.events.relay.batch_size, 100);
-        assert_eq!((c.events.relays, c.events.readers), (2, 2));
+        assert_eq!((c.events.relays, c.events.readers), (2, 4));
         assert!(c.events.consumer.consumer.starts_with("consumer-"));
         let c = config(&[("DATABASE_URL", "postgres://u@h/d"), ("REDIS_URL", "redis://127.0.0.1:6379")]);
         assert!(c.is_ok());

@@ -224,7 +224,8 @@ impl EventConsumer {
                 {
                     Ok(claimed) if !claimed.is_empty() => {
                         tracing::info!(count = claimed.len(), "claimed idle entries");
-                        self.clone().handle_batch(claimed, &retries, &shutdown).await;
+                        let ids = claimed.iter().map(|d| d.entry.id.clone()).collect();
+                        self.keeping(ids, self.clone().handle_batch(claimed, &retries, &shutdown)).await;
                         continue;
                     }
                     Ok(_) => {}
@@ -240,15 +241,62 @@ impl EventConsumer {
                 read = self.stream.read_group(&config.stream, &config.group, &config.consumer, config.batch_size, block) => read,
             };
             match read {
-                Ok(deliveries) => self.clone().handle_batch(deliveries, &retries, &shutdown).await,
+                Ok(deliveries) => {
+                    let ids = deliveries.iter().map(|d| d.entry.id.clone()).collect();
+                    self.keeping(ids, self.clone().handle_batch(deliveries, &retries, &shutdown)).await;
+                }
                 Err(error) => self.pause_after(error, &shutdown).await,
             }
         }
+        // Retries waiting for their delay return at once on shutdown; one that is handling an
+        // entry finishes first.
         retries.close();
+        retries.wait().await;
         tracing::info!("Event consumer stopped");
     }
 
+    /// Runs `work` while keeping `ids` pending for this consumer (touching them well within
+    /// the claim threshold), so a slow handler — an e-mail provider taking seconds — is never
+    /// mistaken for a dead consumer and run a second time elsewhere.
+    async fn keeping<T>(&self, ids: Vec<String>, work: impl std::future::Future<Output = T>) -> T {
+        let every = (self.config.claim_idle / 3).max(Duration::from_millis(20));
+        // Polled side by side with the work (not in a select arm's body): on SQLite a touch
+        // waits for the write lock the work's own transaction may hold.
+        let heartbeat = async {
+            let mut beat = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                beat.tick().await;
+                if let Err(error) =
+                    self.stream.touch(&self.config.stream, &self.config.group, &self.config.consumer, &ids).await
+                {
+                    tracing::warn!(%error, "could not keep in-flight entries");
+                }
+            }
+        };
+        let mut work = std::pin::pin!(work);
+        let mut heartbeat = std::pin::pin!(heartbeat);
+        loop {
+            tokio::select! {
+                biased;
+                out = &mut work => return out,
+                () = &mut heartbeat => {}
+            }
+        }
+    }
+
     async fn pause_after(&self, error: StreamError, shutdown: &CancellationToken) {
+        // A group that vanished (stream deleted or evicted, Redis restarted without
+        // persistence) is created again rather than failing forever.
+        if matches!(error, StreamError::NoGroup { .. }) {
+            match self.stream.create_group(&self.config.stream, &self.config.group).await {
+                Ok(()) => {
+                    tracing::warn!(stream = %self.config.stream, group = %self.config.group, "consumer group was missing: created again");
+                    return;
+                }
+                Err(create_error) => tracing::error!(%create_error, "re-creating the consumer group failed"),
+            }
+        }
         tracing::error!(%error, "Event consumer loop failed");
         tokio::select! {
             () = shutdown.cancelled() => {}
@@ -473,15 +521,22 @@ impl EventConsumer {
                         () = shutdown.cancelled() => return,
                         () = tokio::time::sleep((due - now).min(touch_every)) => {}
                     }
-                    if let Err(error) =
-                        self.stream.touch(&self.config.stream, &self.config.group, &self.config.consumer, &ids).await
-                    {
-                        tracing::warn!(entry_id = %delivery.entry.id, %error, "could not keep a retrying entry");
+                    match self.stream.touch(&self.config.stream, &self.config.group, &self.config.consumer, &ids).await {
+                        // No longer pending for this consumer: another one claimed it (this
+                        // process looked dead) or it was settled; it is not ours to retry.
+                        Ok(0) => {
+                            tracing::warn!(entry_id = %delivery.entry.id, "retrying entry was taken over; giving it up");
+                            return;
+                        }
+                        Ok(_) => {}
+                        Err(error) => {
+                            tracing::warn!(entry_id = %delivery.entry.id, %error, "could not keep a retrying entry");
+                        }
                     }
                 }
                 let event_name = delivery.entry.fields.get(envelope::EVENT_NAME).cloned().unwrap_or_default();
                 metrics::counter!("events_retried_total", "event_name" => event_name).increment(1);
-                match self.handle(&delivery).await {
+                match self.keeping(ids.to_vec(), self.handle(&delivery)).await {
                     Outcome::Retry { retry_in } => delay = retry_in,
                     _ => return,
                 }

@@ -200,7 +200,12 @@ impl EmbeddedStream {
                 .bind(stream)
                 .fetch_one(&mut *tx)
                 .await?;
-        let first_undelivered = least_delivered.map(|id| id.saturating_add(1));
+        // A stream nobody reads yet keeps everything: a group created later starts at the
+        // beginning.
+        let Some(least_delivered) = least_delivered else {
+            return Ok(0);
+        };
+        let first_undelivered = Some(least_delivered.saturating_add(1));
         let Some(keep_from) = [cut, oldest_pending, first_undelivered].into_iter().flatten().min() else {
             return Ok(0);
         };

@@ -121,11 +121,14 @@ local function less(a, b)
   if ams ~= bms then return ams < bms end
   return aseq < bseq
 end
+-- A stream nobody reads yet keeps everything: a group created later starts at the beginning.
+local groups = redis.call('XINFO', 'GROUPS', stream)
+if #groups == 0 then return 0 end
 local safe = nil
 local function keep_from(id)
   if id and (safe == nil or less(id, safe)) then safe = id end
 end
-for _, group in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
+for _, group in ipairs(groups) do
   local info = {}
   for i = 1, #group, 2 do info[group[i]] = group[i + 1] end
   if info['pending'] > 0 then

@@ -88,6 +88,7 @@ macro_rules! all_conformance_tests {
             tail_reading_after_an_id,
             trimming_keeps_what_a_lagging_group_needs,
             touch_keeps_own_entries_from_being_claimed,
+            a_stream_nobody_reads_is_never_trimmed,
             delete_removes_entries,
         );
     };
@@ -949,4 +950,21 @@ async fn delete_removes_entries(s: Arc<dyn Stream>) {
     assert_eq!(left, [ids[0].clone(), ids[3].clone(), ids[4].clone()]);
     assert_eq!(s.len(&stream).await.unwrap(), 3);
     assert_eq!(s.delete(&stream, &[]).await.unwrap(), 0);
+}
+
+/// Entries appended before any group exists are kept whatever the cap: the group created later
+/// starts at the beginning and must see them.
+async fn a_stream_nobody_reads_is_never_trimmed(s: Arc<dyn Stream>) {
+    let stream = name("ungrouped");
+    for chunk in 0..6 {
+        let fields: Vec<Fields> = (chunk * 100..chunk * 100 + 100).map(numbered).collect();
+        s.append_batch(&stream, &fields, Some(50)).await.unwrap();
+        // Let the time-based trim check come due between batches.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    s.append(&stream, &numbered(600), Some(50)).await.unwrap();
+    assert_eq!(s.len(&stream).await.unwrap(), 601);
+    s.create_group(&stream, "late").await.unwrap();
+    let all = read_group_all(&s, &stream, "late", "c").await;
+    assert_eq!(all.len(), 601);
 }

@@ -85,6 +85,7 @@ both_shapes!(
     relay_gives_up_on_a_dead_stream_and_others_keep_flowing,
     graceful_shutdown_finishes_in_flight_handlers,
     stream_outage_while_producing,
+    slow_handlers_keep_their_entries,
 );
 
 mod postgres_redis_only {
@@ -390,6 +391,8 @@ struct Witness {
     hang: AtomicBool,
     hanging: AtomicUsize,
     delay: Duration,
+    /// An e-mail-like subscriber: external effect, nothing in the database.
+    external: bool,
     started: AtomicUsize,
     finished: AtomicUsize,
 }
@@ -405,6 +408,7 @@ impl Witness {
             hang: AtomicBool::new(false),
             hanging: AtomicUsize::new(0),
             delay: Duration::ZERO,
+            external: false,
             started: AtomicUsize::new(0),
             finished: AtomicUsize::new(0),
         }
@@ -418,6 +422,11 @@ impl Witness {
 
     fn slow(mut self, delay: Duration) -> Witness {
         self.delay = delay;
+        self
+    }
+
+    fn external(mut self) -> Witness {
+        self.external = true;
         self
     }
 
@@ -441,7 +450,7 @@ impl Subscriber for Witness {
     }
 
     fn effect(&self) -> Effect {
-        Effect::Database
+        if self.external { Effect::External } else { Effect::Database }
     }
 
     async fn handle(&self, received: &ReceivedEvent, uow: Option<&mut dyn UnitOfWork>) -> Result<(), HandlerError> {
@@ -460,8 +469,10 @@ impl Subscriber for Witness {
         if !self.delay.is_zero() {
             tokio::time::sleep(self.delay).await;
         }
-        let uow = uow.ok_or_else(|| HandlerError::new("a database subscriber got no unit of work"))?;
-        uow.count_event(&self.stat, received.event.occurred_on).await?;
+        if !self.external {
+            let uow = uow.ok_or_else(|| HandlerError::new("a database subscriber got no unit of work"))?;
+            uow.count_event(&self.stat, received.event.occurred_on).await?;
+        }
         self.finished.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
@@ -1198,4 +1209,42 @@ async fn graceful_shutdown_finishes_in_flight_handlers(shape: Shape) {
     assert_eq!(witness.finished.load(Ordering::SeqCst), N, "[{label}] in-flight handlers finished before run returned");
     assert_eq!(shape.pending().await.count, 0, "[{label}] in-flight entries acknowledged before run returned");
     shape.assert_exactly_once(&witness, &events).await;
+}
+
+// ---- slow handlers ---------------------------------------------------------------------------
+
+/// A handler slower than the claim threshold keeps its entries (they are touched while it
+/// runs): another consumer never takes them over and runs the handler a second time. An
+/// external subscriber (e-mail) is what a second run would hurt: a database subscriber's
+/// second run would find the event already applied.
+async fn slow_handlers_keep_their_entries(shape: Shape) {
+    const EVENT: &str = "test.fault.slow";
+    const N: usize = 2;
+    let label = shape.label;
+    let events = shape.produce(EVENT, "agg-slow", N).await;
+    let relay = shape.start_relay(shape.stream.clone(), shape.relay_config());
+    let witness = Arc::new(Witness::new("fault-slow-witness", EVENT).slow(CLAIM_IDLE * 3).external());
+    let first = shape.start_consumer(shape.stream.clone(), shape.consumer_config("slow-a"), &[&witness]);
+    eventually("a handler is running", async || {
+        if witness.started.load(Ordering::SeqCst) >= 1 { Ok(()) } else { Err("no handler started".to_owned()) }
+    })
+    .await;
+    let rival = shape.start_consumer(shape.stream.clone(), shape.consumer_config("slow-b"), &[&witness]);
+    eventually("applied", async || {
+        let finished = witness.finished.load(Ordering::SeqCst);
+        if finished >= N { Ok(()) } else { Err(format!("{finished} finished")) }
+    })
+    .await;
+    // Give the rival's claim loop time to act on anything it could take.
+    tokio::time::sleep(CLAIM_IDLE * 2).await;
+    assert_eq!(witness.started.load(Ordering::SeqCst), N, "[{label}] a slow handler ran twice");
+    for event in &events {
+        assert_eq!(witness.calls_for(event.event_id).len(), 1, "[{label}] {} handled more than once", event.event_id);
+    }
+    first.stop().await;
+    rival.stop().await;
+    relay.stop().await;
+    for event in &events {
+        assert!(shape.store.is_event_applied(witness.name, event.event_id).await.unwrap(), "[{label}] not recorded");
+    }
 }

@@ -56,8 +56,17 @@ pub fn parse_uuid(raw: &str, what: &str) -> Result<Uuid, ApiError> {
 pub struct ClientIp(pub Option<IpAddr>);
 
 impl ClientIp {
+    /// The rate-limit key: the address, or its /64 for IPv6 (one subscriber usually holds a
+    /// whole /64, so single addresses would be free to rotate through).
     pub fn key(&self) -> String {
-        self.0.map_or_else(|| "unknown".to_owned(), |ip| ip.to_string())
+        match self.0 {
+            None => "unknown".to_owned(),
+            Some(IpAddr::V4(ip)) => ip.to_string(),
+            Some(IpAddr::V6(ip)) => {
+                let [a, b, c, d, ..] = ip.segments();
+                format!("{a:x}:{b:x}:{c:x}:{d:x}::/64")
+            }
+        }
     }
 }
 
@@ -76,15 +85,26 @@ fn resolve_client_ip(peer: Option<IpAddr>, parts: &Parts, trusted: &[ipnet::IpNe
     if !is_trusted(&peer) {
         return Some(peer);
     }
-    let forwarded: Vec<IpAddr> = parts
+    let hops: Vec<&str> = parts
         .headers
         .get_all("x-forwarded-for")
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|s| s.trim().parse().ok())
+        .map(str::trim)
         .collect();
-    Some(forwarded.into_iter().rev().find(|ip| !is_trusted(ip)).unwrap_or(peer))
+    // From the nearest hop outwards: the first address our proxies did not add is the client.
+    // An entry that is not a bare IP ends the walk — whatever stands left of it came from the
+    // client and cannot be believed — and then the last trusted hop's view is used.
+    let mut client = peer;
+    for hop in hops.iter().rev() {
+        let Ok(ip) = hop.parse::<IpAddr>() else { break };
+        client = ip;
+        if !is_trusted(&ip) {
+            break;
+        }
+    }
+    Some(client)
 }
 
 /// `User-Agent`, capped, for the refresh-token row.
@@ -143,5 +163,17 @@ mod tests {
         assert_eq!(resolve_client_ip(Some(ip("10.0.0.1")), &parts, &trusted), Some(ip("1.2.3.4")));
         assert_eq!(resolve_client_ip(Some(ip("10.0.0.1")), &parts_with_xff("junk"), &trusted), Some(ip("10.0.0.1")));
         assert_eq!(resolve_client_ip(Some(ip("10.0.0.1")), &parts, &[]), Some(ip("10.0.0.1")));
+        // An entry that is not an IP stops the walk: what the client wrote left of it is ignored.
+        let spoofed = parts_with_xff("6.6.6.6, 1.2.3.4:5678, 10.0.0.7");
+        assert_eq!(resolve_client_ip(Some(ip("10.0.0.1")), &spoofed, &trusted), Some(ip("10.0.0.7")));
+    }
+
+    #[test]
+    fn ipv6_clients_are_limited_per_64() {
+        let a = ClientIp(Some(ip("2001:db8:1:2:aaaa::1")));
+        let b = ClientIp(Some(ip("2001:db8:1:2:bbbb::9")));
+        assert_eq!(a.key(), b.key());
+        assert_ne!(a.key(), ClientIp(Some(ip("2001:db8:1:3::1"))).key());
+        assert_eq!(ClientIp(Some(ip("1.2.3.4"))).key(), "1.2.3.4");
     }
 }

@@ -10,6 +10,7 @@ use crate::config::Config;
 
 /// `anna serve`: API, outbox relay and event consumer in one process; migrates first.
 pub async fn serve(config: Config) -> anyhow::Result<()> {
+    warn_about_development_defaults(&config);
     let shutdown = CancellationToken::new();
     app::cancel_on_signal(shutdown.clone());
     let backends = app::open_backends(&config).await?;
@@ -31,6 +32,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
 
 /// `anna api`: the HTTP API alone. The schema must already be migrated (`anna migrate`).
 pub async fn api(config: Config) -> anyhow::Result<()> {
+    warn_about_development_defaults(&config);
     let shutdown = CancellationToken::new();
     app::cancel_on_signal(shutdown.clone());
     let store = app::open_store(&config).await?;
@@ -40,6 +42,16 @@ pub async fn api(config: Config) -> anyhow::Result<()> {
     store.close().await;
     tracing::info!("anna api stopped");
     served
+}
+
+/// Development defaults are refused in production; elsewhere they are at least loud.
+fn warn_about_development_defaults(config: &Config) {
+    if config.api.jwt_secret == crate::config::DEFAULT_JWT_SECRET {
+        tracing::warn!(
+            "AUTH_JWT_SECRET is the public development default: anyone can forge access tokens. \
+             Set a random secret of 32 bytes or more (and ANNA_ENV=production outside development)"
+        );
+    }
 }
 
 /// `anna migrate`: creates or upgrades every table, idempotently.

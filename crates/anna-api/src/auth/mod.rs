@@ -128,7 +128,15 @@ async fn refresh(
     };
     let presented_hash = secrets::sha256_hex(&presented);
     let now = OffsetDateTime::now_utc();
+    // Locks in the same order as every other path that changes a user's tokens (login,
+    // verification, password reset): the user row first, then the token. Every token change of
+    // one user therefore takes turns — no deadlock, and a family revocation sees every token a
+    // concurrent rotation added.
+    let Some(owner) = state.store.find_refresh_token(&presented_hash).await?.map(|t| t.user_id) else {
+        return Err(invalid_refresh());
+    };
     let mut uow = state.store.begin().await?;
+    let user = uow.find_user_by_id(owner).await?;
     let Some(current) = uow.find_refresh_token(&presented_hash).await? else { return Err(invalid_refresh()) };
     match current.state(now) {
         RefreshTokenState::Usable => {}
@@ -144,8 +152,7 @@ async fn refresh(
         }
         RefreshTokenState::Revoked | RefreshTokenState::Expired => return Err(invalid_refresh()),
     }
-    let user = uow.find_user_by_id(current.user_id).await?;
-    let Some(user) = user.filter(|u| u.status == UserStatus::Active) else {
+    let Some(user) = user.filter(|u| u.status == UserStatus::Active && u.id == current.user_id) else {
         uow.revoke_refresh_token(&presented_hash, now).await?;
         uow.commit().await?;
         return Err(invalid_refresh());

@@ -173,6 +173,10 @@ pub trait EventLog: Send + Sync + 'static {
     /// Marks a claimed row terminally `failed`, recording the error.
     async fn mark_outbox_failed(&self, id: Uuid, error: &str, now: OffsetDateTime) -> Result<(), StoreError>;
 
+    /// Puts every `failed` row back to `pending` with its attempts reset, ready at `now` (the
+    /// operator fixed the cause). Returns how many.
+    async fn requeue_failed_outbox(&self, now: OffsetDateTime) -> Result<u64, StoreError>;
+
     /// Deletes `published` rows published before `before`. Returns how many.
     async fn purge_published_outbox(&self, before: OffsetDateTime) -> Result<u64, StoreError>;
 
@@ -200,7 +204,8 @@ pub trait EventLog: Send + Sync + 'static {
     /// Forgets the failed attempts of every subscriber on `event_id` (before a DLQ replay).
     async fn reset_event_attempts(&self, event_id: Uuid) -> Result<(), StoreError>;
 
-    /// Deletes applied-event records older than `before`. Returns how many.
+    /// Deletes applied-event records older than `before`, and failed-attempt counts not
+    /// updated since. Returns how many applied-event records went.
     async fn purge_applied_events(&self, before: OffsetDateTime) -> Result<u64, StoreError>;
 
     async fn insert_dead_letter(&self, letter: &DeadLetter) -> Result<(), StoreError>;

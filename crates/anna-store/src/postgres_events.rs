@@ -141,6 +141,17 @@ impl EventLog for PgStore {
         Ok(())
     }
 
+    async fn requeue_failed_outbox(&self, now: OffsetDateTime) -> Result<u64, StoreError> {
+        let done = sqlx::query(
+            "UPDATE outbox_events SET status = 'pending', attempts = 0, available_at = $1, locked_until = NULL, \
+             updated_at = $1 WHERE status = 'failed'",
+        )
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
     async fn purge_published_outbox(&self, before: OffsetDateTime) -> Result<u64, StoreError> {
         let done = sqlx::query("DELETE FROM outbox_events WHERE status = 'published' AND published_at < $1")
             .bind(before)
@@ -215,6 +226,7 @@ impl EventLog for PgStore {
     async fn purge_applied_events(&self, before: OffsetDateTime) -> Result<u64, StoreError> {
         let done =
             sqlx::query("DELETE FROM applied_events WHERE applied_at < $1").bind(before).execute(&self.pool).await?;
+        sqlx::query("DELETE FROM event_attempts WHERE updated_at < $1").bind(before).execute(&self.pool).await?;
         Ok(done.rows_affected())
     }
 

@@ -122,6 +122,19 @@ impl EventLog for SqliteStore {
         Ok(())
     }
 
+    async fn requeue_failed_outbox(&self, now: OffsetDateTime) -> Result<u64, StoreError> {
+        let now = to_millis(now)?;
+        let done = sqlx::query(
+            "UPDATE outbox_events SET status = 'pending', attempts = 0, available_at = ?, locked_until = NULL, \
+             updated_at = ? WHERE status = 'failed'",
+        )
+        .bind(now)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
     async fn purge_published_outbox(&self, before: OffsetDateTime) -> Result<u64, StoreError> {
         let done = sqlx::query("DELETE FROM outbox_events WHERE status = 'published' AND published_at < ?")
             .bind(to_millis(before)?)
@@ -196,6 +209,10 @@ impl EventLog for SqliteStore {
 
     async fn purge_applied_events(&self, before: OffsetDateTime) -> Result<u64, StoreError> {
         let done = sqlx::query("DELETE FROM applied_events WHERE applied_at < ?")
+            .bind(to_millis(before)?)
+            .execute(&self.pool)
+            .await?;
+        sqlx::query("DELETE FROM event_attempts WHERE updated_at < ?")
             .bind(to_millis(before)?)
             .execute(&self.pool)
             .await?;

@@ -44,7 +44,7 @@ impl Default for RelayConfig {
             batch_size: 100,
             idle_wait: Duration::from_millis(1000),
             lease: Duration::from_secs(30),
-            max_attempts: 10,
+            max_attempts: 20,
             backoff: Backoff { base: Duration::from_millis(1000), max: Duration::from_secs(60) },
             stream_max_len: Some(100_000),
             retention: Duration::from_secs(7 * 24 * 3600),

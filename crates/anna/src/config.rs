@@ -345,7 +345,7 @@ fn events_config<F: Fn(&str) -> Option<String>>(vars: &Vars<F>) -> Result<Events
         batch_size: vars.positive("OUTBOX_BATCH_SIZE", 100, "a positive number of rows")?,
         idle_wait: vars.millis("OUTBOX_INTERVAL_MS", 1000)?,
         lease: vars.millis("OUTBOX_LEASE_MS", 30_000)?,
-        max_attempts: vars.positive("OUTBOX_MAX_ATTEMPTS", 10, "a positive number of attempts")?,
+        max_attempts: vars.positive("OUTBOX_MAX_ATTEMPTS", 20, "a positive number of attempts")?,
         backoff: Backoff {
             base: vars.millis("OUTBOX_BACKOFF_MS", 1000)?,
             max: vars.millis("OUTBOX_BACKOFF_MAX_MS", 60_000)?,

@@ -46,6 +46,8 @@ enum Command {
 enum OutboxCommand {
     /// Pending, processing and failed rows, and the age of the oldest unpublished one.
     Status,
+    /// Put every `failed` row back in line, attempts reset (once the cause is fixed).
+    RetryFailed,
 }
 
 #[derive(Debug, Subcommand)]
@@ -119,6 +121,7 @@ fn main() -> ExitCode {
             Command::Worker { kind } => commands::worker(config, kind).await,
             Command::Migrate => commands::migrate(config).await,
             Command::Outbox { command: OutboxCommand::Status } => operator::outbox_status(config).await,
+            Command::Outbox { command: OutboxCommand::RetryFailed } => operator::outbox_retry_failed(config).await,
             Command::Dlq { command: DlqCommand::List } => operator::dlq_list(config).await,
             Command::Dlq { command: DlqCommand::Replay { id, all: _ } } => operator::dlq_replay(config, id).await,
             Command::Dlq { command: DlqCommand::Purge } => operator::dlq_purge(config).await,

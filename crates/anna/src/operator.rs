@@ -26,6 +26,16 @@ pub async fn outbox_status(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `anna outbox retry-failed`: puts every `failed` outbox row back in line (after the cause —
+/// a stream outage longer than the retry budget — is fixed).
+pub async fn outbox_retry_failed(config: Config) -> anyhow::Result<()> {
+    let store = app::open_store(&config).await?;
+    let requeued = store.requeue_failed_outbox(OffsetDateTime::now_utc()).await.context("requeueing failed rows")?;
+    println!("{requeued} failed outbox row(s) requeued");
+    store.close().await;
+    Ok(())
+}
+
 /// A dead letter wherever it is kept.
 struct Letter {
     /// The DLQ stream entry id, or the `dead_letters` row id.

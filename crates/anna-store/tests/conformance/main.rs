@@ -105,6 +105,7 @@ conformance!(
     dead_letters_round_trip_and_delete,
     event_stats_count_with_their_unit_of_work,
     record_events_applied_in_one_statement,
+    failed_rows_can_be_requeued,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -1780,5 +1781,25 @@ async fn record_events_applied_in_one_statement(store: Arc<dyn Store>) -> TestRe
     drop(uow);
     assert!(!store.is_event_applied("projector", d).await?);
     assert_eq!(store.event_stats().await?[0].count, 5);
+    Ok(())
+}
+
+async fn failed_rows_can_be_requeued(store: Arc<dyn Store>) -> TestResult {
+    let t = relay_now();
+    append(&store, &[event("a.failed", "agg-requeue", t), event("a.ok", "agg-other", t)]).await?;
+    let claimed = store.claim_outbox_batch(10, LEASE, t).await?;
+    assert_eq!(claimed.len(), 2);
+    store.mark_outbox_failed(claimed[0].id, "boom", t).await?;
+    store.mark_outbox_published(&[claimed[1].id], t).await?;
+    assert_eq!(store.outbox_status().await?.failed, 1);
+    let later = t + Duration::seconds(5);
+    assert_eq!(store.requeue_failed_outbox(later).await?, 1);
+    assert_eq!(store.requeue_failed_outbox(later).await?, 0);
+    let status = store.outbox_status().await?;
+    assert_eq!((status.failed, status.pending), (0, 1));
+    let again = store.claim_outbox_batch(10, LEASE, later).await?;
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].id, claimed[0].id);
+    assert_eq!(again[0].attempts, 1, "attempts restart from zero (this claim is the first)");
     Ok(())
 }

@@ -332,6 +332,8 @@ async fn dead_letters_are_listed_replayed_and_purged() {
     assert!(listing.contains("1 dead letter(s)"), "{listing}");
     let (ok, status) = run_anna(&["outbox", "status"], &env_of(&first));
     assert!(ok && status.contains("pending     0") && status.contains("failed      0"), "{status}");
+    let (ok, requeued) = run_anna(&["outbox", "retry-failed"], &env_of(&first));
+    assert!(ok && requeued.contains("0 failed outbox row(s) requeued"), "{requeued}");
     let (ok, missing) = run_anna(&["dlq", "replay", "no-such-id"], &env_of(&first));
     assert!(!ok && missing.contains("no dead letter with id no-such-id"), "{missing}");
 

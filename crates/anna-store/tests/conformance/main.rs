@@ -1487,6 +1487,12 @@ mod postgres_upgrade {
              '6f1c1d52-3c0e-4c1a-9d7e-0d7f5c7e2a11', 'user.verification.token_issued', '2025-12-01T10:00:00.123Z',
              '{"reason": "register"}', 'pending', 0, NULL,
              '2025-12-01T10:00:00.300Z', '2025-12-01T10:00:00.300Z');
+        -- Typed with capitals and spaces; the second collides with the first once normalised.
+        INSERT INTO users (id, name, email, status, password_hash, created_at, updated_at) VALUES
+            ('7a2d2e63-4d1f-4d2b-8e8f-1e8a6d8f3b22', 'Mixed', ' Mixed@Example.COM', 'active',
+             '$argon2id$v=19$m=65536,t=2,p=1$c2FsdA$aGFzaA', '2025-12-01T10:00:00Z', '2025-12-01T10:00:00Z'),
+            ('8b3e3f74-5e20-4e3c-9f90-2f9b7e904c33', 'Twin', 'mixed@EXAMPLE.com', 'pending_verification',
+             '$argon2id$v=19$m=65536,t=2,p=1$c2FsdA$aGFzaA', '2025-12-02T10:00:00Z', '2025-12-02T10:00:00Z');
     "#;
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1509,6 +1515,13 @@ mod postgres_upgrade {
         assert_eq!(seed.email, "seed@example.com");
         assert_eq!(seed.verification_code.as_deref(), Some("123456"));
         assert_eq!((seed.verification_attempts, seed.password_reset_attempts), (0, 0));
+
+        // E-mails are normalised; of two that collide, the active account keeps the address.
+        let mixed = store.find_user_by_email("mixed@example.com").await?.map(|u| u.name);
+        assert_eq!(mixed.as_deref(), Some("Mixed"));
+        let twin_id = Uuid::parse_str("8b3e3f74-5e20-4e3c-9f90-2f9b7e904c33").unwrap_or_else(|e| panic!("{e}"));
+        let twin = store.find_user_by_id(twin_id).await?.map(|u| u.email);
+        assert_eq!(twin.as_deref(), Some("mixed@EXAMPLE.com"), "a collision is left for an operator");
 
         // Every old token got a family of its own.
         let (Some(one), Some(two)) =

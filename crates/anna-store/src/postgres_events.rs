@@ -79,10 +79,19 @@ impl EventLog for PgStore {
         let rows =
             sqlx::query(CLAIM).bind(now).bind(lease_end(now, lease)).bind(i64::from(limit)).fetch_all(&mut *tx).await?;
         tx.commit().await?;
-        let mut claimed = rows
-            .iter()
-            .map(|row| Ok((row.try_get::<i64, _>("seq")?, outbox_record_from_row(row)?)))
-            .collect::<Result<Vec<_>, StoreError>>()?;
+        let mut claimed = Vec::with_capacity(rows.len());
+        for row in &rows {
+            match outbox_record_from_row(row) {
+                Ok(record) => claimed.push((row.try_get::<i64, _>("seq")?, record)),
+                // One unreadable row (a predecessor's non-UUID event id, say) must not hold
+                // back the batch forever: it fails on its own, visibly.
+                Err(error) => {
+                    let id: Uuid = row.try_get("id")?;
+                    tracing::error!(outbox_id = %id, %error, "outbox row cannot be read; marked failed");
+                    self.mark_outbox_failed(id, &format!("stored row cannot be read: {error}"), now).await?;
+                }
+            }
+        }
         // UPDATE … RETURNING comes back in no particular order.
         claimed.sort_unstable_by_key(|(seq, _)| *seq);
         Ok(claimed.into_iter().map(|(_, record)| record).collect())
@@ -369,24 +378,24 @@ fn count(row: &PgRow, column: &str) -> Result<u64, StoreError> {
 }
 
 fn dead_letter_from_row(row: &PgRow) -> Result<DeadLetter, StoreError> {
-    // event_id is text, as in outbox_events (the predecessor's type).
-    let event_id: String = row.try_get("event_id")?;
-    let event_id = Uuid::parse_str(&event_id)
-        .map_err(|e| StoreError::Corrupt(format!("dead letter event_id {event_id:?}: {e}")))?;
-    let Json(payload) = row.try_get::<Json<serde_json::Value>, _>("payload")?;
+    // The predecessor's table allowed NULL in every column; such rows are still listed (and
+    // can be purged) instead of making every DLQ command fail.
+    let created_at: OffsetDateTime = row.try_get("created_at")?;
+    let event_id: Option<String> = row.try_get("event_id")?;
+    let payload: Option<Json<serde_json::Value>> = row.try_get("payload")?;
     Ok(DeadLetter {
         id: row.try_get("id")?,
         event: DomainEvent {
-            event_id,
-            event_name: row.try_get("event_name")?,
-            aggregate_id: row.try_get("aggregate_id")?,
-            occurred_on: row.try_get("occurred_on")?,
+            event_id: event_id.and_then(|id| Uuid::parse_str(&id).ok()).unwrap_or_else(Uuid::nil),
+            event_name: row.try_get::<Option<String>, _>("event_name")?.unwrap_or_default(),
+            aggregate_id: row.try_get::<Option<String>, _>("aggregate_id")?.unwrap_or_default(),
+            occurred_on: row.try_get::<Option<OffsetDateTime>, _>("occurred_on")?.unwrap_or(created_at),
             tenant_id: row.try_get("tenant_id")?,
-            payload,
+            payload: payload.map_or_else(|| serde_json::json!({}), |Json(p)| p),
             traceparent: row.try_get("traceparent")?,
         },
-        error: row.try_get("error")?,
-        attempts: row.try_get("attempts")?,
-        created_at: row.try_get("created_at")?,
+        error: row.try_get::<Option<String>, _>("error")?.unwrap_or_default(),
+        attempts: row.try_get::<Option<i32>, _>("attempts")?.unwrap_or_default(),
+        created_at,
     })
 }

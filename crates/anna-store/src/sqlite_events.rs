@@ -60,10 +60,19 @@ impl EventLog for SqliteStore {
             .bind(i64::from(limit))
             .fetch_all(&self.pool)
             .await?;
-        let mut claimed = rows
-            .iter()
-            .map(|row| Ok((row.try_get::<i64, _>("seq")?, outbox_record_from_row(row)?)))
-            .collect::<Result<Vec<_>, StoreError>>()?;
+        let mut claimed = Vec::with_capacity(rows.len());
+        for row in &rows {
+            match outbox_record_from_row(row) {
+                Ok(record) => claimed.push((row.try_get::<i64, _>("seq")?, record)),
+                // One unreadable row must not hold back the batch forever: it fails on its
+                // own, visibly.
+                Err(error) => {
+                    let id = get_uuid(row, "id")?;
+                    tracing::error!(outbox_id = %id, %error, "outbox row cannot be read; marked failed");
+                    self.mark_outbox_failed(id, &format!("stored row cannot be read: {error}"), now).await?;
+                }
+            }
+        }
         // RETURNING comes back in no promised order.
         claimed.sort_unstable_by_key(|(seq, _)| *seq);
         Ok(claimed.into_iter().map(|(_, record)| record).collect())

@@ -1486,7 +1486,12 @@ mod postgres_upgrade {
             ('1c8f6a4b-2e3d-4f60-9bac-1d2e3f4a5b6c', 'b9a1f9a3-8b63-4c6f-8e7d-2a3b4c5d6e7f',
              '6f1c1d52-3c0e-4c1a-9d7e-0d7f5c7e2a11', 'user.verification.token_issued', '2025-12-01T10:00:00.123Z',
              '{"reason": "register"}', 'pending', 0, NULL,
-             '2025-12-01T10:00:00.300Z', '2025-12-01T10:00:00.300Z');
+             '2025-12-01T10:00:00.300Z', '2025-12-01T10:00:00.300Z'),
+            -- An event id that is not a UUID: unreadable for anna.
+            ('2d9a7b5c-3f4e-4a71-8cbd-2e3f4a5b6c7d', 'legacy-17', 'other-aggregate', 'user.registered',
+             '2025-12-01T09:00:00Z', '{}', 'pending', 0, NULL, '2025-12-01T09:00:00Z', '2025-12-01T09:00:00Z');
+        -- The predecessor allowed NULL everywhere in dead_letters.
+        INSERT INTO dead_letters (id, created_at) VALUES ('3e0b8c6d-4a5f-4b82-9dce-3f4a5b6c7d8e', '2025-12-01T11:00:00Z');
         -- Typed with capitals and spaces; the second collides with the first once normalised.
         INSERT INTO users (id, name, email, status, password_hash, created_at, updated_at) VALUES
             ('7a2d2e63-4d1f-4d2b-8e8f-1e8a6d8f3b22', 'Mixed', ' Mixed@Example.COM', 'active',
@@ -1563,8 +1568,15 @@ mod postgres_upgrade {
 
         // The predecessor's pending row became ready (available_at = its created_at) and goes
         // out before the new one; its published row is never claimed.
+        // A dead letter of NULLs is still listed (and can be purged).
+        let letters = store.list_dead_letters(10).await?;
+        assert_eq!(letters.len(), 1);
+        assert!(letters[0].event.event_id.is_nil() && letters[0].event.event_name.is_empty());
+
+        // The unreadable row fails on its own instead of holding back the batch.
         let claimed = store.claim_outbox_batch(10, StdDuration::from_secs(30), now() + Duration::seconds(1)).await?;
         assert_eq!(super::names(&claimed), ["user.verification.token_issued", "user.verified"]);
+        assert_eq!(store.outbox_status().await?.failed, 1);
         Ok(())
     }
 }

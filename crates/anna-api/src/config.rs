@@ -41,11 +41,14 @@ pub struct RateLimitConfig {
     pub per_ip_per_minute: u32,
     /// Requests per minute to one limited route about one account (e-mail or user id).
     pub per_account_per_minute: u32,
+    /// Requests per hour that send an e-mail (resend verification, password reset) about one
+    /// account: keeps the routes from being used to flood someone's mailbox.
+    pub emails_per_account_per_hour: u32,
 }
 
 impl Default for RateLimitConfig {
     fn default() -> Self {
-        Self { enabled: true, per_ip_per_minute: 20, per_account_per_minute: 5 }
+        Self { enabled: true, per_ip_per_minute: 20, per_account_per_minute: 5, emails_per_account_per_hour: 10 }
     }
 }
 

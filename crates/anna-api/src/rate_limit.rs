@@ -34,6 +34,7 @@ pub struct RateLimiters {
     enabled: bool,
     per_ip: DefaultKeyedRateLimiter<String>,
     per_account: DefaultKeyedRateLimiter<String>,
+    emails_per_account: DefaultKeyedRateLimiter<String>,
     clock: DefaultClock,
 }
 
@@ -47,6 +48,9 @@ impl RateLimiters {
             enabled: config.enabled,
             per_ip: RateLimiter::keyed(per_minute(config.per_ip_per_minute)),
             per_account: RateLimiter::keyed(per_minute(config.per_account_per_minute)),
+            emails_per_account: RateLimiter::keyed(Quota::per_hour(
+                NonZeroU32::new(config.emails_per_account_per_hour).unwrap_or(NonZeroU32::MIN),
+            )),
             clock: DefaultClock::default(),
         }
     }
@@ -56,9 +60,14 @@ impl RateLimiters {
         self.check(&self.per_ip, format!("{}|{ip}", route.as_str()))
     }
 
-    /// Spends one request of the account's budget for `route` (normalised e-mail or user id).
+    /// Spends one request of the account's budget for `route` (normalised e-mail or user id);
+    /// routes that send e-mail also spend from the account's hourly e-mail budget.
     pub fn check_account(&self, route: Limited, account: &str) -> Result<(), ApiError> {
-        self.check(&self.per_account, format!("{}|{account}", route.as_str()))
+        self.check(&self.per_account, format!("{}|{account}", route.as_str()))?;
+        if matches!(route, Limited::ResendVerification | Limited::PasswordReset) {
+            self.check(&self.emails_per_account, account.to_owned())?;
+        }
+        Ok(())
     }
 
     fn check(&self, limiter: &DefaultKeyedRateLimiter<String>, key: String) -> Result<(), ApiError> {
@@ -85,8 +94,12 @@ mod tests {
 
     #[test]
     fn budget_then_429_with_retry_after() {
-        let limiters =
-            RateLimiters::new(RateLimitConfig { enabled: true, per_ip_per_minute: 2, per_account_per_minute: 1 });
+        let limiters = RateLimiters::new(RateLimitConfig {
+            enabled: true,
+            per_ip_per_minute: 2,
+            per_account_per_minute: 1,
+            emails_per_account_per_hour: 3,
+        });
         assert!(limiters.check_ip(Limited::Login, "1.2.3.4").is_ok());
         assert!(limiters.check_ip(Limited::Login, "1.2.3.4").is_ok());
         let refused = limiters.check_ip(Limited::Login, "1.2.3.4").err().map(|e| e.retry_after_secs);
@@ -99,9 +112,30 @@ mod tests {
     }
 
     #[test]
+    fn e_mail_routes_share_an_hourly_budget_per_account() {
+        let limiters = RateLimiters::new(RateLimitConfig {
+            enabled: true,
+            per_ip_per_minute: 100,
+            per_account_per_minute: 100,
+            emails_per_account_per_hour: 2,
+        });
+        assert!(limiters.check_account(Limited::ResendVerification, "a@b.co").is_ok());
+        assert!(limiters.check_account(Limited::PasswordReset, "a@b.co").is_ok());
+        let refused = limiters.check_account(Limited::PasswordReset, "a@b.co").err().map(|e| e.retry_after_secs);
+        assert!(matches!(refused, Some(Some(secs)) if secs > 60), "an hourly budget refills slowly");
+        // Logins do not spend it; other accounts have their own.
+        assert!(limiters.check_account(Limited::Login, "a@b.co").is_ok());
+        assert!(limiters.check_account(Limited::ResendVerification, "c@d.co").is_ok());
+    }
+
+    #[test]
     fn disabled_never_limits() {
-        let limiters =
-            RateLimiters::new(RateLimitConfig { enabled: false, per_ip_per_minute: 1, per_account_per_minute: 1 });
+        let limiters = RateLimiters::new(RateLimitConfig {
+            enabled: false,
+            per_ip_per_minute: 1,
+            per_account_per_minute: 1,
+            emails_per_account_per_hour: 1,
+        });
         for _ in 0..10 {
             assert!(limiters.check_ip(Limited::Login, "1.2.3.4").is_ok());
         }

@@ -87,6 +87,17 @@ impl PasswordHasher {
         }
     }
 
+    /// Whether a stored hash was made with other parameters than new hashes get (an older cost,
+    /// or the predecessor's): it should be replaced at the next successful login.
+    pub fn needs_rehash(&self, stored_phc: &str) -> bool {
+        let Ok(parsed) = PasswordHash::new(stored_phc) else { return true };
+        let params = self.argon.params();
+        let expected = [("m", params.m_cost()), ("t", params.t_cost()), ("p", params.p_cost())];
+        parsed.algorithm.as_str() != "argon2id"
+            || parsed.version != Some(0x13)
+            || expected.iter().any(|(name, value)| parsed.params.get_decimal(*name) != Some(*value))
+    }
+
     /// Spends the same work as a real verification, for unknown accounts, so response time
     /// does not tell whether an e-mail is registered.
     pub fn verify_dummy(&self, password: &str) {
@@ -121,6 +132,17 @@ mod tests {
         let phc = seed.hash("seed password").unwrap_or_else(|e| panic!("{e}"));
         assert!(phc.contains("m=65536,t=2,p=1"));
         assert!(cheap().verify("seed password", &phc));
+    }
+
+    #[test]
+    fn outdated_hashes_need_a_rehash() {
+        let h = cheap();
+        let current = h.hash("pw-pw-pw-pw").unwrap_or_else(|e| panic!("{e}"));
+        assert!(!h.needs_rehash(&current));
+        let seed = PasswordHasher::new(Argon2Cost { memory_kib: 2048, iterations: 1, parallelism: 1 })
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(h.needs_rehash(&seed.hash("pw-pw-pw-pw").unwrap_or_else(|e| panic!("{e}"))));
+        assert!(h.needs_rehash("garbage"));
     }
 
     #[test]

@@ -244,6 +244,11 @@ impl Config {
                     5,
                     "a positive number of requests per minute",
                 )?,
+                emails_per_account_per_hour: vars.positive(
+                    "RATE_LIMIT_EMAILS_PER_ACCOUNT_PER_HOUR",
+                    10,
+                    "a positive number of e-mails per hour",
+                )?,
             },
             trusted_proxies,
             max_body_bytes: vars.positive("HTTP_MAX_BODY_BYTES", dev.max_body_bytes, "a positive number of bytes")?,

@@ -94,16 +94,26 @@ async fn login(
     state.limiters.check_account(Limited::Login, email.as_str())?;
     let found = state.store.find_user_by_email(email.as_str()).await?;
     let stored_hash = found.as_ref().map(|u| u.password_hash.clone());
-    if !state.verify_password(password, stored_hash).await? {
+    if !state.verify_password(password.clone(), stored_hash).await? {
         return Err(invalid_credentials());
     }
     let Some(user) = found else { return Err(invalid_credentials()) };
     if user.status != UserStatus::Active {
         return Err(ApiError::new(StatusCode::FORBIDDEN, "account_not_active", "User is not active"));
     }
+    // Hashes made with an older cost (or by the predecessor) are replaced while the password
+    // is at hand, so every stored hash ends up costing the same to check.
+    let upgraded_hash = if state.passwords.needs_rehash(&user.password_hash) {
+        Some(state.hash_password(password).await?)
+    } else {
+        None
+    };
     let now = OffsetDateTime::now_utc();
     let mut uow = state.store.begin().await?;
     let Some(mut user) = uow.find_user_by_id(user.id).await? else { return Err(invalid_credentials()) };
+    if let Some(hash) = upgraded_hash {
+        user.password_hash = hash;
+    }
     user.record_login(now);
     uow.update_user(&user).await?;
     let (access_token, cookie) = start_family(&state, uow.as_mut(), &user, now, &meta(&headers, &client_ip)).await?;

@@ -324,7 +324,29 @@ async fn no_secrets_in_logs(backend: Backend) {
     app.stop().await;
 }
 
+async fn outdated_password_hashes_are_replaced_at_login(backend: Backend) {
+    use anna_domain::password::{Argon2Cost, PasswordHasher};
+    let app = spawn_app(backend).await;
+    let email = unique_email();
+    let (id, _) = app.active_user(&email, PASSWORD).await;
+    let id: uuid::Uuid = id.parse().unwrap();
+    // As the predecessor (or an older cost setting) would have stored it.
+    let old = PasswordHasher::new(Argon2Cost { memory_kib: 2048, iterations: 2, parallelism: 1 }).unwrap();
+    let mut uow = app.store.begin().await.unwrap();
+    let mut user = uow.find_user_by_id(id).await.unwrap().unwrap();
+    user.password_hash = old.hash(PASSWORD).unwrap();
+    uow.update_user(&user).await.unwrap();
+    uow.commit().await.unwrap();
+
+    assert_eq!(app.login(&email, PASSWORD).await.status, 200);
+    let stored = app.store.find_user_by_id(id).await.unwrap().unwrap().password_hash;
+    assert!(stored.starts_with("$argon2id$v=19$m=1024,t=1,p=1$"), "{stored}");
+    assert_eq!(app.login(&email, PASSWORD).await.status, 200, "the new hash verifies");
+    app.stop().await;
+}
+
 crate::on_both_backends!(
+    outdated_password_hashes_are_replaced_at_login,
     login_does_not_enumerate,
     refresh_rotates_and_detects_reuse,
     concurrent_refreshes_exactly_one_wins,

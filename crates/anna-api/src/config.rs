@@ -30,6 +30,9 @@ pub struct ApiConfig {
     /// Peers whose `X-Forwarded-For` is believed.
     pub trusted_proxies: Vec<IpNet>,
     pub max_body_bytes: usize,
+    /// Resend-verification and password-reset answer no sooner than this, whether or not the
+    /// e-mail exists, so their timing does not tell.
+    pub uniform_response_time: Duration,
     /// Serve `/metrics` on the API port (when false it is served on its own port, or nowhere).
     pub metrics_on_api_port: bool,
 }
@@ -71,6 +74,7 @@ impl ApiConfig {
             rate_limit: RateLimitConfig::default(),
             trusted_proxies: Vec::new(),
             max_body_bytes: 64 * 1024,
+            uniform_response_time: Duration::from_millis(250),
             metrics_on_api_port: true,
         }
     }

@@ -252,6 +252,11 @@ impl Config {
             },
             trusted_proxies,
             max_body_bytes: vars.positive("HTTP_MAX_BODY_BYTES", dev.max_body_bytes, "a positive number of bytes")?,
+            uniform_response_time: Duration::from_millis(vars.parse(
+                "AUTH_UNIFORM_RESPONSE_MS",
+                250,
+                "a number of milliseconds (0 or more)",
+            )?),
             metrics_on_api_port: true,
         };
         let metrics_port = match vars.get("METRICS_PORT") {

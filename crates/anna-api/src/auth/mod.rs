@@ -229,6 +229,7 @@ async fn resend_verification(
     client_ip: ClientIp,
     ApiJson(body): ApiJson<EmailRequest>,
 ) -> ApiResult<Json<StatusResponse>> {
+    let started = tokio::time::Instant::now();
     state.limiters.check_ip(Limited::ResendVerification, &client_ip.key())?;
     let email = required_email(body)?;
     state.limiters.check_account(Limited::ResendVerification, email.as_str())?;
@@ -242,6 +243,8 @@ async fn resend_verification(
         uow.append_events(&crate::telemetry::traced([event])).await?;
         uow.commit().await?;
     }
+    // Known or not, eligible or not: the same answer after the same time.
+    tokio::time::sleep_until(started + state.config.uniform_response_time).await;
     Ok(Json(OK))
 }
 
@@ -253,6 +256,7 @@ async fn password_reset(
     client_ip: ClientIp,
     ApiJson(body): ApiJson<EmailRequest>,
 ) -> ApiResult<Json<StatusResponse>> {
+    let started = tokio::time::Instant::now();
     state.limiters.check_ip(Limited::PasswordReset, &client_ip.key())?;
     let email = required_email(body)?;
     state.limiters.check_account(Limited::PasswordReset, email.as_str())?;
@@ -266,6 +270,8 @@ async fn password_reset(
         uow.append_events(&crate::telemetry::traced([event])).await?;
         uow.commit().await?;
     }
+    // Known or not, eligible or not: the same answer after the same time.
+    tokio::time::sleep_until(started + state.config.uniform_response_time).await;
     Ok(Json(OK))
 }
 

@@ -133,8 +133,11 @@ async fn resend_and_reset_do_not_enumerate(backend: Backend) {
     let unknown = unique_email();
     for route in ["/auth/resend-verification", "/auth/password-reset"] {
         for email in [&active, &pending, &unknown] {
+            let started = std::time::Instant::now();
             let reply = app.post(route).json(json!({"email": email})).send().await;
             assert_eq!((reply.status, &reply.body), (200, &json!({"status": "ok"})), "{route} {email}");
+            // A floor, never a ceiling: every answer waits out AUTH_UNIFORM_RESPONSE_MS.
+            assert!(started.elapsed() >= std::time::Duration::from_millis(250), "{route} {email} answered early");
         }
         let missing = app.post(route).json(json!({})).send().await;
         assert_eq!((missing.status, missing.message()), (400, "email is required"));

@@ -154,7 +154,11 @@ pub enum Outcome {
     /// No subscriber for it; acknowledged.
     Ignored,
     /// A subscriber failed and will be retried after `retry_in`; left pending.
-    Retry { retry_in: Duration },
+    Retry {
+        retry_in: Duration,
+        /// Subscribers already out of attempts (name, last error, attempts): not run again.
+        exhausted: Vec<(&'static str, String, u32)>,
+    },
     /// Written to the DLQ stream (or `dead_letters`), then acknowledged.
     DeadLettered,
     /// Could not be settled (storage or stream down); left pending for a later claim.
@@ -414,13 +418,19 @@ impl EventConsumer {
                 .record_event_failure(subscriber, event.event.event_id, &error, OffsetDateTime::now_utc())
                 .await
             {
+                // The other subscribers still get the event, then it is dead-lettered.
                 Ok(attempts) if attempts >= self.config.max_attempts => {
-                    let _ = self.dead_letter(delivery, Some(subscriber), &error, attempts).await;
+                    if let Outcome::Retry { retry_in, exhausted } =
+                        self.handle_with(delivery, vec![(subscriber, error.clone(), attempts)]).await
+                    {
+                        self.clone().schedule_retry(delivery.clone(), retry_in, exhausted, retries, shutdown.clone());
+                    }
                 }
                 Ok(attempts) => {
                     self.clone().schedule_retry(
                         delivery.clone(),
                         self.config.backoff.delay(attempts),
+                        Vec::new(),
                         retries,
                         shutdown.clone(),
                     );
@@ -450,8 +460,14 @@ impl EventConsumer {
                 async move {
                     for i in indices {
                         let delivery = &deliveries[i];
-                        if let Outcome::Retry { retry_in } = this.handle(delivery).await {
-                            this.clone().schedule_retry(delivery.clone(), retry_in, retries, shutdown.clone());
+                        if let Outcome::Retry { retry_in, exhausted } = this.handle(delivery).await {
+                            this.clone().schedule_retry(
+                                delivery.clone(),
+                                retry_in,
+                                exhausted,
+                                retries,
+                                shutdown.clone(),
+                            );
                         }
                     }
                 }
@@ -503,10 +519,12 @@ impl EventConsumer {
         self: Arc<Self>,
         delivery: Delivery,
         delay: Duration,
+        exhausted: Vec<(&'static str, String, u32)>,
         retries: &TaskTracker,
         shutdown: CancellationToken,
     ) {
         retries.spawn(async move {
+            let mut exhausted = exhausted;
             let touch_every = (self.config.claim_idle / 3).max(Duration::from_millis(20));
             let ids = [delivery.entry.id.clone()];
             let mut delay = delay;
@@ -536,8 +554,11 @@ impl EventConsumer {
                 }
                 let event_name = delivery.entry.fields.get(envelope::EVENT_NAME).cloned().unwrap_or_default();
                 metrics::counter!("events_retried_total", "event_name" => event_name).increment(1);
-                match self.keeping(ids.to_vec(), self.handle(&delivery)).await {
-                    Outcome::Retry { retry_in } => delay = retry_in,
+                match self.keeping(ids.to_vec(), self.handle_with(&delivery, exhausted.clone())).await {
+                    Outcome::Retry { retry_in, exhausted: still } => {
+                        delay = retry_in;
+                        exhausted = still;
+                    }
                     _ => return,
                 }
             }
@@ -546,6 +567,13 @@ impl EventConsumer {
 
     /// Handles one delivery and settles it (ack, DLQ) when it can.
     pub async fn handle(&self, delivery: &Delivery) -> Outcome {
+        self.handle_with(delivery, Vec::new()).await
+    }
+
+    /// `handle`, for an entry some subscribers of which already ran out of attempts
+    /// (`exhausted`: name, last error, attempts): they are not run again, the others are, and
+    /// the entry is dead-lettered with all of them once nobody is left to retry.
+    async fn handle_with(&self, delivery: &Delivery, exhausted: Vec<(&'static str, String, u32)>) -> Outcome {
         let fields = &delivery.entry.fields;
         let event = match envelope::from_fields(fields) {
             Ok(event) => event,
@@ -568,7 +596,12 @@ impl EventConsumer {
         crate::trace::set_parent(&span, event.traceparent.as_deref());
         async move {
             let mut retry_in: Option<Duration> = None;
-            for subscriber in subscribers {
+            // Subscribers out of attempts. The others still run (one poisoned subscriber must
+            // not cost the rest their effects); the entry is dead-lettered once none of them
+            // is left to retry.
+            let mut exhausted = exhausted;
+            let given_up: Vec<&'static str> = exhausted.iter().map(|(name, _, _)| *name).collect();
+            for subscriber in subscribers.iter().filter(|s| !given_up.contains(&s.name())) {
                 match self.apply(subscriber.as_ref(), &received).await {
                     Ok(()) => {}
                     Err(error) => {
@@ -583,15 +616,23 @@ impl EventConsumer {
                             }
                         };
                         if attempts >= self.config.max_attempts {
-                            return self.dead_letter(delivery, Some(name), &error.0, attempts).await;
+                            exhausted.push((name, error.0, attempts));
+                        } else {
+                            let delay = self.config.backoff.delay(attempts);
+                            retry_in = Some(retry_in.map_or(delay, |d| d.min(delay)));
                         }
-                        let delay = self.config.backoff.delay(attempts);
-                        retry_in = Some(retry_in.map_or(delay, |d| d.min(delay)));
                     }
                 }
             }
             if let Some(retry_in) = retry_in {
-                return Outcome::Retry { retry_in };
+                return Outcome::Retry { retry_in, exhausted };
+            }
+            if !exhausted.is_empty() {
+                let names: Vec<&str> = exhausted.iter().map(|(name, _, _)| *name).collect();
+                let errors: Vec<String> = exhausted.iter().map(|(name, error, _)| format!("{name}: {error}")).collect();
+                let attempts = exhausted.iter().map(|(_, _, a)| *a).max().unwrap_or(self.config.max_attempts);
+                let error = if errors.len() == 1 { exhausted[0].1.clone() } else { errors.join("; ") };
+                return self.dead_letter(delivery, Some(&names.join(",")), &error, attempts).await;
             }
             let latency = (OffsetDateTime::now_utc() - event.occurred_on).as_seconds_f64().max(0.0);
             metrics::histogram!("event_end_to_end_latency_seconds", "event_name" => event.event_name.clone()).record(latency);

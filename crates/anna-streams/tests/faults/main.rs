@@ -86,6 +86,7 @@ both_shapes!(
     graceful_shutdown_finishes_in_flight_handlers,
     stream_outage_while_producing,
     slow_handlers_keep_their_entries,
+    a_poisoned_subscriber_does_not_cost_the_others_their_effects,
 );
 
 mod postgres_redis_only {
@@ -393,6 +394,8 @@ struct Witness {
     delay: Duration,
     /// An e-mail-like subscriber: external effect, nothing in the database.
     external: bool,
+    /// Fails this many calls first (a flaky provider), then works.
+    flaky: AtomicUsize,
     started: AtomicUsize,
     finished: AtomicUsize,
 }
@@ -409,6 +412,7 @@ impl Witness {
             hanging: AtomicUsize::new(0),
             delay: Duration::ZERO,
             external: false,
+            flaky: AtomicUsize::new(0),
             started: AtomicUsize::new(0),
             finished: AtomicUsize::new(0),
         }
@@ -462,7 +466,8 @@ impl Subscriber for Witness {
             self.hanging.fetch_add(1, Ordering::SeqCst);
             std::future::pending::<()>().await;
         }
-        let fail = *self.fail_for.lock().unwrap() == Some(event_id);
+        let flaky = self.flaky.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok();
+        let fail = flaky || *self.fail_for.lock().unwrap() == Some(event_id);
         if fail {
             return Err(HandlerError::new(INJECTED));
         }
@@ -1247,4 +1252,30 @@ async fn slow_handlers_keep_their_entries(shape: Shape) {
     for event in &events {
         assert!(shape.store.is_event_applied(witness.name, event.event_id).await.unwrap(), "[{label}] not recorded");
     }
+}
+
+/// One subscriber of an event is poisoned (always fails), another is flaky (fails twice, then
+/// works): the flaky one still applies the event before the entry is dead-lettered for the
+/// poisoned one — a subscriber running out of attempts does not cost the others their effects.
+async fn a_poisoned_subscriber_does_not_cost_the_others_their_effects(shape: Shape) {
+    const EVENT: &str = "test.fault.mixed";
+    let label = shape.label;
+    let events = shape.produce(EVENT, "agg-mixed", 1).await;
+    let poisoned = Arc::new(Witness::new("fault-mixed-poisoned", EVENT).counting_as(format!("{EVENT}/poisoned")));
+    poisoned.fail_for(Some(events[0].event_id));
+    let flaky = Arc::new(Witness::new("fault-mixed-flaky", EVENT).external());
+    flaky.flaky.store(2, Ordering::SeqCst);
+    let relay = shape.start_relay(shape.stream.clone(), shape.relay_config());
+    let config = ConsumerConfig { max_attempts: 3, ..shape.consumer_config("mixed") };
+    let consumer = shape.start_consumer(shape.stream.clone(), config, &[&poisoned, &flaky]);
+    eventually("dead-lettered after the flaky subscriber applied it", async || {
+        let dlq = shape.stream_len(&shape.dlq).await?;
+        let applied = shape.store.is_event_applied(flaky.name, events[0].event_id).await.map_err(|e| e.to_string())?;
+        if dlq == 1 && applied { shape.settled().await } else { Err(format!("dlq {dlq}, flaky applied {applied}")) }
+    })
+    .await;
+    assert_eq!(poisoned.calls_for(events[0].event_id).len(), 3, "[{label}] exactly max attempts for the poisoned one");
+    assert_eq!(flaky.calls_for(events[0].event_id).len(), 3, "[{label}] two failures, then applied");
+    consumer.stop().await;
+    relay.stop().await;
 }

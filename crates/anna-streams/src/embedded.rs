@@ -24,20 +24,18 @@ use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use sqlx::sqlite::SqliteRow;
 use sqlx::{QueryBuilder, Row, Sqlite, SqlitePool};
 use tokio::sync::Notify;
 
+use crate::trim_clock::TrimClocks;
 use crate::{BatchAppendError, Delivery, Entry, Fields, GroupInfo, PendingSummary, Stream, StreamError};
 
-/// Trim checks per stream: after this many appends…
-pub const TRIM_EVERY_APPENDS: u32 = 500;
-/// …or when this much time has passed since the last check, whichever comes first.
-pub const TRIM_INTERVAL: Duration = Duration::from_millis(250);
-/// Stream names whose wakers or trim clocks are remembered before unused ones are dropped.
+pub use crate::trim_clock::{TRIM_EVERY_APPENDS, TRIM_INTERVAL};
+/// Stream names whose wakers are remembered before unused ones are dropped.
 const MAX_TRACKED_STREAMS: usize = 1024;
 const INSERT_ENTRY: &str = "INSERT INTO stream_entries (stream, fields) VALUES (?, ?) RETURNING id";
 /// Ids per `IN (…)` list, well below SQLite's bound-parameter limit.
@@ -54,12 +52,7 @@ pub struct EmbeddedStream {
 #[derive(Default)]
 struct Shared {
     wakers: Mutex<HashMap<String, Arc<Notify>>>,
-    trim_clocks: Mutex<HashMap<String, TrimClock>>,
-}
-
-struct TrimClock {
-    appends: u32,
-    checked_at: Instant,
+    trim_clocks: TrimClocks,
 }
 
 impl std::fmt::Debug for EmbeddedStream {
@@ -136,31 +129,11 @@ impl EmbeddedStream {
         }
     }
 
-    /// Whether `appended` more entries call for a trim check (see the module docs).
-    fn trim_due(&self, stream: &str, appended: usize) -> bool {
-        let mut clocks = lock(&self.shared.trim_clocks);
-        let now = Instant::now();
-        if let Some(clock) = clocks.get_mut(stream) {
-            clock.appends = clock.appends.saturating_add(u32::try_from(appended).unwrap_or(u32::MAX));
-            if clock.appends < TRIM_EVERY_APPENDS && now.duration_since(clock.checked_at) < TRIM_INTERVAL {
-                return false;
-            }
-            clock.appends = 0;
-            clock.checked_at = now;
-            return true;
-        }
-        if clocks.len() >= MAX_TRACKED_STREAMS {
-            clocks.clear();
-        }
-        clocks.insert(stream.to_owned(), TrimClock { appends: 0, checked_at: now });
-        true
-    }
-
     async fn maybe_trim(&self, stream: &str, max_len: Option<u64>, appended: usize) {
         let Some(max_len) = max_len else {
             return;
         };
-        if !self.trim_due(stream, appended) {
+        if !self.shared.trim_clocks.due(stream, appended) {
             return;
         }
         // The entries are in: failing the append now would only make the caller add them again.

@@ -16,6 +16,7 @@ pub mod envelope;
 pub mod redis_stream;
 pub mod relay;
 pub mod trace;
+mod trim_clock;
 
 pub use embedded::EmbeddedStream;
 pub use redis_stream::RedisStream;

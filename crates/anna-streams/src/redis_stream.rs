@@ -27,14 +27,14 @@
 //! script run per entry at 10k+/s, while this bound keeps the overshoot small. `~` trims whole
 //! radix-tree nodes only (up to 100 entries), so the length settles somewhat above `max_len`.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
 use redis::{AsyncConnectionConfig, Client, Cmd, FromRedisValue, RedisError, Script, Value};
 
+use crate::trim_clock::TrimClocks;
 use crate::{BatchAppendError, Delivery, Entry, Fields, GroupInfo, PendingSummary, Stream, StreamError};
 
 /// Response timeout of the shared connection. The 500 ms default is tight for a busy server
@@ -46,15 +46,10 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const BLOCK_GRACE: Duration = Duration::from_secs(5);
 /// Idle dedicated connections kept for blocking readers; more concurrent readers open more.
 const MAX_IDLE_BLOCKING: usize = 32;
-/// Trim checks per stream: after this many appends…
-pub const TRIM_EVERY_APPENDS: u32 = 500;
-/// …or when this much time has passed since the last check, whichever comes first.
-pub const TRIM_INTERVAL: Duration = Duration::from_millis(250);
+pub use crate::trim_clock::{TRIM_EVERY_APPENDS, TRIM_INTERVAL};
 /// Most entries one trim run looks at (and removes), so a long-lagging group that catches up
 /// does not make one script block Redis; the next runs continue.
 const TRIM_BATCH: u64 = 10_000;
-/// Stream names whose trim clocks are remembered before the map is reset.
-const MAX_TRIM_CLOCKS: usize = 10_000;
 /// Entries per pipeline in `append_batch`.
 const BATCH_PIPELINE: usize = 1000;
 /// Rounds of `XAUTOCLAIM` (each scans at most 10 × COUNT pending entries) per `claim_idle`.
@@ -174,15 +169,10 @@ struct Inner {
     client: Client,
     manager: ConnectionManager,
     blocking: Mutex<Vec<MultiplexedConnection>>,
-    trim_clocks: Mutex<HashMap<String, TrimClock>>,
+    trim_clocks: TrimClocks,
     claim_script: Script,
     trim_script: Script,
     touch_script: Script,
-}
-
-struct TrimClock {
-    appends: u32,
-    checked_at: Instant,
 }
 
 impl std::fmt::Debug for RedisStream {
@@ -204,7 +194,7 @@ impl RedisStream {
                 client,
                 manager,
                 blocking: Mutex::new(Vec::new()),
-                trim_clocks: Mutex::new(HashMap::new()),
+                trim_clocks: TrimClocks::default(),
                 claim_script: Script::new(CLAIM_SCRIPT),
                 trim_script: Script::new(TRIM_SCRIPT),
                 touch_script: Script::new(TOUCH_SCRIPT),
@@ -291,31 +281,11 @@ impl RedisStream {
         }
     }
 
-    /// Whether `appended` more entries call for a trim check (see the module docs).
-    fn trim_due(&self, stream: &str, appended: usize) -> bool {
-        let mut clocks = lock(&self.inner.trim_clocks);
-        let now = Instant::now();
-        if let Some(clock) = clocks.get_mut(stream) {
-            clock.appends = clock.appends.saturating_add(u32::try_from(appended).unwrap_or(u32::MAX));
-            if clock.appends < TRIM_EVERY_APPENDS && now.duration_since(clock.checked_at) < TRIM_INTERVAL {
-                return false;
-            }
-            clock.appends = 0;
-            clock.checked_at = now;
-            return true;
-        }
-        if clocks.len() >= MAX_TRIM_CLOCKS {
-            clocks.clear();
-        }
-        clocks.insert(stream.to_owned(), TrimClock { appends: 0, checked_at: now });
-        true
-    }
-
     async fn maybe_trim(&self, stream: &str, max_len: Option<u64>, appended: usize) {
         let Some(max_len) = max_len else {
             return;
         };
-        if !self.trim_due(stream, appended) {
+        if !self.inner.trim_clocks.due(stream, appended) {
             return;
         }
         // The entries are in: failing the append now would only make the caller add them again.

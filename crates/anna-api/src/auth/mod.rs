@@ -229,23 +229,10 @@ async fn resend_verification(
     client_ip: ClientIp,
     ApiJson(body): ApiJson<EmailRequest>,
 ) -> ApiResult<Json<StatusResponse>> {
-    let started = tokio::time::Instant::now();
-    state.limiters.check_ip(Limited::ResendVerification, &client_ip.key())?;
-    let email = required_email(body)?;
-    state.limiters.check_account(Limited::ResendVerification, email.as_str())?;
-    let now = OffsetDateTime::now_utc();
-    let mut uow = state.store.begin().await?;
-    if let Some(mut user) = uow.find_user_by_email(email.as_str()).await?
-        && let Some((_issued, event)) =
-            user.reissue_verification(now, &state.secret_policy, &state.secrets, &state.sealer)
-    {
-        uow.update_user(&user).await?;
-        uow.append_events(&crate::telemetry::traced([event])).await?;
-        uow.commit().await?;
-    }
-    // Known or not, eligible or not: the same answer after the same time.
-    tokio::time::sleep_until(started + state.config.uniform_response_time).await;
-    Ok(Json(OK))
+    issue_secret_by_email(&state, &client_ip, body, Limited::ResendVerification, |user, now, state| {
+        user.reissue_verification(now, &state.secret_policy, &state.secrets, &state.sealer).map(|(_, event)| event)
+    })
+    .await
 }
 
 /// Request a password-reset e-mail. Answers the same whatever the e-mail's existence or status.
@@ -256,21 +243,35 @@ async fn password_reset(
     client_ip: ClientIp,
     ApiJson(body): ApiJson<EmailRequest>,
 ) -> ApiResult<Json<StatusResponse>> {
+    issue_secret_by_email(&state, &client_ip, body, Limited::PasswordReset, |user, now, state| {
+        user.request_password_reset(now, &state.secret_policy, &state.secrets, &state.sealer).map(|(_, event)| event)
+    })
+    .await
+}
+
+/// The shape both e-mail-sending routes share: limits, then — when the account exists and
+/// `issue` applies to it — the new secret and its event in one unit of work (a subscriber
+/// e-mails it), then the same answer after the same time whatever happened.
+async fn issue_secret_by_email(
+    state: &AppState,
+    client_ip: &ClientIp,
+    body: EmailRequest,
+    route: Limited,
+    issue: impl FnOnce(&mut anna_domain::User, OffsetDateTime, &AppState) -> Option<anna_domain::DomainEvent>,
+) -> ApiResult<Json<StatusResponse>> {
     let started = tokio::time::Instant::now();
-    state.limiters.check_ip(Limited::PasswordReset, &client_ip.key())?;
+    state.limiters.check_ip(route, &client_ip.key())?;
     let email = required_email(body)?;
-    state.limiters.check_account(Limited::PasswordReset, email.as_str())?;
+    state.limiters.check_account(route, email.as_str())?;
     let now = OffsetDateTime::now_utc();
     let mut uow = state.store.begin().await?;
     if let Some(mut user) = uow.find_user_by_email(email.as_str()).await?
-        && let Some((_issued, event)) =
-            user.request_password_reset(now, &state.secret_policy, &state.secrets, &state.sealer)
+        && let Some(event) = issue(&mut user, now, state)
     {
         uow.update_user(&user).await?;
         uow.append_events(&crate::telemetry::traced([event])).await?;
         uow.commit().await?;
     }
-    // Known or not, eligible or not: the same answer after the same time.
     tokio::time::sleep_until(started + state.config.uniform_response_time).await;
     Ok(Json(OK))
 }

@@ -33,6 +33,8 @@ pub struct ApiConfig {
     /// Resend-verification and password-reset answer no sooner than this, whether or not the
     /// e-mail exists, so their timing does not tell.
     pub uniform_response_time: Duration,
+    /// How long an `Idempotency-Key` and its stored answer are kept.
+    pub idempotency_key_ttl: Duration,
     /// Serve `/metrics` on the API port (when false it is served on its own port, or nowhere).
     pub metrics_on_api_port: bool,
 }
@@ -75,6 +77,7 @@ impl ApiConfig {
             trusted_proxies: Vec::new(),
             max_body_bytes: 64 * 1024,
             uniform_response_time: Duration::from_millis(250),
+            idempotency_key_ttl: Duration::from_secs(24 * 3600),
             metrics_on_api_port: true,
         }
     }

@@ -6,6 +6,7 @@ pub mod config;
 pub mod error;
 pub mod extract;
 pub mod health;
+pub mod idempotency;
 pub mod rate_limit;
 pub mod state;
 pub mod telemetry;
@@ -109,10 +110,15 @@ pub async fn run_maintenance(state: AppState, interval: Duration) {
             _ = ticker.tick() => {}
         }
         state.limiters.retain_recent();
-        match state.store.purge_expired_refresh_tokens(time::OffsetDateTime::now_utc()).await {
+        let now = time::OffsetDateTime::now_utc();
+        match state.store.purge_expired_refresh_tokens(now).await {
             Ok(0) => {}
             Ok(purged) => tracing::info!(purged, "expired refresh tokens purged"),
             Err(error) => tracing::warn!(%error, "purging expired refresh tokens failed"),
+        }
+        let keys_before = now.saturating_sub(state::time_duration(state.config.idempotency_key_ttl));
+        if let Err(error) = state.store.purge_idempotency_keys(keys_before).await {
+            tracing::warn!(%error, "purging idempotency keys failed");
         }
     }
 }

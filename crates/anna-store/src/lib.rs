@@ -15,8 +15,10 @@ use uuid::Uuid;
 
 mod postgres;
 mod postgres_events;
+mod postgres_idempotency;
 mod sqlite;
 mod sqlite_events;
+mod sqlite_idempotency;
 
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
@@ -130,6 +132,17 @@ pub struct EventStat {
     pub last_occurred_on: OffsetDateTime,
 }
 
+/// What a stored `Idempotency-Key` says about a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IdempotencyClaim {
+    /// First use: the caller processes the request, then completes (or releases) the key.
+    Claimed,
+    /// Another request with this key is being processed right now.
+    InProgress { request_hash: String },
+    /// Already answered: the stored response is replayed.
+    Done { request_hash: String, status: u16, body: String },
+}
+
 /// An event that exhausted its attempts and could not be written to the DLQ stream.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DeadLetter {
@@ -220,8 +233,34 @@ pub trait EventLog: Send + Sync + 'static {
     async fn event_stats(&self) -> Result<Vec<EventStat>, StoreError>;
 }
 
+/// `Idempotency-Key` bookkeeping: a request with a key is processed once; repeats get the
+/// stored answer.
 #[async_trait]
-pub trait Store: EventLog + Send + Sync + 'static {
+pub trait IdempotencyStore: Send + Sync + 'static {
+    /// Claims `key` in `scope` for a request whose body hashes to `request_hash`, or reports
+    /// what an earlier request with the same key left.
+    async fn claim_idempotency_key(
+        &self,
+        scope: &str,
+        key: &str,
+        request_hash: &str,
+        now: OffsetDateTime,
+    ) -> Result<IdempotencyClaim, StoreError>;
+
+    /// Stores the answer of a claimed key.
+    async fn complete_idempotency_key(&self, scope: &str, key: &str, status: u16, body: &str)
+    -> Result<(), StoreError>;
+
+    /// Forgets a claimed key whose request failed without an answer worth replaying (a 5xx),
+    /// so a retry runs again.
+    async fn release_idempotency_key(&self, scope: &str, key: &str) -> Result<(), StoreError>;
+
+    /// Deletes keys created before `before`. Returns how many.
+    async fn purge_idempotency_keys(&self, before: OffsetDateTime) -> Result<u64, StoreError>;
+}
+
+#[async_trait]
+pub trait Store: EventLog + IdempotencyStore + Send + Sync + 'static {
     fn backend(&self) -> Backend;
 
     /// Creates or upgrades every table; idempotent and tracked.

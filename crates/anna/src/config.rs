@@ -252,6 +252,7 @@ impl Config {
             },
             trusted_proxies,
             max_body_bytes: vars.positive("HTTP_MAX_BODY_BYTES", dev.max_body_bytes, "a positive number of bytes")?,
+            idempotency_key_ttl: vars.millis("IDEMPOTENCY_KEY_TTL_MS", 86_400_000)?,
             uniform_response_time: Duration::from_millis(vars.parse(
                 "AUTH_UNIFORM_RESPONSE_MS",
                 250,

@@ -6,6 +6,7 @@ use anna_domain::{Email, UserName};
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
 use axum_extra::extract::CookieJar;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
@@ -16,6 +17,7 @@ use utoipa_axum::routes;
 use crate::auth::session::{ClientMeta, start_family};
 use crate::error::{ApiError, ApiResult, ErrorBody};
 use crate::extract::{ApiJson, AuthUser, ClientIp, parse_uuid, user_agent};
+use crate::idempotency;
 use crate::rate_limit::Limited;
 use crate::state::AppState;
 
@@ -47,11 +49,25 @@ fn present(value: Option<String>) -> Option<String> {
         (status = 201, body = RegisterResponse),
         (status = 400, description = "missing or invalid field", body = ErrorBody),
         (status = 409, description = "e-mail already registered", body = ErrorBody),
-        (status = 413, body = ErrorBody), (status = 415, body = ErrorBody)))]
+        (status = 413, body = ErrorBody), (status = 415, body = ErrorBody),
+        (status = 422, description = "Idempotency-Key reused with another body", body = ErrorBody)),
+    params(("Idempotency-Key" = Option<String>, Header, description = "repeats of a request with this key get the first answer")))]
 async fn register(
     State(state): State<AppState>,
+    headers: HeaderMap,
     ApiJson(body): ApiJson<RegisterRequest>,
-) -> ApiResult<(StatusCode, Json<RegisterResponse>)> {
+) -> Result<Response, ApiError> {
+    let key = idempotency::key(&headers)?;
+    let fingerprint = serde_json::json!([body.name, body.email, body.password]).to_string();
+    let answer = idempotency::once(&state, "POST /users", key, &fingerprint, || async {
+        let (status, Json(created)) = register_user(&state, body).await?;
+        Ok((status, serde_json::json!(created)))
+    })
+    .await;
+    Ok(answer)
+}
+
+async fn register_user(state: &AppState, body: RegisterRequest) -> ApiResult<(StatusCode, Json<RegisterResponse>)> {
     let (Some(name), Some(email), Some(password)) = (present(body.name), present(body.email), present(body.password))
     else {
         return Err(ApiError::bad_request("missing_fields", "name, email and password are required"));

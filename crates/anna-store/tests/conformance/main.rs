@@ -8,7 +8,9 @@ use std::sync::Arc;
 use std::time::Duration as StdDuration;
 
 use anna_domain::{DomainEvent, RefreshToken, User, UserStatus};
-use anna_store::{Backend, ConnectOptions, DeadLetter, OutboxRecord, OutboxStatus, Store, StoreError};
+use anna_store::{
+    Backend, ConnectOptions, DeadLetter, IdempotencyClaim, OutboxRecord, OutboxStatus, Store, StoreError,
+};
 use serde_json::json;
 use time::{Duration, OffsetDateTime};
 use tokio::sync::Barrier;
@@ -106,6 +108,7 @@ conformance!(
     event_stats_count_with_their_unit_of_work,
     record_events_applied_in_one_statement,
     failed_rows_can_be_requeued,
+    idempotency_keys_claim_complete_release_purge,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -1271,6 +1274,7 @@ mod schema {
         ("applied_events", &["subscriber", "event_id", "applied_at"]),
         ("event_attempts", &["subscriber", "event_id", "attempts", "last_error", "updated_at"]),
         ("event_stats", &["event_name", "count", "last_occurred_on"]),
+        ("idempotency_keys", &["scope", "key", "request_hash", "response_status", "response_body", "created_at"]),
     ];
 
     fn contract() -> Tables {
@@ -1307,6 +1311,7 @@ mod schema {
         "outbox_events_processing_aggregate_idx",
         "dead_letters_event_id_idx",
         "applied_events_applied_at_idx",
+        "idempotency_keys_created_at_idx",
     ];
 
     #[tokio::test]
@@ -1826,5 +1831,33 @@ async fn failed_rows_can_be_requeued(store: Arc<dyn Store>) -> TestResult {
     assert_eq!(again.len(), 1);
     assert_eq!(again[0].id, claimed[0].id);
     assert_eq!(again[0].attempts, 1, "attempts restart from zero (this claim is the first)");
+    Ok(())
+}
+
+async fn idempotency_keys_claim_complete_release_purge(store: Arc<dyn Store>) -> TestResult {
+    let t = now();
+    let scope = "POST /users";
+    assert_eq!(store.claim_idempotency_key(scope, "k1", "h1", t).await?, IdempotencyClaim::Claimed);
+    assert_eq!(
+        store.claim_idempotency_key(scope, "k1", "h1", t).await?,
+        IdempotencyClaim::InProgress { request_hash: "h1".into() }
+    );
+    // Same key, other scope: independent.
+    assert_eq!(store.claim_idempotency_key("POST /other", "k1", "h1", t).await?, IdempotencyClaim::Claimed);
+    store.complete_idempotency_key(scope, "k1", 201, "{\"id\":\"x\"}").await?;
+    assert_eq!(
+        store.claim_idempotency_key(scope, "k1", "h2", t).await?,
+        IdempotencyClaim::Done { request_hash: "h1".into(), status: 201, body: "{\"id\":\"x\"}".into() }
+    );
+    // A released claim can be taken again; a completed one is not released.
+    assert_eq!(store.claim_idempotency_key(scope, "k2", "h", t).await?, IdempotencyClaim::Claimed);
+    store.release_idempotency_key(scope, "k2").await?;
+    assert_eq!(store.claim_idempotency_key(scope, "k2", "h", t).await?, IdempotencyClaim::Claimed);
+    store.release_idempotency_key(scope, "k1").await?;
+    assert!(matches!(store.claim_idempotency_key(scope, "k1", "h1", t).await?, IdempotencyClaim::Done { .. }));
+    // Purge by age.
+    assert_eq!(store.claim_idempotency_key(scope, "old", "h", t - Duration::days(2)).await?, IdempotencyClaim::Claimed);
+    assert_eq!(store.purge_idempotency_keys(t - Duration::days(1)).await?, 1);
+    assert_eq!(store.claim_idempotency_key(scope, "old", "h", t).await?, IdempotencyClaim::Claimed);
     Ok(())
 }

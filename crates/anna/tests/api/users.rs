@@ -194,6 +194,7 @@ async fn me_requires_a_valid_bearer_token(backend: Backend) {
 }
 
 crate::on_both_backends!(
+    registration_is_idempotent_with_a_key,
     register_verify_and_me,
     verify_by_link_token,
     registration_input_errors,
@@ -201,3 +202,32 @@ crate::on_both_backends!(
     expired_code_is_refused,
     me_requires_a_valid_bearer_token,
 );
+
+async fn registration_is_idempotent_with_a_key(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let email = unique_email();
+    let body = json!({"name": "Idem", "email": email, "password": "correct horse battery"});
+    let first = app.post("/users").header("idempotency-key", "signup-42").json(body.clone()).send().await;
+    assert_eq!(first.status, 201);
+    // A retry (the first answer was lost on the way): the same answer, and no second user.
+    let again = app.post("/users").header("idempotency-key", "signup-42").json(body.clone()).send().await;
+    assert_eq!((again.status, &again.body), (201, &first.body));
+    assert_eq!(again.headers.get("idempotent-replayed").and_then(|v| v.to_str().ok()), Some("true"));
+    app.mailbox.nth_to(&email, 1).await;
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert_eq!(app.mailbox.all_to(&email).len(), 1, "one registration, one e-mail");
+    // The same key with another body is refused; no key means no replay (409: e-mail taken).
+    let other = json!({"name": "Idem", "email": unique_email(), "password": "correct horse battery"});
+    let reused = app.post("/users").header("idempotency-key", "signup-42").json(other).send().await;
+    assert_eq!((reused.status, reused.body["code"].as_str()), (422, Some("idempotency_key_reused")));
+    assert_eq!(app.post("/users").json(body.clone()).send().await.status, 409);
+    // Error answers are replayed too; malformed keys are a 400.
+    let bad = json!({"name": "Idem", "email": "not-an-email", "password": "correct horse battery"});
+    for _ in 0..2 {
+        let reply = app.post("/users").header("idempotency-key", "bad-1").json(bad.clone()).send().await;
+        assert_eq!(reply.status, 400);
+    }
+    let malformed = app.post("/users").header("idempotency-key", &"k".repeat(300)).json(body).send().await;
+    assert_eq!((malformed.status, malformed.body["code"].as_str()), (400, Some("invalid_idempotency_key")));
+    app.stop().await;
+}

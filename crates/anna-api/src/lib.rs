@@ -18,6 +18,7 @@ use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::http::StatusCode;
 use axum::middleware;
+use axum::response::IntoResponse;
 use axum::routing::get;
 use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
@@ -86,7 +87,9 @@ pub fn router(state: AppState) -> Router {
                         .on_response(telemetry::log_response),
                 )
                 .layer(PropagateRequestIdLayer::x_request_id())
-                .layer(CatchPanicLayer::custom(|_| ApiError::internal("handler panicked").into_response_owned())),
+                .layer(CatchPanicLayer::custom(|_| {
+                    IntoResponse::into_response(ApiError::internal("handler panicked"))
+                })),
         )
         .with_state(state)
 }
@@ -95,13 +98,8 @@ async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "not_found", "route not found")
 }
 
-impl ApiError {
-    fn into_response_owned(self) -> axum::response::Response {
-        axum::response::IntoResponse::into_response(self)
-    }
-}
-
-/// Runs periodic upkeep until `shutdown`: prunes rate-limiter keys and expired refresh tokens.
+/// Runs periodic upkeep until `shutdown`: prunes rate-limiter keys, expired refresh tokens and
+/// old idempotency keys.
 pub async fn run_maintenance(state: AppState, interval: Duration) {
     let mut ticker = tokio::time::interval(interval);
     loop {

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anna_domain::DomainEvent;
-use anna_store::{ConnectOptions, SqliteStore, Store, UnitOfWork};
+use anna_store::{ConnectOptions, SqlStore, Store, UnitOfWork};
 use anna_streams::backoff::Backoff;
 use anna_streams::consumer::{ConsumerConfig, Effect, EventConsumer, HandlerError, ReceivedEvent, Subscriber};
 use anna_streams::relay::{OutboxRelay, RelayConfig};
@@ -122,9 +122,10 @@ async fn open_shape(name: &str) -> anyhow::Result<Shape> {
     let options = ConnectOptions { max_connections: 32, ..ConnectOptions::default() };
     match name {
         "embedded" => {
-            let sqlite = SqliteStore::connect(&anna_testkit::sqlite::fresh_database_url(), &options).await?;
+            let sqlite = SqlStore::connect(&anna_testkit::sqlite::fresh_database_url(), &options).await?;
             sqlite.migrate().await?;
-            let stream: Arc<dyn Stream> = Arc::new(EmbeddedStream::new(sqlite.pool()));
+            let pool = sqlite.sqlite_pool().ok_or_else(|| anyhow::anyhow!("not a SQLite store"))?;
+            let stream: Arc<dyn Stream> = Arc::new(EmbeddedStream::new(pool));
             Ok(Shape { label: "embedded (SQLite)", store: Arc::new(sqlite), stream })
         }
         "distributed" => {

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anna_api::AppState;
 use anna_domain::secrets::Sealer;
-use anna_store::{ConnectOptions, SqliteStore, Store};
+use anna_store::{ConnectOptions, SqlStore, Store};
 use anna_streams::consumer::{EventConsumer, Subscriber};
 use anna_streams::relay::OutboxRelay;
 use anna_streams::{EmbeddedStream, RedisStream, Stream};
@@ -43,14 +43,10 @@ pub struct Backends {
 
 pub async fn open_backends(config: &Config) -> anyhow::Result<Backends> {
     let options = connect_options(config);
-    let (store, embedded): (Arc<dyn Store>, Option<Arc<dyn Stream>>) = if config.database_url.starts_with("sqlite:") {
-        let sqlite =
-            SqliteStore::connect(&config.database_url, &options).await.map_err(|e| database_error(config, e))?;
-        let embedded: Arc<dyn Stream> = Arc::new(EmbeddedStream::new(sqlite.pool()));
-        (Arc::new(sqlite), Some(embedded))
-    } else {
-        (open_store(config).await?, None)
-    };
+    let sql = SqlStore::connect(&config.database_url, &options).await.map_err(|e| database_error(config, e))?;
+    // The embedded streams live in the SQLite file itself.
+    let embedded = sql.sqlite_pool().map(|pool| Arc::new(EmbeddedStream::new(pool)) as Arc<dyn Stream>);
+    let store: Arc<dyn Store> = Arc::new(sql);
     let stream = match (&config.events.backend, embedded) {
         (StreamBackend::Redis(url), _) => {
             let redis =

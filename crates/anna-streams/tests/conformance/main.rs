@@ -41,7 +41,7 @@ async fn embedded_stream() -> Arc<dyn Stream> {
 /// The application's migrations on a fresh file, then a pool of our own on it (the store does
 /// not hand out its pool), with the same settings as the store's.
 async fn embedded_pool(url: &str) -> SqlitePool {
-    let store = anna_store::SqliteStore::connect(url, &Default::default()).await.unwrap();
+    let store = anna_store::SqlStore::connect(url, &Default::default()).await.unwrap();
     store.migrate().await.unwrap();
     store.close().await;
     open_pool(url).await

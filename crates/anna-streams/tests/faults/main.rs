@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anna_domain::DomainEvent;
-use anna_store::{ConnectOptions, SqliteStore, Store, UnitOfWork};
+use anna_store::{ConnectOptions, SqlStore, Store, UnitOfWork};
 use anna_streams::backoff::Backoff;
 use anna_streams::consumer::{ConsumerConfig, Effect, EventConsumer, HandlerError, ReceivedEvent, Subscriber};
 use anna_streams::relay::{OutboxRelay, RelayConfig};
@@ -169,9 +169,9 @@ impl Shape {
 
     async fn sqlite_embedded() -> Shape {
         let url = anna_testkit::sqlite::fresh_database_url();
-        let sqlite = SqliteStore::connect(&url, &ConnectOptions::default()).await.unwrap();
+        let sqlite = SqlStore::connect(&url, &ConnectOptions::default()).await.unwrap();
         sqlite.migrate().await.unwrap();
-        let pool = sqlite.pool();
+        let pool = sqlite.sqlite_pool().unwrap_or_else(|| panic!("a SQLite store"));
         let stream: Arc<dyn Stream> = Arc::new(EmbeddedStream::new(pool.clone()));
         Shape::named("sqlite+embedded", Arc::new(sqlite), stream, Db::Sqlite(pool))
     }

@@ -1,0 +1,139 @@
+//! [`SqlStore`]: the one implementation of every store trait, over a SQLite file (the embedded
+//! shape, WAL mode) or a Postgres database (production), and its unit of work.
+//!
+//! On Postgres units of work run at READ COMMITTED; the `find_*` methods of a unit of work lock
+//! the rows they return (`FOR UPDATE`), so two units of work changing the same aggregate take
+//! turns. On SQLite a unit of work holds the database-wide write lock from its first statement.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::postgres::PgPoolOptions;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+
+use crate::outbox_wake::OutboxWake;
+use crate::sql::{Pool, Tx};
+use crate::{Backend, ConnectOptions, Store, StoreError, UnitOfWork};
+
+const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The SQL implementation of [`Store`], for both backends.
+#[derive(Debug, Clone)]
+pub struct SqlStore {
+    pub(crate) pool: Pool,
+    pub(crate) wake: OutboxWake,
+}
+
+impl SqlStore {
+    /// Opens the database named by `url`: `sqlite:path/to/file.db` (the file and its folder
+    /// are created when missing) or `postgres://…`. Does not migrate.
+    pub async fn connect(url: &str, options: &ConnectOptions) -> Result<Self, StoreError> {
+        if url.starts_with("sqlite:") {
+            Self::connect_sqlite(url, options).await
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Self::connect_postgres(url, options).await
+        } else {
+            Err(StoreError::UnsupportedUrl(crate::redact_url(url)))
+        }
+    }
+
+    async fn connect_sqlite(url: &str, options: &ConnectOptions) -> Result<Self, StoreError> {
+        let connect_options = SqliteConnectOptions::from_str(url)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(SQLITE_BUSY_TIMEOUT)
+            .foreign_keys(true);
+        if !(url.contains(":memory:") || url.contains("mode=memory")) {
+            create_parent_dir(connect_options.get_filename())?;
+        }
+        let pool = SqlitePoolOptions::new()
+            .max_connections(options.max_connections.max(1))
+            .acquire_timeout(options.acquire_timeout)
+            .connect_with(connect_options)
+            .await?;
+        Ok(Self { pool: Pool::Sqlite(pool), wake: OutboxWake::in_process() })
+    }
+
+    async fn connect_postgres(url: &str, options: &ConnectOptions) -> Result<Self, StoreError> {
+        let pool = PgPoolOptions::new()
+            .max_connections(options.max_connections.max(1))
+            .acquire_timeout(options.acquire_timeout)
+            .connect(url)
+            .await?;
+        let wake = OutboxWake::postgres(&pool, options);
+        Ok(Self { pool: Pool::Postgres(pool), wake })
+    }
+
+    /// The SQLite pool, for the embedded event streams that live in the same file; `None` on
+    /// Postgres.
+    pub fn sqlite_pool(&self) -> Option<SqlitePool> {
+        match &self.pool {
+            Pool::Sqlite(pool) => Some(pool.clone()),
+            Pool::Postgres(_) => None,
+        }
+    }
+}
+
+fn create_parent_dir(file: &Path) -> Result<(), StoreError> {
+    match file.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => Ok(std::fs::create_dir_all(parent)?),
+        _ => Ok(()),
+    }
+}
+
+#[async_trait]
+impl Store for SqlStore {
+    fn backend(&self) -> Backend {
+        self.pool.backend()
+    }
+
+    async fn migrate(&self) -> Result<(), StoreError> {
+        match &self.pool {
+            Pool::Sqlite(pool) => sqlx::migrate!("./migrations/sqlite").run(pool).await?,
+            Pool::Postgres(pool) => sqlx::migrate!("./migrations/postgres").run(pool).await?,
+        }
+        Ok(())
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.pool.query("SELECT 1").execute().await?;
+        Ok(())
+    }
+
+    async fn begin(&self) -> Result<Box<dyn UnitOfWork>, StoreError> {
+        let tx = self.pool.begin().await?;
+        Ok(Box::new(SqlUnitOfWork { tx, wake: self.wake.clone(), appended: false, wake_queued: false }))
+    }
+
+    async fn close(&self) {
+        self.wake.close().await;
+        self.pool.close().await;
+        // A relay waiting for the outbox gets to see that the store is closed.
+        self.wake.wake_all();
+    }
+}
+
+/// One transaction. Dropping it without `commit` rolls back.
+pub(crate) struct SqlUnitOfWork {
+    pub(crate) tx: Tx,
+    pub(crate) wake: OutboxWake,
+    /// Whether events were appended, so that the commit must wake the relay.
+    pub(crate) appended: bool,
+    /// Whether this transaction already queued its Postgres NOTIFY: one is enough.
+    pub(crate) wake_queued: bool,
+}
+
+#[async_trait]
+impl UnitOfWork for SqlUnitOfWork {
+    async fn commit(self: Box<Self>) -> Result<(), StoreError> {
+        let Self { tx, wake, appended, .. } = *self;
+        tx.commit().await?;
+        if appended {
+            wake.committed();
+        }
+        Ok(())
+    }
+}

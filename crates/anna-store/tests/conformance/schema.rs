@@ -1,0 +1,215 @@
+//! The schema contract: table, column and index names are shared with the TypeScript
+//! predecessor and between the backends.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use sqlx::{Connection, PgConnection, Row, SqliteConnection};
+
+use super::*;
+
+type Tables = BTreeMap<String, BTreeSet<String>>;
+
+const CONTRACT: &[(&str, &[&str])] = &[
+    (
+        "users",
+        &[
+            "id",
+            "name",
+            "email",
+            "status",
+            "password_hash",
+            "verification_token",
+            "verification_code",
+            "verification_token_expires_at",
+            "verification_attempts",
+            "verified_at",
+            "password_reset_token",
+            "password_reset_token_expires_at",
+            "password_reset_attempts",
+            "created_at",
+            "updated_at",
+            "last_login_at",
+        ],
+    ),
+    (
+        "refresh_tokens",
+        &[
+            "token_hash",
+            "user_id",
+            "family_id",
+            "created_at",
+            "expires_at",
+            "revoked_at",
+            "replaced_by_token_hash",
+            "user_agent",
+            "ip",
+        ],
+    ),
+    ("session_auth_creds", &["session_id", "tenant_id", "creds", "created_at", "updated_at"]),
+    ("session_auth_keys", &["session_id", "tenant_id", "key_type", "key_id", "value", "created_at", "updated_at"]),
+    (
+        "sessions",
+        &[
+            "id",
+            "tenant_id",
+            "status",
+            "phone",
+            "qr",
+            "qr_expires_at",
+            "connected_at",
+            "disconnected_at",
+            "disconnected_reason",
+            "created_at",
+            "updated_at",
+        ],
+    ),
+    (
+        "outbox_events",
+        &[
+            "id",
+            "event_id",
+            "aggregate_id",
+            "event_name",
+            "occurred_on",
+            "payload",
+            "status",
+            "attempts",
+            "last_error",
+            "published_at",
+            "created_at",
+            "updated_at",
+            "tenant_id",
+            "traceparent",
+            "available_at",
+            "locked_until",
+        ],
+    ),
+    (
+        "dead_letters",
+        &[
+            "id",
+            "event_id",
+            "aggregate_id",
+            "event_name",
+            "occurred_on",
+            "payload",
+            "error",
+            "attempts",
+            "created_at",
+            "tenant_id",
+            "traceparent",
+        ],
+    ),
+    ("applied_events", &["subscriber", "event_id", "applied_at"]),
+    ("event_attempts", &["subscriber", "event_id", "attempts", "last_error", "updated_at"]),
+    ("event_stats", &["event_name", "count", "last_occurred_on"]),
+    ("idempotency_keys", &["scope", "key", "request_hash", "response_status", "response_body", "created_at"]),
+];
+
+fn contract() -> Tables {
+    CONTRACT
+        .iter()
+        .map(|(table, columns)| (table.to_string(), columns.iter().map(|c| c.to_string()).collect()))
+        .collect()
+}
+
+fn collect(pairs: Vec<(String, String)>) -> Tables {
+    let mut tables = Tables::new();
+    for (table, column) in pairs {
+        tables.entry(table).or_default().insert(column);
+    }
+    tables
+}
+
+const SHARED_INDEXES: &[&str] = &[
+    "users_email_idx",
+    "users_status_idx",
+    "refresh_tokens_user_id_idx",
+    "refresh_tokens_family_id_idx",
+    "refresh_tokens_expires_at_idx",
+    "refresh_tokens_revoked_at_idx",
+    "session_auth_creds_tenant_id_idx",
+    "session_auth_keys_session_id_idx",
+    "session_auth_keys_tenant_id_idx",
+    "sessions_tenant_id_idx",
+    "sessions_status_idx",
+    "outbox_events_status_occurred_on_idx",
+    "outbox_events_aggregate_id_idx",
+    "outbox_events_claim_idx",
+    "outbox_events_pending_aggregate_idx",
+    "outbox_events_processing_aggregate_idx",
+    "dead_letters_event_id_idx",
+    "applied_events_applied_at_idx",
+    "idempotency_keys_created_at_idx",
+];
+
+#[tokio::test]
+async fn sqlite_tables_match_the_contract() {
+    let url = anna_testkit::sqlite::fresh_database_url();
+    let store = anna_store::connect(&url, &test_options()).await.unwrap_or_else(|e| panic!("{e}"));
+    store.migrate().await.unwrap_or_else(|e| panic!("{e}"));
+    store.close().await;
+
+    let mut conn = SqliteConnection::connect(&url).await.unwrap_or_else(|e| panic!("{e}"));
+    // Only the shared tables: SQLite also holds the embedded streams (migration 0006), which
+    // exist on no other backend and are not part of this contract.
+    let contract = contract();
+    let rows = sqlx::query(
+        "SELECT m.name, p.name FROM sqlite_master m JOIN pragma_table_info(m.name) p \
+         WHERE m.type = 'table' AND m.name NOT LIKE 'sqlite%' AND m.name <> '_sqlx_migrations'",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    let pairs = rows
+        .iter()
+        .map(|r| (r.get::<String, _>(0), r.get::<String, _>(1)))
+        .filter(|(table, _)| contract.contains_key(table))
+        .collect();
+    assert_eq!(collect(pairs), contract);
+
+    let rows = sqlx::query(
+        "SELECT name, tbl_name FROM sqlite_master WHERE type = 'index' AND name NOT LIKE 'sqlite_autoindex%'",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    let indexes: BTreeSet<String> =
+        rows.iter().filter(|r| contract.contains_key(&r.get::<String, _>(1))).map(|r| r.get::<String, _>(0)).collect();
+    assert_eq!(indexes, SHARED_INDEXES.iter().map(|i| i.to_string()).collect());
+}
+
+#[tokio::test]
+async fn postgres_tables_match_the_contract() {
+    let url = anna_testkit::pg::fresh_database_url().await;
+    let store = anna_store::connect(&url, &test_options()).await.unwrap_or_else(|e| panic!("{e}"));
+    store.migrate().await.unwrap_or_else(|e| panic!("{e}"));
+    store.close().await;
+
+    let mut conn = PgConnection::connect(&url).await.unwrap_or_else(|e| panic!("{e}"));
+    let rows = sqlx::query(
+        "SELECT table_name::text, column_name::text FROM information_schema.columns \
+         WHERE table_schema = 'public' AND table_name <> '_sqlx_migrations'",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    let pairs = rows.iter().map(|r| (r.get::<String, _>(0), r.get::<String, _>(1))).collect();
+    let mut expected = contract();
+    // The tie-breaker for outbox order; SQLite uses its rowid instead.
+    if let Some(outbox) = expected.get_mut("outbox_events") {
+        outbox.insert("seq".into());
+    }
+    assert_eq!(collect(pairs), expected);
+
+    let indexes: BTreeSet<String> = sqlx::query_scalar(
+        "SELECT indexname::text FROM pg_indexes WHERE schemaname = 'public' AND indexname NOT LIKE '%_pkey'",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .unwrap_or_else(|e| panic!("{e}"))
+    .into_iter()
+    .collect();
+    assert_eq!(indexes, SHARED_INDEXES.iter().map(|i| i.to_string()).collect());
+    let _ = conn.close().await;
+}

@@ -1,31 +1,15 @@
-//! Settings the API needs. The binary builds them from the environment and validates them.
+//! Settings of the HTTP edge. The binary builds them from the environment and validates them;
+//! the accounts' own settings (token lifetimes, Argon2 cost…) are `anna_usecases::AccountsConfig`.
 
 use std::time::Duration;
 
-use anna_domain::password::Argon2Cost;
 use ipnet::IpNet;
 
 #[derive(Debug, Clone)]
 pub struct ApiConfig {
-    /// HS256 key for access tokens (also the root of the secret-hashing key).
-    pub jwt_secret: String,
-    pub access_token_ttl: Duration,
-    pub refresh_token_ttl: Duration,
     pub refresh_cookie_name: String,
+    /// Adds `Secure` to the refresh cookie.
     pub cookie_secure: bool,
-    /// A refresh token presented again within this window after its rotation is refused with
-    /// 401 but does not revoke its family (two tabs refreshing at once). Zero: every reuse
-    /// revokes the family.
-    pub refresh_reuse_grace: Duration,
-    pub verification_ttl: Duration,
-    pub password_reset_ttl: Duration,
-    /// Wrong verification codes or reset tokens accepted before the secret is void.
-    pub max_secret_attempts: u32,
-    /// Base of the links in e-mails.
-    pub app_base_url: String,
-    pub argon2: Argon2Cost,
-    /// Password hashes computed at once; more wait. Keeps login floods from starving the runtime.
-    pub hashing_concurrency: usize,
     pub rate_limit: RateLimitConfig,
     /// Peers whose `X-Forwarded-For` is believed.
     pub trusted_proxies: Vec<IpNet>,
@@ -58,21 +42,11 @@ impl Default for RateLimitConfig {
 }
 
 impl ApiConfig {
-    /// Development defaults, as the seed had them (the binary refuses the secret in production).
+    /// Development defaults, as the predecessor had them.
     pub fn development() -> Self {
         Self {
-            jwt_secret: "dev-secret-change-me".into(),
-            access_token_ttl: Duration::from_secs(900),
-            refresh_token_ttl: Duration::from_secs(30 * 24 * 3600),
             refresh_cookie_name: "refresh_token".into(),
             cookie_secure: false,
-            refresh_reuse_grace: Duration::ZERO,
-            verification_ttl: Duration::from_secs(3600),
-            password_reset_ttl: Duration::from_secs(3600),
-            max_secret_attempts: 5,
-            app_base_url: "http://localhost:3000".into(),
-            argon2: Argon2Cost::default(),
-            hashing_concurrency: 2,
             rate_limit: RateLimitConfig::default(),
             trusted_proxies: Vec::new(),
             max_body_bytes: 64 * 1024,

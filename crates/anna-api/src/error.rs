@@ -6,9 +6,13 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use utoipa::ToSchema;
 
+use anna_domain::user::VerifyError;
 use anna_store::StoreError;
+use anna_usecases::{
+    CurrentUserError, Failure, LoginError, PasswordResetError, RefreshError, RegisterError, VerifyEmailError,
+};
 
-/// The error body of every route: a human message (seed-compatible) and a stable code.
+/// The error body of every route: a human message (predecessor-compatible) and a stable code.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ErrorBody {
     pub message: String,
@@ -83,6 +87,86 @@ impl From<StoreError> for ApiError {
             StoreError::Conflict(_) => Self::conflict("conflict", "resource already exists"),
             unavailable if unavailable.is_unavailable() => Self::unavailable(unavailable),
             other => Self::internal(other),
+        }
+    }
+}
+
+impl From<Failure> for ApiError {
+    fn from(failure: Failure) -> Self {
+        match failure {
+            Failure::Store(error) => error.into(),
+            other => Self::internal(other),
+        }
+    }
+}
+
+impl From<RegisterError> for ApiError {
+    fn from(error: RegisterError) -> Self {
+        match error {
+            RegisterError::InvalidPassword(e) => Self::bad_request("invalid_password", e.0),
+            RegisterError::EmailTaken => Self::conflict("email_taken", "a user with this e-mail already exists"),
+            RegisterError::Failed(failure) => failure.into(),
+        }
+    }
+}
+
+impl From<VerifyEmailError> for ApiError {
+    fn from(error: VerifyEmailError) -> Self {
+        match error {
+            VerifyEmailError::UserNotFound(id) => {
+                Self::not_found("user_not_found", format!("The user {id} does not exist"))
+            }
+            VerifyEmailError::Refused(refused) => {
+                let message = refused.to_string();
+                match refused {
+                    VerifyError::AlreadyVerified(_) => Self::conflict("already_verified", message),
+                    VerifyError::NotVerifiable(_) => Self::conflict("not_verifiable", message),
+                    VerifyError::Mismatch(_) => Self::bad_request("verification_mismatch", message),
+                    VerifyError::Expired { .. } => Self::bad_request("verification_expired", message),
+                    VerifyError::AttemptsExhausted(_) => Self::bad_request("verification_void", message),
+                }
+            }
+            VerifyEmailError::Failed(failure) => failure.into(),
+        }
+    }
+}
+
+impl From<CurrentUserError> for ApiError {
+    fn from(error: CurrentUserError) -> Self {
+        match error {
+            CurrentUserError::NotFound(id) => {
+                Self::not_found("user_not_found", format!("The user {id} does not exist"))
+            }
+            CurrentUserError::Failed(failure) => failure.into(),
+        }
+    }
+}
+
+impl From<LoginError> for ApiError {
+    fn from(error: LoginError) -> Self {
+        match error {
+            LoginError::InvalidCredentials => Self::unauthorized("invalid_credentials", "Invalid credentials"),
+            LoginError::NotActive => Self::new(StatusCode::FORBIDDEN, "account_not_active", "User is not active"),
+            LoginError::Failed(failure) => failure.into(),
+        }
+    }
+}
+
+impl From<RefreshError> for ApiError {
+    fn from(error: RefreshError) -> Self {
+        match error {
+            RefreshError::Invalid => Self::unauthorized("invalid_refresh_token", "Invalid refresh token"),
+            RefreshError::Failed(failure) => failure.into(),
+        }
+    }
+}
+
+impl From<PasswordResetError> for ApiError {
+    fn from(error: PasswordResetError) -> Self {
+        match error {
+            PasswordResetError::InvalidPassword(e) => Self::bad_request("invalid_password", e.0),
+            PasswordResetError::Refused => Self::bad_request("invalid_reset", "invalid password reset request"),
+            PasswordResetError::Failed(failure) => failure.into(),
         }
     }
 }

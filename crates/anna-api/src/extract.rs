@@ -10,9 +10,9 @@ use axum::http::request::Parts;
 use serde::de::DeserializeOwned;
 use uuid::Uuid;
 
-use crate::auth::tokens::Authenticated;
 use crate::error::ApiError;
 use crate::state::AppState;
+use anna_usecases::Authenticated;
 
 /// A JSON body. Other content types → 415, malformed JSON → 400, wrong field types → 422,
 /// too large → 413; unknown fields are ignored.
@@ -131,8 +131,8 @@ impl FromRequestParts<AppState> for AuthUser {
             _ => return Err(ApiError::unauthorized("invalid_access_token", "invalid access token")),
         };
         state
-            .jwt
-            .verify(token)
+            .accounts
+            .authenticate(token)
             .map(AuthUser)
             .ok_or_else(|| ApiError::unauthorized("invalid_access_token", "invalid access token"))
     }

@@ -24,6 +24,8 @@ pub struct Health {
 pub struct Readiness {
     pub status: &'static str,
     pub database: &'static str,
+    /// The event stream (Redis, or the embedded streams in the SQLite file).
+    pub streams: &'static str,
 }
 
 /// The process is alive.
@@ -32,17 +34,25 @@ async fn healthz() -> Json<Health> {
     Json(Health { status: "ok" })
 }
 
-/// The process can serve: its database answers.
+/// The process can serve: its database and its event stream answer.
 #[utoipa::path(get, path = "/readyz", tag = "operations",
     responses((status = 200, body = Readiness), (status = 503, body = Readiness)))]
 async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Readiness>) {
-    match state.store.ping().await {
-        Ok(()) => (StatusCode::OK, Json(Readiness { status: "ready", database: "ok" })),
-        Err(error) => {
-            tracing::warn!(%error, "readiness check failed");
-            (StatusCode::SERVICE_UNAVAILABLE, Json(Readiness { status: "not_ready", database: "unreachable" }))
-        }
+    let (database, streams) = tokio::join!(state.store.ping(), state.stream.ping());
+    if let Err(error) = &database {
+        tracing::warn!(%error, "readiness check failed: database");
     }
+    if let Err(error) = &streams {
+        tracing::warn!(%error, "readiness check failed: event stream");
+    }
+    let word = |ok: bool| if ok { "ok" } else { "unreachable" };
+    let ready = database.is_ok() && streams.is_ok();
+    let body = Readiness {
+        status: if ready { "ready" } else { "not_ready" },
+        database: word(database.is_ok()),
+        streams: word(streams.is_ok()),
+    };
+    (if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, Json(body))
 }
 
 /// Prometheus text exposition of this process's metrics.

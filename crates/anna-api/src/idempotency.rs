@@ -56,7 +56,7 @@ where
             Err(error) => error.into_response(),
         };
     };
-    let request_hash = state.secrets.hash("idempotency-key", &format!("{scope} {key}"), fingerprint);
+    let request_hash = state.accounts.keyed_hash("idempotency-key", &format!("{scope} {key}"), fingerprint);
     let claim = match state.store.claim_idempotency_key(scope, &key, &request_hash, OffsetDateTime::now_utc()).await {
         Ok(claim) => claim,
         Err(error) => return ApiError::from(error).into_response(),

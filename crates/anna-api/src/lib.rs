@@ -109,12 +109,12 @@ pub async fn run_maintenance(state: AppState, interval: Duration) {
         }
         state.limiters.retain_recent();
         let now = time::OffsetDateTime::now_utc();
-        match state.store.purge_expired_refresh_tokens(now).await {
+        match state.accounts.purge_expired_refresh_tokens(now).await {
             Ok(0) => {}
             Ok(purged) => tracing::info!(purged, "expired refresh tokens purged"),
             Err(error) => tracing::warn!(%error, "purging expired refresh tokens failed"),
         }
-        let keys_before = now.saturating_sub(state::time_duration(state.config.idempotency_key_ttl));
+        let keys_before = now.saturating_sub(anna_usecases::time_duration(state.config.idempotency_key_ttl));
         if let Err(error) = state.store.purge_idempotency_keys(keys_before).await {
             tracing::warn!(%error, "purging idempotency keys failed");
         }

@@ -81,16 +81,14 @@ async fn bench_backend(label: &str, database_url: &str, args: &AuthArgs) -> anyh
     if database_url.starts_with("postgres") {
         vars.insert("REDIS_URL", anna_testkit::redis::shared_url());
     }
-    let config = Config::from_vars(&Vars(|k: &str| vars.get(k).cloned()))?;
-    let backends = app::open_backends(&config).await?;
-    let store = backends.store.clone();
-    store.migrate().await?;
+    let config = Config::from_vars(&Vars::new(|k: &str| vars.get(k).cloned()))?;
     let mailbox = Arc::new(MemoryMailbox::default());
+    let backends = app::open_backends(&config).await?.with_email_sender(mailbox.clone());
+    backends.store.migrate().await?;
     let shutdown = CancellationToken::new();
-    let running = app::start_api(&config, store.clone(), shutdown.clone()).await?;
-    let relay = app::start_relay(&config, &backends, shutdown.clone());
-    let consumer = app::start_consumer(&config, &backends, mailbox.clone(), shutdown.clone());
-    let base = format!("http://{}", running.addr);
+    let running = app::start(&config, &backends, app::Roles::ALL, shutdown.clone()).await?;
+    let addr = running.addr.ok_or_else(|| anyhow::anyhow!("the API did not start"))?;
+    let base = format!("http://{addr}");
     let client = reqwest::Client::builder().pool_max_idle_per_host(256).build()?;
 
     let email = format!("bench-{}@example.com", uuid::Uuid::new_v4().simple());
@@ -122,10 +120,8 @@ async fn bench_backend(label: &str, database_url: &str, args: &AuthArgs) -> anyh
     })
     .await;
     shutdown.cancel();
-    let _ = running.task.await;
-    let _ = relay.await;
-    let _ = consumer.await;
-    store.close().await;
+    running.wait().await?;
+    backends.close().await;
     Ok(vec![me, login])
 }
 

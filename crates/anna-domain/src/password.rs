@@ -126,12 +126,12 @@ mod tests {
 
     #[test]
     fn verifies_hashes_made_with_other_parameters() {
-        // The seed stored hashes with m=65536,t=2,p=1; they must keep verifying.
-        let seed = PasswordHasher::new(Argon2Cost { memory_kib: 65_536, iterations: 2, parallelism: 1 })
+        // The predecessor stored hashes with m=65536,t=2,p=1; they must keep verifying.
+        let predecessor = PasswordHasher::new(Argon2Cost { memory_kib: 65_536, iterations: 2, parallelism: 1 })
             .unwrap_or_else(|e| panic!("{e}"));
-        let phc = seed.hash("seed password").unwrap_or_else(|e| panic!("{e}"));
+        let phc = predecessor.hash("predecessor password").unwrap_or_else(|e| panic!("{e}"));
         assert!(phc.contains("m=65536,t=2,p=1"));
-        assert!(cheap().verify("seed password", &phc));
+        assert!(cheap().verify("predecessor password", &phc));
     }
 
     #[test]
@@ -139,9 +139,9 @@ mod tests {
         let h = cheap();
         let current = h.hash("pw-pw-pw-pw").unwrap_or_else(|e| panic!("{e}"));
         assert!(!h.needs_rehash(&current));
-        let seed = PasswordHasher::new(Argon2Cost { memory_kib: 2048, iterations: 1, parallelism: 1 })
+        let predecessor = PasswordHasher::new(Argon2Cost { memory_kib: 2048, iterations: 1, parallelism: 1 })
             .unwrap_or_else(|e| panic!("{e}"));
-        assert!(h.needs_rehash(&seed.hash("pw-pw-pw-pw").unwrap_or_else(|e| panic!("{e}"))));
+        assert!(h.needs_rehash(&predecessor.hash("pw-pw-pw-pw").unwrap_or_else(|e| panic!("{e}"))));
         assert!(h.needs_rehash("garbage"));
     }
 

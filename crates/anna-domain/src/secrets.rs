@@ -18,7 +18,7 @@ pub fn random_code() -> String {
 }
 
 /// SHA-256 of the token text, lower-case hex. Used for refresh tokens (high entropy, and the
-/// seed's `refresh_tokens.token_hash` already holds exactly this).
+/// predecessor's `refresh_tokens.token_hash` already holds exactly this).
 pub fn sha256_hex(token: &str) -> String {
     hex::encode(Sha256::digest(token.as_bytes()))
 }

@@ -33,7 +33,7 @@ impl Email {
     }
 }
 
-/// The seed's rule `^[^\s@]+@[^\s@]+\.[^\s@]+$`.
+/// The predecessor's rule `^[^\s@]+@[^\s@]+\.[^\s@]+$`.
 fn is_email_shaped(s: &str) -> bool {
     let Some((local, domain)) = s.split_once('@') else { return false };
     let clean = |p: &str| !p.is_empty() && !p.chars().any(|c| c.is_whitespace() || c == '@');
@@ -371,7 +371,7 @@ impl User {
     }
 }
 
-/// ISO-8601 with milliseconds and `Z`, as the seed wrote timestamps.
+/// ISO-8601 with milliseconds and `Z`, as the predecessor wrote timestamps.
 pub fn iso(at: OffsetDateTime) -> String {
     let at = at.to_offset(time::UtcOffset::UTC);
     format!(

@@ -308,12 +308,12 @@ impl EventConsumer {
         }
     }
 
-    /// Handles a batch. Fast path: each database subscriber applies all its events of the batch
-    /// in ONE transaction (in stream order, so per aggregate in order), and everything settled
-    /// that way is acknowledged in one call. Events with external subscribers, events of a
-    /// failed batch and undecodable entries go one by one (`handle`), aggregates concurrently;
-    /// the event whose handler broke a batch counts one failed attempt and is retried after
-    /// the backoff (or dead-lettered), like any failure.
+    /// Handles a batch, in four phases. Fast path: each database subscriber applies all its
+    /// events of the batch in ONE transaction (in stream order, so per aggregate in order), and
+    /// everything settled that way is acknowledged in one call. Events with external
+    /// subscribers, events of a failed batch and undecodable entries go one by one (`handle`),
+    /// aggregates concurrently; the event whose handler broke a batch counts one failed attempt
+    /// and is retried after the backoff (or dead-lettered), like any failure.
     async fn handle_batch(
         self: Arc<Self>,
         deliveries: Vec<Delivery>,
@@ -323,21 +323,24 @@ impl EventConsumer {
         if deliveries.is_empty() {
             return;
         }
-        let received: Vec<Option<ReceivedEvent>> = deliveries
-            .iter()
-            .map(|d| {
-                envelope::from_fields(&d.entry.fields).ok().map(|event| ReceivedEvent {
-                    event,
-                    entry_id: d.entry.id.clone(),
-                    delivery_count: d.delivery_count,
-                })
-            })
-            .collect();
-        // Entries for the one-by-one path, and entries whose handler failed in a batch.
-        let mut one_by_one: HashSet<usize> =
-            received.iter().enumerate().filter(|(_, r)| r.is_none()).map(|(i, _)| i).collect();
-        let mut culprits: Vec<(usize, &'static str, String)> = Vec::new();
+        let received = decode(&deliveries);
+        let mut plan = self.apply_database_batches(&received).await;
+        self.ack_settled(&deliveries, &received, &mut plan).await;
+        let culprits = std::mem::take(&mut plan.culprits);
+        let culprit_indices: HashSet<usize> = culprits.iter().map(|c| c.index).collect();
+        self.clone().count_culprit_failures(&deliveries, &received, culprits, retries, shutdown).await;
+        let rest: Vec<usize> = plan.one_by_one.into_iter().filter(|i| !culprit_indices.contains(i)).collect();
+        self.handle_one_by_one(&deliveries, rest, retries, shutdown).await;
+    }
 
+    /// Phase 1: every database subscriber applies its events of the batch in one transaction.
+    /// Returns which entries must go one by one (undecodable, or in a failed batch) and the
+    /// events whose handler broke a batch.
+    async fn apply_database_batches(&self, received: &[Option<ReceivedEvent>]) -> BatchPlan {
+        let mut plan = BatchPlan {
+            one_by_one: received.iter().enumerate().filter(|(_, r)| r.is_none()).map(|(i, _)| i).collect(),
+            culprits: Vec::new(),
+        };
         let mut database_subscribers: Vec<&Arc<dyn Subscriber>> = Vec::new();
         for subscriber in self.subscribers.values().flatten() {
             if subscriber.effect() == Effect::Database
@@ -352,7 +355,8 @@ impl EventConsumer {
                 .iter()
                 .enumerate()
                 .filter(|(i, r)| {
-                    !one_by_one.contains(i) && r.as_ref().is_some_and(|r| names.contains(&r.event.event_name.as_str()))
+                    !plan.one_by_one.contains(i)
+                        && r.as_ref().is_some_and(|r| names.contains(&r.event.event_name.as_str()))
                 })
                 .map(|(i, _)| i)
                 .collect();
@@ -364,19 +368,27 @@ impl EventConsumer {
                 tracing::debug!(subscriber = subscriber.name(), error = %failure.error, "batch failed; its entries go one by one");
                 for (position, index) in indices.iter().enumerate() {
                     if failure.culprit == Some(position) {
-                        culprits.push((*index, subscriber.name(), failure.error.0.clone()));
+                        plan.culprits.push(Culprit {
+                            index: *index,
+                            subscriber: subscriber.name(),
+                            error: failure.error.0.clone(),
+                        });
                     }
-                    one_by_one.insert(*index);
+                    plan.one_by_one.insert(*index);
                 }
             }
         }
-        let culprit_indices: HashSet<usize> = culprits.iter().map(|(i, _, _)| *i).collect();
+        plan
+    }
 
-        // Settled by the fast path: decoded, no failure, no external subscriber.
+    /// Phase 2: acknowledges, in one call, the entries the fast path settled (decoded, no
+    /// failure, no external subscriber); entries with an external subscriber join the
+    /// one-by-one path.
+    async fn ack_settled(&self, deliveries: &[Delivery], received: &[Option<ReceivedEvent>], plan: &mut BatchPlan) {
         let mut settled = Vec::new();
         for (i, r) in received.iter().enumerate() {
             let Some(r) = r else { continue };
-            if one_by_one.contains(&i) {
+            if plan.one_by_one.contains(&i) {
                 continue;
             }
             let external = self
@@ -384,31 +396,43 @@ impl EventConsumer {
                 .get(r.event.event_name.as_str())
                 .is_some_and(|subs| subs.iter().any(|s| s.effect() == Effect::External));
             if external {
-                one_by_one.insert(i);
+                plan.one_by_one.insert(i);
             } else {
                 settled.push(i);
             }
         }
-        if !settled.is_empty() {
-            let ids: Vec<String> = settled.iter().map(|i| deliveries[*i].entry.id.clone()).collect();
-            match self.stream.ack(&self.config.stream, &self.config.group, &ids).await {
-                Ok(_) => {
-                    let now = OffsetDateTime::now_utc();
-                    for event in settled.iter().filter_map(|i| received[*i].as_ref()) {
-                        if self.subscribers.contains_key(event.event.event_name.as_str()) {
-                            let latency = (now - event.event.occurred_on).as_seconds_f64().max(0.0);
-                            metrics::histogram!("event_end_to_end_latency_seconds", "event_name" => event.event.event_name.clone())
-                                .record(latency);
-                        }
+        if settled.is_empty() {
+            return;
+        }
+        let ids: Vec<String> = settled.iter().map(|i| deliveries[*i].entry.id.clone()).collect();
+        match self.stream.ack(&self.config.stream, &self.config.group, &ids).await {
+            Ok(_) => {
+                let now = OffsetDateTime::now_utc();
+                for event in settled.iter().filter_map(|i| received[*i].as_ref()) {
+                    if self.subscribers.contains_key(event.event.event_name.as_str()) {
+                        let latency = (now - event.event.occurred_on).as_seconds_f64().max(0.0);
+                        metrics::histogram!("event_end_to_end_latency_seconds", "event_name" => event.event.event_name.clone())
+                            .record(latency);
                     }
                 }
-                // Left pending: they will be claimed and found already applied.
-                Err(error) => tracing::warn!(%error, count = ids.len(), "ack failed"),
             }
+            // Left pending: they will be claimed and found already applied.
+            Err(error) => tracing::warn!(%error, count = ids.len(), "ack failed"),
         }
+    }
 
-        // Batch failures count one attempt each, then wait for their backoff like any failure.
-        for (index, subscriber, error) in culprits {
+    /// Phase 3: each event whose handler broke a batch counts one failed attempt, then waits
+    /// for its backoff like any failure (or, out of attempts, goes on to the other subscribers
+    /// and then the DLQ).
+    async fn count_culprit_failures(
+        self: Arc<Self>,
+        deliveries: &[Delivery],
+        received: &[Option<ReceivedEvent>],
+        culprits: Vec<Culprit>,
+        retries: &TaskTracker,
+        shutdown: &CancellationToken,
+    ) {
+        for Culprit { index, subscriber, error } in culprits {
             let delivery = &deliveries[index];
             let Some(event) = received[index].as_ref() else { continue };
             metrics::counter!("events_failed_total", "event_name" => event.event.event_name.clone(), "subscriber" => subscriber).increment(1);
@@ -439,12 +463,19 @@ impl EventConsumer {
                 Err(store_error) => tracing::error!(%store_error, "recording a failed attempt failed"),
             }
         }
+    }
 
-        // The rest one by one: one aggregate in order, aggregates concurrently.
+    /// Phase 4: the rest one by one: one aggregate in order, aggregates concurrently.
+    async fn handle_one_by_one(
+        self: &Arc<Self>,
+        deliveries: &[Delivery],
+        mut rest: Vec<usize>,
+        retries: &TaskTracker,
+        shutdown: &CancellationToken,
+    ) {
+        rest.sort_unstable();
         let mut by_aggregate: HashMap<String, Vec<usize>> = HashMap::new();
         let mut order: Vec<String> = Vec::new();
-        let mut rest: Vec<usize> = one_by_one.into_iter().filter(|i| !culprit_indices.contains(i)).collect();
-        rest.sort_unstable();
         for i in rest {
             let key = deliveries[i].entry.fields.get(envelope::AGGREGATE_ID).cloned().unwrap_or_default();
             if !by_aggregate.contains_key(&key) {
@@ -453,7 +484,6 @@ impl EventConsumer {
             by_aggregate.entry(key).or_default().push(i);
         }
         let groups: Vec<Vec<usize>> = order.iter().filter_map(|k| by_aggregate.remove(k)).collect();
-        let deliveries = &deliveries;
         futures::stream::iter(groups)
             .for_each_concurrent(self.config.concurrency.max(1), |indices| {
                 let this = self.clone();
@@ -752,6 +782,35 @@ impl EventConsumer {
 }
 
 /// A best-effort event for an entry whose envelope is broken, so it can still be kept.
+/// Which entries of a batch the fast path could not settle.
+struct BatchPlan {
+    /// Positions of entries for the one-by-one path.
+    one_by_one: HashSet<usize>,
+    culprits: Vec<Culprit>,
+}
+
+/// An event whose handler broke its subscriber's batch.
+struct Culprit {
+    index: usize,
+    subscriber: &'static str,
+    error: String,
+}
+
+/// The entries' events; `None` for an entry that does not decode (it goes one by one, to
+/// be dead-lettered).
+fn decode(deliveries: &[Delivery]) -> Vec<Option<ReceivedEvent>> {
+    deliveries
+        .iter()
+        .map(|d| {
+            envelope::from_fields(&d.entry.fields).ok().map(|event| ReceivedEvent {
+                event,
+                entry_id: d.entry.id.clone(),
+                delivery_count: d.delivery_count,
+            })
+        })
+        .collect()
+}
+
 fn raw_event(fields: &Fields) -> DomainEvent {
     DomainEvent {
         event_id: fields.get(envelope::EVENT_ID).and_then(|v| Uuid::parse_str(v).ok()).unwrap_or_else(Uuid::nil),

@@ -1,4 +1,4 @@
-//! How a domain event travels in a stream entry: the seed's flat fields (`outboxId`,
+//! How a domain event travels in a stream entry: the predecessor's flat fields (`outboxId`,
 //! `eventName`, `eventId`, `aggregateId`, `occurredOn`, `payload`) plus `tenantId` and the W3C
 //! `traceparent` when they are set.
 

@@ -271,7 +271,7 @@ mod templates {
     }
 
     #[test]
-    fn verification_text_has_the_three_seed_lines() {
+    fn verification_text_has_the_predecessors_three_lines() {
         let message =
             verification_email("https://app.example.com/", Uuid::nil(), "ana@example.com", &awkward(), "signup");
         assert_eq!(message.to, "ana@example.com");

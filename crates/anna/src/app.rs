@@ -1,6 +1,8 @@
-//! Wiring: builds the store, the event stream, the e-mail sender, the HTTP application and the
-//! event workers from the configuration, and runs them until shutdown. The only place that
-//! picks backends.
+//! Wiring: the only place that picks backends ([`open_backends`]) and the only place that
+//! starts a process's work ([`start`]): the HTTP API, the outbox relay loops, the
+//! domain-event consumers, the sessions worker, upkeep and the metrics endpoint, all under one
+//! [`Supervisor`]. `anna serve`, `anna api`, `anna worker …` and the integration-test harness
+//! all go through these two functions.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -12,45 +14,63 @@ use anna_store::{ConnectOptions, SqlStore, Store};
 use anna_streams::consumer::{EventConsumer, Subscriber};
 use anna_streams::relay::OutboxRelay;
 use anna_streams::{EmbeddedStream, RedisStream, Stream};
+use anna_usecases::Accounts;
 use anna_workers::email::{ConsoleEmailSender, EmailSender, ResendEmailSender, SmtpEmailSender};
 use anna_workers::subscribers::{EventStatistics, SendPasswordResetEmail, SendVerificationEmail};
+use secrecy::ExposeSecret;
 use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, EmailProvider, StreamBackend};
+use crate::supervisor::Supervisor;
 use crate::telemetry;
 
-fn connect_options(config: &Config) -> ConnectOptions {
-    ConnectOptions { max_connections: config.database_max_connections, ..ConnectOptions::default() }
-}
-
-fn database_error(config: &Config, error: impl std::fmt::Display) -> anyhow::Error {
-    anyhow::anyhow!("cannot open DATABASE_URL={}: {error}", anna_store::redact_url(&config.database_url))
-}
-
-/// The store alone (for `anna migrate`).
-pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
-    anna_store::connect(&config.database_url, &connect_options(config)).await.map_err(|e| database_error(config, e))
-}
-
-/// The database and the event stream the configuration names.
+/// Everything the configuration selects: the database, the event stream, the e-mail sender
+/// (and, with the sessions work, the session driver).
 #[derive(Clone)]
 pub struct Backends {
     pub store: Arc<dyn Store>,
     pub stream: Arc<dyn Stream>,
+    pub email: Arc<dyn EmailSender>,
 }
 
+impl Backends {
+    /// The same backends with another e-mail sender (the test harness's recording mailbox).
+    pub fn with_email_sender(self, email: Arc<dyn EmailSender>) -> Self {
+        Self { email, ..self }
+    }
+
+    pub async fn close(&self) {
+        self.store.close().await;
+    }
+}
+
+fn connect_options(config: &Config) -> ConnectOptions {
+    ConnectOptions { max_connections: config.database.max_connections, ..ConnectOptions::default() }
+}
+
+async fn open_sql_store(config: &Config) -> anyhow::Result<SqlStore> {
+    SqlStore::connect(config.database.url.expose_secret(), &connect_options(config))
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot open DATABASE_URL={}: {e}", config.database.redacted_url()))
+}
+
+/// The store alone, for commands that need no stream (`anna migrate`, `anna outbox …`).
+pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
+    Ok(Arc::new(open_sql_store(config).await?))
+}
+
+/// Opens the database, the event stream and the e-mail sender the configuration names.
 pub async fn open_backends(config: &Config) -> anyhow::Result<Backends> {
-    let options = connect_options(config);
-    let sql = SqlStore::connect(&config.database_url, &options).await.map_err(|e| database_error(config, e))?;
+    let sql = open_sql_store(config).await?;
     // The embedded streams live in the SQLite file itself.
     let embedded = sql.sqlite_pool().map(|pool| Arc::new(EmbeddedStream::new(pool)) as Arc<dyn Stream>);
     let store: Arc<dyn Store> = Arc::new(sql);
     let stream = match (&config.events.backend, embedded) {
         (StreamBackend::Redis(url), _) => {
-            let redis =
-                RedisStream::connect(url).await.map_err(|e| anyhow::anyhow!("cannot connect to REDIS_URL: {e}"))?;
+            let redis = RedisStream::connect(url.expose_secret())
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot connect to REDIS_URL: {e}"))?;
             Arc::new(redis) as Arc<dyn Stream>
         }
         (StreamBackend::Embedded, Some(embedded)) => embedded,
@@ -58,142 +78,207 @@ pub async fn open_backends(config: &Config) -> anyhow::Result<Backends> {
             "REDIS_URL is required with a Postgres DATABASE_URL (embedded streams live in a SQLite database)"
         ),
     };
-    Ok(Backends { store, stream })
+    Ok(Backends { store, stream, email: email_sender(config)? })
 }
 
-pub fn email_sender(config: &Config) -> anyhow::Result<Arc<dyn EmailSender>> {
-    Ok(match &config.email {
+fn email_sender(config: &Config) -> anyhow::Result<Arc<dyn EmailSender>> {
+    Ok(match &config.email.provider {
         EmailProvider::Console => Arc::new(ConsoleEmailSender::new()),
-        EmailProvider::Smtp { url, from } => Arc::new(SmtpEmailSender::new(url, from)?),
+        EmailProvider::Smtp { url, from } => Arc::new(SmtpEmailSender::new(url.expose_secret(), from)?),
         EmailProvider::Resend { api_key, from, base_url } => {
-            Arc::new(ResendEmailSender::new(api_key.clone(), from.clone(), base_url)?)
+            Arc::new(ResendEmailSender::new(api_key.expose_secret().to_owned(), from.clone(), base_url)?)
         }
     })
 }
 
 /// Every domain-event subscriber anna runs.
-pub fn subscribers(config: &Config, sender: Arc<dyn EmailSender>) -> Vec<Arc<dyn Subscriber>> {
-    let sealer = Sealer::from_server_secret(config.api.jwt_secret.as_bytes());
+fn subscribers(config: &Config, sender: Arc<dyn EmailSender>) -> Vec<Arc<dyn Subscriber>> {
+    let sealer = Sealer::from_server_secret(config.accounts.jwt_secret.expose_secret().as_bytes());
+    let app_base_url = config.email.app_base_url.clone();
     vec![
         Arc::new(SendVerificationEmail {
             sender: sender.clone(),
             sealer: sealer.clone(),
-            app_base_url: config.api.app_base_url.clone(),
+            app_base_url: app_base_url.clone(),
         }),
-        Arc::new(SendPasswordResetEmail { sender, sealer, app_base_url: config.api.app_base_url.clone() }),
+        Arc::new(SendPasswordResetEmail { sender, sealer, app_base_url }),
         Arc::new(EventStatistics::all_events()),
     ]
 }
 
-/// Waits for every task.
-fn join_all(tasks: Vec<JoinHandle<()>>) -> JoinHandle<()> {
-    tokio::spawn(async move {
-        for task in tasks {
-            let _ = task.await;
-        }
-    })
+/// What one process runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Roles {
+    pub api: bool,
+    pub outbox: bool,
+    pub events: bool,
+    pub sessions: bool,
 }
 
-/// The outbox relay loops (`OUTBOX_RELAYS` on Postgres, one on SQLite), until `shutdown`.
-pub fn start_relay(config: &Config, backends: &Backends, shutdown: CancellationToken) -> JoinHandle<()> {
-    // SQLite serialises writers: a second relay would only wait for the first.
-    let loops = if backends.store.backend() == anna_store::Backend::Sqlite { 1 } else { config.events.relays };
-    let tasks = (0..loops)
-        .map(|_| {
-            let relay = OutboxRelay::new(backends.store.clone(), backends.stream.clone(), config.events.relay.clone());
-            let token = shutdown.clone();
-            tokio::spawn(async move { relay.run(token).await })
-        })
-        .collect();
-    join_all(tasks)
+impl Roles {
+    /// `anna serve`: everything.
+    pub const ALL: Self = Self { api: true, outbox: true, events: true, sessions: true };
+    pub const API: Self = Self { api: true, outbox: false, events: false, sessions: false };
+    pub const OUTBOX: Self = Self { api: false, outbox: true, events: false, sessions: false };
+    pub const EVENTS: Self = Self { api: false, outbox: false, events: true, sessions: false };
+    pub const SESSIONS: Self = Self { api: false, outbox: false, events: false, sessions: true };
 }
 
-/// The domain-event consumer with every subscriber (`EVENTS_READERS` readers, each its own
-/// consumer name), until `shutdown`.
-pub fn start_consumer(
+/// A started process: where it listens, and its supervised tasks.
+pub struct Running {
+    /// The API's address, when this process serves it.
+    pub addr: Option<SocketAddr>,
+    /// The separate metrics port (`METRICS_PORT`), when configured.
+    pub metrics_addr: Option<SocketAddr>,
+    pub state: Option<AppState>,
+    supervisor: Supervisor,
+}
+
+impl Running {
+    /// Waits until every task has stopped (after `shutdown` is cancelled, or after a task
+    /// failed, which cancels it). Returns the first failure.
+    pub async fn wait(self) -> anyhow::Result<()> {
+        self.supervisor.wait().await
+    }
+}
+
+/// Starts what `roles` asks for, until `shutdown` is cancelled. Listening sockets are bound
+/// before this returns, so a port in use is an error here.
+pub async fn start(
     config: &Config,
     backends: &Backends,
-    sender: Arc<dyn EmailSender>,
+    roles: Roles,
     shutdown: CancellationToken,
-) -> JoinHandle<()> {
-    let subscribers = subscribers(config, sender);
-    let readers = config.events.readers.max(1);
-    let tasks = (0..readers)
-        .map(|n| {
-            let mut consumer_config = config.events.consumer.clone();
-            if n > 0 {
-                consumer_config.consumer = format!("{}-{n}", consumer_config.consumer);
-            }
-            let consumer = subscribers.iter().cloned().fold(
-                EventConsumer::new(backends.store.clone(), backends.stream.clone(), consumer_config),
-                EventConsumer::subscribe,
-            );
-            let consumer = Arc::new(consumer);
-            let token = shutdown.clone();
-            tokio::spawn(async move { consumer.run(token).await })
-        })
-        .collect();
-    join_all(tasks)
-}
-
-/// A running API: its address, and a handle that ends when it has shut down.
-pub struct RunningApi {
-    pub addr: SocketAddr,
-    pub metrics_addr: Option<SocketAddr>,
-    pub state: AppState,
-    pub task: JoinHandle<anyhow::Result<()>>,
-}
-
-/// Binds the API (and the metrics port, if configured) and serves until `shutdown` is
-/// cancelled; then stops accepting, finishes in-flight requests, drains background work.
-pub async fn start_api(
-    config: &Config,
-    store: Arc<dyn Store>,
-    shutdown: CancellationToken,
-) -> anyhow::Result<RunningApi> {
+) -> anyhow::Result<Running> {
     let metrics = telemetry::metrics_handle()?;
-    let state = AppState::new(store, config.api.clone(), Some(metrics.clone()), shutdown.clone())?;
-    let listener = TcpListener::bind((config.host, config.port))
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {}:{} (HOST, PORT): {e}", config.host, config.port))?;
-    let addr = listener.local_addr()?;
-    let metrics_listener = match config.metrics_port {
-        Some(port) => Some(
-            TcpListener::bind((config.host, port))
-                .await
-                .map_err(|e| anyhow::anyhow!("cannot listen on {}:{port} (METRICS_PORT): {e}", config.host))?,
-        ),
-        None => None,
-    };
-    let metrics_addr = metrics_listener.as_ref().map(TcpListener::local_addr).transpose()?;
-    let app = anna_api::router(state.clone());
-    let maintenance = tokio::spawn(anna_api::run_maintenance(state.clone(), Duration::from_secs(60)));
-    let drain_timeout = config.shutdown_timeout;
-    let background = state.background.clone();
-    let task = tokio::spawn(async move {
-        let metrics_server = metrics_listener.map(|listener| {
-            let router = metrics_router(metrics);
-            let token = shutdown.clone();
-            tokio::spawn(
-                async move { axum::serve(listener, router).with_graceful_shutdown(token.cancelled_owned()).await },
-            )
+    let mut supervisor = Supervisor::new(shutdown.clone());
+    let (mut addr, mut metrics_addr, mut api_state) = (None, None, None);
+    if let Some(port) = config.server.metrics_port {
+        let listener = bind(config, port, "METRICS_PORT").await?;
+        metrics_addr = Some(listener.local_addr()?);
+        let router = metrics_router(metrics.clone());
+        let token = shutdown.clone();
+        supervisor.spawn("metrics endpoint", async move {
+            Ok(axum::serve(listener, router).with_graceful_shutdown(token.cancelled_owned()).await?)
         });
-        let serve = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
-            .with_graceful_shutdown(shutdown.clone().cancelled_owned());
-        let served = serve.await;
-        tracing::info!("HTTP server stopped accepting; draining background work");
-        background.close();
-        if tokio::time::timeout(drain_timeout, background.wait()).await.is_err() {
-            tracing::warn!(timeout_ms = drain_timeout.as_millis() as u64, "background work did not finish in time");
+    }
+    if roles.api {
+        let accounts = Arc::new(Accounts::new(backends.store.clone(), &config.accounts)?);
+        let state = AppState::new(
+            backends.store.clone(),
+            backends.stream.clone(),
+            accounts,
+            config.api.clone(),
+            Some(metrics),
+            shutdown.clone(),
+        );
+        let listener = bind(config, config.server.port, "HOST, PORT").await?;
+        let bound = listener.local_addr()?;
+        supervisor.spawn("upkeep", {
+            let state = state.clone();
+            async move {
+                anna_api::run_maintenance(state, Duration::from_secs(60)).await;
+                Ok(())
+            }
+        });
+        supervisor
+            .spawn("HTTP API", serve_api(listener, state.clone(), shutdown.clone(), config.server.shutdown_timeout));
+        tracing::info!(addr = %bound, ?metrics_addr, "listening");
+        addr = Some(bound);
+        api_state = Some(state);
+    }
+    if roles.outbox {
+        start_relays(config, backends, &shutdown, &mut supervisor);
+    }
+    if roles.events {
+        start_consumers(config, backends, &shutdown, &mut supervisor);
+    }
+    if roles.sessions {
+        let store = backends.store.clone();
+        let token = shutdown.clone();
+        supervisor.spawn("sessions worker", async move {
+            wait_checking_database(store, token).await;
+            Ok(())
+        });
+    }
+    Ok(Running { addr, metrics_addr, state: api_state, supervisor })
+}
+
+async fn bind(config: &Config, port: u16, names: &str) -> anyhow::Result<TcpListener> {
+    let host = config.server.host;
+    TcpListener::bind((host, port)).await.map_err(|e| anyhow::anyhow!("cannot listen on {host}:{port} ({names}): {e}"))
+}
+
+/// Serves until `shutdown`; then stops accepting, finishes in-flight requests and drains
+/// background work (at most `drain_timeout`).
+async fn serve_api(
+    listener: TcpListener,
+    state: AppState,
+    shutdown: CancellationToken,
+    drain_timeout: Duration,
+) -> anyhow::Result<()> {
+    let background = state.background.clone();
+    let app = anna_api::router(state);
+    let served = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await;
+    tracing::info!("HTTP server stopped accepting; draining background work");
+    background.close();
+    if tokio::time::timeout(drain_timeout, background.wait()).await.is_err() {
+        tracing::warn!(timeout_ms = drain_timeout.as_millis() as u64, "background work did not finish in time");
+    }
+    Ok(served?)
+}
+
+/// The outbox relay loops (`OUTBOX_RELAYS` on Postgres, one on SQLite).
+fn start_relays(config: &Config, backends: &Backends, shutdown: &CancellationToken, supervisor: &mut Supervisor) {
+    // SQLite serialises writers: a second relay would only wait for the first.
+    let loops = if backends.store.backend() == anna_store::Backend::Sqlite { 1 } else { config.events.relays };
+    for n in 0..loops {
+        let relay = OutboxRelay::new(backends.store.clone(), backends.stream.clone(), config.events.relay.clone());
+        let token = shutdown.clone();
+        supervisor.spawn(format!("outbox relay {n}"), async move {
+            relay.run(token).await;
+            Ok(())
+        });
+    }
+}
+
+/// The domain-event consumer with every subscriber: `EVENTS_READERS` readers, each its own
+/// consumer name.
+fn start_consumers(config: &Config, backends: &Backends, shutdown: &CancellationToken, supervisor: &mut Supervisor) {
+    let subscribers = subscribers(config, backends.email.clone());
+    for n in 0..config.events.readers.max(1) {
+        let mut consumer_config = config.events.consumer.clone();
+        if n > 0 {
+            consumer_config.consumer = format!("{}-{n}", consumer_config.consumer);
         }
-        maintenance.abort();
-        if let Some(server) = metrics_server {
-            let _ = server.await;
+        let consumer = subscribers.iter().cloned().fold(
+            EventConsumer::new(backends.store.clone(), backends.stream.clone(), consumer_config),
+            EventConsumer::subscribe,
+        );
+        let consumer = Arc::new(consumer);
+        let token = shutdown.clone();
+        supervisor.spawn(format!("event consumer {n}"), async move {
+            consumer.run(token).await;
+            Ok(())
+        });
+    }
+}
+
+/// The sessions worker until WhatsApp sessions exist: it keeps an eye on the database.
+async fn wait_checking_database(store: Arc<dyn Store>, shutdown: CancellationToken) {
+    let mut health = tokio::time::interval(Duration::from_secs(30));
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            _ = health.tick() => {
+                if let Err(error) = store.ping().await {
+                    tracing::warn!(%error, "database unreachable");
+                }
+            }
         }
-        served.map_err(anyhow::Error::from)
-    });
-    tracing::info!(%addr, metrics_addr = ?metrics_addr, "listening");
-    Ok(RunningApi { addr, metrics_addr, state, task })
+    }
 }
 
 pub fn metrics_router(handle: metrics_exporter_prometheus::PrometheusHandle) -> axum::Router {

@@ -68,7 +68,7 @@ enum DlqCommand {
 }
 
 impl Command {
-    /// Suffix of the trace service name (`anna-api`, `anna-outbox`, …), as the seed had.
+    /// Suffix of the trace service name (`anna-api`, `anna-outbox`, …), as the predecessor had.
     fn process_name(&self) -> &'static str {
         match self {
             Self::Serve => "serve",

@@ -38,7 +38,7 @@ impl TelemetryGuard {
     }
 }
 
-/// The OTLP/HTTP traces URL: the seed gave the full `/v1/traces` URL in
+/// The OTLP/HTTP traces URL: the predecessor gave the full `/v1/traces` URL in
 /// `OTEL_EXPORTER_OTLP_ENDPOINT`, the OpenTelemetry convention gives the base; both work.
 pub fn otlp_traces_url(endpoint: &str) -> String {
     let endpoint = endpoint.trim_end_matches('/');
@@ -49,11 +49,13 @@ pub fn otlp_traces_url(endpoint: &str) -> String {
 /// spans. Spans always get W3C trace ids (they travel through the outbox and the streams);
 /// they are exported over OTLP/HTTP only when `OTEL_EXPORTER_OTLP_ENDPOINT` is set.
 pub fn init(config: &Config, process: &str) -> Result<TelemetryGuard, TelemetryError> {
-    let filter = EnvFilter::try_new(format!("{},sqlx=warn,hyper=warn,h2=warn,tower_http=info", config.log_level))
-        .map_err(|_| TelemetryError::LogLevel(config.log_level.clone()))?;
-    let mut provider = SdkTracerProvider::builder()
-        .with_resource(Resource::builder().with_service_name(format!("{}-{process}", config.service_name)).build());
-    if let Some(endpoint) = &config.otlp_endpoint {
+    let filter =
+        EnvFilter::try_new(format!("{},sqlx=warn,hyper=warn,h2=warn,tower_http=info", config.telemetry.log_level))
+            .map_err(|_| TelemetryError::LogLevel(config.telemetry.log_level.clone()))?;
+    let mut provider = SdkTracerProvider::builder().with_resource(
+        Resource::builder().with_service_name(format!("{}-{process}", config.telemetry.service_name)).build(),
+    );
+    if let Some(endpoint) = &config.telemetry.otlp_endpoint {
         let exporter = opentelemetry_otlp::SpanExporter::builder()
             .with_http()
             .with_endpoint(otlp_traces_url(endpoint))
@@ -63,7 +65,7 @@ pub fn init(config: &Config, process: &str) -> Result<TelemetryGuard, TelemetryE
     }
     let provider = provider.build();
     let otel = tracing_opentelemetry::layer().with_tracer(provider.tracer("anna"));
-    let fmt: Box<dyn Layer<Registry> + Send + Sync> = if config.log_pretty {
+    let fmt: Box<dyn Layer<Registry> + Send + Sync> = if config.telemetry.log_pretty {
         Box::new(tracing_subscriber::fmt::layer().pretty().with_ansi(std::io::stdout().is_terminal()))
     } else {
         Box::new(
@@ -86,7 +88,7 @@ pub fn metrics_handle() -> Result<PrometheusHandle, TelemetryError> {
                     anna_api::telemetry::HTTP_LATENCY_BUCKETS,
                 )
                 .map_err(|e| e.to_string())?
-                // The seed's buckets.
+                // The predecessor's buckets.
                 .set_buckets_for_metric(
                     Matcher::Full("event_processing_duration_ms".into()),
                     &[25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0],

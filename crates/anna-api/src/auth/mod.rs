@@ -1,17 +1,16 @@
 //! `/auth`: login, refresh-token rotation, logout, resend verification, password reset.
+//! Each handler parses, applies the edge's limits, calls one `Accounts` use-case and maps its
+//! answer; the rules live in `anna_usecases`.
 
-pub mod session;
-pub mod tokens;
+pub mod cookies;
 
-use anna_domain::password;
-use anna_domain::secrets;
-use anna_domain::{Email, UserStatus, auth::RefreshTokenState};
+use anna_domain::Email;
+use anna_usecases::{ClientMeta, LoginGrant};
 use axum::Json;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum_extra::extract::CookieJar;
 use serde::{Deserialize, Serialize};
-use time::OffsetDateTime;
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -19,9 +18,8 @@ use utoipa_axum::routes;
 use crate::error::{ApiError, ApiResult, ErrorBody};
 use crate::extract::{ApiJson, AuthUser, ClientIp, user_agent};
 use crate::rate_limit::Limited;
-use crate::state::{AppState, time_duration};
-use session::{ClientMeta, new_refresh_token, start_family};
-use tokens::cleared_refresh_cookie;
+use crate::state::AppState;
+use cookies::{cleared_refresh_cookie, refresh_cookie};
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -48,20 +46,29 @@ pub struct StatusResponse {
 
 const OK: StatusResponse = StatusResponse { status: "ok" };
 
-fn invalid_credentials() -> ApiError {
-    ApiError::unauthorized("invalid_credentials", "Invalid credentials")
-}
-
-fn invalid_refresh() -> ApiError {
-    ApiError::unauthorized("invalid_refresh_token", "Invalid refresh token")
-}
-
 fn parse_email(raw: &str) -> Result<Email, ApiError> {
     Email::parse(raw).map_err(|e| ApiError::bad_request("invalid_email", e.0))
 }
 
-fn meta(headers: &HeaderMap, client_ip: &ClientIp) -> ClientMeta {
+pub(crate) fn meta(headers: &HeaderMap, client_ip: &ClientIp) -> ClientMeta {
     ClientMeta { user_agent: user_agent(headers), ip: client_ip.0.map(|ip| ip.to_string()) }
+}
+
+/// The token answer and the refresh cookie of a login, a verification or a rotation.
+pub(crate) fn grant_cookie(state: &AppState, jar: CookieJar, grant: LoginGrant) -> (CookieJar, TokenResponse) {
+    let cookie = refresh_cookie(
+        &state.config.refresh_cookie_name,
+        grant.refresh_token,
+        grant.refresh_token_ttl,
+        state.config.cookie_secure,
+    );
+    let body =
+        TokenResponse { access_token: grant.access_token, access_token_expires_in: grant.access_token_expires_in };
+    (jar.add(cookie), body)
+}
+
+fn presented_refresh_token(state: &AppState, jar: &CookieJar) -> Option<String> {
+    jar.get(&state.config.refresh_cookie_name).map(|c| c.value().to_owned()).filter(|v| !v.is_empty())
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -92,34 +99,9 @@ async fn login(
     };
     let email = parse_email(&email)?;
     state.limiters.check_account(Limited::Login, email.as_str())?;
-    let found = state.store.find_user_by_email(email.as_str()).await?;
-    let stored_hash = found.as_ref().map(|u| u.password_hash.clone());
-    if !state.verify_password(password.clone(), stored_hash).await? {
-        return Err(invalid_credentials());
-    }
-    let Some(user) = found else { return Err(invalid_credentials()) };
-    if user.status != UserStatus::Active {
-        return Err(ApiError::new(StatusCode::FORBIDDEN, "account_not_active", "User is not active"));
-    }
-    // Hashes made with an older cost (or by the predecessor) are replaced while the password
-    // is at hand, so every stored hash ends up costing the same to check.
-    let upgraded_hash = if state.passwords.needs_rehash(&user.password_hash) {
-        Some(state.hash_password(password).await?)
-    } else {
-        None
-    };
-    let now = OffsetDateTime::now_utc();
-    let mut uow = state.store.begin().await?;
-    let Some(mut user) = uow.find_user_by_id(user.id).await? else { return Err(invalid_credentials()) };
-    if let Some(hash) = upgraded_hash {
-        user.password_hash = hash;
-    }
-    user.record_login(now);
-    uow.update_user(&user).await?;
-    let (access_token, cookie) = start_family(&state, uow.as_mut(), &user, now, &meta(&headers, &client_ip)).await?;
-    uow.commit().await?;
-    tracing::info!(user_id = %user.id, "user logged in");
-    Ok((jar.add(cookie), Json(TokenResponse { access_token, access_token_expires_in: state.jwt.ttl_secs() })))
+    let grant = state.accounts.login(&email, password, &meta(&headers, &client_ip)).await?;
+    let (jar, body) = grant_cookie(&state, jar, grant);
+    Ok((jar, Json(body)))
 }
 
 /// Rotate the refresh token (cookie) and get a new access token.
@@ -131,63 +113,19 @@ async fn refresh(
     headers: HeaderMap,
     jar: CookieJar,
 ) -> ApiResult<(CookieJar, Json<TokenResponse>)> {
-    let Some(presented) =
-        jar.get(&state.config.refresh_cookie_name).map(|c| c.value().to_owned()).filter(|v| !v.is_empty())
-    else {
+    let Some(presented) = presented_refresh_token(&state, &jar) else {
         return Err(ApiError::unauthorized("missing_refresh_token", "refresh token is required"));
     };
-    let presented_hash = secrets::sha256_hex(&presented);
-    let now = OffsetDateTime::now_utc();
-    // Locks in the same order as every other path that changes a user's tokens (login,
-    // verification, password reset): the user row first, then the token. Every token change of
-    // one user therefore takes turns — no deadlock, and a family revocation sees every token a
-    // concurrent rotation added.
-    let Some(owner) = state.store.find_refresh_token(&presented_hash).await?.map(|t| t.user_id) else {
-        return Err(invalid_refresh());
-    };
-    let mut uow = state.store.begin().await?;
-    let user = uow.find_user_by_id(owner).await?;
-    let Some(current) = uow.find_refresh_token(&presented_hash).await? else { return Err(invalid_refresh()) };
-    match current.state(now) {
-        RefreshTokenState::Usable => {}
-        RefreshTokenState::Reused => {
-            let rotated_at = current.revoked_at.unwrap_or(now);
-            if now - rotated_at >= time_duration(state.config.refresh_reuse_grace) {
-                let revoked = uow.revoke_refresh_token_family(current.family_id, now).await?;
-                uow.commit().await?;
-                metrics::counter!("auth_refresh_reuse_detected_total").increment(1);
-                tracing::warn!(user_id = %current.user_id, family_id = %current.family_id, revoked, "refresh token reuse detected: family revoked");
-            }
-            return Err(invalid_refresh());
-        }
-        RefreshTokenState::Revoked | RefreshTokenState::Expired => return Err(invalid_refresh()),
-    }
-    let Some(user) = user.filter(|u| u.status == UserStatus::Active && u.id == current.user_id) else {
-        uow.revoke_refresh_token(&presented_hash, now).await?;
-        uow.commit().await?;
-        return Err(invalid_refresh());
-    };
-    let replacement = new_refresh_token(&state, user.id, current.family_id, now, &meta(&headers, &client_ip));
-    if !uow.rotate_refresh_token(&presented_hash, &replacement.row, now).await? {
-        return Err(invalid_refresh());
-    }
-    uow.commit().await?;
-    let access_token = state.jwt.issue(user.id, &user.email, now).map_err(ApiError::internal)?;
-    Ok((
-        jar.add(replacement.cookie),
-        Json(TokenResponse { access_token, access_token_expires_in: state.jwt.ttl_secs() }),
-    ))
+    let grant = state.accounts.refresh(&presented, &meta(&headers, &client_ip)).await?;
+    let (jar, body) = grant_cookie(&state, jar, grant);
+    Ok((jar, Json(body)))
 }
 
 /// Revoke the current refresh token (if any) and clear the cookie.
 #[utoipa::path(post, path = "/auth/logout", tag = "auth", responses((status = 204, description = "cookie cleared")))]
 async fn logout(State(state): State<AppState>, jar: CookieJar) -> ApiResult<(StatusCode, CookieJar)> {
-    if let Some(presented) =
-        jar.get(&state.config.refresh_cookie_name).map(|c| c.value().to_owned()).filter(|v| !v.is_empty())
-    {
-        let mut uow = state.store.begin().await?;
-        uow.revoke_refresh_token(&secrets::sha256_hex(&presented), OffsetDateTime::now_utc()).await?;
-        uow.commit().await?;
+    if let Some(presented) = presented_refresh_token(&state, &jar) {
+        state.accounts.logout(&presented).await?;
     }
     let cleared = cleared_refresh_cookie(&state.config.refresh_cookie_name, state.config.cookie_secure);
     Ok((StatusCode::NO_CONTENT, jar.add(cleared)))
@@ -201,10 +139,7 @@ async fn logout_all(
     AuthUser(caller): AuthUser,
     jar: CookieJar,
 ) -> ApiResult<(StatusCode, CookieJar)> {
-    let mut uow = state.store.begin().await?;
-    let revoked = uow.revoke_user_refresh_tokens(caller.user_id, OffsetDateTime::now_utc()).await?;
-    uow.commit().await?;
-    tracing::info!(user_id = %caller.user_id, revoked, "logged out everywhere");
+    state.accounts.logout_everywhere(caller.user_id).await?;
     let cleared = cleared_refresh_cookie(&state.config.refresh_cookie_name, state.config.cookie_secure);
     Ok((StatusCode::NO_CONTENT, jar.add(cleared)))
 }
@@ -229,10 +164,11 @@ async fn resend_verification(
     client_ip: ClientIp,
     ApiJson(body): ApiJson<EmailRequest>,
 ) -> ApiResult<Json<StatusResponse>> {
-    issue_secret_by_email(&state, &client_ip, body, Limited::ResendVerification, |user, now, state| {
-        user.reissue_verification(now, &state.secret_policy, &state.secrets, &state.sealer).map(|(_, event)| event)
-    })
-    .await
+    let started = tokio::time::Instant::now();
+    let email = limited_email(&state, &client_ip, body, Limited::ResendVerification)?;
+    state.accounts.resend_verification(&email).await?;
+    tokio::time::sleep_until(started + state.config.uniform_response_time).await;
+    Ok(Json(OK))
 }
 
 /// Request a password-reset e-mail. Answers the same whatever the e-mail's existence or status.
@@ -243,37 +179,26 @@ async fn password_reset(
     client_ip: ClientIp,
     ApiJson(body): ApiJson<EmailRequest>,
 ) -> ApiResult<Json<StatusResponse>> {
-    issue_secret_by_email(&state, &client_ip, body, Limited::PasswordReset, |user, now, state| {
-        user.request_password_reset(now, &state.secret_policy, &state.secrets, &state.sealer).map(|(_, event)| event)
-    })
-    .await
+    // The same answer after the same time whatever happened, so neither tells whether the
+    // account exists.
+    let started = tokio::time::Instant::now();
+    let email = limited_email(&state, &client_ip, body, Limited::PasswordReset)?;
+    state.accounts.request_password_reset(&email).await?;
+    tokio::time::sleep_until(started + state.config.uniform_response_time).await;
+    Ok(Json(OK))
 }
 
-/// The shape both e-mail-sending routes share: limits, then — when the account exists and
-/// `issue` applies to it — the new secret and its event in one unit of work (a subscriber
-/// e-mails it), then the same answer after the same time whatever happened.
-async fn issue_secret_by_email(
+/// The limits and the parsing both e-mail-sending routes share.
+fn limited_email(
     state: &AppState,
     client_ip: &ClientIp,
     body: EmailRequest,
     route: Limited,
-    issue: impl FnOnce(&mut anna_domain::User, OffsetDateTime, &AppState) -> Option<anna_domain::DomainEvent>,
-) -> ApiResult<Json<StatusResponse>> {
-    let started = tokio::time::Instant::now();
+) -> Result<Email, ApiError> {
     state.limiters.check_ip(route, &client_ip.key())?;
     let email = required_email(body)?;
     state.limiters.check_account(route, email.as_str())?;
-    let now = OffsetDateTime::now_utc();
-    let mut uow = state.store.begin().await?;
-    if let Some(mut user) = uow.find_user_by_email(email.as_str()).await?
-        && let Some(event) = issue(&mut user, now, state)
-    {
-        uow.update_user(&user).await?;
-        uow.append_events(&crate::telemetry::traced([event])).await?;
-        uow.commit().await?;
-    }
-    tokio::time::sleep_until(started + state.config.uniform_response_time).await;
-    Ok(Json(OK))
+    Ok(email)
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -304,36 +229,6 @@ async fn password_reset_confirm(
     };
     let email = parse_email(&email)?;
     state.limiters.check_account(Limited::PasswordResetConfirm, email.as_str())?;
-    password::check_policy(&new_password, email.as_str())
-        .map_err(|e| ApiError::bad_request("invalid_password", e.0))?;
-    let refused = || ApiError::bad_request("invalid_reset", "invalid password reset request");
-    let now = OffsetDateTime::now_utc();
-
-    // The token is checked before the (slow) hashing, and again when the new hash is saved,
-    // so no write lock is held while hashing and a token cannot be used twice.
-    {
-        let mut uow = state.store.begin().await?;
-        let Some(mut user) = uow.find_user_by_email(email.as_str()).await? else { return Err(refused()) };
-        if user.check_password_reset(&token, now, &state.secret_policy, &state.secrets).is_err() {
-            uow.update_user(&user).await?;
-            uow.commit().await?;
-            return Err(refused());
-        }
-    }
-    let new_hash = state.hash_password(new_password).await?;
-    let now = OffsetDateTime::now_utc();
-    let mut uow = state.store.begin().await?;
-    let Some(mut user) = uow.find_user_by_email(email.as_str()).await? else { return Err(refused()) };
-    if user.check_password_reset(&token, now, &state.secret_policy, &state.secrets).is_err() {
-        uow.update_user(&user).await?;
-        uow.commit().await?;
-        return Err(refused());
-    }
-    let event = user.complete_password_reset(new_hash, now);
-    uow.update_user(&user).await?;
-    let revoked = uow.revoke_user_refresh_tokens(user.id, now).await?;
-    uow.append_events(&crate::telemetry::traced([event])).await?;
-    uow.commit().await?;
-    tracing::info!(user_id = %user.id, revoked, "password reset completed");
+    state.accounts.confirm_password_reset(&email, &token, new_password).await?;
     Ok(Json(OK))
 }

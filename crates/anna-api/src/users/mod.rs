@@ -1,7 +1,6 @@
-//! `/users`: registration, verification (with automatic login) and the current user.
+//! `/users`: registration, verification (with automatic login) and the current user. Each
+//! handler parses, calls one `Accounts` use-case and maps its answer.
 
-use anna_domain::password;
-use anna_domain::user::{User, VerifyError};
 use anna_domain::{Email, UserName};
 use axum::Json;
 use axum::extract::{Path, State};
@@ -9,14 +8,13 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use axum_extra::extract::CookieJar;
 use serde::{Deserialize, Serialize};
-use time::OffsetDateTime;
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::auth::session::{ClientMeta, start_family};
+use crate::auth::{grant_cookie, meta};
 use crate::error::{ApiError, ApiResult, ErrorBody};
-use crate::extract::{ApiJson, AuthUser, ClientIp, parse_uuid, user_agent};
+use crate::extract::{ApiJson, AuthUser, ClientIp, parse_uuid};
 use crate::idempotency;
 use crate::rate_limit::Limited;
 use crate::state::AppState;
@@ -74,25 +72,8 @@ async fn register_user(state: &AppState, body: RegisterRequest) -> ApiResult<(St
     };
     let name = UserName::parse(&name).map_err(|e| ApiError::bad_request("invalid_name", e.0))?;
     let email = Email::parse(&email).map_err(|e| ApiError::bad_request("invalid_email", e.0))?;
-    password::check_policy(&password, email.as_str()).map_err(|e| ApiError::bad_request("invalid_password", e.0))?;
-    let duplicate = || ApiError::conflict("email_taken", "a user with this e-mail already exists");
-    // Checked before hashing so duplicates cost no CPU; the insert below still decides races.
-    if state.store.find_user_by_email(email.as_str()).await?.is_some() {
-        return Err(duplicate());
-    }
-    let password_hash = state.hash_password(password).await?;
-    let now = OffsetDateTime::now_utc();
-    let (user, _issued, events) =
-        User::register(name, email, password_hash, now, &state.secret_policy, &state.secrets, &state.sealer);
-    let mut uow = state.store.begin().await?;
-    match uow.insert_user(&user).await {
-        Err(anna_store::StoreError::Conflict(_)) => return Err(duplicate()),
-        other => other?,
-    }
-    uow.append_events(&crate::telemetry::traced(events)).await?;
-    uow.commit().await?;
-    tracing::info!(user_id = %user.id, "user registered");
-    Ok((StatusCode::CREATED, Json(RegisterResponse { id: user.id.to_string() })))
+    let user_id = state.accounts.register(name, email, password).await?;
+    Ok((StatusCode::CREATED, Json(RegisterResponse { id: user_id.to_string() })))
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -133,41 +114,16 @@ async fn verify(
         return Err(ApiError::bad_request("missing_fields", "token or code is required"));
     };
     state.limiters.check_account(Limited::Verify, &user_id.to_string())?;
-    let now = OffsetDateTime::now_utc();
-    let mut uow = state.store.begin().await?;
-    let mut user = uow
-        .find_user_by_id(user_id)
-        .await?
-        .ok_or_else(|| ApiError::not_found("user_not_found", format!("The user {user_id} does not exist")))?;
-    match user.verify(&candidate, now, &state.secret_policy, &state.secrets) {
-        Ok(event) => {
-            uow.update_user(&user).await?;
-            uow.append_events(&crate::telemetry::traced([event])).await?;
-            let meta = ClientMeta { user_agent: user_agent(&headers), ip: client_ip.0.map(|ip| ip.to_string()) };
-            let (access_token, cookie) = start_family(&state, uow.as_mut(), &user, now, &meta).await?;
-            uow.commit().await?;
-            tracing::info!(%user_id, "user verified");
-            Ok((
-                jar.add(cookie),
-                Json(VerifyResponse { status: "active", access_token, access_token_expires_in: state.jwt.ttl_secs() }),
-            ))
-        }
-        Err(refused) => {
-            if matches!(refused, VerifyError::Mismatch(_) | VerifyError::AttemptsExhausted(_)) {
-                // The attempt counter must stick even though the request fails.
-                uow.update_user(&user).await?;
-                uow.commit().await?;
-            }
-            let message = refused.to_string();
-            Err(match refused {
-                VerifyError::AlreadyVerified(_) => ApiError::conflict("already_verified", message),
-                VerifyError::NotVerifiable(_) => ApiError::conflict("not_verifiable", message),
-                VerifyError::Mismatch(_) => ApiError::bad_request("verification_mismatch", message),
-                VerifyError::Expired { .. } => ApiError::bad_request("verification_expired", message),
-                VerifyError::AttemptsExhausted(_) => ApiError::bad_request("verification_void", message),
-            })
-        }
-    }
+    let grant = state.accounts.verify_email(user_id, &candidate, &meta(&headers, &client_ip)).await?;
+    let (jar, token) = grant_cookie(&state, jar, grant);
+    Ok((
+        jar,
+        Json(VerifyResponse {
+            status: "active",
+            access_token: token.access_token,
+            access_token_expires_in: token.access_token_expires_in,
+        }),
+    ))
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -182,9 +138,6 @@ pub struct MeResponse {
 #[utoipa::path(get, path = "/users/me", tag = "users", security(("bearer" = [])),
     responses((status = 200, body = MeResponse), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
 async fn me(State(state): State<AppState>, AuthUser(caller): AuthUser) -> ApiResult<Json<MeResponse>> {
-    let user =
-        state.store.find_user_by_id(caller.user_id).await?.ok_or_else(|| {
-            ApiError::not_found("user_not_found", format!("The user {} does not exist", caller.user_id))
-        })?;
+    let user = state.accounts.current_user(caller.user_id).await?;
     Ok(Json(MeResponse { id: user.id.to_string(), name: user.name, email: user.email, status: user.status.as_str() }))
 }

@@ -82,18 +82,18 @@ const PREDECESSOR_SCHEMA: &str = r#"
 
     INSERT INTO users (id, name, email, status, password_hash, verification_token, verification_code,
                        verification_token_expires_at, created_at, updated_at)
-    VALUES ('6f1c1d52-3c0e-4c1a-9d7e-0d7f5c7e2a11', 'Seed', 'seed@example.com', 'pending_verification',
+    VALUES ('6f1c1d52-3c0e-4c1a-9d7e-0d7f5c7e2a11', 'Legacy', 'legacy@example.com', 'pending_verification',
             '$argon2id$v=19$m=65536,t=2,p=1$c2FsdA$aGFzaA', '3d0c7a7e-2a34-4b7e-a0d6-5b1f3c2d1e0f', '123456',
             '2030-01-01T00:00:00.000Z', '2025-12-01T10:00:00.123Z', '2025-12-01T10:00:00.123Z');
     INSERT INTO refresh_tokens (token_hash, user_id, created_at, expires_at) VALUES
-        ('seed-token-1', '6f1c1d52-3c0e-4c1a-9d7e-0d7f5c7e2a11', '2025-12-01T10:00:00Z', '2030-01-01T00:00:00Z'),
-        ('seed-token-2', '6f1c1d52-3c0e-4c1a-9d7e-0d7f5c7e2a11', '2025-12-01T10:00:00Z', '2030-01-01T00:00:00Z');
+        ('legacy-token-1', '6f1c1d52-3c0e-4c1a-9d7e-0d7f5c7e2a11', '2025-12-01T10:00:00Z', '2030-01-01T00:00:00Z'),
+        ('legacy-token-2', '6f1c1d52-3c0e-4c1a-9d7e-0d7f5c7e2a11', '2025-12-01T10:00:00Z', '2030-01-01T00:00:00Z');
     INSERT INTO outbox_events (id, event_id, aggregate_id, event_name, occurred_on, payload, status,
                                attempts, published_at, created_at, updated_at)
     VALUES
         ('0b7e5f3a-1d2c-4e5f-8a9b-0c1d2e3f4a5b', 'a8f0e8f2-7a52-4b5e-9d6c-1f2e3d4c5b6a',
          '6f1c1d52-3c0e-4c1a-9d7e-0d7f5c7e2a11', 'user.registered', '2025-12-01T10:00:00.123Z',
-         '{"name": "Seed", "email": "seed@example.com"}', 'published', 1, '2025-12-01T10:00:01Z',
+         '{"name": "Legacy", "email": "legacy@example.com"}', 'published', 1, '2025-12-01T10:00:01Z',
          '2025-12-01T10:00:00.200Z', '2025-12-01T10:00:01Z'),
         ('1c8f6a4b-2e3d-4f60-9bac-1d2e3f4a5b6c', 'b9a1f9a3-8b63-4c6f-8e7d-2a3b4c5d6e7f',
          '6f1c1d52-3c0e-4c1a-9d7e-0d7f5c7e2a11', 'user.verification.token_issued', '2025-12-01T10:00:00.123Z',
@@ -116,7 +116,7 @@ const PREDECESSOR_SCHEMA: &str = r#"
 async fn upgrades_a_predecessor_database_in_place() {
     let url = anna_testkit::pg::fresh_database_url().await;
     let mut conn = PgConnection::connect(&url).await.unwrap_or_else(|e| panic!("{e}"));
-    sqlx::raw_sql(PREDECESSOR_SCHEMA).execute(&mut conn).await.unwrap_or_else(|e| panic!("seed schema: {e}"));
+    sqlx::raw_sql(PREDECESSOR_SCHEMA).execute(&mut conn).await.unwrap_or_else(|e| panic!("predecessor schema: {e}"));
     let _ = conn.close().await;
 
     let store: Arc<dyn Store> =
@@ -127,11 +127,11 @@ async fn upgrades_a_predecessor_database_in_place() {
 }
 
 async fn check_upgraded(store: Arc<dyn Store>) -> TestResult {
-    let seed_id = Uuid::parse_str("6f1c1d52-3c0e-4c1a-9d7e-0d7f5c7e2a11").unwrap_or_else(|e| panic!("{e}"));
-    let Some(mut seed) = store.find_user_by_id(seed_id).await? else { panic!("the seed user is gone") };
-    assert_eq!(seed.email, "seed@example.com");
-    assert_eq!(seed.verification_code.as_deref(), Some("123456"));
-    assert_eq!((seed.verification_attempts, seed.password_reset_attempts), (0, 0));
+    let legacy_id = Uuid::parse_str("6f1c1d52-3c0e-4c1a-9d7e-0d7f5c7e2a11").unwrap_or_else(|e| panic!("{e}"));
+    let Some(mut legacy) = store.find_user_by_id(legacy_id).await? else { panic!("the legacy user is gone") };
+    assert_eq!(legacy.email, "legacy@example.com");
+    assert_eq!(legacy.verification_code.as_deref(), Some("123456"));
+    assert_eq!((legacy.verification_attempts, legacy.password_reset_attempts), (0, 0));
 
     // E-mails are normalised; of two that collide, the active account keeps the address.
     let mixed = store.find_user_by_email("mixed@example.com").await?.map(|u| u.name);
@@ -142,14 +142,14 @@ async fn check_upgraded(store: Arc<dyn Store>) -> TestResult {
 
     // Every old token got a family of its own.
     let (Some(one), Some(two)) =
-        (store.find_refresh_token("seed-token-1").await?, store.find_refresh_token("seed-token-2").await?)
+        (store.find_refresh_token("legacy-token-1").await?, store.find_refresh_token("legacy-token-2").await?)
     else {
-        panic!("the seed tokens are gone")
+        panic!("the legacy tokens are gone")
     };
     assert!(!one.family_id.is_nil() && !two.family_id.is_nil());
     assert_ne!(one.family_id, two.family_id);
 
-    let records = store.outbox_events_for_aggregate(&seed_id.to_string()).await?;
+    let records = store.outbox_events_for_aggregate(&legacy_id.to_string()).await?;
     let names: Vec<&str> = records.iter().map(|r| r.event.event_name.as_str()).collect();
     assert_eq!(names, ["user.registered", "user.verification.token_issued"]);
     assert_eq!(records[0].status, "published");
@@ -157,25 +157,25 @@ async fn check_upgraded(store: Arc<dyn Store>) -> TestResult {
 
     // The new code writes keyed hashes where the old columns were narrower, rotates old
     // tokens, and appends after the old events.
-    seed.verification_code = Some("a-keyed-hash-much-longer-than-six-characters".into());
-    seed.password_reset_token = Some("another-keyed-hash".into());
-    let replacement = token("seed-token-1b", seed_id, one.family_id, now() + Duration::days(30));
-    let new_event = event("user.verified", &seed_id.to_string(), now());
+    legacy.verification_code = Some("a-keyed-hash-much-longer-than-six-characters".into());
+    legacy.password_reset_token = Some("another-keyed-hash".into());
+    let replacement = token("legacy-token-1b", legacy_id, one.family_id, now() + Duration::days(30));
+    let new_event = event("user.verified", &legacy_id.to_string(), now());
     let mut uow = store.begin().await?;
-    uow.update_user(&seed).await?;
-    assert!(uow.rotate_refresh_token("seed-token-1", &replacement, now()).await?);
+    uow.update_user(&legacy).await?;
+    assert!(uow.rotate_refresh_token("legacy-token-1", &replacement, now()).await?);
     uow.append_events(std::slice::from_ref(&new_event)).await?;
-    assert_conflict(uow.insert_user(&bare_user("seed@example.com")).await, "users_email");
+    assert_conflict(uow.insert_user(&bare_user("legacy@example.com")).await, "users_email");
     drop(uow);
 
     let mut uow = store.begin().await?;
-    uow.update_user(&seed).await?;
-    assert!(uow.rotate_refresh_token("seed-token-1", &replacement, now()).await?);
+    uow.update_user(&legacy).await?;
+    assert!(uow.rotate_refresh_token("legacy-token-1", &replacement, now()).await?);
     uow.append_events(std::slice::from_ref(&new_event)).await?;
     uow.insert_user(&full_user("new@example.com")).await?;
     uow.commit().await?;
-    assert_eq!(store.find_user_by_id(seed_id).await?, Some(seed));
-    let records = store.outbox_events_for_aggregate(&seed_id.to_string()).await?;
+    assert_eq!(store.find_user_by_id(legacy_id).await?, Some(legacy));
+    let records = store.outbox_events_for_aggregate(&legacy_id.to_string()).await?;
     assert_eq!(records.last().map(|r| &r.event), Some(&new_event));
 
     // The predecessor's pending row became ready (available_at = its created_at) and goes

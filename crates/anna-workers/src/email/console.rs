@@ -53,7 +53,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn verification_starts_with_the_seed_line() {
+    fn verification_starts_with_the_predecessors_line() {
         let message = EmailMessage {
             to: "ana@example.com".to_owned(),
             subject: "Verify your account".to_owned(),

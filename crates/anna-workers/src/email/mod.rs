@@ -1,5 +1,5 @@
 //! Outgoing e-mail: the message type, the sender trait and its three implementations
-//! (development console, SMTP relay, Resend HTTP API), plus the seed's templates.
+//! (development console, SMTP relay, Resend HTTP API), plus the predecessor's templates.
 //!
 //! Messages carry one-time secrets (verification codes, reset links), so nothing in this
 //! module prints a body, a code, a token, an API key or an SMTP password through `Debug`,
@@ -39,7 +39,7 @@ impl fmt::Debug for EmailMessage {
     }
 }
 
-/// What an e-mail is about. The console sender uses it to print the seed's grep-able
+/// What an e-mail is about. The console sender uses it to print the predecessor's grep-able
 /// `[UserVerificationCode]` line, which operators and end-to-end scripts rely on.
 #[derive(Clone, PartialEq, Eq)]
 pub enum EmailTag {

@@ -1,4 +1,4 @@
-//! The seed's e-mails, in plain text and HTML.
+//! The predecessor's e-mails, in plain text and HTML.
 //!
 //! Every interpolated value is URL-encoded inside links and HTML-escaped inside the HTML
 //! part: addresses and base URLs come from users and configuration, not from us.

@@ -144,7 +144,7 @@ async fn serve_embedded_prints_codes_and_shuts_down_gracefully() {
         .unwrap();
     assert_eq!(reply.status(), 201);
     let id = reply.json::<serde_json::Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
-    // The console mailbox prints the seed's line; the code is the last field before `reason`.
+    // The console mailbox prints the predecessor's line; the code is the last field before `reason`.
     let line = app.wait_for("[UserVerificationCode]");
     assert!(line.starts_with(&format!("[UserVerificationCode] email={email} code=")), "{line}");
     let code: String = line.split("code=").nth(1).unwrap().chars().take(6).collect();
@@ -197,10 +197,10 @@ async fn migrate_is_idempotent_on_postgres_and_workers_start_and_stop() {
             &["worker", kind],
             &[("DATABASE_URL", &url), ("REDIS_URL", &redis), ("HOST", "127.0.0.1")],
         ));
-        worker.wait_for("worker started");
+        worker.wait_for("process started");
         let status = worker.terminate();
         assert!(status.success(), "worker {kind}: {status:?}");
-        assert!(worker.seen.iter().any(|l| l.contains("worker stopped")));
+        assert!(worker.seen.iter().any(|l| l.contains("process stopped")));
     }
 }
 
@@ -209,9 +209,14 @@ async fn api_process_against_postgres() {
     let url = anna_testkit::pg::fresh_database_url().await;
     let out = anna(&["migrate"], &[("DATABASE_URL", &url)]).output().unwrap();
     assert!(out.status.success());
+    // The API tails the event stream too (realtime feeds), so it needs Redis with Postgres.
+    let out = anna(&["api"], &[("DATABASE_URL", &url), ("HOST", "127.0.0.1"), ("PORT", "0")]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("REDIS_URL is required"), "an API without Redis says why");
+    let redis = anna_testkit::redis::shared_url();
     let mut api = Running::start(anna(
         &["api"],
-        &[("DATABASE_URL", &url), ("HOST", "127.0.0.1"), ("PORT", "0"), ("LOG_PRETTY", "true")],
+        &[("DATABASE_URL", &url), ("REDIS_URL", &redis), ("HOST", "127.0.0.1"), ("PORT", "0"), ("LOG_PRETTY", "true")],
     ));
     let line = api.wait_for("listening");
     let addr: String = line

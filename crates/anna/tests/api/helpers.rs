@@ -6,11 +6,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anna::app::{self, RunningApi};
+use anna::app::{self, Running};
 use anna::config::{Config, Vars};
 use anna_store::Store;
 use anna_testkit::logs::CapturedLogs;
-use anna_workers::email::{EmailMessage, EmailSender, MemoryMailbox, verification_code};
+use anna_workers::email::{EmailMessage, MemoryMailbox, verification_code};
 use reqwest::header::HeaderMap;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
@@ -57,8 +57,7 @@ pub struct TestApp {
     pub logs: CapturedLogs,
     pub http: reqwest::Client,
     shutdown: CancellationToken,
-    running: Option<RunningApi>,
-    workers: Vec<tokio::task::JoinHandle<()>>,
+    running: Option<Running>,
 }
 
 pub async fn spawn_app(backend: Backend) -> TestApp {
@@ -108,35 +107,29 @@ async fn spawn(backend: Backend, vars: &[(&str, &str)], configured_email: bool) 
     for (k, v) in vars {
         map.insert((*k).to_owned(), (*v).to_owned());
     }
-    let config =
-        Config::from_vars(&Vars(move |k: &str| map.get(k).cloned())).unwrap_or_else(|e| panic!("test config: {e}"));
-    let backends = app::open_backends(&config).await.unwrap_or_else(|e| panic!("backends: {e:#}"));
-    let store = backends.store.clone();
-    store.migrate().await.unwrap_or_else(|e| panic!("migrate: {e}"));
+    let config = Config::from_vars(&Vars::new(move |k: &str| map.get(k).cloned()))
+        .unwrap_or_else(|e| panic!("test config: {e}"));
     let mailbox = Arc::new(MemoryMailbox::default());
+    let mut backends = app::open_backends(&config).await.unwrap_or_else(|e| panic!("backends: {e:#}"));
+    if !configured_email {
+        backends = backends.with_email_sender(mailbox.clone());
+    }
+    backends.store.migrate().await.unwrap_or_else(|e| panic!("migrate: {e}"));
     let shutdown = CancellationToken::new();
-    let sender: Arc<dyn EmailSender> = if configured_email {
-        app::email_sender(&config).unwrap_or_else(|e| panic!("e-mail sender: {e:#}"))
-    } else {
-        mailbox.clone()
-    };
-    let running =
-        app::start_api(&config, store.clone(), shutdown.clone()).await.unwrap_or_else(|e| panic!("start: {e:#}"));
-    let workers = vec![
-        app::start_relay(&config, &backends, shutdown.clone()),
-        app::start_consumer(&config, &backends, sender, shutdown.clone()),
-    ];
+    let running = app::start(&config, &backends, app::Roles::ALL, shutdown.clone())
+        .await
+        .unwrap_or_else(|e| panic!("start: {e:#}"));
     let http = reqwest::Client::builder().cookie_store(false).build().unwrap_or_else(|e| panic!("{e}"));
+    let addr = running.addr.unwrap_or_else(|| panic!("the API did not start"));
     TestApp {
-        base: format!("http://{}", running.addr),
+        base: format!("http://{addr}"),
         metrics_addr: running.metrics_addr,
         mailbox: Mailbox(mailbox),
-        store,
+        store: backends.store.clone(),
         logs,
         http,
         shutdown,
         running: Some(running),
-        workers,
     }
 }
 
@@ -233,10 +226,9 @@ impl TestApp {
     pub async fn stop(mut self) {
         self.shutdown.cancel();
         if let Some(running) = self.running.take() {
-            let _ = tokio::time::timeout(Duration::from_secs(10), running.task).await;
-        }
-        for worker in self.workers.drain(..) {
-            let _ = tokio::time::timeout(Duration::from_secs(10), worker).await;
+            let stopped = tokio::time::timeout(Duration::from_secs(10), running.wait()).await;
+            let stopped = stopped.unwrap_or_else(|_| panic!("the app did not stop within 10 s"));
+            stopped.unwrap_or_else(|e| panic!("a task of the app failed: {e:#}"));
         }
         self.store.close().await;
     }

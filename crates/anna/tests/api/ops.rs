@@ -11,6 +11,7 @@ async fn health_readiness_and_request_ids(backend: Backend) {
     let ready = app.get("/readyz").send().await;
     assert_eq!(ready.status, 200);
     assert_eq!(ready.body["database"], "ok");
+    assert_eq!(ready.body["streams"], "ok");
     let id = health.headers.get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
     assert_eq!(id.len(), 36, "x-request-id is a UUID: {id:?}");
     let unknown = app.get("/nope").send().await;

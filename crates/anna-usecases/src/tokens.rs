@@ -1,8 +1,8 @@
-//! Access tokens (HS256 JWT with the seed's claims) and the refresh-token cookie.
+//! Access tokens: HS256 JWTs with the predecessor's claims, short-lived, checked on every
+//! authenticated request.
 
 use std::time::Duration;
 
-use axum_extra::extract::cookie::{Cookie, SameSite};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation, decode, encode};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
@@ -10,7 +10,7 @@ use uuid::Uuid;
 
 pub const ACCESS_TOKEN_USE: &str = "access";
 
-/// The seed's claims: `sub`, `email`, `tokenUse`, `iat`, `exp`.
+/// The predecessor's claims: `sub`, `email`, `tokenUse`, `iat`, `exp`.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct AccessClaims {
@@ -22,7 +22,7 @@ pub struct AccessClaims {
     pub exp: i64,
 }
 
-pub struct JwtKeys {
+pub struct AccessTokens {
     encoding: EncodingKey,
     decoding: DecodingKey,
     validation: Validation,
@@ -42,7 +42,7 @@ pub struct Authenticated {
     pub email: Option<String>,
 }
 
-impl JwtKeys {
+impl AccessTokens {
     pub fn new(secret: &[u8], ttl: Duration) -> Self {
         let mut validation = Validation::new(Algorithm::HS256);
         validation.leeway = 0;
@@ -78,34 +78,18 @@ impl JwtKeys {
     }
 }
 
-/// The refresh cookie as the seed set it: `HttpOnly; Path=/; SameSite=Strict; Max-Age`,
-/// `Secure` when configured.
-pub fn refresh_cookie(name: &str, value: String, max_age: Duration, secure: bool) -> Cookie<'static> {
-    Cookie::build((name.to_owned(), value))
-        .http_only(true)
-        .path("/")
-        .same_site(SameSite::Strict)
-        .secure(secure)
-        .max_age(time::Duration::seconds(i64::try_from(max_age.as_secs()).unwrap_or(i64::MAX)))
-        .build()
-}
-
-pub fn cleared_refresh_cookie(name: &str, secure: bool) -> Cookie<'static> {
-    refresh_cookie(name, String::new(), Duration::ZERO, secure)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn issue_and_verify() {
-        let keys = JwtKeys::new(b"k", Duration::from_secs(900));
+        let keys = AccessTokens::new(b"k", Duration::from_secs(900));
         let id = Uuid::new_v4();
         let token = keys.issue(id, "a@b.co", OffsetDateTime::now_utc()).unwrap_or_else(|e| panic!("{e}"));
         let auth = keys.verify(&token).unwrap_or_else(|| panic!("valid token refused"));
         assert_eq!(auth.user_id, id);
-        assert!(JwtKeys::new(b"other", Duration::from_secs(900)).verify(&token).is_none());
+        assert!(AccessTokens::new(b"other", Duration::from_secs(900)).verify(&token).is_none());
         let expired = keys
             .issue(id, "a@b.co", OffsetDateTime::now_utc() - time::Duration::hours(1))
             .unwrap_or_else(|e| panic!("{e}"));
@@ -114,7 +98,7 @@ mod tests {
 
     #[test]
     fn refuses_non_access_tokens() {
-        let keys = JwtKeys::new(b"k", Duration::from_secs(900));
+        let keys = AccessTokens::new(b"k", Duration::from_secs(900));
         let now = OffsetDateTime::now_utc().unix_timestamp();
         let claims = AccessClaims {
             sub: Uuid::new_v4().to_string(),
@@ -126,17 +110,5 @@ mod tests {
         let token = encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(b"k"))
             .unwrap_or_else(|e| panic!("{e}"));
         assert!(keys.verify(&token).is_none());
-    }
-
-    #[test]
-    fn cookie_attributes() {
-        let c = refresh_cookie("refresh_token", "abc".into(), Duration::from_secs(2_592_000), false).to_string();
-        assert!(c.starts_with("refresh_token=abc"));
-        for part in ["HttpOnly", "SameSite=Strict", "Path=/", "Max-Age=2592000"] {
-            assert!(c.contains(part), "{c}");
-        }
-        assert!(!c.contains("Secure"));
-        assert!(refresh_cookie("r", "x".into(), Duration::from_secs(1), true).to_string().contains("Secure"));
-        assert!(cleared_refresh_cookie("r", false).to_string().contains("Max-Age=0"));
     }
 }

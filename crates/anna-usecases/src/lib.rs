@@ -1,0 +1,173 @@
+//! anna's application layer. Each use-case loads or locks its aggregate in a unit of work,
+//! applies the domain rule, appends the resulting events (stamped with the current trace) and
+//! commits. HTTP handlers, workers and CLI commands call the same use-cases; none of them
+//! opens a unit of work itself.
+//!
+//! - [`Accounts`]: registration, e-mail verification, login, refresh-token rotation, logout,
+//!   password reset (`users.rs`, `auth.rs`).
+//! - [`Passwords`]: Argon2id hashing off the async runtime, with a bound on concurrent hashes.
+//! - [`AccessTokens`]: signing and checking the short-lived JWT access tokens.
+//!
+//! Errors are typed per use-case; the HTTP edge maps them to statuses in one place.
+
+mod auth;
+mod passwords;
+mod tokens;
+mod users;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anna_domain::DomainEvent;
+use anna_domain::password::Argon2Cost;
+use anna_domain::secrets::{Sealer, SecretHasher};
+use anna_domain::user::SecretPolicy;
+use anna_store::{Store, StoreError};
+use secrecy::{ExposeSecret, SecretString};
+
+pub use auth::{LoginError, PasswordResetError, RefreshError};
+pub use passwords::{PasswordError, Passwords};
+pub use tokens::{AccessClaims, AccessTokens, Authenticated, TokenError};
+pub use users::{CurrentUserError, RegisterError, VerifyEmailError};
+
+/// Settings of the accounts context (`AUTH_*`).
+#[derive(Debug, Clone)]
+pub struct AccountsConfig {
+    /// HS256 key of access tokens, and the root of the keys that hash verification codes and
+    /// reset tokens and seal them into events.
+    pub jwt_secret: SecretString,
+    pub access_token_ttl: Duration,
+    pub refresh_token_ttl: Duration,
+    /// A refresh token presented again within this window after its rotation is refused but
+    /// does not revoke its family (two tabs refreshing at once). Zero: every reuse revokes.
+    pub refresh_reuse_grace: Duration,
+    pub verification_ttl: Duration,
+    pub password_reset_ttl: Duration,
+    /// Wrong verification codes or reset tokens accepted before the secret is void.
+    pub max_secret_attempts: u32,
+    pub argon2: Argon2Cost,
+    /// Password hashes computed at once; more wait. Keeps login floods from starving the
+    /// runtime and bounds the memory Argon2 takes.
+    pub hashing_concurrency: usize,
+}
+
+impl AccountsConfig {
+    /// The development secret, as the predecessor had it (refused in production).
+    pub const DEVELOPMENT_JWT_SECRET: &'static str = "dev-secret-change-me";
+
+    /// Development defaults, as the predecessor had them.
+    pub fn development() -> Self {
+        Self {
+            jwt_secret: SecretString::from(Self::DEVELOPMENT_JWT_SECRET),
+            access_token_ttl: Duration::from_secs(900),
+            refresh_token_ttl: Duration::from_secs(30 * 24 * 3600),
+            refresh_reuse_grace: Duration::ZERO,
+            verification_ttl: Duration::from_secs(3600),
+            password_reset_ttl: Duration::from_secs(3600),
+            max_secret_attempts: 5,
+            argon2: Argon2Cost::default(),
+            hashing_concurrency: 2,
+        }
+    }
+}
+
+/// What a client gets when it logs in, verifies its e-mail or rotates its refresh token.
+pub struct LoginGrant {
+    pub access_token: String,
+    pub access_token_expires_in: u64,
+    /// The refresh token itself (only its hash is stored); the HTTP edge puts it in a cookie.
+    pub refresh_token: String,
+    pub refresh_token_ttl: Duration,
+}
+
+impl std::fmt::Debug for LoginGrant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoginGrant")
+            .field("access_token_expires_in", &self.access_token_expires_in)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Where a request came from, kept on the refresh token it creates.
+#[derive(Debug, Clone, Default)]
+pub struct ClientMeta {
+    pub user_agent: Option<String>,
+    pub ip: Option<String>,
+}
+
+/// A fault no caller can correct: the database, the hashing pool, token signing.
+#[derive(Debug, thiserror::Error)]
+pub enum Failure {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Password(#[from] PasswordError),
+    #[error(transparent)]
+    Token(#[from] TokenError),
+}
+
+/// Users and authentication: the use-cases of the accounts context.
+pub struct Accounts {
+    store: Arc<dyn Store>,
+    passwords: Passwords,
+    tokens: AccessTokens,
+    secrets: SecretHasher,
+    sealer: Sealer,
+    policy: SecretPolicy,
+    refresh_token_ttl: Duration,
+    refresh_reuse_grace: Duration,
+}
+
+impl Accounts {
+    pub fn new(store: Arc<dyn Store>, config: &AccountsConfig) -> Result<Self, PasswordError> {
+        let secret = config.jwt_secret.expose_secret().as_bytes();
+        Ok(Self {
+            store,
+            passwords: Passwords::new(config.argon2, config.hashing_concurrency)?,
+            tokens: AccessTokens::new(secret, config.access_token_ttl),
+            secrets: SecretHasher::from_server_secret(secret),
+            sealer: Sealer::from_server_secret(secret),
+            policy: SecretPolicy {
+                verification_ttl: time_duration(config.verification_ttl),
+                password_reset_ttl: time_duration(config.password_reset_ttl),
+                max_attempts: i32::try_from(config.max_secret_attempts).unwrap_or(i32::MAX),
+            },
+            refresh_token_ttl: config.refresh_token_ttl,
+            refresh_reuse_grace: config.refresh_reuse_grace,
+        })
+    }
+
+    /// Checks an access token (`None` when it is not a valid, unexpired access token).
+    pub fn authenticate(&self, access_token: &str) -> Option<Authenticated> {
+        self.tokens.verify(access_token)
+    }
+
+    pub fn access_tokens(&self) -> &AccessTokens {
+        &self.tokens
+    }
+
+    pub fn passwords(&self) -> &Passwords {
+        &self.passwords
+    }
+
+    /// A keyed hash for `purpose`, for callers that must store a fingerprint of something
+    /// secret (the `Idempotency-Key` request fingerprint, which may contain a password).
+    pub fn keyed_hash(&self, purpose: &str, owner: &str, value: &str) -> String {
+        self.secrets.hash(purpose, owner, value)
+    }
+
+    /// Deletes refresh tokens that expired before `now`. Returns how many.
+    pub async fn purge_expired_refresh_tokens(&self, now: time::OffsetDateTime) -> Result<u64, Failure> {
+        Ok(self.store.purge_expired_refresh_tokens(now).await?)
+    }
+}
+
+/// Stamps events with the current trace, so the relay and the consumers continue it.
+pub fn traced(events: impl IntoIterator<Item = DomainEvent>) -> Vec<DomainEvent> {
+    let traceparent = anna_streams::trace::current_traceparent();
+    events.into_iter().map(|event| event.with_traceparent(traceparent.clone())).collect()
+}
+
+pub fn time_duration(d: Duration) -> time::Duration {
+    time::Duration::try_from(d).unwrap_or(time::Duration::MAX)
+}

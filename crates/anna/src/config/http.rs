@@ -1,0 +1,81 @@
+//! The HTTP edge: listen address, cookies, limits, proxies, shutdown.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use anna_api::config::{ApiConfig, RateLimitConfig};
+use ipnet::IpNet;
+
+use super::{ConfigError, Vars};
+
+/// Where the process listens and how long it drains.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub host: IpAddr,
+    pub port: u16,
+    /// When set, `/metrics` is served on this port only (and not on the API port).
+    pub metrics_port: Option<u16>,
+    /// How long shutdown waits for in-flight work.
+    pub shutdown_timeout: Duration,
+}
+
+pub(super) fn server<F: Fn(&str) -> Option<String>>(vars: &Vars<F>) -> Result<ServerConfig, ConfigError> {
+    let metrics_port = match vars.get("METRICS_PORT") {
+        None => None,
+        Some(_) => Some(vars.parse("METRICS_PORT", 0u16, "a port number (0-65535; 0 picks a free one)")?),
+    };
+    Ok(ServerConfig {
+        host: vars.parse("HOST", IpAddr::from([0, 0, 0, 0]), "an IP address to listen on, such as 0.0.0.0")?,
+        port: vars.parse("PORT", 3000, "a port number (0-65535)")?,
+        metrics_port,
+        shutdown_timeout: vars.millis("SHUTDOWN_TIMEOUT_MS", 20_000)?,
+    })
+}
+
+pub(super) fn api<F: Fn(&str) -> Option<String>>(
+    vars: &Vars<F>,
+    server: &ServerConfig,
+) -> Result<ApiConfig, ConfigError> {
+    let dev = ApiConfig::development();
+    let trusted_proxies = match vars.get("TRUSTED_PROXIES") {
+        None => Vec::new(),
+        Some(list) => list
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|s| s.parse::<IpNet>().or_else(|_| s.parse::<IpAddr>().map(IpNet::from)))
+            .collect::<Result<_, _>>()
+            .map_err(|_| ConfigError::Invalid {
+                var: "TRUSTED_PROXIES",
+                shown: format!("{list:?}"),
+                expected: "a comma-separated list of IP addresses or CIDR ranges",
+            })?,
+    };
+    Ok(ApiConfig {
+        refresh_cookie_name: vars.string("AUTH_REFRESH_COOKIE_NAME", &dev.refresh_cookie_name),
+        cookie_secure: vars.boolean("AUTH_COOKIE_SECURE", false)?,
+        rate_limit: RateLimitConfig {
+            enabled: vars.boolean("RATE_LIMIT_ENABLED", true)?,
+            per_ip_per_minute: vars.positive(
+                "RATE_LIMIT_PER_IP_PER_MINUTE",
+                20,
+                "a positive number of requests per minute",
+            )?,
+            per_account_per_minute: vars.positive(
+                "RATE_LIMIT_PER_ACCOUNT_PER_MINUTE",
+                5,
+                "a positive number of requests per minute",
+            )?,
+            emails_per_account_per_hour: vars.positive(
+                "RATE_LIMIT_EMAILS_PER_ACCOUNT_PER_HOUR",
+                10,
+                "a positive number of e-mails per hour",
+            )?,
+        },
+        trusted_proxies,
+        max_body_bytes: vars.positive("HTTP_MAX_BODY_BYTES", dev.max_body_bytes, "a positive number of bytes")?,
+        uniform_response_time: vars.millis_or_zero("AUTH_UNIFORM_RESPONSE_MS", 250)?,
+        idempotency_key_ttl: vars.millis("IDEMPOTENCY_KEY_TTL_MS", 86_400_000)?,
+        metrics_on_api_port: server.metrics_port.is_none(),
+    })
+}

@@ -6,7 +6,7 @@ use async_trait::async_trait;
 use uuid::Uuid;
 
 use crate::StoreError;
-use crate::sql::{Row, Sql};
+use crate::sql::{Query, Row, Sql};
 use crate::store::{SqlStore, SqlUnitOfWork};
 
 #[async_trait]
@@ -83,61 +83,47 @@ impl UserWrites for SqlUnitOfWork {
     }
 
     async fn insert_user(&mut self, user: &User) -> Result<(), StoreError> {
-        self.tx
-            .query(
-                "INSERT INTO users (id, name, email, status, password_hash, verification_token, verification_code, \
-                 verification_token_expires_at, verification_attempts, verified_at, password_reset_token, \
-                 password_reset_token_expires_at, password_reset_attempts, created_at, updated_at, last_login_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
-            )
-            .bind_uuid(user.id)
-            .bind(user.name.as_str())
-            .bind(user.email.as_str())
-            .bind(user.status.as_str())
-            .bind(user.password_hash.as_str())
-            .bind(user.verification_token.as_deref())
-            .bind(user.verification_code.as_deref())
-            .bind_opt_time(user.verification_token_expires_at)
-            .bind(user.verification_attempts)
-            .bind_opt_time(user.verified_at)
-            .bind(user.password_reset_token.as_deref())
-            .bind_opt_time(user.password_reset_token_expires_at)
-            .bind(user.password_reset_attempts)
-            .bind_time(user.created_at)
-            .bind_time(user.updated_at)
-            .bind_opt_time(user.last_login_at)
-            .execute()
-            .await?;
+        let query = self.tx.query(
+            "INSERT INTO users (id, name, email, status, password_hash, verification_token, verification_code, \
+             verification_token_expires_at, verification_attempts, verified_at, password_reset_token, \
+             password_reset_token_expires_at, password_reset_attempts, updated_at, last_login_at, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
+        );
+        bind_user(query, user).bind_time(user.created_at).execute().await?;
         Ok(())
     }
 
     async fn update_user(&mut self, user: &User) -> Result<(), StoreError> {
-        self.tx
-            .query(
-                "UPDATE users SET name = $1, email = $2, status = $3, password_hash = $4, verification_token = $5, \
-                 verification_code = $6, verification_token_expires_at = $7, verification_attempts = $8, \
-                 verified_at = $9, password_reset_token = $10, password_reset_token_expires_at = $11, \
-                 password_reset_attempts = $12, updated_at = $13, last_login_at = $14 WHERE id = $15",
-            )
-            .bind(user.name.as_str())
-            .bind(user.email.as_str())
-            .bind(user.status.as_str())
-            .bind(user.password_hash.as_str())
-            .bind(user.verification_token.as_deref())
-            .bind(user.verification_code.as_deref())
-            .bind_opt_time(user.verification_token_expires_at)
-            .bind(user.verification_attempts)
-            .bind_opt_time(user.verified_at)
-            .bind(user.password_reset_token.as_deref())
-            .bind_opt_time(user.password_reset_token_expires_at)
-            .bind(user.password_reset_attempts)
-            .bind_time(user.updated_at)
-            .bind_opt_time(user.last_login_at)
-            .bind_uuid(user.id)
-            .execute()
-            .await?;
+        let query = self.tx.query(
+            "UPDATE users SET name = $2, email = $3, status = $4, password_hash = $5, verification_token = $6, \
+             verification_code = $7, verification_token_expires_at = $8, verification_attempts = $9, \
+             verified_at = $10, password_reset_token = $11, password_reset_token_expires_at = $12, \
+             password_reset_attempts = $13, updated_at = $14, last_login_at = $15 WHERE id = $1",
+        );
+        bind_user(query, user).execute().await?;
         Ok(())
     }
+}
+
+/// Binds $1 … $15: the id, then every column an update may change, in the order the INSERT
+/// and the UPDATE above name them.
+fn bind_user<'c>(query: Query<'c>, user: &User) -> Query<'c> {
+    query
+        .bind_uuid(user.id)
+        .bind(user.name.as_str())
+        .bind(user.email.as_str())
+        .bind(user.status.as_str())
+        .bind(user.password_hash.as_str())
+        .bind(user.verification_token.as_deref())
+        .bind(user.verification_code.as_deref())
+        .bind_opt_time(user.verification_token_expires_at)
+        .bind(user.verification_attempts)
+        .bind_opt_time(user.verified_at)
+        .bind(user.password_reset_token.as_deref())
+        .bind_opt_time(user.password_reset_token_expires_at)
+        .bind(user.password_reset_attempts)
+        .bind_time(user.updated_at)
+        .bind_opt_time(user.last_login_at)
 }
 
 fn user_from_row(row: &Row) -> Result<User, StoreError> {

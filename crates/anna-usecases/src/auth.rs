@@ -198,19 +198,27 @@ impl Accounts {
         new_password: String,
     ) -> Result<(), PasswordResetError> {
         password::check_policy(&new_password, email.as_str()).map_err(PasswordResetError::InvalidPassword)?;
-        {
-            let now = OffsetDateTime::now_utc();
-            let mut uow = self.store.begin().await?;
-            let Some(mut user) = uow.find_user_by_email(email.as_str()).await? else {
-                return Err(PasswordResetError::Refused);
-            };
-            if user.check_password_reset(token, now, &self.policy, &self.secrets).is_err() {
-                uow.update_user(&user).await?;
-                uow.commit().await?;
-                return Err(PasswordResetError::Refused);
-            }
-        }
+        // Checked first and rolled back: nothing changes unless the token was wrong.
+        drop(self.lock_for_reset(email, token).await?);
         let new_hash = self.passwords.hash(new_password).await.map_err(Failure::from)?;
+        let (mut uow, mut user) = self.lock_for_reset(email, token).await?;
+        let now = OffsetDateTime::now_utc();
+        let event = user.complete_password_reset(new_hash, now);
+        uow.update_user(&user).await?;
+        let revoked = uow.revoke_user_refresh_tokens(user.id, now).await?;
+        uow.append_events(&traced([event])).await?;
+        uow.commit().await?;
+        tracing::info!(user_id = %user.id, revoked, "password reset completed");
+        Ok(())
+    }
+
+    /// Locks the user of `email` and checks the reset token. A wrong token counts as an
+    /// attempt, committed at once, and refuses.
+    async fn lock_for_reset(
+        &self,
+        email: &Email,
+        token: &str,
+    ) -> Result<(Box<dyn UnitOfWork>, User), PasswordResetError> {
         let now = OffsetDateTime::now_utc();
         let mut uow = self.store.begin().await?;
         let Some(mut user) = uow.find_user_by_email(email.as_str()).await? else {
@@ -221,13 +229,7 @@ impl Accounts {
             uow.commit().await?;
             return Err(PasswordResetError::Refused);
         }
-        let event = user.complete_password_reset(new_hash, now);
-        uow.update_user(&user).await?;
-        let revoked = uow.revoke_user_refresh_tokens(user.id, now).await?;
-        uow.append_events(&traced([event])).await?;
-        uow.commit().await?;
-        tracing::info!(user_id = %user.id, revoked, "password reset completed");
-        Ok(())
+        Ok((uow, user))
     }
 
     fn new_refresh_token(

@@ -185,27 +185,18 @@ pub trait EventWrites: Send {
 /// none: its claim is one statement under the database-wide write lock.
 const CLAIM_LOCK_KEY: i64 = 0x616e_6e61_6f75_7462;
 
-/// $1 = now, $2 = end of the lease, $3 = limit.
+/// The claim rule, the same on both backends: a candidate is ready — pending and due, or
+/// processing under an expired lease (a processing row without a lease, left by the
+/// predecessor, counts as expired). It is held back by an earlier row of its aggregate that is
+/// pending but not due (waiting for a retry) or processing under a live lease. Earlier rows
+/// that are themselves ready do not hold it back: nothing holds *them* back either (an earlier
+/// blocker would block both), they come earlier, so `ORDER BY … LIMIT` puts them in the same
+/// batch, ahead of it. Published and failed rows never hold anything back.
 ///
-/// A candidate is ready: pending and due, or processing under an expired lease (a processing
-/// row without a lease, left by the predecessor, counts as expired). It is held back by an
-/// earlier row of its aggregate that is pending but not due (waiting for a retry) or processing
-/// under a live lease. Earlier rows that are themselves ready do not hold it back: nothing
-/// holds *them* back either (an earlier blocker would block both), they come earlier, so
-/// `ORDER BY … LIMIT` puts them in the same batch, ahead of it. Published and failed rows never
-/// hold anything back.
-///
-/// The rule is the same on both backends; the SQL differs because the planners do.
-/// - Postgres orders by the identity column `seq`, and probes for blockers with a LATERAL
-///   subquery with LIMIT 1 rather than NOT EXISTS: the planner turns NOT EXISTS into an
-///   anti-join over a materialised set of all blockers, which costs candidates × blockers
-///   (about 50 ms with 500 live leases and 2,500 candidates), while the LATERAL form stays one
-///   index probe per candidate (about 5 ms in the same case). Rows are locked `FOR UPDATE SKIP
-///   LOCKED` and updated in a CTE, since Postgres has no `UPDATE … LIMIT`.
-/// - SQLite orders by rowid (its insertion counter, see migrations/sqlite/0005_outbox.sql) and
-///   runs each NOT EXISTS once per candidate, as an index range over the rows that really block.
-const CLAIM: Sql = Sql::PerBackend {
-    sqlite: "\
+/// SQLite: one statement under the database-wide write lock, ordered by rowid (its insertion
+/// counter, see migrations/sqlite/0005_outbox.sql); each NOT EXISTS runs once per candidate as
+/// an index range over the rows that really block. $1 = now, $2 = end of the lease, $3 = limit.
+const CLAIM_SQLITE: &str = "\
 UPDATE outbox_events
 SET status = 'processing', locked_until = $2, attempts = attempts + 1, updated_at = $1
 WHERE rowid IN (
@@ -225,32 +216,62 @@ WHERE rowid IN (
     LIMIT $3
 )
 RETURNING rowid AS seq, id, event_id, aggregate_id, event_name, occurred_on, payload, status, attempts, last_error,
-    published_at, created_at, tenant_id, traceparent",
-    postgres: "\
-WITH picked AS (
-    SELECT o.id FROM outbox_events o
-    LEFT JOIN LATERAL (
-        SELECT 1 AS found FROM outbox_events e
-        WHERE e.status = 'pending' AND e.aggregate_id = o.aggregate_id AND e.available_at > $1 AND e.seq < o.seq
-        UNION ALL
-        SELECT 1 FROM outbox_events e
-        WHERE e.status = 'processing' AND e.aggregate_id = o.aggregate_id AND e.locked_until >= $1 AND e.seq < o.seq
-        LIMIT 1
-    ) blocker ON true
-    WHERE o.status IN ('pending', 'processing')
-      AND ((o.status = 'pending' AND o.available_at <= $1)
-           OR (o.status = 'processing' AND (o.locked_until IS NULL OR o.locked_until < $1)))
-      AND blocker.found IS NULL
-    ORDER BY o.seq
-    LIMIT $3
-    FOR UPDATE OF o SKIP LOCKED
-)
+    published_at, created_at, tenant_id, traceparent";
+
+/// Postgres, step 1 of 2: pick and lock the candidates, oldest (`seq`) first. $1 = now,
+/// $2 = limit.
+///
+/// The blocker test is a LATERAL subquery with LIMIT 1 rather than NOT EXISTS on purpose: the
+/// planner turns NOT EXISTS into an anti-join over a materialised set of all blockers, which
+/// costs candidates × blockers, while the LATERAL form stays one index probe per candidate.
+///
+/// The rows are locked with a plain `FOR UPDATE`, not `SKIP LOCKED`: a row locked right now is
+/// being marked by a relay whose lease ran out (claims themselves take turns under an advisory
+/// lock). Skipping it would judge the later rows of its aggregate from a snapshot in which it
+/// does not block them yet — and it may be going back to `pending` for a retry. Waiting, then
+/// checking again in step 2, is what keeps the aggregate in order.
+const PICK_POSTGRES: &str = "\
+SELECT o.id FROM outbox_events o
+LEFT JOIN LATERAL (
+    SELECT 1 AS found FROM outbox_events e
+    WHERE e.status = 'pending' AND e.aggregate_id = o.aggregate_id AND e.available_at > $1 AND e.seq < o.seq
+    UNION ALL
+    SELECT 1 FROM outbox_events e
+    WHERE e.status = 'processing' AND e.aggregate_id = o.aggregate_id AND e.locked_until >= $1 AND e.seq < o.seq
+    LIMIT 1
+) blocker ON true
+WHERE o.status IN ('pending', 'processing')
+  AND ((o.status = 'pending' AND o.available_at <= $1)
+       OR (o.status = 'processing' AND (o.locked_until IS NULL OR o.locked_until < $1)))
+  AND blocker.found IS NULL
+ORDER BY o.seq
+LIMIT $2
+FOR UPDATE OF o";
+
+/// Postgres, step 2 of 2: claim the picked rows that still pass the rule, judged by a fresh
+/// snapshot (READ COMMITTED: taken after the locks of step 1 were granted). $1 = now, $2 = end
+/// of the lease, $3 = the picked ids. Postgres has no `UPDATE … LIMIT`, hence the join.
+const TAKE_POSTGRES: &str = "\
 UPDATE outbox_events u
 SET status = 'processing', locked_until = $2, attempts = u.attempts + 1, updated_at = $1
-FROM picked WHERE u.id = picked.id
+FROM (
+    SELECT c.id FROM outbox_events c
+    LEFT JOIN LATERAL (
+        SELECT 1 AS found FROM outbox_events e
+        WHERE e.status = 'pending' AND e.aggregate_id = c.aggregate_id AND e.available_at > $1 AND e.seq < c.seq
+        UNION ALL
+        SELECT 1 FROM outbox_events e
+        WHERE e.status = 'processing' AND e.aggregate_id = c.aggregate_id AND e.locked_until >= $1 AND e.seq < c.seq
+        LIMIT 1
+    ) blocker ON true
+    WHERE c.id = ANY($3)
+      AND ((c.status = 'pending' AND c.available_at <= $1)
+           OR (c.status = 'processing' AND (c.locked_until IS NULL OR c.locked_until < $1)))
+      AND blocker.found IS NULL
+) ok
+WHERE u.id = ok.id
 RETURNING u.seq, u.id, u.event_id, u.aggregate_id, u.event_name, u.occurred_on, u.payload, u.status, u.attempts,
-    u.last_error, u.published_at, u.created_at, u.tenant_id, u.traceparent",
-};
+    u.last_error, u.published_at, u.created_at, u.tenant_id, u.traceparent";
 
 const OUTBOX_COLUMNS_BY_AGGREGATE: Sql = Sql::PerBackend {
     // Insertion order: rowid on SQLite; on Postgres created_at, then seq to break ties between
@@ -277,15 +298,31 @@ impl EventLog for SqlStore {
         let lease_end = saturating_add(now, lease);
         let rows = match &self.pool {
             Pool::Sqlite(_) => {
-                self.pool.query(CLAIM).bind_time(now).bind_time(lease_end).bind(i64::from(limit)).fetch_all().await?
+                self.pool
+                    .query(CLAIM_SQLITE)
+                    .bind_time(now)
+                    .bind_time(lease_end)
+                    .bind(i64::from(limit))
+                    .fetch_all()
+                    .await?
             }
             Pool::Postgres(_) => {
                 let mut tx = self.pool.begin().await?;
                 // Its own statement: at READ COMMITTED the claim below then takes its snapshot
                 // after the previous claimer committed.
                 tx.query("SELECT pg_advisory_xact_lock($1)").bind(CLAIM_LOCK_KEY).execute().await?;
-                let rows =
-                    tx.query(CLAIM).bind_time(now).bind_time(lease_end).bind(i64::from(limit)).fetch_all().await?;
+                let picked = tx.query(PICK_POSTGRES).bind_time(now).bind(i64::from(limit)).fetch_all().await?;
+                let picked: Vec<Uuid> = picked.iter().map(|row| row.uuid("id")).collect::<Result<_, _>>()?;
+                let rows = if picked.is_empty() {
+                    Vec::new()
+                } else {
+                    tx.query(TAKE_POSTGRES)
+                        .bind_time(now)
+                        .bind_time(lease_end)
+                        .bind_uuid_set(&picked)
+                        .fetch_all()
+                        .await?
+                };
                 tx.commit().await?;
                 rows
             }

@@ -102,6 +102,54 @@ async fn race(relays: &[Arc<dyn Store>]) -> TestResult {
     Ok(())
 }
 
+/// A relay whose lease ran out puts its row back for a retry while another relay claims. The
+/// late relay's UPDATE (the statement `mark_outbox_retry` runs) holds the row's lock while the
+/// claim looks: the later row of the same aggregate must not be claimed ahead of it. (With
+/// `FOR UPDATE SKIP LOCKED` the claim skipped the locked row, judged the later one unblocked
+/// from its snapshot, and claimed it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_marked_during_a_claim_holds_back_the_aggregate() {
+    let url = anna_testkit::pg::fresh_database_url().await;
+    let store: Arc<dyn Store> =
+        Arc::new(SqlStore::connect(&url, &test_options()).await.unwrap_or_else(|e| panic!("{e}")));
+    store.migrate().await.unwrap_or_else(|e| panic!("migrate: {e}"));
+    run(store, async move |store: Arc<dyn Store>| -> TestResult {
+        let aggregate = format!("A-{}", Uuid::new_v4());
+        append(&store, &[event("A1", &aggregate, now()), event("A2", &aggregate, now())]).await?;
+        let claimed_at = relay_now();
+        let first = store.claim_outbox_batch(1, LEASE, claimed_at).await?;
+        assert_eq!(names(&first), ["A1"]);
+        let late = after_lease(claimed_at);
+
+        let mut late_relay = sqlx::PgConnection::connect(&url).await?;
+        let mut mark = late_relay.begin().await?;
+        sqlx::query(
+            "UPDATE outbox_events SET status = 'pending', available_at = $2, last_error = 'stream down', \
+             locked_until = NULL, updated_at = $3 WHERE id = $1 AND status = 'processing'",
+        )
+        .bind(first[0].id)
+        .bind(late + Duration::minutes(5))
+        .bind(late)
+        .execute(&mut *mark)
+        .await?;
+        let claimer = {
+            let store = store.clone();
+            tokio::spawn(async move { store.claim_outbox_batch(100, LEASE, late).await })
+        };
+        tokio::time::sleep(StdDuration::from_millis(300)).await;
+        mark.commit().await?;
+        let claimed = claimer.await.unwrap_or_else(|e| panic!("claim task: {e}"))?;
+        assert!(claimed.is_empty(), "claimed while A1 waits for its retry: {:?}", names(&claimed));
+        let _ = late_relay.close().await;
+
+        // Once A1 is due again, both go, in order.
+        let due = late + Duration::minutes(6);
+        assert_eq!(names(&store.claim_outbox_batch(100, LEASE, due).await?), ["A1", "A2"]);
+        Ok(())
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wait_for_outbox_survives_a_lost_listener() {
     let url = anna_testkit::pg::fresh_database_url().await;

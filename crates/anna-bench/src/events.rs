@@ -20,7 +20,7 @@ use uuid::Uuid;
 
 use crate::stats::Summary;
 
-const EVENT_NAME: &str = "bench.event";
+pub(crate) const EVENT_NAME: &str = "bench.event";
 
 #[derive(Debug, clap::Args)]
 pub struct EventsArgs {
@@ -52,7 +52,8 @@ pub struct EventsArgs {
 
 /// The witness subscriber: counts each event in the same transaction as its applied record,
 /// and notes when it was applied.
-struct Witness {
+pub(crate) struct Witness {
+    applied_total: std::sync::atomic::AtomicUsize,
     committed_at: Mutex<HashMap<Uuid, Instant>>,
     latencies: Mutex<Vec<Duration>>,
     applied: Notify,
@@ -91,6 +92,7 @@ impl Subscriber for Witness {
                 }
             }
         }
+        self.applied_total.fetch_add(events.len(), std::sync::atomic::Ordering::Relaxed);
         self.applied.notify_waiters();
         Ok(())
     }
@@ -99,11 +101,32 @@ impl Subscriber for Witness {
 impl Witness {
     fn new() -> Arc<Self> {
         Arc::new(Self {
+            applied_total: std::sync::atomic::AtomicUsize::new(0),
             committed_at: Mutex::new(HashMap::new()),
             latencies: Mutex::new(Vec::new()),
             applied: Notify::new(),
         })
     }
+    /// A witness that only counts (no latencies: nothing is noted at commit).
+    pub(crate) fn counting_only() -> Arc<Self> {
+        Self::new()
+    }
+
+    /// Waits until `total` events were applied (in committed batches or not yet: the
+    /// projection is the final judge).
+    pub(crate) async fn wait_counted(&self, total: usize, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.applied.notified();
+            if self.applied_total.load(std::sync::atomic::Ordering::Relaxed) >= total {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return self.applied_total.load(std::sync::atomic::Ordering::Relaxed) >= total;
+            }
+        }
+    }
+
     fn take_latencies(&self) -> Vec<Duration> {
         std::mem::take(&mut *self.latencies.lock().unwrap_or_else(|e| e.into_inner()))
     }
@@ -112,13 +135,13 @@ impl Witness {
     }
 }
 
-struct Shape {
-    label: &'static str,
-    store: Arc<dyn Store>,
-    stream: Arc<dyn Stream>,
+pub(crate) struct Shape {
+    pub(crate) label: &'static str,
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) stream: Arc<dyn Stream>,
 }
 
-async fn open_shape(name: &str) -> anyhow::Result<Shape> {
+pub(crate) async fn open_shape(name: &str) -> anyhow::Result<Shape> {
     let options = ConnectOptions { max_connections: 32, ..ConnectOptions::default() };
     match name {
         "embedded" => {

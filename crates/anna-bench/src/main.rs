@@ -3,13 +3,16 @@
 //! ```text
 //! cargo run --release -p anna-bench -- auth
 //! cargo run --release -p anna-bench -- events
+//! cargo run --release -p anna-bench -- backlog
 //! ```
 //!
 //! The load generator runs in the same process as the server it measures (on a 2-core machine
 //! they share the cores), so compare figures measured in one run, not across machines.
 
 mod auth;
+mod backlog;
 mod events;
+mod process;
 mod stats;
 
 use clap::{Parser, Subcommand};
@@ -27,6 +30,15 @@ enum Bench {
     Auth(auth::AuthArgs),
     /// Domain events end to end (commit → relay → stream → subscriber applied), both shapes.
     Events(events::EventsArgs),
+    /// Backlogs after an outage: outbox rows drained by the relays, stream entries drained by
+    /// the consumer group.
+    Backlog(backlog::BacklogArgs),
+    /// Resident memory of `anna serve` under a sustained login flood (needs the release
+    /// `anna` binary next to this one).
+    LoginMemory(process::LoginMemoryArgs),
+    /// `GET /users/me` under wrk against `pgbench -S` on the same database (needs wrk and
+    /// pgbench).
+    UsersMe(process::UsersMeArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -37,6 +49,9 @@ fn main() -> anyhow::Result<()> {
         match cli.bench {
             Bench::Auth(args) => auth::run(args).await,
             Bench::Events(args) => events::run(args).await,
+            Bench::Backlog(args) => backlog::run(args).await,
+            Bench::LoginMemory(args) => process::login_memory(args).await,
+            Bench::UsersMe(args) => process::users_me(args).await,
         }
     })
 }

@@ -1,6 +1,8 @@
 //! Password policy and Argon2id hashing.
 
-use argon2::{Algorithm, Argon2, Params, PasswordHash, PasswordHasher as _, PasswordVerifier, Version};
+use argon2::password_hash::phc::{Output, ParamsString, Salt};
+use argon2::{Algorithm, Argon2, Block, Params, PasswordHash, Version};
+use rand::Rng;
 
 use crate::InvalidArgument;
 
@@ -46,9 +48,32 @@ pub enum PasswordError {
     Hash(String),
 }
 
+/// Argon2's working memory (`m` KiB), kept by a hashing thread from one hash to the next.
+/// Allocating it afresh for every hash leaves the freed blocks in the allocator's per-thread
+/// arenas of whichever threads ran hashes: under a login flood that is tens of MiB per thread,
+/// kept for good. Reused, it is allocated once per hashing thread.
+#[derive(Default)]
+pub struct ArgonMemory(Vec<Block>);
+
+impl ArgonMemory {
+    /// The first `blocks` blocks, grown when a hash needs more (one made with a larger cost).
+    fn blocks(&mut self, blocks: usize) -> &mut [Block] {
+        if self.0.len() < blocks {
+            self.0.resize(blocks, Block::default());
+        }
+        &mut self.0[..blocks]
+    }
+
+    /// Bytes held.
+    pub fn size(&self) -> usize {
+        self.0.len() * Block::SIZE
+    }
+}
+
 #[derive(Clone)]
 pub struct PasswordHasher {
     argon: Argon2<'static>,
+    params: Params,
     dummy_hash: String,
 }
 
@@ -58,41 +83,83 @@ impl std::fmt::Debug for PasswordHasher {
     }
 }
 
+const SALT_BYTES: usize = 16;
+const OUTPUT_BYTES: usize = 32;
+
 impl PasswordHasher {
     pub fn new(cost: Argon2Cost) -> Result<Self, PasswordError> {
-        let params = Params::new(cost.memory_kib, cost.iterations, cost.parallelism, None)
+        let params = Params::new(cost.memory_kib, cost.iterations, cost.parallelism, Some(OUTPUT_BYTES))
             .map_err(|e| PasswordError::Params(e.to_string()))?;
-        let argon = Argon2::new(Algorithm::Argon2id, Version::V0x13, params);
-        let dummy_hash = argon
-            .hash_password(crate::secrets::random_token().as_bytes())
-            .map_err(|e| PasswordError::Hash(e.to_string()))?
-            .to_string();
-        Ok(Self { argon, dummy_hash })
+        let argon = Argon2::new(Algorithm::Argon2id, Version::V0x13, params.clone());
+        let mut hasher = Self { argon, params, dummy_hash: String::new() };
+        hasher.dummy_hash = hasher.hash(&crate::secrets::random_token())?;
+        Ok(hasher)
+    }
+
+    /// Bytes of working memory one hash with the configured cost takes.
+    pub fn memory_bytes(&self) -> usize {
+        self.params.block_count() * Block::SIZE
     }
 
     /// A PHC string (`$argon2id$v=19$m=…,t=…,p=…$salt$hash`) with a fresh random salt.
     pub fn hash(&self, password: &str) -> Result<String, PasswordError> {
+        self.hash_in(password, &mut ArgonMemory::default())
+    }
+
+    /// `hash`, working in `memory`.
+    pub fn hash_in(&self, password: &str, memory: &mut ArgonMemory) -> Result<String, PasswordError> {
+        let mut salt = [0u8; SALT_BYTES];
+        rand::rng().fill(&mut salt);
+        let mut out = [0u8; OUTPUT_BYTES];
         self.argon
-            .hash_password(password.as_bytes())
-            .map(|h| h.to_string())
-            .map_err(|e| PasswordError::Hash(e.to_string()))
+            .hash_password_into_with_memory(
+                password.as_bytes(),
+                &salt,
+                &mut out,
+                memory.blocks(self.params.block_count()),
+            )
+            .map_err(|e| PasswordError::Hash(e.to_string()))?;
+        let phc = PasswordHash {
+            algorithm: Algorithm::Argon2id.ident(),
+            version: Some(Version::V0x13.into()),
+            params: ParamsString::try_from(&self.params).map_err(|e| PasswordError::Hash(e.to_string()))?,
+            salt: Some(Salt::new(&salt).map_err(|e| PasswordError::Hash(e.to_string()))?),
+            hash: Some(Output::new(&out).map_err(|e| PasswordError::Hash(e.to_string()))?),
+        };
+        Ok(phc.to_string())
     }
 
     /// Verifies against a stored PHC string, using the parameters recorded in it. A malformed
     /// stored hash never verifies.
     pub fn verify(&self, password: &str, stored_phc: &str) -> bool {
-        match PasswordHash::new(stored_phc) {
-            Ok(parsed) => self.argon.verify_password(password.as_bytes(), &parsed).is_ok(),
-            Err(_) => false,
+        self.verify_in(password, stored_phc, &mut ArgonMemory::default())
+    }
+
+    /// `verify`, working in `memory`.
+    pub fn verify_in(&self, password: &str, stored_phc: &str, memory: &mut ArgonMemory) -> bool {
+        let Ok(parsed) = PasswordHash::new(stored_phc) else { return false };
+        let (Some(salt), Some(expected)) = (&parsed.salt, &parsed.hash) else { return false };
+        let Ok(algorithm) = Algorithm::new(parsed.algorithm.as_str()) else { return false };
+        let Ok(version) = parsed.version.map_or(Ok(Version::default()), Version::try_from) else { return false };
+        let Ok(params) = Params::try_from(&parsed) else { return false };
+        let blocks = params.block_count();
+        let argon = Argon2::new(algorithm, version, params);
+        let mut out = vec![0u8; expected.len()];
+        if argon
+            .hash_password_into_with_memory(password.as_bytes(), salt.as_ref(), &mut out, memory.blocks(blocks))
+            .is_err()
+        {
+            return false;
         }
+        // Output's equality is constant-time.
+        Output::new(&out).is_ok_and(|computed| &computed == expected)
     }
 
     /// Whether a stored hash was made with other parameters than new hashes get (an older cost,
     /// or the predecessor's): it should be replaced at the next successful login.
     pub fn needs_rehash(&self, stored_phc: &str) -> bool {
         let Ok(parsed) = PasswordHash::new(stored_phc) else { return true };
-        let params = self.argon.params();
-        let expected = [("m", params.m_cost()), ("t", params.t_cost()), ("p", params.p_cost())];
+        let expected = [("m", self.params.m_cost()), ("t", self.params.t_cost()), ("p", self.params.p_cost())];
         parsed.algorithm.as_str() != "argon2id"
             || parsed.version != Some(0x13)
             || expected.iter().any(|(name, value)| parsed.params.get_decimal(*name) != Some(*value))
@@ -102,6 +169,11 @@ impl PasswordHasher {
     /// does not tell whether an e-mail is registered.
     pub fn verify_dummy(&self, password: &str) {
         let _ = self.verify(password, &self.dummy_hash);
+    }
+
+    /// `verify_dummy`, working in `memory`.
+    pub fn verify_dummy_in(&self, password: &str, memory: &mut ArgonMemory) {
+        let _ = self.verify_in(password, &self.dummy_hash, memory);
     }
 }
 
@@ -143,6 +215,28 @@ mod tests {
             .unwrap_or_else(|e| panic!("{e}"));
         assert!(h.needs_rehash(&predecessor.hash("pw-pw-pw-pw").unwrap_or_else(|e| panic!("{e}"))));
         assert!(h.needs_rehash("garbage"));
+    }
+
+    #[test]
+    fn hashes_made_in_reused_memory_verify_anywhere() {
+        let h = cheap();
+        let mut memory = ArgonMemory::default();
+        let first = h.hash_in("correct horse", &mut memory).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(memory.size(), h.memory_bytes());
+        let second = h.hash_in("battery staple", &mut memory).unwrap_or_else(|e| panic!("{e}"));
+        assert_ne!(first, second);
+        assert!(h.verify("correct horse", &first) && h.verify_in("battery staple", &second, &mut memory));
+        assert!(!h.verify_in("correct horse", &second, &mut memory));
+        // A hash with a larger cost grows the memory; it is then kept.
+        let bigger = PasswordHasher::new(Argon2Cost { memory_kib: 4096, iterations: 1, parallelism: 1 })
+            .unwrap_or_else(|e| panic!("{e}"));
+        let phc = bigger.hash("pw-pw-pw-pw").unwrap_or_else(|e| panic!("{e}"));
+        assert!(h.verify_in("pw-pw-pw-pw", &phc, &mut memory));
+        assert_eq!(memory.size(), 4096 * 1024);
+        // The standard encoding: another Argon2 implementation reads what we write.
+        let parsed = PasswordHash::new(&first).unwrap_or_else(|e| panic!("{e}"));
+        use argon2::PasswordVerifier;
+        assert!(Argon2::default().verify_password(b"correct horse", &parsed).is_ok());
     }
 
     #[test]

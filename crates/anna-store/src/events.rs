@@ -3,6 +3,7 @@
 //! subscriber bookkeeping (applied ids, failed attempts), the `dead_letters` fallback and the
 //! event-statistics projection.
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use anna_domain::DomainEvent;
@@ -37,6 +38,13 @@ pub struct OutboxStatus {
     pub failed: u64,
     /// `created_at` of the oldest pending or processing row.
     pub oldest_unpublished_at: Option<OffsetDateTime>,
+}
+
+impl OutboxStatus {
+    /// Rows still to publish.
+    pub fn backlog(&self) -> u64 {
+        self.pending + self.processing
+    }
 }
 
 /// How many events of one name the statistics projection has applied.
@@ -97,6 +105,10 @@ pub trait EventLog: Send + Sync {
     async fn purge_published_outbox(&self, before: OffsetDateTime) -> Result<u64, StoreError>;
 
     async fn outbox_status(&self) -> Result<OutboxStatus, StoreError>;
+
+    /// How many rows were published at or after `since` (and are not purged yet): the drain
+    /// rate over a window, for operators watching a backlog shrink.
+    async fn outbox_published_since(&self, since: OffsetDateTime) -> Result<u64, StoreError>;
 
     /// Outbox rows of one aggregate, oldest first.
     async fn outbox_events_for_aggregate(&self, aggregate_id: &str) -> Result<Vec<OutboxRecord>, StoreError>;
@@ -182,96 +194,115 @@ pub trait EventWrites: Send {
 /// Key of the transaction-scoped advisory lock that serialises Postgres claims ("annaoutb" in
 /// ASCII). Without it, two relays could each judge from their own snapshot that the other's
 /// rows do not hold back theirs, and claim two events of one aggregate at once. SQLite needs
-/// none: its claim is one statement under the database-wide write lock.
+/// none: its unit of work holds the database-wide write lock.
 const CLAIM_LOCK_KEY: i64 = 0x616e_6e61_6f75_7462;
 
-/// The claim rule, the same on both backends: a candidate is ready — pending and due, or
-/// processing under an expired lease (a processing row without a lease, left by the
-/// predecessor, counts as expired). It is held back by an earlier row of its aggregate that is
-/// pending but not due (waiting for a retry) or processing under a live lease. Earlier rows
-/// that are themselves ready do not hold it back: nothing holds *them* back either (an earlier
-/// blocker would block both), they come earlier, so `ORDER BY … LIMIT` puts them in the same
-/// batch, ahead of it. Published and failed rows never hold anything back.
-///
-/// SQLite: one statement under the database-wide write lock, ordered by rowid (its insertion
-/// counter, see migrations/sqlite/0005_outbox.sql); each NOT EXISTS runs once per candidate as
-/// an index range over the rows that really block. $1 = now, $2 = end of the lease, $3 = limit.
-const CLAIM_SQLITE: &str = "\
-UPDATE outbox_events
-SET status = 'processing', locked_until = $2, attempts = attempts + 1, updated_at = $1
-WHERE rowid IN (
-    SELECT o.rowid FROM outbox_events o
-    WHERE o.status IN ('pending', 'processing')
-      AND ((o.status = 'pending' AND o.available_at <= $1)
-           OR (o.status = 'processing' AND (o.locked_until IS NULL OR o.locked_until < $1)))
-      AND NOT EXISTS (
-          SELECT 1 FROM outbox_events e
-          WHERE e.status = 'pending' AND e.aggregate_id = o.aggregate_id AND e.available_at > $1
-            AND e.rowid < o.rowid)
-      AND NOT EXISTS (
-          SELECT 1 FROM outbox_events e
-          WHERE e.status = 'processing' AND e.aggregate_id = o.aggregate_id AND e.locked_until >= $1
-            AND e.rowid < o.rowid)
-    ORDER BY o.rowid
-    LIMIT $3
-)
-RETURNING rowid AS seq, id, event_id, aggregate_id, event_name, occurred_on, payload, status, attempts, last_error,
-    published_at, created_at, tenant_id, traceparent";
+/// Rows read per look at the head of the outbox while claiming.
+const CLAIM_WINDOW_MIN: u32 = 256;
 
-/// Postgres, step 1 of 2: pick and lock the candidates, oldest (`seq`) first. $1 = now,
-/// $2 = limit.
-///
-/// The blocker test is a LATERAL subquery with LIMIT 1 rather than NOT EXISTS on purpose: the
-/// planner turns NOT EXISTS into an anti-join over a materialised set of all blockers, which
-/// costs candidates × blockers, while the LATERAL form stays one index probe per candidate.
-///
-/// The rows are locked with a plain `FOR UPDATE`, not `SKIP LOCKED`: a row locked right now is
-/// being marked by a relay whose lease ran out (claims themselves take turns under an advisory
-/// lock). Skipping it would judge the later rows of its aggregate from a snapshot in which it
-/// does not block them yet — and it may be going back to `pending` for a retry. Waiting, then
-/// checking again in step 2, is what keeps the aggregate in order.
-const PICK_POSTGRES: &str = "\
-SELECT o.id FROM outbox_events o
-LEFT JOIN LATERAL (
-    SELECT 1 AS found FROM outbox_events e
-    WHERE e.status = 'pending' AND e.aggregate_id = o.aggregate_id AND e.available_at > $1 AND e.seq < o.seq
-    UNION ALL
-    SELECT 1 FROM outbox_events e
-    WHERE e.status = 'processing' AND e.aggregate_id = o.aggregate_id AND e.locked_until >= $1 AND e.seq < o.seq
-    LIMIT 1
-) blocker ON true
-WHERE o.status IN ('pending', 'processing')
-  AND ((o.status = 'pending' AND o.available_at <= $1)
-       OR (o.status = 'processing' AND (o.locked_until IS NULL OR o.locked_until < $1)))
-  AND blocker.found IS NULL
-ORDER BY o.seq
-LIMIT $2
-FOR UPDATE OF o";
+/// The next `$2` rows still to publish after insertion position `$1`, oldest first, with what
+/// the claim rule needs. The same on both backends but for the insertion counter (`seq`;
+/// SQLite's rowid) and how the index is reached: Postgres has one partial index in `seq` order
+/// over both statuses; SQLite's partial index is on `(status)` (it cannot index the rowid,
+/// which ends every index), so it reads each status in rowid order and merges the two. Each
+/// costs what the window costs, never what the backlog costs.
+const CLAIM_WINDOW: Sql = Sql::PerBackend {
+    sqlite: "\
+SELECT * FROM (
+    SELECT rowid AS seq, id, aggregate_id, status, available_at, locked_until FROM outbox_events
+    WHERE status IN ('pending', 'processing') AND status = 'pending' AND rowid > $1 ORDER BY rowid LIMIT $2)
+UNION ALL
+SELECT * FROM (
+    SELECT rowid AS seq, id, aggregate_id, status, available_at, locked_until FROM outbox_events
+    WHERE status IN ('pending', 'processing') AND status = 'processing' AND rowid > $1 ORDER BY rowid LIMIT $2)
+ORDER BY seq LIMIT $2",
+    postgres: "\
+SELECT seq, id, aggregate_id, status, available_at, locked_until FROM outbox_events
+WHERE status IN ('pending', 'processing') AND seq > $1 ORDER BY seq LIMIT $2",
+};
 
-/// Postgres, step 2 of 2: claim the picked rows that still pass the rule, judged by a fresh
-/// snapshot (READ COMMITTED: taken after the locks of step 1 were granted). $1 = now, $2 = end
-/// of the lease, $3 = the picked ids. Postgres has no `UPDATE … LIMIT`, hence the join.
-const TAKE_POSTGRES: &str = "\
-UPDATE outbox_events u
-SET status = 'processing', locked_until = $2, attempts = u.attempts + 1, updated_at = $1
-FROM (
-    SELECT c.id FROM outbox_events c
-    LEFT JOIN LATERAL (
-        SELECT 1 AS found FROM outbox_events e
-        WHERE e.status = 'pending' AND e.aggregate_id = c.aggregate_id AND e.available_at > $1 AND e.seq < c.seq
-        UNION ALL
-        SELECT 1 FROM outbox_events e
-        WHERE e.status = 'processing' AND e.aggregate_id = c.aggregate_id AND e.locked_until >= $1 AND e.seq < c.seq
-        LIMIT 1
-    ) blocker ON true
-    WHERE c.id = ANY($3)
-      AND ((c.status = 'pending' AND c.available_at <= $1)
-           OR (c.status = 'processing' AND (c.locked_until IS NULL OR c.locked_until < $1)))
-      AND blocker.found IS NULL
-) ok
-WHERE u.id = ok.id
-RETURNING u.seq, u.id, u.event_id, u.aggregate_id, u.event_name, u.occurred_on, u.payload, u.status, u.attempts,
-    u.last_error, u.published_at, u.created_at, u.tenant_id, u.traceparent";
+/// The picked rows again, locked (Postgres: `FOR UPDATE`, waiting for a relay whose lease ran
+/// out and that is marking one of them right now; SQLite: the unit of work holds the write
+/// lock already).
+const CLAIM_LOCK_PICKED: Sql = Sql::PerBackend {
+    sqlite: "SELECT rowid AS seq, id, aggregate_id, status, available_at, locked_until FROM outbox_events \
+             WHERE id IN (SELECT value FROM json_each($1)) ORDER BY rowid",
+    postgres: "SELECT seq, id, aggregate_id, status, available_at, locked_until FROM outbox_events \
+               WHERE id = ANY($1) ORDER BY seq FOR UPDATE",
+};
+
+/// Claims the final set. $1 = now, $2 = end of the lease, $3 = the ids.
+const CLAIM_TAKE: Sql = Sql::PerBackend {
+    sqlite: "UPDATE outbox_events \
+             SET status = 'processing', locked_until = $2, attempts = attempts + 1, updated_at = $1 \
+             WHERE id IN (SELECT value FROM json_each($3)) \
+             RETURNING rowid AS seq, id, event_id, aggregate_id, event_name, occurred_on, payload, status, attempts, \
+             last_error, published_at, created_at, tenant_id, traceparent",
+    postgres: "UPDATE outbox_events \
+               SET status = 'processing', locked_until = $2, attempts = attempts + 1, updated_at = $1 \
+               WHERE id = ANY($3) \
+               RETURNING seq, id, event_id, aggregate_id, event_name, occurred_on, payload, status, attempts, \
+               last_error, published_at, created_at, tenant_id, traceparent",
+};
+
+/// What the claim rule looks at.
+struct Head {
+    seq: i64,
+    id: Uuid,
+    aggregate_id: String,
+    state: HeadState,
+}
+
+enum HeadState {
+    /// Pending and due, or processing under an expired lease (a processing row without a
+    /// lease, left by the predecessor, counts as expired).
+    Ready,
+    /// Pending for a retry, or processing under a live lease: holds back its aggregate.
+    Waiting,
+    /// Published or failed since it was first read: neither claimed nor holding anything back.
+    Gone,
+}
+
+impl Head {
+    fn from_row(row: &Row, now: OffsetDateTime) -> Result<Self, StoreError> {
+        let status: String = row.get("status")?;
+        let due = |ready: bool| if ready { HeadState::Ready } else { HeadState::Waiting };
+        let state = match status.as_str() {
+            "pending" => due(row.time("available_at")? <= now),
+            "processing" => due(row.opt_time("locked_until")?.is_none_or(|until| until < now)),
+            _ => HeadState::Gone,
+        };
+        Ok(Self { seq: row.get("seq")?, id: row.uuid("id")?, aggregate_id: row.get("aggregate_id")?, state })
+    }
+}
+
+/// The claim rule over rows in insertion order: a ready row is claimed unless an earlier row of
+/// its aggregate is still to publish and not ready (pending for a retry, or under a live
+/// lease). Ready earlier rows never hold it back: they come first and are picked first.
+/// Published and failed rows hold nothing back.
+#[derive(Default)]
+struct ClaimRule {
+    /// Aggregates with a row that is waiting: nothing later of theirs may go.
+    blocked: HashSet<String>,
+    picked: Vec<Uuid>,
+}
+
+impl ClaimRule {
+    /// Judges the next row; returns whether `limit` rows are picked.
+    fn judge(&mut self, head: Head, limit: usize) -> bool {
+        if self.blocked.contains(&head.aggregate_id) {
+            return false;
+        }
+        match head.state {
+            HeadState::Ready => self.picked.push(head.id),
+            HeadState::Waiting => {
+                self.blocked.insert(head.aggregate_id);
+            }
+            HeadState::Gone => {}
+        }
+        self.picked.len() >= limit
+    }
+}
 
 const OUTBOX_COLUMNS_BY_AGGREGATE: Sql = Sql::PerBackend {
     // Insertion order: rowid on SQLite; on Postgres created_at, then seq to break ties between
@@ -296,37 +327,52 @@ impl EventLog for SqlStore {
             return Ok(Vec::new());
         }
         let lease_end = saturating_add(now, lease);
-        let rows = match &self.pool {
-            Pool::Sqlite(_) => {
-                self.pool
-                    .query(CLAIM_SQLITE)
-                    .bind_time(now)
-                    .bind_time(lease_end)
-                    .bind(i64::from(limit))
-                    .fetch_all()
-                    .await?
+        let mut tx = self.pool.begin().await?;
+        if let Pool::Postgres(_) = self.pool {
+            // Claims take turns, each statement seeing what the previous claimer committed. A
+            // claim lost in a crash only returns its rows to the next claim (published twice at
+            // worst, which consumers absorb), so it need not wait for the WAL to reach the disk.
+            tx.query("SELECT pg_advisory_xact_lock($1)").bind(CLAIM_LOCK_KEY).execute().await?;
+            tx.query("SET LOCAL synchronous_commit = off").execute().await?;
+        }
+        let limit_rows = usize::try_from(limit).unwrap_or(usize::MAX);
+        let window = limit.max(CLAIM_WINDOW_MIN).saturating_mul(4);
+        // Look at the head of the outbox window by window until `limit` rows are picked or
+        // nothing is left: rows under other relays' leases and aggregates waiting for a retry
+        // are stepped over; every row that could hold back a picked one was seen before it.
+        let mut rule = ClaimRule::default();
+        let mut after = 0i64;
+        'windows: loop {
+            let rows = tx.query(CLAIM_WINDOW).bind(after).bind(i64::from(window)).fetch_all().await?;
+            for row in &rows {
+                let head = Head::from_row(row, now)?;
+                after = head.seq;
+                if rule.judge(head, limit_rows) {
+                    break 'windows;
+                }
             }
-            Pool::Postgres(_) => {
-                let mut tx = self.pool.begin().await?;
-                // Its own statement: at READ COMMITTED the claim below then takes its snapshot
-                // after the previous claimer committed.
-                tx.query("SELECT pg_advisory_xact_lock($1)").bind(CLAIM_LOCK_KEY).execute().await?;
-                let picked = tx.query(PICK_POSTGRES).bind_time(now).bind(i64::from(limit)).fetch_all().await?;
-                let picked: Vec<Uuid> = picked.iter().map(|row| row.uuid("id")).collect::<Result<_, _>>()?;
-                let rows = if picked.is_empty() {
-                    Vec::new()
-                } else {
-                    tx.query(TAKE_POSTGRES)
-                        .bind_time(now)
-                        .bind_time(lease_end)
-                        .bind_uuid_set(&picked)
-                        .fetch_all()
-                        .await?
-                };
-                tx.commit().await?;
-                rows
+            if rows.len() < usize::try_from(window).unwrap_or(usize::MAX) {
+                break;
             }
+        }
+        if rule.picked.is_empty() {
+            tx.commit().await?;
+            return Ok(Vec::new());
+        }
+        // Judged again once locked: a row may have gone back to pending for a retry (marked by
+        // a relay whose lease ran out) since the window was read, holding back the rest of its
+        // aggregate.
+        let locked = tx.query(CLAIM_LOCK_PICKED).bind_uuid_set(&rule.picked).fetch_all().await?;
+        let mut recheck = ClaimRule::default();
+        for row in &locked {
+            recheck.judge(Head::from_row(row, now)?, usize::MAX);
+        }
+        let rows = if recheck.picked.is_empty() {
+            Vec::new()
+        } else {
+            tx.query(CLAIM_TAKE).bind_time(now).bind_time(lease_end).bind_uuid_set(&recheck.picked).fetch_all().await?
         };
+        tx.commit().await?;
         let mut claimed = Vec::with_capacity(rows.len());
         for row in &rows {
             match outbox_record_from_row(row) {
@@ -349,21 +395,26 @@ impl EventLog for SqlStore {
         if ids.is_empty() {
             return Ok(());
         }
+        let mut tx = self.pool.begin().await?;
+        if let Pool::Postgres(_) = self.pool {
+            // A mark lost in a crash makes the rows go out once more (consumers absorb
+            // duplicates): the relay need not wait for the WAL to reach the disk.
+            tx.query("SET LOCAL synchronous_commit = off").execute().await?;
+        }
         // Whatever the row's state, the relay did publish it. Already published rows keep
         // their first published_at. Set membership is the one difference: arrays on Postgres,
         // a JSON array on SQLite (one statement per batch, whatever its size, on both).
-        self.pool
-            .query(Sql::PerBackend {
-                sqlite: "UPDATE outbox_events SET status = 'published', published_at = $2, locked_until = NULL, \
-                         updated_at = $2 WHERE id IN (SELECT value FROM json_each($1)) AND status <> 'published'",
-                postgres: "UPDATE outbox_events SET status = 'published', published_at = $2, locked_until = NULL, \
-                           updated_at = $2 WHERE id = ANY($1) AND status <> 'published'",
-            })
-            .bind_uuid_set(ids)
-            .bind_time(now)
-            .execute()
-            .await?;
-        Ok(())
+        tx.query(Sql::PerBackend {
+            sqlite: "UPDATE outbox_events SET status = 'published', published_at = $2, locked_until = NULL, \
+                     updated_at = $2 WHERE id IN (SELECT value FROM json_each($1)) AND status <> 'published'",
+            postgres: "UPDATE outbox_events SET status = 'published', published_at = $2, locked_until = NULL, \
+                       updated_at = $2 WHERE id = ANY($1) AND status <> 'published'",
+        })
+        .bind_uuid_set(ids)
+        .bind_time(now)
+        .execute()
+        .await?;
+        tx.commit().await
     }
 
     async fn mark_outbox_retry(
@@ -441,6 +492,16 @@ impl EventLog for SqlStore {
             failed: row.count("failed")?,
             oldest_unpublished_at: row.opt_time("oldest")?,
         })
+    }
+
+    async fn outbox_published_since(&self, since: OffsetDateTime) -> Result<u64, StoreError> {
+        let row = self
+            .pool
+            .query("SELECT count(*) AS published FROM outbox_events WHERE status = 'published' AND published_at >= $1")
+            .bind_time(since)
+            .fetch_one()
+            .await?;
+        row.count("published")
     }
 
     async fn outbox_events_for_aggregate(&self, aggregate_id: &str) -> Result<Vec<OutboxRecord>, StoreError> {

@@ -209,5 +209,10 @@ impl OutboxRelay {
             }
             Err(error) => tracing::warn!(%error, "reading the outbox status failed"),
         }
+        let since = OffsetDateTime::now_utc() - time::Duration::minutes(1);
+        match self.store.outbox_published_since(since).await {
+            Ok(published) => metrics::gauge!("outbox_drain_rate_per_second").set(published as f64 / 60.0),
+            Err(error) => tracing::warn!(%error, "reading the outbox drain rate failed"),
+        }
     }
 }

@@ -44,8 +44,16 @@ enum Command {
 
 #[derive(Debug, Subcommand)]
 enum OutboxCommand {
-    /// Pending, processing and failed rows, and the age of the oldest unpublished one.
-    Status,
+    /// Pending, processing and failed rows, the age of the oldest unpublished one, the drain
+    /// rate and the time left at that rate.
+    Status {
+        /// Print a line every few seconds until the backlog is gone (or Ctrl-C).
+        #[arg(long)]
+        watch: bool,
+        /// Seconds between lines with --watch.
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=3600))]
+        every: u64,
+    },
     /// Put every `failed` row back in line, attempts reset (once the cause is fixed).
     RetryFailed,
 }
@@ -120,7 +128,9 @@ fn main() -> ExitCode {
             Command::Api => commands::api(config).await,
             Command::Worker { kind } => commands::worker(config, kind).await,
             Command::Migrate => commands::migrate(config).await,
-            Command::Outbox { command: OutboxCommand::Status } => operator::outbox_status(config).await,
+            Command::Outbox { command: OutboxCommand::Status { watch, every } } => {
+                operator::outbox_status(config, watch, std::time::Duration::from_secs(every)).await
+            }
             Command::Outbox { command: OutboxCommand::RetryFailed } => operator::outbox_retry_failed(config).await,
             Command::Dlq { command: DlqCommand::List } => operator::dlq_list(config).await,
             Command::Dlq { command: DlqCommand::Replay { id, all: _ } } => operator::dlq_replay(config, id).await,

@@ -1,6 +1,10 @@
 //! Operator commands: `anna outbox status` and `anna dlq list|replay|purge`. They print to
 //! stdout (a report, not logs) and never print payloads, which may hold sealed secrets.
 
+use std::sync::Arc;
+use std::time::Duration;
+
+use anna_store::Store;
 use anyhow::Context;
 use time::OffsetDateTime;
 use uuid::Uuid;
@@ -10,20 +14,80 @@ use anna_streams::{Entry, Fields, envelope};
 use crate::app::{self, Backends};
 use crate::config::Config;
 
-/// `anna outbox status`.
-pub async fn outbox_status(config: Config) -> anyhow::Result<()> {
+/// `anna outbox status`: the backlog, the rate it drains at (rows published in the last
+/// minute) and the time left at that rate. With `watch`, a line every `every` until the backlog
+/// is gone or the command is interrupted: recovery progress after an outage.
+pub async fn outbox_status(config: Config, watch: bool, every: Duration) -> anyhow::Result<()> {
     let store = app::open_store(&config).await?;
+    let outcome = if watch { watch_outbox(&store, every).await } else { print_outbox_status(&store).await };
+    store.close().await;
+    outcome
+}
+
+async fn print_outbox_status(store: &Arc<dyn Store>) -> anyhow::Result<()> {
+    let now = OffsetDateTime::now_utc();
     let status = store.outbox_status().await.context("reading the outbox")?;
+    let last_minute =
+        store.outbox_published_since(now - time::Duration::minutes(1)).await.context("reading the outbox")?;
+    let rate = last_minute as f64 / 60.0;
     let age = status
         .oldest_unpublished_at
-        .map(|at| format!("{:.1} s", (OffsetDateTime::now_utc() - at).as_seconds_f64().max(0.0)))
+        .map(|at| format!("{:.1} s", (now - at).as_seconds_f64().max(0.0)))
         .unwrap_or_else(|| "-".into());
     println!("pending     {}", status.pending);
     println!("processing  {}", status.processing);
     println!("failed      {}", status.failed);
+    println!("backlog     {}", status.backlog());
     println!("oldest unpublished age  {age}");
-    store.close().await;
+    println!("drain rate  {rate:.0}/s (published in the last minute: {last_minute})");
+    println!("time left   {}", time_left(status.backlog(), rate));
     Ok(())
+}
+
+async fn watch_outbox(store: &Arc<dyn Store>, every: Duration) -> anyhow::Result<()> {
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    app::cancel_on_signal(shutdown.clone());
+    let mut since = OffsetDateTime::now_utc();
+    let mut tick = tokio::time::interval(every);
+    tick.tick().await;
+    println!(
+        "{:<10} {:>10} {:>10} {:>8} {:>12} {:>10}",
+        "time", "backlog", "drain/s", "failed", "oldest age", "time left"
+    );
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            _ = tick.tick() => {}
+        }
+        let now = OffsetDateTime::now_utc();
+        let status = store.outbox_status().await.context("reading the outbox")?;
+        let published = store.outbox_published_since(since).await.context("reading the outbox")?;
+        let rate = published as f64 / (now - since).as_seconds_f64().max(0.001);
+        since = now;
+        let age = status
+            .oldest_unpublished_at
+            .map(|at| format!("{:.1} s", (now - at).as_seconds_f64().max(0.0)))
+            .unwrap_or_else(|| "-".into());
+        let clock = format!("{:02}:{:02}:{:02}", now.hour(), now.minute(), now.second());
+        println!(
+            "{clock:<10} {:>10} {rate:>10.0} {:>8} {age:>12} {:>10}",
+            status.backlog(),
+            status.failed,
+            time_left(status.backlog(), rate)
+        );
+        if status.backlog() == 0 {
+            println!("drained");
+            return Ok(());
+        }
+    }
+}
+
+fn time_left(backlog: u64, rate: f64) -> String {
+    match backlog {
+        0 => "0 s".into(),
+        _ if rate < 0.5 => "- (not draining)".into(),
+        _ => format!("{:.0} s", backlog as f64 / rate),
+    }
 }
 
 /// `anna outbox retry-failed`: puts every `failed` outbox row back in line (after the cause —

@@ -13,6 +13,7 @@ conformance!(
     marks_record_the_outcome,
     purge_deletes_only_old_published_rows,
     outbox_status_counts_and_dates,
+    published_since_counts_a_window,
     wait_for_outbox_wakes_on_commit_with_events,
     close_wakes_a_relay_waiting_for_the_outbox,
     failed_rows_can_be_requeued,
@@ -281,6 +282,21 @@ async fn outbox_status_counts_and_dates(store: Arc<dyn Store>) -> TestResult {
         store.outbox_status().await?,
         OutboxStatus { pending: 3, processing: 1, failed: 1, oldest_unpublished_at: Some(second) }
     );
+    assert_eq!(store.outbox_status().await?.backlog(), 4);
+    Ok(())
+}
+
+async fn published_since_counts_a_window(store: Arc<dyn Store>) -> TestResult {
+    let aggregate = Uuid::new_v4().to_string();
+    append(&store, &[event("e1", &aggregate, now()), event("e2", &aggregate, now()), event("e3", &aggregate, now())])
+        .await?;
+    let t = relay_now();
+    let claimed = store.claim_outbox_batch(3, LEASE, t).await?;
+    store.mark_outbox_published(&[claimed[0].id], t).await?;
+    store.mark_outbox_published(&[claimed[1].id, claimed[2].id], t + Duration::seconds(30)).await?;
+    assert_eq!(store.outbox_published_since(t - Duration::seconds(1)).await?, 3);
+    assert_eq!(store.outbox_published_since(t + Duration::seconds(10)).await?, 2);
+    assert_eq!(store.outbox_published_since(t + Duration::seconds(31)).await?, 0);
     Ok(())
 }
 

@@ -337,6 +337,15 @@ async fn dead_letters_are_listed_replayed_and_purged() {
     assert!(listing.contains("1 dead letter(s)"), "{listing}");
     let (ok, status) = run_anna(&["outbox", "status"], &env_of(&first));
     assert!(ok && status.contains("pending     0") && status.contains("failed      0"), "{status}");
+    assert!(status.contains("backlog     0") && status.contains("time left   0 s"), "{status}");
+    let published: u64 = status
+        .split("published in the last minute: ")
+        .nth(1)
+        .and_then(|rest| rest.split(')').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no drain rate in {status}"));
+    assert!(published >= 2, "the registration's events were published within the minute: {status}");
+    let (ok, watched) = run_anna(&["outbox", "status", "--watch", "--every", "1"], &env_of(&first));
+    assert!(ok && watched.contains("backlog") && watched.contains("drained"), "{watched}");
     let (ok, requeued) = run_anna(&["outbox", "retry-failed"], &env_of(&first));
     assert!(ok && requeued.contains("0 failed outbox row(s) requeued"), "{requeued}");
     let (ok, missing) = run_anna(&["dlq", "replay", "no-such-id"], &env_of(&first));

@@ -38,6 +38,13 @@ pub struct UsersMeArgs {
     /// Concurrent connections of both loads.
     #[arg(long, default_value_t = 32)]
     connections: usize,
+    /// anna's database pool (`DATABASE_MAX_CONNECTIONS`; the default is 10).
+    #[arg(long, default_value_t = 10)]
+    pool: usize,
+    /// anna's `LOG_LEVEL` (the default, `info`, writes one line per request; the standard
+    /// output goes to a pipe that is read and dropped).
+    #[arg(long, default_value = "info")]
+    log_level: String,
     /// The `anna` binary (default: next to this one).
     #[arg(long)]
     anna: Option<PathBuf>,
@@ -90,7 +97,10 @@ impl Server {
                     {
                         let _ = addr_tx.send(addr.to_owned());
                     }
-                    lines.lock().unwrap_or_else(|e| e.into_inner()).push(line);
+                    // Request logs are counted out, not kept.
+                    if !line.contains("request completed") {
+                        lines.lock().unwrap_or_else(|e| e.into_inner()).push(line);
+                    }
                 }
             });
         }
@@ -174,12 +184,13 @@ pub async fn login_memory(args: LoginMemoryArgs) -> anyhow::Result<()> {
         args.anna.clone(),
         &[("DATABASE_URL", database_url), ("AUTH_HASH_CONCURRENCY", args.hash_concurrency.to_string())],
     )?;
+    // Idle: started, migrated, nothing hashed yet.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let idle = server.rss_kib();
     let client = reqwest::Client::builder().pool_max_idle_per_host(256).build()?;
     let email = format!("bench-{}@example.com", uuid::Uuid::new_v4().simple());
     let password = "correct horse battery";
     server.active_user(&client, &email, password).await?;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let idle = server.rss_kib();
     let bound = idle + args.hash_concurrency * ARGON2_DEFAULT_KIB + 32 * 1024;
     println!(
         "anna serve (SQLite), AUTH_HASH_CONCURRENCY={}, Argon2 m=19 MiB: idle RSS {:.1} MiB, bound {:.1} MiB \
@@ -270,7 +281,8 @@ pub async fn users_me(args: UsersMeArgs) -> anyhow::Result<()> {
         &[
             ("DATABASE_URL", database_url.clone()),
             ("REDIS_URL", anna_testkit::redis::shared_url()),
-            ("DATABASE_MAX_CONNECTIONS", args.connections.to_string()),
+            ("DATABASE_MAX_CONNECTIONS", args.pool.to_string()),
+            ("LOG_LEVEL", args.log_level.clone()),
         ],
     )?;
     let client = reqwest::Client::new();

@@ -1,6 +1,7 @@
 //! The User aggregate: registration, e-mail verification and password reset.
 
 use time::{Duration, OffsetDateTime};
+use unicode_normalization::UnicodeNormalization;
 use uuid::Uuid;
 
 use crate::InvalidArgument;
@@ -12,7 +13,17 @@ pub const PURPOSE_VERIFICATION_CODE: &str = "user.verification.code";
 pub const PURPOSE_VERIFICATION_TOKEN: &str = "user.verification.token";
 pub const PURPOSE_PASSWORD_RESET: &str = "user.password_reset.token";
 
-/// A normalised e-mail address: trimmed, lower-cased, `local@domain.tld` with no whitespace.
+/// A normalised e-mail address, the form in which accounts are told apart:
+/// - control characters (C0, DEL, C1) and invisible characters (Unicode's default-ignorable
+///   code points: zero-width spaces and joiners, bidi controls, variation selectors, the BOM…)
+///   are refused, never stored;
+/// - the text is NFKC-normalised (compatibility forms such as fullwidth `ａ` become `a`), trimmed
+///   and lower-cased;
+/// - the local part (before `@`) must be ASCII: look-alike letters from other scripts (Cyrillic
+///   `а` for Latin `a`) would otherwise make a second account that reads the same, and few mail
+///   systems deliver to non-ASCII local parts anyway;
+/// - the domain is converted to its ASCII (IDNA, punycode) form, so one domain has one spelling;
+/// - the shape is the predecessor's `local@host.tld` with no whitespace, at most 254 bytes.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Email(String);
 
@@ -20,12 +31,28 @@ impl Email {
     pub const MAX_LEN: usize = 254;
 
     pub fn parse(raw: &str) -> Result<Self, InvalidArgument> {
-        let normalised = raw.trim().to_lowercase();
-        if normalised.len() <= Self::MAX_LEN && is_email_shaped(&normalised) {
-            Ok(Self(normalised))
-        } else {
-            Err(InvalidArgument(format!("<UserEmail> does not allow the value <{}>", raw.trim())))
+        let refused =
+            |why: &str| InvalidArgument(format!("<UserEmail> does not allow the value <{}>{why}", excerpt(raw.trim())));
+        if let Some(c) = raw.chars().find(|c| is_control(*c)) {
+            return Err(refused(&format!(": control character U+{:04X}", u32::from(c))));
         }
+        if let Some(c) = raw.chars().find(|c| is_default_ignorable(*c)) {
+            return Err(refused(&format!(": invisible character U+{:04X}", u32::from(c))));
+        }
+        let normalised: String = raw.trim().nfkc().collect::<String>().to_lowercase();
+        if !is_email_shaped(&normalised) {
+            return Err(refused(""));
+        }
+        let Some((local, domain)) = normalised.split_once('@') else { return Err(refused("")) };
+        if !local.is_ascii() {
+            return Err(refused(": the part before @ must be ASCII"));
+        }
+        let domain = idna::domain_to_ascii(domain).map_err(|_| refused(": the domain is not a valid domain name"))?;
+        let email = format!("{local}@{domain}");
+        if email.len() > Self::MAX_LEN || !is_email_shaped(&email) {
+            return Err(refused(""));
+        }
+        Ok(Self(email))
     }
 
     pub fn as_str(&self) -> &str {
@@ -41,7 +68,49 @@ fn is_email_shaped(s: &str) -> bool {
     clean(local) && clean(domain) && !host.is_empty() && !tld.is_empty() && !host.chars().any(char::is_whitespace)
 }
 
-/// A display name: not blank, at most 200 characters, stored trimmed.
+/// C0 controls (NUL included), DEL and C1 controls: never part of a name or an address, and
+/// Postgres cannot even store NUL in text.
+pub fn is_control(c: char) -> bool {
+    matches!(u32::from(c), 0x00..=0x1F | 0x7F..=0x9F)
+}
+
+/// Unicode's Default_Ignorable_Code_Point property (DerivedCoreProperties.txt): characters
+/// that render as nothing.
+fn is_default_ignorable(c: char) -> bool {
+    matches!(
+        u32::from(c),
+        0x00AD
+            | 0x034F
+            | 0x061C
+            | 0x115F..=0x1160
+            | 0x17B4..=0x17B5
+            | 0x180B..=0x180F
+            | 0x200B..=0x200F
+            | 0x202A..=0x202E
+            | 0x2060..=0x206F
+            | 0x3164
+            | 0xFE00..=0xFE0F
+            | 0xFEFF
+            | 0xFFA0
+            | 0xFFF0..=0xFFF8
+            | 0x1BCA0..=0x1BCA3
+            | 0x1D173..=0x1D17A
+            | 0xE0000..=0xE0FFF
+    )
+}
+
+/// At most the first 64 characters of attacker-controlled text, control characters shown as
+/// `?`, for error messages that quote the input.
+pub fn excerpt(raw: &str) -> String {
+    const MAX_CHARS: usize = 64;
+    let mut shown: String = raw.chars().take(MAX_CHARS).map(|c| if is_control(c) { '?' } else { c }).collect();
+    if raw.chars().nth(MAX_CHARS).is_some() {
+        shown.push('…');
+    }
+    shown
+}
+
+/// A display name: not blank, at most 200 characters, no control characters, stored trimmed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UserName(String);
 
@@ -50,8 +119,13 @@ impl UserName {
 
     pub fn parse(raw: &str) -> Result<Self, InvalidArgument> {
         let trimmed = raw.trim();
+        let refused =
+            |why: &str| InvalidArgument(format!("<UserName> does not allow the value <{}>{why}", excerpt(trimmed)));
+        if let Some(c) = trimmed.chars().find(|c| is_control(*c)) {
+            return Err(refused(&format!(": control character U+{:04X}", u32::from(c))));
+        }
         if trimmed.is_empty() || trimmed.chars().count() > Self::MAX_CHARS {
-            return Err(InvalidArgument(format!("<UserName> does not allow the value <{trimmed}>")));
+            return Err(refused(""));
         }
         Ok(Self(trimmed.to_owned()))
     }
@@ -418,6 +492,46 @@ mod tests {
             assert!(Email::parse(bad).is_err(), "{bad}");
         }
         assert_eq!(Email::parse("foo").err().map(|e| e.0), Some("<UserEmail> does not allow the value <foo>".into()));
+    }
+
+    #[test]
+    fn email_refuses_what_hides_or_breaks() {
+        for bad in ["a\0b@c.de", "ab@c.de\0", "a\u{1}b@c.de", "a\u{7f}@c.de", "a\u{85}@c.de"] {
+            let error = Email::parse(bad).err().map(|e| e.0).unwrap_or_default();
+            assert!(error.contains("control character"), "{bad:?}: {error}");
+            assert!(!error.contains('\0'), "the refusal does not echo the control character");
+        }
+        for bad in [
+            "a\u{200b}lice@example.com",
+            "alice@exa\u{200d}mple.com",
+            "\u{feff}alice@example.com",
+            "alice\u{ad}@example.com",
+        ] {
+            let error = Email::parse(bad).err().map(|e| e.0).unwrap_or_default();
+            assert!(error.contains("invisible character"), "{bad:?}: {error}");
+        }
+        // Look-alikes from other scripts in the local part are refused…
+        assert!(Email::parse("\u{430}lice@example.com").is_err(), "Cyrillic a");
+        assert!(Email::parse("\u{130}lice@example.com").is_err(), "dotted capital I");
+        // …compatibility forms fold onto the ASCII account…
+        assert_eq!(Email::parse("\u{ff41}lice@example.com").map(|e| e.0), Ok("alice@example.com".into()));
+        assert_eq!(Email::parse("alice@\u{ff45}xample.com").map(|e| e.0), Ok("alice@example.com".into()));
+        // …and a non-ASCII domain gets its one ASCII spelling.
+        assert_eq!(Email::parse("alice@b\u{fc}cher.de").map(|e| e.0), Ok("alice@xn--bcher-kva.de".into()));
+        assert_eq!(Email::parse("alice@B\u{dc}CHER.de").map(|e| e.0), Ok("alice@xn--bcher-kva.de".into()));
+        assert_eq!(Email::parse("alice@ex\u{430}mple.com").map(|e| e.0), Ok("alice@xn--exmple-4nf.com".into()));
+        // The refusal quotes a short excerpt, not the whole input.
+        let long = format!("{}@", "x".repeat(10_000));
+        let error = Email::parse(&long).err().map(|e| e.0).unwrap_or_default();
+        assert!(error.len() < 200, "{} bytes", error.len());
+    }
+
+    #[test]
+    fn names_refuse_control_characters() {
+        assert!(UserName::parse("Ada\0Lovelace").is_err());
+        assert!(UserName::parse("Ada\u{1b}[31m").is_err());
+        assert_eq!(UserName::parse(" Ada Lovelace ").map(|n| n.0), Ok("Ada Lovelace".into()));
+        assert!(UserName::parse(&"x".repeat(201)).err().is_some_and(|e| e.0.len() < 200));
     }
 
     #[test]

@@ -201,7 +201,77 @@ crate::on_both_backends!(
     verification_errors_and_brute_force_cut_off,
     expired_code_is_refused,
     me_requires_a_valid_bearer_token,
+    control_and_invisible_characters_are_refused,
+    look_alike_addresses_do_not_make_second_accounts,
 );
+
+/// NUL and other control characters in names and e-mails: a 400 on every route that takes
+/// them, on both backends (Postgres cannot store NUL), and nothing stored.
+async fn control_and_invisible_characters_are_refused(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let password = "correct horse battery";
+    for email in ["nul\u{0}@example.com", "esc\u{1b}@example.com", "c1\u{85}@example.com", "zw\u{200b}sp@example.com"] {
+        let routes = [
+            ("/users", json!({"name": "A", "email": email, "password": password})),
+            ("/auth/login", json!({"email": email, "password": password})),
+            ("/auth/resend-verification", json!({"email": email})),
+            ("/auth/password-reset", json!({"email": email})),
+            ("/auth/password-reset/confirm", json!({"email": email, "token": "t", "newPassword": "another password"})),
+        ];
+        for (route, body) in routes {
+            let reply = app.post(route).json(body).send().await;
+            assert_eq!(reply.status, 400, "{route} {email:?} -> {reply:?}");
+            assert_eq!(reply.body["code"], "invalid_email", "{route} {email:?} -> {reply:?}");
+            assert!(!reply.text.contains('\u{0}') && !reply.text.contains("\\u0000"), "echoed: {}", reply.text);
+        }
+    }
+    let reply = app
+        .post("/users")
+        .json(json!({"name": "Ada\u{0}", "email": unique_email(), "password": password}))
+        .send()
+        .await;
+    assert_eq!((reply.status, reply.body["code"].as_str()), (400, Some("invalid_name")), "{reply:?}");
+    // A 10,000-character address is refused with a short excerpt, not echoed whole.
+    let long = format!("{}@example.com", "x".repeat(10_000));
+    let reply = app.post("/users").json(json!({"name": "A", "email": long, "password": password})).send().await;
+    assert_eq!(reply.status, 400);
+    assert!(reply.text.len() < 400, "{} bytes", reply.text.len());
+    app.stop().await;
+}
+
+/// Fullwidth letters fold onto the ASCII account; look-alike letters from other scripts and
+/// dotted capitals are refused in the local part; a non-ASCII domain is stored in punycode.
+async fn look_alike_addresses_do_not_make_second_accounts(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let password = "correct horse battery";
+    let local = format!("ascii{}", uuid::Uuid::new_v4().simple());
+    let ascii = format!("{local}@example.com");
+    assert_eq!(
+        app.post("/users").json(json!({"name": "A", "email": ascii, "password": password})).send().await.status,
+        201
+    );
+    let fullwidth: String = local.chars().map(|c| char::from_u32(u32::from(c) + 0xFEE0).unwrap_or(c)).collect();
+    let reply = app
+        .post("/users")
+        .json(json!({"name": "B", "email": format!("{fullwidth}@example.com"), "password": password}))
+        .send()
+        .await;
+    assert_eq!(reply.status, 409, "fullwidth letters are the same address: {reply:?}");
+    for email in [format!("\u{430}{local}@example.com"), format!("\u{130}{local}@example.com")] {
+        let reply = app.post("/users").json(json!({"name": "C", "email": email, "password": password})).send().await;
+        assert_eq!(reply.status, 400, "{email:?} -> {reply:?}");
+        assert!(reply.message().contains("must be ASCII"), "{reply:?}");
+    }
+    let reply = app
+        .post("/users")
+        .json(json!({"name": "D", "email": format!("{local}@b\u{fc}cher.example"), "password": password}))
+        .send()
+        .await;
+    assert_eq!(reply.status, 201, "{reply:?}");
+    let stored = app.store.find_user_by_email(&format!("{local}@xn--bcher-kva.example")).await;
+    assert!(stored.unwrap_or_else(|e| panic!("{e}")).is_some(), "stored in its ASCII form");
+    app.stop().await;
+}
 
 async fn registration_is_idempotent_with_a_key(backend: Backend) {
     let app = spawn_app(backend).await;

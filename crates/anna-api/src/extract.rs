@@ -122,6 +122,11 @@ impl FromRequestParts<AppState> for AuthUser {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        // A proxy that reads the last of several headers would authenticate someone else than
+        // we do: refuse the ambiguity.
+        if parts.headers.get_all(AUTHORIZATION).iter().nth(1).is_some() {
+            return Err(ApiError::bad_request("duplicate_authorization", "send one Authorization header, not several"));
+        }
         let header = parts.headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::trim);
         let Some(header) = header.filter(|h| !h.is_empty()) else {
             return Err(ApiError::unauthorized("missing_access_token", "missing access token"));

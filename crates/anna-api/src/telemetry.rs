@@ -8,15 +8,17 @@ use axum::response::Response;
 use tower_http::request_id::RequestId;
 use tracing::Span;
 
-/// Route-template labels only (never raw paths), so label cardinality stays bounded.
+/// Labels from closed sets only, so a client cannot grow the metrics: the method if it is a
+/// standard one (else `other`), the route template (never the raw path; `unmatched` when no
+/// route matched), the status code.
 pub async fn track_http_metrics(request: Request, next: Next) -> Response {
     let started = Instant::now();
     let route =
         request.extensions().get::<MatchedPath>().map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
-    let method = request.method().as_str().to_owned();
+    let method = method_label(request.method());
     let response = next.run(request).await;
     let status = response.status().as_u16().to_string();
-    let labels = [("method", method), ("route", route), ("status", status)];
+    let labels = [("method", method.to_owned()), ("route", route), ("status", status)];
     metrics::counter!("http_requests_total", &labels).increment(1);
     metrics::histogram!("http_request_duration_seconds", &labels).record(started.elapsed().as_secs_f64());
     response
@@ -27,11 +29,13 @@ pub async fn track_http_metrics(request: Request, next: Next) -> Response {
 pub fn request_span(request: &axum::http::Request<axum::body::Body>) -> Span {
     let request_id =
         request.extensions().get::<RequestId>().and_then(|id| id.header_value().to_str().ok()).unwrap_or("-");
+    // The method and path are the client's text: cut, so a 60 KB method does not become a 60 KB
+    // log line.
     let span = tracing::info_span!(
         "request",
-        method = %request.method(),
-        path = %request.uri().path(),
-        request_id = %request_id,
+        method = %excerpt(request.method().as_str()),
+        path = %excerpt(request.uri().path()),
+        request_id = %excerpt(request_id),
     );
     // Continue the caller's trace when it sent one.
     let traceparent = request.headers().get("traceparent").and_then(|v| v.to_str().ok());
@@ -51,6 +55,28 @@ pub fn log_response<B>(response: &axum::http::Response<B>, latency: Duration, _s
         latency_ms = latency.as_secs_f64() * 1000.0,
         "request completed"
     );
+}
+
+/// The method as a metric label: one of the standard methods, or `other`.
+pub fn method_label(method: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::CONNECT => "CONNECT",
+        Method::TRACE => "TRACE",
+        _ => "other",
+    }
+}
+
+/// At most 64 characters of client-controlled text for logs, control characters as `?`.
+pub fn excerpt(text: &str) -> String {
+    anna_domain::user::excerpt(text)
 }
 
 /// Histogram buckets for HTTP latency, in seconds.

@@ -10,6 +10,9 @@ use uuid::Uuid;
 
 pub const ACCESS_TOKEN_USE: &str = "access";
 
+/// How far in the future a token's `iat` may lie (clocks of API replicas differ a little).
+const MAX_CLOCK_SKEW_SECS: i64 = 60;
+
 /// The predecessor's claims: `sub`, `email`, `tokenUse`, `iat`, `exp`.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -73,6 +76,10 @@ impl AccessTokens {
         if data.claims.token_use != ACCESS_TOKEN_USE {
             return None;
         }
+        // Issued in the future (beyond the clock skew between API replicas): not ours.
+        if data.claims.iat > OffsetDateTime::now_utc().unix_timestamp().saturating_add(MAX_CLOCK_SKEW_SECS) {
+            return None;
+        }
         let user_id = Uuid::parse_str(&data.claims.sub).ok()?;
         Some(Authenticated { user_id, email: data.claims.email })
     }
@@ -94,6 +101,16 @@ mod tests {
             .issue(id, "a@b.co", OffsetDateTime::now_utc() - time::Duration::hours(1))
             .unwrap_or_else(|e| panic!("{e}"));
         assert!(keys.verify(&expired).is_none());
+    }
+
+    #[test]
+    fn refuses_tokens_issued_in_the_future() {
+        let keys = AccessTokens::new(b"k", Duration::from_secs(900));
+        let id = Uuid::new_v4();
+        let soon = keys.issue(id, "a@b.co", OffsetDateTime::now_utc() + time::Duration::seconds(30));
+        assert!(soon.ok().and_then(|t| keys.verify(&t)).is_some(), "within the clock skew");
+        let later = keys.issue(id, "a@b.co", OffsetDateTime::now_utc() + time::Duration::hours(1));
+        assert!(later.ok().and_then(|t| keys.verify(&t)).is_none(), "an hour ahead");
     }
 
     #[test]

@@ -70,6 +70,9 @@ async fn run(config: Config, roles: Roles, name: &str, migrate: bool) -> anyhow:
 
 /// Development defaults are refused in production; elsewhere they are at least loud.
 fn warn_about_development_defaults(config: &Config) {
+    for weakness in config.weak_settings() {
+        tracing::warn!(setting = %weakness, "weak setting in use");
+    }
     if config.uses_development_jwt_secret() {
         tracing::warn!(
             "AUTH_JWT_SECRET is the public development default: anyone can forge access tokens. \

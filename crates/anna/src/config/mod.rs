@@ -20,6 +20,23 @@ pub use vars::Vars;
 
 pub const DEFAULT_DATABASE_URL: &str = "sqlite:./data/anna.db";
 const MIN_PRODUCTION_SECRET_BYTES: usize = 32;
+/// 32 random bytes in hex carry 256 bits; a secret under half of that is no random secret.
+const MIN_PRODUCTION_SECRET_BITS: f64 = 128.0;
+/// OWASP's Argon2id minimums: 19 MiB × 2 passes, or the same product with at least 7 MiB.
+const MIN_ARGON2_MEMORY_KIB: u32 = 7_168;
+const MIN_ARGON2_MEMORY_PASSES_KIB: u64 = 36_864;
+
+/// Shannon entropy of the secret's characters times its length: an upper bound on what a
+/// guesser faces, low for repeated or patterned text whatever its length.
+fn estimated_entropy_bits(secret: &str) -> f64 {
+    let mut counts = std::collections::HashMap::<char, usize>::new();
+    for c in secret.chars() {
+        *counts.entry(c).or_default() += 1;
+    }
+    let len = secret.chars().count() as f64;
+    let per_char: f64 = counts.values().map(|&n| n as f64 / len).map(|p| -p * p.log2()).sum();
+    per_char * len
+}
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
@@ -63,6 +80,9 @@ pub struct TelemetryConfig {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub environment: Environment,
+    /// `ANNA_ALLOW_WEAK_SETTINGS`: production accepts a weak Argon2 cost or disabled rate limits
+    /// (with a warning at start) instead of refusing to start.
+    pub allow_weak_settings: bool,
     pub server: ServerConfig,
     pub database: DatabaseConfig,
     pub telemetry: TelemetryConfig,
@@ -93,6 +113,7 @@ impl Config {
         let server = http::server(vars)?;
         let config = Self {
             environment,
+            allow_weak_settings: vars.boolean("ANNA_ALLOW_WEAK_SETTINGS", false)?,
             api: http::api(vars, &server)?,
             server,
             database: database(vars)?,
@@ -112,6 +133,26 @@ impl Config {
         Ok(config)
     }
 
+    /// Settings production refuses unless `ANNA_ALLOW_WEAK_SETTINGS=true`: an Argon2 cost
+    /// below OWASP's minimum for Argon2id, and disabled rate limits.
+    pub fn weak_settings(&self) -> Vec<String> {
+        let mut weak = Vec::new();
+        let cost = self.accounts.argon2;
+        if cost.memory_kib < MIN_ARGON2_MEMORY_KIB
+            || u64::from(cost.memory_kib) * u64::from(cost.iterations) < MIN_ARGON2_MEMORY_PASSES_KIB
+        {
+            weak.push(format!(
+                "AUTH_ARGON2_MEMORY_KIB={} with AUTH_ARGON2_ITERATIONS={} is below OWASP's minimum for Argon2id \
+                 (19456 KiB with 2 passes, or as much memory × passes with at least 7168 KiB)",
+                cost.memory_kib, cost.iterations
+            ));
+        }
+        if !self.api.rate_limit.enabled {
+            weak.push("RATE_LIMIT_ENABLED=false leaves login and the e-mail routes open to brute force".into());
+        }
+        weak
+    }
+
     /// Whether the access-token secret is the public development default.
     pub fn uses_development_jwt_secret(&self) -> bool {
         self.accounts.jwt_secret.expose_secret() == AccountsConfig::DEVELOPMENT_JWT_SECRET
@@ -124,6 +165,19 @@ impl Config {
         if self.accounts.jwt_secret.expose_secret().len() < MIN_PRODUCTION_SECRET_BYTES {
             return Err(ConfigError::Production(format!(
                 "AUTH_JWT_SECRET must be at least {MIN_PRODUCTION_SECRET_BYTES} bytes"
+            )));
+        }
+        if estimated_entropy_bits(self.accounts.jwt_secret.expose_secret()) < MIN_PRODUCTION_SECRET_BITS {
+            return Err(ConfigError::Production(format!(
+                "AUTH_JWT_SECRET looks guessable (under {MIN_PRODUCTION_SECRET_BITS} bits by its character \
+                 frequencies): use a random one, such as `openssl rand -hex 32`"
+            )));
+        }
+        if !self.allow_weak_settings
+            && let Some(weakness) = self.weak_settings().into_iter().next()
+        {
+            return Err(ConfigError::Production(format!(
+                "{weakness} (set ANNA_ALLOW_WEAK_SETTINGS=true to accept it anyway)"
             )));
         }
         if let EmailProvider::Resend { api_key, .. } = &self.email.provider
@@ -204,7 +258,7 @@ mod tests {
 
     #[test]
     fn production_refuses_weak_settings() {
-        let strong = "x".repeat(40);
+        let strong = "4f0c2a9e81b7d35c6e2f90a1b8c7d4e3f5a6b7c8d9e0f1a2b3c4d5e6f7a8b9c0".to_owned();
         let base = [("ANNA_ENV", "production"), ("AUTH_COOKIE_SECURE", "true"), ("SMTP_URL", "smtp://localhost:25")];
         let with = |extra: &[(&'static str, &'static str)], secret: Option<&str>| {
             let mut pairs: Vec<(&str, &str)> = base.to_vec();
@@ -219,6 +273,45 @@ mod tests {
         assert!(matches!(with(&[("AUTH_COOKIE_SECURE", "false")], Some(&strong)), Err(ConfigError::Production(_))));
         assert!(matches!(with(&[("EMAIL_PROVIDER", "console")], Some(&strong)), Err(ConfigError::Production(_))));
         assert!(with(&[], Some(&strong)).is_ok());
+    }
+
+    #[test]
+    fn production_refuses_guessable_secrets_weak_hashing_and_no_rate_limits() {
+        let random = "4f0c2a9e81b7d35c6e2f90a1b8c7d4e3f5a6b7c8d9e0f1a2b3c4d5e6f7a8b9c0";
+        let base = [("ANNA_ENV", "production"), ("AUTH_COOKIE_SECURE", "true"), ("SMTP_URL", "smtp://localhost:25")];
+        let with = |extra: &[(&'static str, &'static str)]| {
+            let mut pairs: Vec<(&str, &str)> = base.to_vec();
+            pairs.extend_from_slice(extra);
+            config(&pairs)
+        };
+        let refused = |extra: &[(&'static str, &'static str)], needle: &str| {
+            let error = with(extra).err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(error.contains(needle), "{extra:?}: {error}");
+        };
+        assert!(with(&[("AUTH_JWT_SECRET", random)]).is_ok());
+        let repeated = "a".repeat(40).leak();
+        refused(&[("AUTH_JWT_SECRET", repeated)], "guessable");
+        refused(&[("AUTH_JWT_SECRET", "abcabcabcabcabcabcabcabcabcabcabcabc")], "guessable");
+        refused(
+            &[("AUTH_JWT_SECRET", random), ("AUTH_ARGON2_MEMORY_KIB", "8"), ("AUTH_ARGON2_ITERATIONS", "1")],
+            "OWASP",
+        );
+        refused(
+            &[("AUTH_JWT_SECRET", random), ("AUTH_ARGON2_MEMORY_KIB", "19456"), ("AUTH_ARGON2_ITERATIONS", "1")],
+            "OWASP",
+        );
+        refused(&[("AUTH_JWT_SECRET", random), ("RATE_LIMIT_ENABLED", "false")], "RATE_LIMIT_ENABLED");
+        assert!(
+            with(&[("AUTH_JWT_SECRET", random), ("AUTH_ARGON2_MEMORY_KIB", "12288"), ("AUTH_ARGON2_ITERATIONS", "3")])
+                .is_ok()
+        );
+        let overridden =
+            with(&[("AUTH_JWT_SECRET", random), ("RATE_LIMIT_ENABLED", "false"), ("ANNA_ALLOW_WEAK_SETTINGS", "true")]);
+        assert!(overridden.is_ok_and(|c| c.weak_settings().len() == 1), "accepted, and still reported");
+        // The override never covers a guessable secret.
+        refused(&[("AUTH_JWT_SECRET", repeated), ("ANNA_ALLOW_WEAK_SETTINGS", "true")], "guessable");
+        // Development accepts all of it.
+        assert!(config(&[("RATE_LIMIT_ENABLED", "false"), ("AUTH_ARGON2_MEMORY_KIB", "8")]).is_ok());
     }
 
     #[test]

@@ -112,10 +112,27 @@ fn bad_configuration_stops_startup_naming_the_variable() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("AUTH_JWT_SECRET"));
 
-    let secret = "s".repeat(40);
+    let guessable = "s".repeat(40);
     let out = anna(
         &["serve"],
-        &[("ANNA_ENV", "production"), ("AUTH_JWT_SECRET", &secret), ("SMTP_URL", "smtp://localhost:25")],
+        &[("ANNA_ENV", "production"), ("AUTH_JWT_SECRET", &guessable), ("SMTP_URL", "smtp://localhost:25")],
+    )
+    .output()
+    .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("guessable") && !stderr.contains(&guessable), "{stderr}");
+
+    let secret = "7d1e9b2c4a6f80e35b9c1d7a2e4f6081c3b5d7e9f1a3c5e7092b4d6f8a1c3e5b".to_owned();
+    let out = anna(
+        &["serve"],
+        &[
+            ("ANNA_ENV", "production"),
+            ("AUTH_JWT_SECRET", &secret),
+            ("SMTP_URL", "smtp://localhost:25"),
+            // The tests' cheap Argon2 cost would be refused first.
+            ("ANNA_ALLOW_WEAK_SETTINGS", "true"),
+        ],
     )
     .output()
     .unwrap();

@@ -44,6 +44,39 @@ async fn metrics_by_route_template(backend: Backend) {
     app.stop().await;
 }
 
+/// Odd methods and paths from a hostile client add no series to the metrics and no long lines
+/// to the logs.
+async fn odd_methods_and_paths_do_not_grow_the_metrics(backend: Backend) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = spawn_app(backend).await;
+    let marker = format!("Z{}", uuid::Uuid::new_v4().simple());
+    for i in 0..1000 {
+        let method = reqwest::Method::from_bytes(format!("M{i}{marker}").as_bytes()).unwrap_or_else(|e| panic!("{e}"));
+        let reply = app.http.request(method, format!("{}/healthz", app.base)).send().await;
+        assert!(reply.is_ok());
+        let path = format!("/{marker}/{i}");
+        assert_eq!(app.get(&path).send().await.status, 404);
+    }
+    // One request with a 20,000-character method, over a raw socket.
+    let addr = app.base.trim_start_matches("http://").to_owned();
+    let mut socket = tokio::net::TcpStream::connect(&addr).await.unwrap_or_else(|e| panic!("{e}"));
+    let long_method = format!("M{marker}{}", "X".repeat(20_000));
+    socket
+        .write_all(format!("{long_method} /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), socket.read_to_end(&mut answer)).await;
+
+    let metrics = app.get("/metrics").send().await.text;
+    assert!(!metrics.contains(&marker), "a client's method or path became a label");
+    assert!(metrics.contains("method=\"other\""), "odd methods count as other");
+    assert!(metrics.contains("route=\"unmatched\""), "unknown paths count as unmatched");
+    let longest = app.logs.contents().lines().map(str::len).max().unwrap_or(0);
+    assert!(longest < 4_000, "a log line of {longest} bytes");
+    app.stop().await;
+}
+
 async fn metrics_can_move_to_their_own_port(backend: Backend) {
     let app = spawn_app_with(backend, &[("METRICS_PORT", "0")]).await;
     assert_eq!(app.get("/healthz").send().await.status, 200);
@@ -56,6 +89,10 @@ async fn metrics_can_move_to_their_own_port(backend: Backend) {
 
 async fn openapi_and_docs(backend: Backend) {
     let app = spawn_app(backend).await;
+    let page = app.get("/docs/").send().await;
+    let csp = page.headers.get("content-security-policy").and_then(|v| v.to_str().ok()).unwrap_or_default();
+    assert!(csp.contains("script-src 'self'") && csp.contains("frame-ancestors 'none'"), "{csp}");
+    assert_eq!(page.headers.get("x-frame-options").and_then(|v| v.to_str().ok()), Some("DENY"));
     let doc = app.get("/openapi.json").send().await;
     assert_eq!(doc.status, 200);
     assert_eq!(doc.body["openapi"], "3.1.0");
@@ -132,6 +169,7 @@ crate::on_both_backends!(
     health_readiness_and_request_ids,
     readiness_fails_when_the_database_is_gone,
     metrics_by_route_template,
+    odd_methods_and_paths_do_not_grow_the_metrics,
     metrics_can_move_to_their_own_port,
     openapi_and_docs,
 );

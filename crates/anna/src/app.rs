@@ -181,8 +181,12 @@ pub async fn start(
                 Ok(())
             }
         });
-        supervisor
-            .spawn("HTTP API", serve_api(listener, state.clone(), shutdown.clone(), config.server.shutdown_timeout));
+        let open_files = crate::server::raise_open_file_limit();
+        crate::server::check_connection_limit(config.server.limits.max_connections, open_files);
+        supervisor.spawn(
+            "HTTP API",
+            serve_api(listener, state.clone(), shutdown.clone(), config.server.limits, config.server.shutdown_timeout),
+        );
         tracing::info!(addr = %bound, ?metrics_addr, "listening");
         addr = Some(bound);
         api_state = Some(state);
@@ -209,19 +213,18 @@ async fn bind(config: &Config, port: u16, names: &str) -> anyhow::Result<TcpList
     TcpListener::bind((host, port)).await.map_err(|e| anyhow::anyhow!("cannot listen on {host}:{port} ({names}): {e}"))
 }
 
-/// Serves until `shutdown`; then stops accepting, finishes in-flight requests and drains
-/// background work (at most `drain_timeout`).
+/// Serves until `shutdown`; then stops accepting, finishes in-flight requests (at most
+/// `SHUTDOWN_TIMEOUT_MS`) and drains background work (as long again at most).
 async fn serve_api(
     listener: TcpListener,
     state: AppState,
     shutdown: CancellationToken,
+    limits: crate::server::ConnectionLimits,
     drain_timeout: Duration,
 ) -> anyhow::Result<()> {
     let background = state.background.clone();
     let app = anna_api::router(state);
-    let served = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await;
+    let served = crate::server::serve(listener, app, limits, shutdown, drain_timeout).await;
     tracing::info!("HTTP server stopped accepting; draining background work");
     background.close();
     if tokio::time::timeout(drain_timeout, background.wait()).await.is_err() {

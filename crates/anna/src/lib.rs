@@ -5,5 +5,6 @@ pub mod app;
 pub mod commands;
 pub mod config;
 pub mod operator;
+pub mod server;
 pub mod supervisor;
 pub mod telemetry;

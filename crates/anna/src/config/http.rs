@@ -17,6 +17,8 @@ pub struct ServerConfig {
     pub metrics_port: Option<u16>,
     /// How long shutdown waits for in-flight work.
     pub shutdown_timeout: Duration,
+    /// `HTTP_HEADER_READ_TIMEOUT_MS`, `HTTP_BODY_READ_TIMEOUT_MS`, `HTTP_MAX_CONNECTIONS`.
+    pub limits: crate::server::ConnectionLimits,
 }
 
 pub(super) fn server<F: Fn(&str) -> Option<String>>(vars: &Vars<F>) -> Result<ServerConfig, ConfigError> {
@@ -29,6 +31,11 @@ pub(super) fn server<F: Fn(&str) -> Option<String>>(vars: &Vars<F>) -> Result<Se
         port: vars.parse("PORT", 3000, "a port number (0-65535)")?,
         metrics_port,
         shutdown_timeout: vars.millis("SHUTDOWN_TIMEOUT_MS", 20_000)?,
+        limits: crate::server::ConnectionLimits {
+            header_read_timeout: vars.millis("HTTP_HEADER_READ_TIMEOUT_MS", 10_000)?,
+            body_read_timeout: vars.millis("HTTP_BODY_READ_TIMEOUT_MS", 30_000)?,
+            max_connections: vars.positive("HTTP_MAX_CONNECTIONS", 4096, "a positive number of connections")?,
+        },
     })
 }
 

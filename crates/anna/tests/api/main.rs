@@ -4,6 +4,7 @@
 
 mod auth;
 mod binary;
+mod edge;
 mod email;
 mod helpers;
 mod ops;

@@ -1,0 +1,183 @@
+//! The HTTP server loop, hardened against slow and idle clients: a connection must deliver a
+//! complete request head within `HTTP_HEADER_READ_TIMEOUT_MS` (counted from its start or from
+//! the end of its previous exchange, so an idle keep-alive connection closes after it too), a
+//! request body must arrive within `HTTP_BODY_READ_TIMEOUT_MS`, and at most
+//! `HTTP_MAX_CONNECTIONS` connections are open at once (more are closed as soon as they are
+//! accepted, and counted). Shutdown stops accepting, lets in-flight exchanges finish, and
+//! closes idle connections.
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::ConnectInfo;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+/// Limits of the HTTP edge.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionLimits {
+    pub header_read_timeout: Duration,
+    pub body_read_timeout: Duration,
+    pub max_connections: usize,
+}
+
+/// Serves `app` on `listener` until `shutdown`; then waits up to `drain` for open exchanges.
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    limits: ConnectionLimits,
+    shutdown: CancellationToken,
+    drain: Duration,
+) -> std::io::Result<()> {
+    let app = app.layer(tower_http::timeout::RequestBodyTimeoutLayer::new(limits.body_read_timeout));
+    let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let graceful = GracefulShutdown::new();
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(limits.header_read_timeout)
+        .keep_alive_timeout(limits.header_read_timeout);
+    loop {
+        let (stream, remote) = tokio::select! {
+            () = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of file descriptors, say: wait a little instead of spinning.
+                    tracing::warn!(%error, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            metrics::counter!("http_connections_refused_total").increment(1);
+            drop(stream);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let app = app.clone();
+        let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
+            request.extensions_mut().insert(ConnectInfo(remote));
+            let app = app.clone();
+            async move {
+                let response = tower::ServiceExt::oneshot(app, request.map(axum::body::Body::new)).await;
+                Ok::<_, Infallible>(response.unwrap_or_else(|never| match never {}))
+            }
+        });
+        let seen = Arc::new(AtomicBool::new(false));
+        let io = TokioIo::new(FirstByte { inner: stream, seen: seen.clone() });
+        let connection = builder.serve_connection_with_upgrades(io, service).into_owned();
+        let connection = graceful.watch(connection);
+        let silence = limits.header_read_timeout;
+        tokio::spawn(async move {
+            metrics::gauge!("http_connections_open").increment(1.0);
+            let mut connection = std::pin::pin!(connection);
+            // Until the first byte arrives, the protocol is not known yet and hyper's head
+            // timer is not running: a connection that stays silent is closed here.
+            let ended = tokio::select! {
+                ended = &mut connection => Some(ended),
+                () = tokio::time::sleep(silence) => None,
+            };
+            let ended = match ended {
+                Some(ended) => ended,
+                None if !seen.load(Ordering::Relaxed) => Ok(()),
+                None => connection.await,
+            };
+            if let Err(error) = ended {
+                tracing::debug!(error = %error, %remote, "connection ended with an error");
+            }
+            metrics::gauge!("http_connections_open").decrement(1.0);
+            drop(permit);
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(drain, graceful.shutdown()).await.is_err() {
+        tracing::warn!(timeout_ms = drain.as_millis() as u64, "open connections did not finish in time");
+    }
+    Ok(())
+}
+
+/// The connection's stream, noting whether the client has sent anything yet.
+struct FirstByte {
+    inner: TcpStream,
+    seen: Arc<AtomicBool>,
+}
+
+impl AsyncRead for FirstByte {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.seen.store(true, Ordering::Relaxed);
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for FirstByte {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Raises the soft limit of open files to the hard limit, so connections (one descriptor each)
+/// are bounded by `HTTP_MAX_CONNECTIONS` rather than by a default of 1,024. Returns the limit
+/// in force.
+pub fn raise_open_file_limit() -> Option<u64> {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => Some(limit),
+        Err(error) => {
+            tracing::warn!(%error, "cannot raise the open-file limit");
+            None
+        }
+    }
+}
+
+/// A connection limit that the open-file limit can hold, leaving room for the database pool,
+/// the stream connections and the process's other files.
+pub fn check_connection_limit(max_connections: usize, open_files: Option<u64>) {
+    const OTHER_FILES: u64 = 256;
+    if let Some(limit) = open_files
+        && (max_connections as u64).saturating_add(OTHER_FILES) > limit
+    {
+        tracing::warn!(
+            max_connections,
+            open_file_limit = limit,
+            "HTTP_MAX_CONNECTIONS is close to or above the open-file limit: accepts will fail before the cap"
+        );
+    }
+}

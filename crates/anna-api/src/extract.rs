@@ -46,6 +46,25 @@ fn json_rejection(rejection: JsonRejection) -> ApiError {
 }
 
 /// Parses a path id; anything that is not a UUID is a 400, never a 500.
+/// A path parameter, refused with the JSON error shape (axum's own rejection is plain text,
+/// for example for invalid percent-encoding).
+pub struct ApiPath<T>(pub T);
+
+impl<T, S> FromRequestParts<S> for ApiPath<T>
+where
+    T: DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(value)) => Ok(Self(value)),
+            Err(_) => Err(ApiError::bad_request("invalid_path", "the path is not valid")),
+        }
+    }
+}
+
 pub fn parse_uuid(raw: &str, what: &str) -> Result<Uuid, ApiError> {
     Uuid::parse_str(raw).map_err(|_| ApiError::bad_request("invalid_id", format!("{what} must be a UUID")))
 }

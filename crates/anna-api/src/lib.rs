@@ -59,22 +59,57 @@ impl Modify for BearerAuth {
 
 /// The OpenAPI 3.1 document, generated from the handlers.
 pub fn openapi() -> utoipa::openapi::OpenApi {
-    api_routes().split_for_parts().1
+    let mut document = api_routes().split_for_parts().1;
+    document_edge_errors(&mut document);
+    document
 }
 
 fn api_routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::with_openapi(ApiDoc::openapi()).merge(users::router()).merge(auth::router()).merge(health::router())
 }
 
+/// Adds the answers the edge gives on any route, so the document lists every status a route
+/// can answer: with a JSON body, 400 (malformed or incomplete), 413, 415 and 422 (a field of
+/// the wrong type); behind a bearer token, 401 (and 400 for several `Authorization` headers).
+fn document_edge_errors(document: &mut utoipa::openapi::OpenApi) {
+    use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+    let error = |description: &str| {
+        ResponseBuilder::new()
+            .description(description)
+            .content("application/json", ContentBuilder::new().schema(Some(Ref::from_schema_name("ErrorBody"))).build())
+            .build()
+    };
+    for item in document.paths.paths.values_mut() {
+        let operations = [&mut item.get, &mut item.post, &mut item.put, &mut item.patch, &mut item.delete];
+        for operation in operations.into_iter().flatten() {
+            let mut add = |status: &str, description: &str| {
+                operation.responses.responses.entry(status.to_owned()).or_insert_with(|| error(description).into());
+            };
+            if operation.request_body.is_some() {
+                add("400", "malformed JSON, missing or invalid field");
+                add("413", "body larger than HTTP_MAX_BODY_BYTES");
+                add("415", "the body is not application/json");
+                add("422", "a field of the wrong type");
+            }
+            if operation.security.as_ref().is_some_and(|s| !s.is_empty()) {
+                add("400", "more than one Authorization header");
+                add("401", "missing, invalid or expired access token");
+            }
+        }
+    }
+}
+
 /// The whole HTTP application.
 pub fn router(state: AppState) -> Router {
-    let (routes, openapi) = api_routes().split_for_parts();
+    let (routes, mut openapi) = api_routes().split_for_parts();
+    document_edge_errors(&mut openapi);
     let mut app = routes.merge(SwaggerUi::new("/docs").url("/openapi.json", openapi));
     if state.config.metrics_on_api_port {
         app = app.route("/metrics", get(health::metrics));
     }
     let max_body = state.config.max_body_bytes;
     app.fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .route_layer(middleware::from_fn(telemetry::track_http_metrics))
         .layer(DefaultBodyLimit::max(max_body))
         .layer(middleware::from_fn(move |request, next| refuse_announced_oversize(max_body, request, next)))
@@ -121,6 +156,11 @@ async fn refuse_announced_oversize(
             .into_response();
     }
     next.run(request).await
+}
+
+/// A known path with another method: the JSON error shape too.
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed on this route")
 }
 
 /// The docs page loads its own scripts and styles (Swagger UI sets inline styles and uses

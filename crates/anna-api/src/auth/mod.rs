@@ -73,8 +73,9 @@ fn presented_refresh_token(state: &AppState, jar: &CookieJar) -> Option<String> 
 
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct LoginRequest {
+    #[schema(required, nullable = false)]
     email: Option<String>,
-    #[schema(format = Password)]
+    #[schema(format = Password, required, nullable = false)]
     password: Option<String>,
 }
 
@@ -146,6 +147,7 @@ async fn logout_all(
 
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct EmailRequest {
+    #[schema(required, nullable = false)]
     email: Option<String>,
 }
 
@@ -204,9 +206,11 @@ fn limited_email(
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ResetConfirmRequest {
+    #[schema(required, nullable = false)]
     email: Option<String>,
+    #[schema(required, nullable = false)]
     token: Option<String>,
-    #[schema(format = Password)]
+    #[schema(format = Password, required, nullable = false)]
     new_password: Option<String>,
 }
 

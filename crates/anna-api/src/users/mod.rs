@@ -3,7 +3,7 @@
 
 use anna_domain::{Email, UserName};
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use axum_extra::extract::CookieJar;
@@ -14,7 +14,7 @@ use utoipa_axum::routes;
 
 use crate::auth::{grant_cookie, meta};
 use crate::error::{ApiError, ApiResult, ErrorBody};
-use crate::extract::{ApiJson, AuthUser, ClientIp, parse_uuid};
+use crate::extract::{ApiJson, ApiPath, AuthUser, ClientIp, parse_uuid};
 use crate::idempotency;
 use crate::rate_limit::Limited;
 use crate::state::AppState;
@@ -26,9 +26,11 @@ pub fn router() -> OpenApiRouter<AppState> {
 /// Registration body. A client-supplied `id` is ignored: ids are always made by the server.
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct RegisterRequest {
+    #[schema(required, nullable = false)]
     name: Option<String>,
+    #[schema(required, nullable = false)]
     email: Option<String>,
-    #[schema(format = Password)]
+    #[schema(format = Password, required, nullable = false)]
     password: Option<String>,
 }
 
@@ -101,7 +103,7 @@ pub struct VerifyResponse {
         (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 429, body = ErrorBody)))]
 async fn verify(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     client_ip: ClientIp,
     headers: HeaderMap,
     jar: CookieJar,

@@ -17,6 +17,12 @@ async fn health_readiness_and_request_ids(backend: Backend) {
     let unknown = app.get("/nope").send().await;
     assert_eq!(unknown.status, 404);
     assert_eq!(unknown.body["code"], "not_found");
+    // Every error has the JSON shape: a wrong method, a path that does not decode.
+    let wrong_method = app.get("/auth/login").send().await;
+    assert_eq!((wrong_method.status, wrong_method.body["code"].as_str()), (405, Some("method_not_allowed")));
+    assert!(wrong_method.headers.get("allow").is_some(), "{wrong_method:?}");
+    let bad_path = app.post("/users/%FF%FE/verify").json(json!({"code": "123456"})).send().await;
+    assert_eq!((bad_path.status, bad_path.body["code"].as_str()), (400, Some("invalid_path")), "{bad_path:?}");
     app.stop().await;
 }
 
@@ -74,6 +80,42 @@ async fn odd_methods_and_paths_do_not_grow_the_metrics(backend: Backend) {
     assert!(metrics.contains("route=\"unmatched\""), "unknown paths count as unmatched");
     let longest = app.logs.contents().lines().map(str::len).max().unwrap_or(0);
     assert!(longest < 4_000, "a log line of {longest} bytes");
+    app.stop().await;
+}
+
+/// What the OpenAPI document says against what the routes answer: for every POST with a JSON
+/// body, the answers to a body of another type, malformed JSON, an empty object and a value of
+/// the wrong shape are documented, with the error shape; required fields are required.
+async fn the_openapi_document_tells_the_truth(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let doc = app.get("/openapi.json").send().await.body;
+    let paths = doc["paths"].as_object().cloned().unwrap_or_default();
+    let mut checked = 0;
+    for (path, item) in paths {
+        let Some(post) = item.get("post") else { continue };
+        let Some(body) = post.get("requestBody") else { continue };
+        let url = path.replace("{id}", &uuid::Uuid::new_v4().to_string());
+        let schema = body["content"]["application/json"]["schema"]["$ref"].as_str().unwrap_or_default();
+        let schema = &doc["components"]["schemas"][schema.trim_start_matches("#/components/schemas/")];
+        let required = schema["required"].as_array().map_or(0, Vec::len);
+        if !path.ends_with("/verify") {
+            assert_eq!(required, schema["properties"].as_object().map_or(0, |p| p.len()), "{path}: {schema}");
+        }
+        let replies = [
+            ("another content type", app.post(&url).raw("text/plain", "hello").send().await),
+            ("malformed JSON", app.post(&url).raw("application/json", "{\"email\": ").send().await),
+            ("an empty object", app.post(&url).json(json!({})).send().await),
+            ("an array", app.post(&url).json(json!([])).send().await),
+        ];
+        for (what, reply) in replies {
+            let documented = post["responses"].get(reply.status.to_string()).is_some();
+            assert!(documented, "{path}: {what} answered {} which the document does not list", reply.status);
+            assert!(reply.status >= 400, "{path}: {what} accepted");
+            assert!(reply.body["message"].is_string() && reply.body["code"].is_string(), "{path}: {what}: {reply:?}");
+        }
+        checked += 1;
+    }
+    assert!(checked >= 6, "only {checked} routes with a JSON body");
     app.stop().await;
 }
 
@@ -170,6 +212,7 @@ crate::on_both_backends!(
     readiness_fails_when_the_database_is_gone,
     metrics_by_route_template,
     odd_methods_and_paths_do_not_grow_the_metrics,
+    the_openapi_document_tells_the_truth,
     metrics_can_move_to_their_own_port,
     openapi_and_docs,
 );

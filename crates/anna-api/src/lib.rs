@@ -70,7 +70,8 @@ fn api_routes() -> OpenApiRouter<AppState> {
 
 /// Adds the answers the edge gives on any route, so the document lists every status a route
 /// can answer: with a JSON body, 400 (malformed or incomplete), 413, 415 and 422 (a field of
-/// the wrong type); behind a bearer token, 401 (and 400 for several `Authorization` headers).
+/// the wrong type); behind a bearer token, 401 (and 400 for several `Authorization` headers);
+/// everywhere, 500 and 503.
 fn document_edge_errors(document: &mut utoipa::openapi::OpenApi) {
     use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
     let error = |description: &str| {
@@ -95,6 +96,8 @@ fn document_edge_errors(document: &mut utoipa::openapi::OpenApi) {
                 add("400", "more than one Authorization header");
                 add("401", "missing, invalid or expired access token");
             }
+            add("500", "a fault of the server (logged with the request id)");
+            add("503", "the database or the event stream is unavailable; retry later");
         }
     }
 }

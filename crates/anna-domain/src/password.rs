@@ -64,6 +64,14 @@ impl ArgonMemory {
         &mut self.0[..blocks]
     }
 
+    /// Gives back what a hash with a larger cost (an old hash being verified) grew it to.
+    fn keep_at_most(&mut self, blocks: usize) {
+        if self.0.len() > blocks {
+            self.0.truncate(blocks);
+            self.0.shrink_to_fit();
+        }
+    }
+
     /// Bytes held.
     pub fn size(&self) -> usize {
         self.0.len() * Block::SIZE
@@ -145,10 +153,11 @@ impl PasswordHasher {
         let blocks = params.block_count();
         let argon = Argon2::new(algorithm, version, params);
         let mut out = vec![0u8; expected.len()];
-        if argon
-            .hash_password_into_with_memory(password.as_bytes(), salt.as_ref(), &mut out, memory.blocks(blocks))
-            .is_err()
-        {
+        let hashed =
+            argon.hash_password_into_with_memory(password.as_bytes(), salt.as_ref(), &mut out, memory.blocks(blocks));
+        // Memory stays at what the configured cost needs, so threads × that cost bounds it.
+        memory.keep_at_most(self.params.block_count());
+        if hashed.is_err() {
             return false;
         }
         // Output's equality is constant-time.
@@ -227,12 +236,12 @@ mod tests {
         assert_ne!(first, second);
         assert!(h.verify("correct horse", &first) && h.verify_in("battery staple", &second, &mut memory));
         assert!(!h.verify_in("correct horse", &second, &mut memory));
-        // A hash with a larger cost grows the memory; it is then kept.
+        // A hash with a larger cost grows the memory for its time only.
         let bigger = PasswordHasher::new(Argon2Cost { memory_kib: 4096, iterations: 1, parallelism: 1 })
             .unwrap_or_else(|e| panic!("{e}"));
         let phc = bigger.hash("pw-pw-pw-pw").unwrap_or_else(|e| panic!("{e}"));
         assert!(h.verify_in("pw-pw-pw-pw", &phc, &mut memory));
-        assert_eq!(memory.size(), 4096 * 1024);
+        assert_eq!(memory.size(), h.memory_bytes(), "given back after the larger hash");
         // The standard encoding: another Argon2 implementation reads what we write.
         let parsed = PasswordHash::new(&first).unwrap_or_else(|e| panic!("{e}"));
         use argon2::PasswordVerifier;

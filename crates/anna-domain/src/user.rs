@@ -33,10 +33,12 @@ impl Email {
     pub fn parse(raw: &str) -> Result<Self, InvalidArgument> {
         let refused =
             |why: &str| InvalidArgument(format!("<UserEmail> does not allow the value <{}>{why}", excerpt(raw.trim())));
-        if let Some(c) = raw.chars().find(|c| is_control(*c)) {
+        // Surrounding whitespace (a pasted newline) is trimmed, as it always was; anything
+        // invisible or controlling inside is refused.
+        if let Some(c) = raw.trim().chars().find(|c| is_control(*c)) {
             return Err(refused(&format!(": control character U+{:04X}", u32::from(c))));
         }
-        if let Some(c) = raw.chars().find(|c| is_default_ignorable(*c)) {
+        if let Some(c) = raw.trim().chars().find(|c| is_default_ignorable(*c)) {
             return Err(refused(&format!(": invisible character U+{:04X}", u32::from(c))));
         }
         let normalised: String = raw.trim().nfkc().collect::<String>().to_lowercase();
@@ -99,11 +101,12 @@ fn is_default_ignorable(c: char) -> bool {
     )
 }
 
-/// At most the first 64 characters of attacker-controlled text, control characters shown as
-/// `?`, for error messages that quote the input.
+/// At most the first 64 characters of attacker-controlled text, control and invisible
+/// characters shown as `?`, for error messages and logs that quote the input.
 pub fn excerpt(raw: &str) -> String {
     const MAX_CHARS: usize = 64;
-    let mut shown: String = raw.chars().take(MAX_CHARS).map(|c| if is_control(c) { '?' } else { c }).collect();
+    let mut shown: String =
+        raw.chars().take(MAX_CHARS).map(|c| if is_control(c) || is_default_ignorable(c) { '?' } else { c }).collect();
     if raw.chars().nth(MAX_CHARS).is_some() {
         shown.push('…');
     }
@@ -124,7 +127,9 @@ impl UserName {
         if let Some(c) = trimmed.chars().find(|c| is_control(*c)) {
             return Err(refused(&format!(": control character U+{:04X}", u32::from(c))));
         }
-        if trimmed.is_empty() || trimmed.chars().count() > Self::MAX_CHARS {
+        // Blank counts what shows: a name of zero-width characters alone is blank.
+        let visible = trimmed.chars().any(|c| !c.is_whitespace() && !is_default_ignorable(c));
+        if !visible || trimmed.chars().count() > Self::MAX_CHARS {
             return Err(refused(""));
         }
         Ok(Self(trimmed.to_owned()))
@@ -488,6 +493,7 @@ mod tests {
     #[test]
     fn email_is_normalised_and_validated() {
         assert_eq!(Email::parse("  A@B.Co ").map(|e| e.0), Ok("a@b.co".into()));
+        assert_eq!(Email::parse("a@b.co\n").map(|e| e.0), Ok("a@b.co".into()), "a pasted newline is trimmed");
         for bad in ["", "a", "a@b", "a b@c.d", "a@@b.c", "@b.c", "a@.c", "a@b."] {
             assert!(Email::parse(bad).is_err(), "{bad}");
         }
@@ -528,6 +534,7 @@ mod tests {
 
     #[test]
     fn names_refuse_control_characters() {
+        assert!(UserName::parse("\u{200b}\u{3164}").is_err(), "invisible only is blank");
         assert!(UserName::parse("Ada\0Lovelace").is_err());
         assert!(UserName::parse("Ada\u{1b}[31m").is_err());
         assert_eq!(UserName::parse(" Ada Lovelace ").map(|n| n.0), Ok("Ada Lovelace".into()));

@@ -221,14 +221,18 @@ SELECT seq, id, aggregate_id, status, available_at, locked_until FROM outbox_eve
 WHERE status IN ('pending', 'processing') AND seq > $1 ORDER BY seq LIMIT $2",
 };
 
-/// The picked rows again, locked (Postgres: `FOR UPDATE`, waiting for a relay whose lease ran
-/// out and that is marking one of them right now; SQLite: the unit of work holds the write
-/// lock already).
-const CLAIM_LOCK_PICKED: Sql = Sql::PerBackend {
+/// Every row still to publish of the picked aggregates, up to the last picked row, locked
+/// (Postgres: `FOR UPDATE`; SQLite: the unit of work holds the write lock). $1 = the
+/// aggregates, $2 = the last picked position. Read again, in one statement, because on
+/// Postgres each window had its own snapshot: a row committed late (its position taken before
+/// a window passed it, its commit after) is seen here and holds back the rest of its aggregate.
+const CLAIM_RECHECK: Sql = Sql::PerBackend {
     sqlite: "SELECT rowid AS seq, id, aggregate_id, status, available_at, locked_until FROM outbox_events \
-             WHERE id IN (SELECT value FROM json_each($1)) ORDER BY rowid",
+             WHERE aggregate_id IN (SELECT value FROM json_each($1)) AND status IN ('pending', 'processing') \
+             AND rowid <= $2 ORDER BY rowid",
     postgres: "SELECT seq, id, aggregate_id, status, available_at, locked_until FROM outbox_events \
-               WHERE id = ANY($1) ORDER BY seq FOR UPDATE",
+               WHERE aggregate_id = ANY($1) AND status IN ('pending', 'processing') AND seq <= $2 \
+               ORDER BY seq FOR UPDATE",
 };
 
 /// Claims the final set. $1 = now, $2 = end of the lease, $3 = the ids.
@@ -285,6 +289,10 @@ struct ClaimRule {
     /// Aggregates with a row that is waiting: nothing later of theirs may go.
     blocked: HashSet<String>,
     picked: Vec<Uuid>,
+    /// The aggregates of the picked rows.
+    aggregates: HashSet<String>,
+    /// Position of the last picked row.
+    last_pick: i64,
 }
 
 impl ClaimRule {
@@ -294,7 +302,11 @@ impl ClaimRule {
             return false;
         }
         match head.state {
-            HeadState::Ready => self.picked.push(head.id),
+            HeadState::Ready => {
+                self.picked.push(head.id);
+                self.last_pick = head.seq;
+                self.aggregates.insert(head.aggregate_id);
+            }
             HeadState::Waiting => {
                 self.blocked.insert(head.aggregate_id);
             }
@@ -334,6 +346,9 @@ impl EventLog for SqlStore {
             // worst, which consumers absorb), so it need not wait for the WAL to reach the disk.
             tx.query("SELECT pg_advisory_xact_lock($1)").bind(CLAIM_LOCK_KEY).execute().await?;
             tx.query("SET LOCAL synchronous_commit = off").execute().await?;
+            // A relay stalled between marking a row and committing must not hold every claim
+            // back: past this, the claim fails and the relay tries again.
+            tx.query("SET LOCAL lock_timeout = '5s'").execute().await?;
         }
         let limit_rows = usize::try_from(limit).unwrap_or(usize::MAX);
         let window = limit.max(CLAIM_WINDOW_MIN).saturating_mul(4);
@@ -359,18 +374,32 @@ impl EventLog for SqlStore {
             tx.commit().await?;
             return Ok(Vec::new());
         }
-        // Judged again once locked: a row may have gone back to pending for a retry (marked by
-        // a relay whose lease ran out) since the window was read, holding back the rest of its
-        // aggregate.
-        let locked = tx.query(CLAIM_LOCK_PICKED).bind_uuid_set(&rule.picked).fetch_all().await?;
-        let mut recheck = ClaimRule::default();
-        for row in &locked {
-            recheck.judge(Head::from_row(row, now)?, usize::MAX);
+        let after_last_pick = rule.last_pick;
+        // Judged again once locked, over every row still to publish of the picked aggregates:
+        // a picked row may have gone back to pending for a retry (marked by a relay whose lease
+        // ran out) since its window was read, and a row committed late may stand before it.
+        let picked: HashSet<Uuid> = rule.picked.iter().copied().collect();
+        let aggregates: Vec<String> = rule.aggregates.into_iter().collect();
+        let rows = tx.query(CLAIM_RECHECK).bind_text_set(&aggregates).bind(after_last_pick).fetch_all().await?;
+        let mut blocked = HashSet::new();
+        let mut claim = Vec::with_capacity(picked.len());
+        for row in &rows {
+            let head = Head::from_row(row, now)?;
+            if blocked.contains(&head.aggregate_id) {
+                continue;
+            }
+            match head.state {
+                HeadState::Ready if picked.contains(&head.id) => claim.push(head.id),
+                // Not picked (seen late) or no longer ready: the rest of its aggregate waits.
+                _ => {
+                    blocked.insert(head.aggregate_id);
+                }
+            }
         }
-        let rows = if recheck.picked.is_empty() {
+        let rows = if claim.is_empty() {
             Vec::new()
         } else {
-            tx.query(CLAIM_TAKE).bind_time(now).bind_time(lease_end).bind_uuid_set(&recheck.picked).fetch_all().await?
+            tx.query(CLAIM_TAKE).bind_time(now).bind_time(lease_end).bind_uuid_set(&claim).fetch_all().await?
         };
         tx.commit().await?;
         let mut claimed = Vec::with_capacity(rows.len());

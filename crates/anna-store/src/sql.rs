@@ -144,22 +144,6 @@ impl<T> PortableDecode for T where
 {
 }
 
-/// Runs a query on a connection taken from `pool`, and gives the connection back in this task.
-/// Running it on the pool itself would give the connection back from a task spawned for the
-/// purpose: one more task and wake-up per query, which one-query requests felt.
-macro_rules! on_pooled {
-    ($pool:expr, $query:expr, $method:ident) => {
-        match $pool.acquire().await {
-            Ok(mut conn) => {
-                let result = $query.$method(&mut *conn).await;
-                conn.return_to_pool().await;
-                result
-            }
-            Err(error) => Err(error),
-        }
-    };
-}
-
 /// A query being built. Encoding errors (a timestamp SQLite's integers cannot hold) are kept
 /// and returned when the query runs, so binds chain.
 pub(crate) struct Query<'c> {
@@ -229,6 +213,15 @@ impl<'c> Query<'c> {
         )
     }
 
+    /// A set of strings: a `text[]` on Postgres, a JSON array on SQLite (`json_each($n)`).
+    pub(crate) fn bind_text_set(self, values: &[String]) -> Self {
+        self.bind_each(
+            values,
+            |q, values| q.bind(serde_json::Value::from(values.to_vec()).to_string()),
+            |q, values| q.bind(values.to_vec()),
+        )
+    }
+
     pub(crate) fn bind_json(self, value: &serde_json::Value) -> Self {
         self.bind_each(value, |q, v| q.bind(v.to_string()), |q, v| q.bind(Json(v)))
     }
@@ -239,9 +232,9 @@ impl<'c> Query<'c> {
             return Err(error);
         }
         let affected = match self.inner {
-            Inner::SqlitePool(pool, q) => on_pooled!(pool, q, execute).map(|done| done.rows_affected()),
+            Inner::SqlitePool(pool, q) => q.execute(pool).await.map(|done| done.rows_affected()),
             Inner::SqliteConn(conn, q) => q.execute(conn).await.map(|done| done.rows_affected()),
-            Inner::PgPool(pool, q) => on_pooled!(pool, q, execute).map(|done| done.rows_affected()),
+            Inner::PgPool(pool, q) => q.execute(pool).await.map(|done| done.rows_affected()),
             Inner::PgConn(conn, q) => q.execute(conn).await.map(|done| done.rows_affected()),
         };
         affected.map_err(classify)
@@ -252,9 +245,9 @@ impl<'c> Query<'c> {
             return Err(error);
         }
         let row = match self.inner {
-            Inner::SqlitePool(pool, q) => on_pooled!(pool, q, fetch_optional).map(|r| r.map(Row::Sqlite)),
+            Inner::SqlitePool(pool, q) => q.fetch_optional(pool).await.map(|r| r.map(Row::Sqlite)),
             Inner::SqliteConn(conn, q) => q.fetch_optional(conn).await.map(|r| r.map(Row::Sqlite)),
-            Inner::PgPool(pool, q) => on_pooled!(pool, q, fetch_optional).map(|r| r.map(Row::Postgres)),
+            Inner::PgPool(pool, q) => q.fetch_optional(pool).await.map(|r| r.map(Row::Postgres)),
             Inner::PgConn(conn, q) => q.fetch_optional(conn).await.map(|r| r.map(Row::Postgres)),
         };
         row.map_err(classify)
@@ -269,13 +262,9 @@ impl<'c> Query<'c> {
             return Err(error);
         }
         let rows = match self.inner {
-            Inner::SqlitePool(pool, q) => {
-                on_pooled!(pool, q, fetch_all).map(|r| r.into_iter().map(Row::Sqlite).collect())
-            }
+            Inner::SqlitePool(pool, q) => q.fetch_all(pool).await.map(|r| r.into_iter().map(Row::Sqlite).collect()),
             Inner::SqliteConn(conn, q) => q.fetch_all(conn).await.map(|r| r.into_iter().map(Row::Sqlite).collect()),
-            Inner::PgPool(pool, q) => {
-                on_pooled!(pool, q, fetch_all).map(|r| r.into_iter().map(Row::Postgres).collect())
-            }
+            Inner::PgPool(pool, q) => q.fetch_all(pool).await.map(|r| r.into_iter().map(Row::Postgres).collect()),
             Inner::PgConn(conn, q) => q.fetch_all(conn).await.map(|r| r.into_iter().map(Row::Postgres).collect()),
         };
         rows.map_err(classify)

@@ -44,7 +44,15 @@ impl Passwords {
                     // The lock is held only while waiting for the next job, never while hashing.
                     let job = queue.lock().unwrap_or_else(PoisonError::into_inner).recv();
                     match job {
-                        Ok(job) => job(&hasher, &mut memory),
+                        // A panicking hash must not take the thread (and a hashing slot) with it.
+                        Ok(job) => {
+                            let ran =
+                                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(&hasher, &mut memory)));
+                            if ran.is_err() {
+                                tracing::error!("a password hash panicked");
+                                memory = ArgonMemory::default();
+                            }
+                        }
                         Err(mpsc::RecvError) => return,
                     }
                 }
@@ -59,6 +67,10 @@ impl Passwords {
     ) -> Result<T, PasswordError> {
         let (done, result) = oneshot::channel();
         let job: Job = Box::new(move |hasher, memory| {
+            // The request gave up while waiting in line (client gone): no hash for nobody.
+            if done.is_closed() {
+                return;
+            }
             let _ = done.send(work(hasher, memory));
         });
         self.jobs.send(job).map_err(|_| PasswordError::PoolGone)?;

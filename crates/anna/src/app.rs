@@ -157,9 +157,9 @@ pub async fn start(
         let listener = bind(config, port, "METRICS_PORT").await?;
         metrics_addr = Some(listener.local_addr()?);
         let router = metrics_router(metrics.clone());
-        let token = shutdown.clone();
+        let (token, limits, drain) = (shutdown.clone(), config.server.limits, config.server.shutdown_timeout);
         supervisor.spawn("metrics endpoint", async move {
-            Ok(axum::serve(listener, router).with_graceful_shutdown(token.cancelled_owned()).await?)
+            Ok(crate::server::serve(listener, router, limits, token, drain).await?)
         });
     }
     if roles.api {

@@ -1,16 +1,14 @@
-//! The HTTP server loop, hardened against slow and idle clients: a connection must deliver a
-//! complete request head within `HTTP_HEADER_READ_TIMEOUT_MS` (counted from its start or from
+//! The HTTP/1.1 server loop, hardened against slow and idle clients: a connection must deliver
+//! a complete request head within `HTTP_HEADER_READ_TIMEOUT_MS` (counted from its start or from
 //! the end of its previous exchange, so an idle keep-alive connection closes after it too), a
-//! request body must arrive within `HTTP_BODY_READ_TIMEOUT_MS`, and at most
+//! whole request body must arrive within `HTTP_BODY_READ_TIMEOUT_MS`, and at most
 //! `HTTP_MAX_CONNECTIONS` connections are open at once (more are closed as soon as they are
 //! accepted, and counted). Shutdown stops accepting, lets in-flight exchanges finish, and
 //! closes idle connections.
 
 use std::convert::Infallible;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
@@ -19,8 +17,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
@@ -40,16 +37,15 @@ pub async fn serve(
     shutdown: CancellationToken,
     drain: Duration,
 ) -> std::io::Result<()> {
-    let app = app.layer(tower_http::timeout::RequestBodyTimeoutLayer::new(limits.body_read_timeout));
+    // A deadline for the whole body, not a timeout between chunks: a byte every few seconds
+    // must not keep a request open for hours.
+    let app = app.layer(tower_http::timeout::RequestBodyDeadlineLayer::new(limits.body_read_timeout));
     let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let graceful = GracefulShutdown::new();
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // HTTP/1.1 only (behind a proxy, as anna runs, that is what arrives): HTTP/2 needs a
+    // protocol sniff that waits for bytes with no timer, and has no idle limit of its own.
+    let mut builder = auto::Builder::new(TokioExecutor::new()).http1_only();
     builder.http1().timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .keep_alive_interval(limits.header_read_timeout)
-        .keep_alive_timeout(limits.header_read_timeout);
     loop {
         let (stream, remote) = tokio::select! {
             () = shutdown.cancelled() => break,
@@ -70,7 +66,10 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let app = app.clone();
+        let seen = Arc::new(AtomicBool::new(false));
+        let started = seen.clone();
         let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
+            started.store(true, Ordering::Relaxed);
             request.extensions_mut().insert(ConnectInfo(remote));
             let app = app.clone();
             async move {
@@ -78,16 +77,15 @@ pub async fn serve(
                 Ok::<_, Infallible>(response.unwrap_or_else(|never| match never {}))
             }
         });
-        let seen = Arc::new(AtomicBool::new(false));
-        let io = TokioIo::new(FirstByte { inner: stream, seen: seen.clone() });
+        let io = TokioIo::new(stream);
         let connection = builder.serve_connection_with_upgrades(io, service).into_owned();
         let connection = graceful.watch(connection);
         let silence = limits.header_read_timeout;
         tokio::spawn(async move {
             metrics::gauge!("http_connections_open").increment(1.0);
             let mut connection = std::pin::pin!(connection);
-            // Until the first byte arrives, the protocol is not known yet and hyper's head
-            // timer is not running: a connection that stays silent is closed here.
+            // A connection that has not delivered a complete first request within the head
+            // timeout is closed here, whatever hyper's own timers do.
             let ended = tokio::select! {
                 ended = &mut connection => Some(ended),
                 () = tokio::time::sleep(silence) => None,
@@ -109,49 +107,6 @@ pub async fn serve(
         tracing::warn!(timeout_ms = drain.as_millis() as u64, "open connections did not finish in time");
     }
     Ok(())
-}
-
-/// The connection's stream, noting whether the client has sent anything yet.
-struct FirstByte {
-    inner: TcpStream,
-    seen: Arc<AtomicBool>,
-}
-
-impl AsyncRead for FirstByte {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            self.seen.store(true, Ordering::Relaxed);
-        }
-        polled
-    }
-}
-
-impl AsyncWrite for FirstByte {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
 }
 
 /// Raises the soft limit of open files to the hard limit, so connections (one descriptor each)

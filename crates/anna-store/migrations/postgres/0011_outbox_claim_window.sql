@@ -8,3 +8,8 @@ CREATE INDEX IF NOT EXISTS outbox_events_published_at_idx ON outbox_events (publ
 -- indexes only slowed every append, claim and publish down.
 DROP INDEX IF EXISTS outbox_events_pending_aggregate_idx;
 DROP INDEX IF EXISTS outbox_events_processing_aggregate_idx;
+
+-- The claim reads again, once locked, the rows still to publish of the aggregates it picked
+-- (a row committed late may stand before a picked one): one index range per aggregate.
+CREATE INDEX IF NOT EXISTS outbox_events_unpublished_aggregate_idx ON outbox_events (aggregate_id, seq)
+    WHERE status IN ('pending', 'processing');

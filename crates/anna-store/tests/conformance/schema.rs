@@ -137,6 +137,7 @@ const SHARED_INDEXES: &[&str] = &[
     "outbox_events_aggregate_id_idx",
     "outbox_events_claim_idx",
     "outbox_events_published_at_idx",
+    "outbox_events_unpublished_aggregate_idx",
     "dead_letters_event_id_idx",
     "applied_events_applied_at_idx",
     "idempotency_keys_created_at_idx",

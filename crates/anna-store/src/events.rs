@@ -221,17 +221,22 @@ SELECT seq, id, aggregate_id, status, available_at, locked_until FROM outbox_eve
 WHERE status IN ('pending', 'processing') AND seq > $1 ORDER BY seq LIMIT $2",
 };
 
-/// Every row still to publish of the picked aggregates, up to the last picked row, locked
-/// (Postgres: `FOR UPDATE`; SQLite: the unit of work holds the write lock). $1 = the
-/// aggregates, $2 = the last picked position. Read again, in one statement, because on
-/// Postgres each window had its own snapshot: a row committed late (its position taken before
-/// a window passed it, its commit after) is seen here and holds back the rest of its aggregate.
+/// Every row still to publish of the picked aggregates, up to the last picked row, but those
+/// under another relay's live lease, locked (Postgres: `FOR UPDATE`; SQLite: the unit of work
+/// holds the write lock). $1 = the aggregates, $2 = the last picked position, $3 = now. Read
+/// again, in one statement, because on Postgres each window had its own snapshot: a row
+/// committed late (its position taken before a window passed it, its commit after) is seen
+/// here and holds back the rest of its aggregate. Rows under a live lease are left alone (and
+/// unlocked, so their relay's marks never wait for a claim): one before a picked row would
+/// already have held it back in the window, and no new lease can appear meanwhile, since
+/// claims take turns.
 const CLAIM_RECHECK: Sql = Sql::PerBackend {
     sqlite: "SELECT rowid AS seq, id, aggregate_id, status, available_at, locked_until FROM outbox_events \
              WHERE aggregate_id IN (SELECT value FROM json_each($1)) AND status IN ('pending', 'processing') \
-             AND rowid <= $2 ORDER BY rowid",
+             AND rowid <= $2 AND (status = 'pending' OR locked_until IS NULL OR locked_until < $3) ORDER BY rowid",
     postgres: "SELECT seq, id, aggregate_id, status, available_at, locked_until FROM outbox_events \
                WHERE aggregate_id = ANY($1) AND status IN ('pending', 'processing') AND seq <= $2 \
+               AND (status = 'pending' OR locked_until IS NULL OR locked_until < $3) \
                ORDER BY seq FOR UPDATE",
 };
 
@@ -344,11 +349,17 @@ impl EventLog for SqlStore {
             // Claims take turns, each statement seeing what the previous claimer committed. A
             // claim lost in a crash only returns its rows to the next claim (published twice at
             // worst, which consumers absorb), so it need not wait for the WAL to reach the disk.
-            tx.query("SELECT pg_advisory_xact_lock($1)").bind(CLAIM_LOCK_KEY).execute().await?;
-            tx.query("SET LOCAL synchronous_commit = off").execute().await?;
-            // A relay stalled between marking a row and committing must not hold every claim
-            // back: past this, the claim fails and the relay tries again.
-            tx.query("SET LOCAL lock_timeout = '5s'").execute().await?;
+            // One round trip: the lock, then for this transaction only no wait for the WAL
+            // flush and a bound on row-lock waits (a relay stalled between marking a row and
+            // committing must not hold every claim back: past it, the claim fails and the relay
+            // tries again).
+            tx.query(
+                "SELECT pg_advisory_xact_lock($1), set_config('synchronous_commit', 'off', true), \
+                 set_config('lock_timeout', '5s', true)",
+            )
+            .bind(CLAIM_LOCK_KEY)
+            .execute()
+            .await?;
         }
         let limit_rows = usize::try_from(limit).unwrap_or(usize::MAX);
         let window = limit.max(CLAIM_WINDOW_MIN).saturating_mul(4);
@@ -357,7 +368,9 @@ impl EventLog for SqlStore {
         // are stepped over; every row that could hold back a picked one was seen before it.
         let mut rule = ClaimRule::default();
         let mut after = 0i64;
+        let mut windows = 0u32;
         'windows: loop {
+            windows += 1;
             let rows = tx.query(CLAIM_WINDOW).bind(after).bind(i64::from(window)).fetch_all().await?;
             for row in &rows {
                 let head = Head::from_row(row, now)?;
@@ -378,11 +391,30 @@ impl EventLog for SqlStore {
         // Judged again once locked, over every row still to publish of the picked aggregates:
         // a picked row may have gone back to pending for a retry (marked by a relay whose lease
         // ran out) since its window was read, and a row committed late may stand before it.
+        // SQLite needs no second look: the windows were read under the database-wide write
+        // lock, so nothing committed or changed in between. Postgres needs one only when the
+        // claim read several windows, each with its own snapshot.
         let picked: HashSet<Uuid> = rule.picked.iter().copied().collect();
         let aggregates: Vec<String> = rule.aggregates.into_iter().collect();
-        let rows = tx.query(CLAIM_RECHECK).bind_text_set(&aggregates).bind(after_last_pick).fetch_all().await?;
+        let (rows, mut claim) = match self.pool {
+            // One window is one snapshot, in which a row committed late is invisible only if
+            // every later row of its aggregate is too (they commit after it). A row being
+            // marked right now by a relay whose lease ran out is waited for by the UPDATE below,
+            // which claims it whatever the mark did: the aggregate still goes out in order.
+            Pool::Postgres(_) if windows == 1 => (Vec::new(), rule.picked.clone()),
+            Pool::Sqlite(_) => (Vec::new(), rule.picked.clone()),
+            Pool::Postgres(_) => {
+                let rows = tx
+                    .query(CLAIM_RECHECK)
+                    .bind_text_set(&aggregates)
+                    .bind(after_last_pick)
+                    .bind_time(now)
+                    .fetch_all()
+                    .await?;
+                (rows, Vec::with_capacity(picked.len()))
+            }
+        };
         let mut blocked = HashSet::new();
-        let mut claim = Vec::with_capacity(picked.len());
         for row in &rows {
             let head = Head::from_row(row, now)?;
             if blocked.contains(&head.aggregate_id) {
@@ -428,7 +460,7 @@ impl EventLog for SqlStore {
         if let Pool::Postgres(_) = self.pool {
             // A mark lost in a crash makes the rows go out once more (consumers absorb
             // duplicates): the relay need not wait for the WAL to reach the disk.
-            tx.query("SET LOCAL synchronous_commit = off").execute().await?;
+            tx.query("SELECT set_config('synchronous_commit', 'off', true)").execute().await?;
         }
         // Whatever the row's state, the relay did publish it. Already published rows keep
         // their first published_at. Set membership is the one difference: arrays on Postgres,

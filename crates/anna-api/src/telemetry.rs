@@ -31,6 +31,7 @@ pub fn request_span(request: &axum::http::Request<axum::body::Body>) -> Span {
         request.extensions().get::<RequestId>().and_then(|id| id.header_value().to_str().ok()).unwrap_or("-");
     // The method and path are the client's text: cut, so a 60 KB method does not become a 60 KB
     // log line.
+    use anna_domain::user::excerpt;
     let span = tracing::info_span!(
         "request",
         method = %excerpt(request.method().as_str()),
@@ -72,11 +73,6 @@ pub fn method_label(method: &axum::http::Method) -> &'static str {
         Method::TRACE => "TRACE",
         _ => "other",
     }
-}
-
-/// At most 64 characters of client-controlled text for logs, control characters as `?`.
-pub fn excerpt(text: &str) -> String {
-    anna_domain::user::excerpt(text)
 }
 
 /// Histogram buckets for HTTP latency, in seconds.

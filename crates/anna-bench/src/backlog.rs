@@ -187,7 +187,7 @@ async fn consumer_backlog(shape: &Shape, args: &BacklogArgs) -> anyhow::Result<S
             batch.clear();
         }
     }
-    let witness = Witness::counting_only();
+    let witness = Witness::new();
     let shutdown = CancellationToken::new();
     let config = ConsumerConfig {
         stream: stream.clone(),

@@ -99,7 +99,7 @@ impl Subscriber for Witness {
 }
 
 impl Witness {
-    fn new() -> Arc<Self> {
+    pub(crate) fn new() -> Arc<Self> {
         Arc::new(Self {
             applied_total: std::sync::atomic::AtomicUsize::new(0),
             committed_at: Mutex::new(HashMap::new()),
@@ -107,11 +107,6 @@ impl Witness {
             applied: Notify::new(),
         })
     }
-    /// A witness that only counts (no latencies: nothing is noted at commit).
-    pub(crate) fn counting_only() -> Arc<Self> {
-        Self::new()
-    }
-
     /// Waits until `total` events were applied (in committed batches or not yet: the
     /// projection is the final judge).
     pub(crate) async fn wait_counted(&self, total: usize, timeout: Duration) -> bool {

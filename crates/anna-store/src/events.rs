@@ -456,26 +456,30 @@ impl EventLog for SqlStore {
         if ids.is_empty() {
             return Ok(());
         }
-        let mut tx = self.pool.begin().await?;
-        if let Pool::Postgres(_) = self.pool {
-            // A mark lost in a crash makes the rows go out once more (consumers absorb
-            // duplicates): the relay need not wait for the WAL to reach the disk.
-            tx.query("SELECT set_config('synchronous_commit', 'off', true)").execute().await?;
-        }
         // Whatever the row's state, the relay did publish it. Already published rows keep
         // their first published_at. Set membership is the one difference: arrays on Postgres,
         // a JSON array on SQLite (one statement per batch, whatever its size, on both).
-        tx.query(Sql::PerBackend {
+        const MARK: Sql = Sql::PerBackend {
             sqlite: "UPDATE outbox_events SET status = 'published', published_at = $2, locked_until = NULL, \
                      updated_at = $2 WHERE id IN (SELECT value FROM json_each($1)) AND status <> 'published'",
             postgres: "UPDATE outbox_events SET status = 'published', published_at = $2, locked_until = NULL, \
                        updated_at = $2 WHERE id = ANY($1) AND status <> 'published'",
-        })
-        .bind_uuid_set(ids)
-        .bind_time(now)
-        .execute()
-        .await?;
-        tx.commit().await
+        };
+        match self.pool {
+            // One autocommit statement: nothing to set for it.
+            Pool::Sqlite(_) => {
+                self.pool.query(MARK).bind_uuid_set(ids).bind_time(now).execute().await?;
+                Ok(())
+            }
+            Pool::Postgres(_) => {
+                // A mark lost in a crash makes the rows go out once more (consumers absorb
+                // duplicates): the relay need not wait for the WAL to reach the disk.
+                let mut tx = self.pool.begin().await?;
+                tx.query("SELECT set_config('synchronous_commit', 'off', true)").execute().await?;
+                tx.query(MARK).bind_uuid_set(ids).bind_time(now).execute().await?;
+                tx.commit().await
+            }
+        }
     }
 
     async fn mark_outbox_retry(

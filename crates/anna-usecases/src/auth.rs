@@ -4,7 +4,7 @@
 use anna_domain::auth::RefreshTokenState;
 use anna_domain::secrets;
 use anna_domain::{DomainEvent, Email, InvalidArgument, RefreshToken, User, UserStatus, password};
-use anna_store::{StoreError, UnitOfWork};
+use anna_store::UnitOfWork;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
@@ -42,16 +42,7 @@ pub enum PasswordResetError {
     Failed(#[from] Failure),
 }
 
-macro_rules! store_failures {
-    ($($error:ty),*) => {$(
-        impl From<StoreError> for $error {
-            fn from(error: StoreError) -> Self {
-                Self::Failed(error.into())
-            }
-        }
-    )*};
-}
-store_failures!(LoginError, RefreshError, PasswordResetError);
+crate::store_failures!(LoginError, RefreshError, PasswordResetError);
 
 /// A refresh token as issued: the row to store and the secret for the client.
 struct IssuedRefresh {

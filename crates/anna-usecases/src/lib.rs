@@ -10,6 +10,18 @@
 //!
 //! Errors are typed per use-case; the HTTP edge maps them to statuses in one place.
 
+/// A database error is a `Failed` use-case error: lets `?` work on store calls.
+macro_rules! store_failures {
+    ($($error:ty),*) => {$(
+        impl From<anna_store::StoreError> for $error {
+            fn from(error: anna_store::StoreError) -> Self {
+                Self::Failed(error.into())
+            }
+        }
+    )*};
+}
+pub(crate) use store_failures;
+
 mod auth;
 mod passwords;
 mod tokens;
@@ -140,14 +152,6 @@ impl Accounts {
     /// Checks an access token (`None` when it is not a valid, unexpired access token).
     pub fn authenticate(&self, access_token: &str) -> Option<Authenticated> {
         self.tokens.verify(access_token)
-    }
-
-    pub fn access_tokens(&self) -> &AccessTokens {
-        &self.tokens
-    }
-
-    pub fn passwords(&self) -> &Passwords {
-        &self.passwords
     }
 
     /// A keyed hash for `purpose`, for callers that must store a fingerprint of something

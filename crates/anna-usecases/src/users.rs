@@ -37,17 +37,7 @@ pub enum CurrentUserError {
     Failed(#[from] Failure),
 }
 
-impl From<StoreError> for RegisterError {
-    fn from(error: StoreError) -> Self {
-        Self::Failed(error.into())
-    }
-}
-
-impl From<StoreError> for VerifyEmailError {
-    fn from(error: StoreError) -> Self {
-        Self::Failed(error.into())
-    }
-}
+crate::store_failures!(RegisterError, VerifyEmailError);
 
 impl Accounts {
     /// Registers a user in `pending_verification`; the verification code and link go out by

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
+pub mod device_keys;
 pub mod events;
 pub mod idempotency;
 mod outbox_wake;
@@ -21,6 +22,7 @@ mod sql;
 mod store;
 pub mod users;
 
+pub use device_keys::{DeviceKeyStore, KeyChange};
 pub use events::{DeadLetter, EventLog, EventStat, EventWrites, OutboxRecord, OutboxStatus};
 pub use idempotency::{IdempotencyClaim, IdempotencyStore};
 pub use refresh_tokens::{RefreshTokenStore, RefreshTokenWrites};
@@ -30,7 +32,7 @@ pub use users::{UserStore, UserWrites};
 /// Every store trait, for `use anna_store::prelude::*`.
 pub mod prelude {
     pub use crate::{
-        EventLog, EventWrites, IdempotencyStore, RefreshTokenStore, RefreshTokenWrites, Store, UnitOfWork, UserStore,
+        DeviceKeyStore, EventLog, EventWrites, IdempotencyStore, RefreshTokenStore, RefreshTokenWrites, Store, UnitOfWork, UserStore,
         UserWrites,
     };
 }
@@ -106,7 +108,8 @@ pub fn redact_url(url: &str) -> String {
 }
 
 #[async_trait]
-pub trait Store: UserStore + RefreshTokenStore + EventLog + IdempotencyStore + Send + Sync + 'static {
+pub trait Store:
+    UserStore + RefreshTokenStore + EventLog + IdempotencyStore + DeviceKeyStore + Send + Sync + 'static {
     fn backend(&self) -> Backend;
 
     /// Creates or upgrades every table; idempotent and tracked.

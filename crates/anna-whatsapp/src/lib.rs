@@ -1,0 +1,246 @@
+//! WhatsApp session drivers.
+//!
+//! A [`SessionDriver`] opens live connections ([`LiveSession`]) for sessions; each connection
+//! reports what happens to it as [`DriverEvent`]s on a channel the sessions worker reads. Two
+//! drivers exist:
+//! - the real client, over whatsapp-rust (`whatsapp` module), which keeps its device keys in
+//!   anna's database through [`anna_store::DeviceKeyStore`];
+//! - the [`simulator`], an in-process fake WhatsApp network with the real pairing timings,
+//!   selected explicitly (`SESSIONS_PROVIDER=simulator`), which keeps its simulated device in
+//!   the same store, so simulated sessions resume after a restart like real ones.
+//!
+//! Both are driven identically by the worker: connect, then react to events; a connection
+//! that reports [`DriverEvent::Closed`] is finished and a new one must be opened to resume.
+
+pub mod jid;
+pub mod simulator;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use time::OffsetDateTime;
+use tokio::sync::mpsc;
+use uuid::Uuid;
+
+pub use jid::{Jid, JidError};
+
+/// Which session a connection is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SessionKey {
+    pub session_id: Uuid,
+    pub tenant_id: Uuid,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    #[error("the session is not connected")]
+    NotConnected,
+    #[error("not supported by the {0} driver")]
+    Unsupported(&'static str),
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    #[error("device key store: {0}")]
+    Store(#[from] anna_store::StoreError),
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// A text message to send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutgoingText {
+    pub to: Jid,
+    pub text: String,
+    /// WhatsApp id of the message this one answers, in the same chat.
+    pub reply_to: Option<String>,
+}
+
+/// How far a sent message got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReceiptStatus {
+    /// The server accepted it.
+    ServerAck,
+    Delivered,
+    Read,
+}
+
+impl ReceiptStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ServerAck => "server_ack",
+            Self::Delivered => "delivered",
+            Self::Read => "read",
+        }
+    }
+}
+
+/// Why a connection dropped or ended. The worker's reconnect policy is decided by it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The server demands a reconnect (after pairing): reconnect at once.
+    RestartRequired,
+    /// Network trouble, server recycling, a connect that failed: reconnect with backoff.
+    Transient(String),
+    /// Every QR code expired unscanned.
+    QrTimeout,
+    /// The phone unlinked the device or the server logged it out: keys are void.
+    LoggedOut(String),
+    /// Another connection with the same device keys took over.
+    Replaced,
+    /// The number is banned (temporarily or not).
+    Banned(String),
+    /// The client is too old for the server.
+    ClientOutdated,
+    /// `stop()` was called.
+    Stopped,
+}
+
+impl CloseReason {
+    /// The reason as the tenant sees it in events and in `GET /sessions/{id}`.
+    pub fn label(&self) -> String {
+        match self {
+            Self::RestartRequired => "restart_required".into(),
+            Self::Transient(detail) => {
+                if detail.is_empty() {
+                    "connection_lost".into()
+                } else {
+                    format!("connection_lost: {detail}")
+                }
+            }
+            Self::QrTimeout => "qr_timeout".into(),
+            Self::LoggedOut(detail) => {
+                if detail.is_empty() {
+                    "logged_out".into()
+                } else {
+                    format!("logged_out: {detail}")
+                }
+            }
+            Self::Replaced => "replaced".into(),
+            Self::Banned(detail) => {
+                if detail.is_empty() {
+                    "banned".into()
+                } else {
+                    format!("banned: {detail}")
+                }
+            }
+            Self::ClientOutdated => "client_outdated".into(),
+            Self::Stopped => "stopped".into(),
+        }
+    }
+}
+
+/// An incoming message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IncomingMessage {
+    pub message_id: String,
+    /// The chat (a person or a group).
+    pub chat: String,
+    /// Who wrote it (differs from `chat` in groups).
+    pub sender: String,
+    pub push_name: Option<String>,
+    pub text: Option<String>,
+    pub from_me: bool,
+    pub timestamp: OffsetDateTime,
+}
+
+/// What a live connection reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DriverEvent {
+    /// A QR code to show; valid for `ttl`.
+    Qr { code: String, ttl: Duration },
+    /// A phone-number pairing code to type on the phone; valid for `ttl`.
+    PairCode { code: String, ttl: Duration },
+    /// The phone accepted the pairing; `phone` is the account's JID.
+    Paired { phone: String },
+    /// Logged in and ready to send.
+    Connected { phone: String },
+    /// The connection dropped; the driver does NOT reconnect by itself (`will_retry` false)
+    /// unless it says so.
+    Disconnected { reason: CloseReason, will_retry: bool },
+    /// A message arrived (or was sent from the phone).
+    Message(IncomingMessage),
+    /// A sent message progressed.
+    Receipt { message_id: String, chat: String, status: ReceiptStatus, at: OffsetDateTime },
+    /// The server refused a message that `send_text` had reported written.
+    SendRejected { message_id: String, error: String },
+    /// The connection is finished (after `stop`, a logout, a ban, QR exhaustion or a
+    /// replacement); a new `connect` is needed to resume.
+    Closed { reason: CloseReason },
+}
+
+/// Simulated happenings, for the simulator only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Simulation {
+    /// The QR code was scanned on a phone.
+    Scan,
+    /// The network dropped.
+    Disconnect,
+    /// The phone unlinked this device.
+    Logout,
+    /// The number was banned.
+    Ban,
+}
+
+impl Simulation {
+    pub fn parse(value: &str) -> Option<Self> {
+        match value {
+            "scan" => Some(Self::Scan),
+            "disconnect" => Some(Self::Disconnect),
+            "logout" => Some(Self::Logout),
+            "ban" => Some(Self::Ban),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Scan => "scan",
+            Self::Disconnect => "disconnect",
+            Self::Logout => "logout",
+            Self::Ban => "ban",
+        }
+    }
+}
+
+/// One live connection of one session.
+#[async_trait]
+pub trait LiveSession: Send + Sync {
+    /// Sends a text; returns the WhatsApp message id. `Ok` means written to the connection,
+    /// not accepted: acceptance arrives as a `Receipt` (or a `SendRejected`).
+    async fn send_text(&self, message: &OutgoingText) -> Result<String, DriverError>;
+
+    /// Starts pairing by phone number (digits, international format); the code arrives as
+    /// [`DriverEvent::PairCode`] and is also returned.
+    async fn pair_with_code(&self, phone: &str) -> Result<String, DriverError>;
+
+    /// Unlinks the device from the phone, then closes. The caller wipes the stored keys.
+    async fn logout(&self) -> Result<(), DriverError>;
+
+    /// Closes the connection, keeping the device linked (worker shutdown, stop). Final.
+    async fn stop(&self);
+
+    /// Applies a simulated happening (simulator only).
+    async fn simulate(&self, simulation: Simulation) -> Result<(), DriverError>;
+}
+
+/// Opens connections.
+#[async_trait]
+pub trait SessionDriver: Send + Sync + 'static {
+    /// `whatsapp` or `simulator`.
+    fn name(&self) -> &'static str;
+
+    /// Opens a connection for `session`, resuming from its stored device keys when it is
+    /// paired and starting a QR pairing when it is not. Events go to `events` until
+    /// [`DriverEvent::Closed`].
+    async fn connect(
+        &self,
+        session: SessionKey,
+        events: mpsc::Sender<DriverEvent>,
+    ) -> Result<Arc<dyn LiveSession>, DriverError>;
+
+    /// Whether the session has a paired device stored.
+    async fn is_paired(&self, session: SessionKey) -> Result<bool, DriverError>;
+
+    /// Deletes the session's device keys.
+    async fn wipe(&self, session: SessionKey) -> Result<(), DriverError>;
+}

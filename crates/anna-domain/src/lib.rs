@@ -8,10 +8,12 @@ pub mod auth;
 pub mod events;
 pub mod password;
 pub mod secrets;
+pub mod session;
 pub mod user;
 
 pub use auth::RefreshToken;
 pub use events::DomainEvent;
+pub use session::{Session, SessionStatus};
 pub use user::{Email, User, UserName, UserStatus};
 
 /// A value that breaks a domain rule. The message is safe to show to the client: it never

@@ -78,7 +78,7 @@ pub fn is_control(c: char) -> bool {
 
 /// Unicode's Default_Ignorable_Code_Point property (DerivedCoreProperties.txt): characters
 /// that render as nothing.
-fn is_default_ignorable(c: char) -> bool {
+pub fn is_default_ignorable(c: char) -> bool {
     matches!(
         u32::from(c),
         0x00AD

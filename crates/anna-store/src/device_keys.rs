@@ -38,8 +38,7 @@ pub trait DeviceKeyStore: Send + Sync {
     async fn load_creds(&self, session_id: Uuid) -> Result<Option<serde_json::Value>, StoreError>;
 
     /// Creates or replaces the session's credentials document.
-    async fn save_creds(&self, session_id: Uuid, tenant_id: Uuid, creds: &serde_json::Value)
-    -> Result<(), StoreError>;
+    async fn save_creds(&self, session_id: Uuid, tenant_id: Uuid, creds: &serde_json::Value) -> Result<(), StoreError>;
 
     /// The keys of `key_type` among `key_ids` that exist, as (id, value).
     async fn get_keys(
@@ -81,12 +80,7 @@ impl DeviceKeyStore for SqlStore {
         Ok(row.map(|row| row.opt_json("creds")).transpose()?.flatten())
     }
 
-    async fn save_creds(
-        &self,
-        session_id: Uuid,
-        tenant_id: Uuid,
-        creds: &serde_json::Value,
-    ) -> Result<(), StoreError> {
+    async fn save_creds(&self, session_id: Uuid, tenant_id: Uuid, creds: &serde_json::Value) -> Result<(), StoreError> {
         self.pool
             .query(
                 "INSERT INTO session_auth_creds (session_id, tenant_id, creds, updated_at) VALUES ($1, $2, $3, $4) \

@@ -18,6 +18,7 @@ pub mod events;
 pub mod idempotency;
 mod outbox_wake;
 pub mod refresh_tokens;
+pub mod sessions;
 mod sql;
 mod store;
 pub mod users;
@@ -26,14 +27,15 @@ pub use device_keys::{DeviceKeyStore, KeyChange};
 pub use events::{DeadLetter, EventLog, EventStat, EventWrites, OutboxRecord, OutboxStatus};
 pub use idempotency::{IdempotencyClaim, IdempotencyStore};
 pub use refresh_tokens::{RefreshTokenStore, RefreshTokenWrites};
+pub use sessions::{SessionStore, SessionWrites};
 pub use store::SqlStore;
 pub use users::{UserStore, UserWrites};
 
 /// Every store trait, for `use anna_store::prelude::*`.
 pub mod prelude {
     pub use crate::{
-        DeviceKeyStore, EventLog, EventWrites, IdempotencyStore, RefreshTokenStore, RefreshTokenWrites, Store, UnitOfWork, UserStore,
-        UserWrites,
+        DeviceKeyStore, EventLog, EventWrites, IdempotencyStore, RefreshTokenStore, RefreshTokenWrites, SessionStore,
+        SessionWrites, Store, UnitOfWork, UserStore, UserWrites,
     };
 }
 
@@ -109,7 +111,8 @@ pub fn redact_url(url: &str) -> String {
 
 #[async_trait]
 pub trait Store:
-    UserStore + RefreshTokenStore + EventLog + IdempotencyStore + DeviceKeyStore + Send + Sync + 'static {
+    UserStore + RefreshTokenStore + EventLog + IdempotencyStore + DeviceKeyStore + SessionStore + Send + Sync + 'static
+{
     fn backend(&self) -> Backend;
 
     /// Creates or upgrades every table; idempotent and tracked.
@@ -128,7 +131,7 @@ pub trait Store:
 /// One transaction over every concern: an aggregate's change and its domain events commit
 /// together or not at all. Dropping it without `commit` rolls everything back.
 #[async_trait]
-pub trait UnitOfWork: UserWrites + RefreshTokenWrites + EventWrites + Send {
+pub trait UnitOfWork: UserWrites + RefreshTokenWrites + SessionWrites + EventWrites + Send {
     async fn commit(self: Box<Self>) -> Result<(), StoreError>;
 }
 

@@ -340,6 +340,7 @@ const UNIQUE_RULES: &[(&str, &str, &str)] = &[
     ("users_email", "users_email_idx", "users.email"),
     ("users_id", "users_pkey", "users.id"),
     ("refresh_tokens_token_hash", "refresh_tokens_pkey", "refresh_tokens.token_hash"),
+    ("sessions_id", "sessions_pkey", "sessions.id"),
 ];
 
 fn classify(error: sqlx::Error) -> StoreError {

@@ -14,6 +14,7 @@
 
 pub mod jid;
 pub mod simulator;
+pub mod whatsapp;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -77,6 +77,7 @@ mod postgres_relays;
 mod postgres_upgrade;
 mod refresh_tokens;
 mod schema;
+mod sessions;
 mod store;
 mod subscribers;
 mod users;

@@ -1,0 +1,338 @@
+//! The WhatsApp session aggregate: a tenant's link to one WhatsApp account, and its state
+//! machine.
+//!
+//! ```text
+//!   create ──► pending_qr ──scan──► connected ◄──► disconnected
+//!                 │                    │                │
+//!                 └──► failed ◄────────┴────────────────┘   (qr_timeout, banned, replaced, …)
+//!                      logged_out ◄── any                    (phone unlinked, logout)
+//! ```
+//! `failed` and `logged_out` end a connection; starting the session again leaves them. Every
+//! transition carries its reason and yields its domain event; a transition to the state the
+//! session is already in yields nothing (drivers repeat themselves after reconnects).
+
+use serde_json::json;
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use crate::DomainEvent;
+use crate::user::iso;
+
+pub const SESSION_CREATED: &str = "session.created";
+pub const SESSION_QR_UPDATED: &str = "session.qr.updated";
+pub const SESSION_PAIR_CODE_ISSUED: &str = "session.pair_code.issued";
+pub const SESSION_CONNECTED: &str = "session.status.connected";
+pub const SESSION_DISCONNECTED: &str = "session.status.disconnected";
+pub const SESSION_FAILED: &str = "session.status.failed";
+pub const SESSION_LOGGED_OUT: &str = "session.logged_out";
+pub const SESSION_DELETED: &str = "session.deleted";
+pub const SESSION_MESSAGE_SENT: &str = "session.message.sent";
+pub const SESSION_MESSAGE_FAILED: &str = "session.message.failed";
+pub const SESSION_MESSAGE_RECEIVED: &str = "session.message.received";
+pub const SESSION_MESSAGE_STATUS: &str = "session.message.status";
+
+/// Longest reason kept (reasons given by tenants when stopping, or by WhatsApp).
+pub const MAX_REASON_CHARS: usize = 200;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SessionStatus {
+    PendingQr,
+    Connected,
+    Disconnected,
+    LoggedOut,
+    Failed,
+}
+
+impl SessionStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::PendingQr => "pending_qr",
+            Self::Connected => "connected",
+            Self::Disconnected => "disconnected",
+            Self::LoggedOut => "logged_out",
+            Self::Failed => "failed",
+        }
+    }
+
+    pub fn parse(value: &str) -> Option<Self> {
+        Some(match value {
+            "pending_qr" => Self::PendingQr,
+            "connected" => Self::Connected,
+            "disconnected" => Self::Disconnected,
+            "logged_out" => Self::LoggedOut,
+            "failed" => Self::Failed,
+            // The predecessor declared `expired` but never wrote it.
+            "expired" => Self::Failed,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Session {
+    pub id: Uuid,
+    pub tenant_id: Uuid,
+    pub status: SessionStatus,
+    /// The linked account's JID, once paired.
+    pub phone: Option<String>,
+    pub qr: Option<String>,
+    pub qr_expires_at: Option<OffsetDateTime>,
+    pub connected_at: Option<OffsetDateTime>,
+    pub disconnected_at: Option<OffsetDateTime>,
+    /// Why the session last left `connected` or `pending_qr`.
+    pub disconnected_reason: Option<String>,
+    pub created_at: OffsetDateTime,
+    pub updated_at: OffsetDateTime,
+}
+
+/// A reason, cut to [`MAX_REASON_CHARS`] with control characters replaced, so it is safe to
+/// store, log and show.
+pub fn clean_reason(reason: &str) -> String {
+    let cleaned: String = reason
+        .trim()
+        .chars()
+        .filter(|c| !crate::user::is_default_ignorable(*c))
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(MAX_REASON_CHARS)
+        .collect();
+    if cleaned.trim().is_empty() { "unknown".into() } else { cleaned }
+}
+
+impl Session {
+    /// A new session, waiting for its first QR code.
+    pub fn create(id: Uuid, tenant_id: Uuid, now: OffsetDateTime) -> (Self, DomainEvent) {
+        let session = Self {
+            id,
+            tenant_id,
+            status: SessionStatus::PendingQr,
+            phone: None,
+            qr: None,
+            qr_expires_at: None,
+            connected_at: None,
+            disconnected_at: None,
+            disconnected_reason: None,
+            created_at: now,
+            updated_at: now,
+        };
+        let event = session.event(
+            SESSION_CREATED,
+            now,
+            json!({"status": session.status.as_str(), "createdAt": iso(now)}),
+        );
+        (session, event)
+    }
+
+    fn event(&self, name: &str, now: OffsetDateTime, mut payload: serde_json::Value) -> DomainEvent {
+        if let Some(fields) = payload.as_object_mut() {
+            fields.insert("tenantId".into(), json!(self.tenant_id.to_string()));
+        }
+        let mut event = DomainEvent::new(name, self.id.to_string(), now, payload);
+        event.tenant_id = Some(self.tenant_id.to_string());
+        event
+    }
+
+    /// Whether a driver connection should exist for this session.
+    pub fn is_active(&self) -> bool {
+        matches!(self.status, SessionStatus::PendingQr | SessionStatus::Connected | SessionStatus::Disconnected)
+    }
+
+    /// A new QR code to show. Refused (None) once connected: a late code of a finished pairing.
+    pub fn show_qr(&mut self, qr: &str, expires_at: OffsetDateTime, now: OffsetDateTime) -> Option<DomainEvent> {
+        if self.status == SessionStatus::Connected || self.qr.as_deref() == Some(qr) {
+            return None;
+        }
+        self.status = SessionStatus::PendingQr;
+        self.qr = Some(qr.to_owned());
+        self.qr_expires_at = Some(expires_at);
+        self.updated_at = now;
+        Some(self.event(SESSION_QR_UPDATED, now, json!({"qr": qr, "expiresAt": iso(expires_at)})))
+    }
+
+    /// A phone-number pairing code was issued. The code itself is not an event payload
+    /// worth keeping: it is shown to the caller once, and the event tells watchers.
+    pub fn pair_code_issued(&mut self, expires_at: OffsetDateTime, now: OffsetDateTime) -> DomainEvent {
+        self.updated_at = now;
+        self.event(SESSION_PAIR_CODE_ISSUED, now, json!({"expiresAt": iso(expires_at)}))
+    }
+
+    pub fn connect(&mut self, phone: &str, now: OffsetDateTime) -> Option<DomainEvent> {
+        if self.status == SessionStatus::Connected && self.phone.as_deref() == Some(phone) {
+            return None;
+        }
+        self.status = SessionStatus::Connected;
+        self.phone = Some(phone.to_owned());
+        self.qr = None;
+        self.qr_expires_at = None;
+        self.connected_at = Some(now);
+        self.disconnected_reason = None;
+        self.updated_at = now;
+        Some(self.event(SESSION_CONNECTED, now, json!({"phone": phone, "connectedAt": iso(now)})))
+    }
+
+    /// The connection dropped or was stopped; the session can resume.
+    pub fn disconnect(&mut self, reason: &str, now: OffsetDateTime) -> Option<DomainEvent> {
+        if !matches!(self.status, SessionStatus::Connected | SessionStatus::PendingQr) {
+            return None;
+        }
+        let reason = clean_reason(reason);
+        self.status = SessionStatus::Disconnected;
+        self.qr = None;
+        self.qr_expires_at = None;
+        self.disconnected_at = Some(now);
+        self.disconnected_reason = Some(reason.clone());
+        self.updated_at = now;
+        Some(self.event(SESSION_DISCONNECTED, now, json!({"reason": reason, "disconnectedAt": iso(now)})))
+    }
+
+    /// The session cannot go on without the tenant: QR codes ran out, the number is banned,
+    /// another client took over, reconnecting gave up.
+    pub fn fail(&mut self, reason: &str, now: OffsetDateTime) -> Option<DomainEvent> {
+        if matches!(self.status, SessionStatus::Failed | SessionStatus::LoggedOut) {
+            return None;
+        }
+        let reason = clean_reason(reason);
+        self.status = SessionStatus::Failed;
+        self.qr = None;
+        self.qr_expires_at = None;
+        self.disconnected_at = Some(now);
+        self.disconnected_reason = Some(reason.clone());
+        self.updated_at = now;
+        Some(self.event(SESSION_FAILED, now, json!({"reason": reason, "failedAt": iso(now)})))
+    }
+
+    /// The device was unlinked (by the tenant, the phone or WhatsApp): its keys are void.
+    pub fn log_out(&mut self, reason: &str, now: OffsetDateTime) -> Option<DomainEvent> {
+        if self.status == SessionStatus::LoggedOut {
+            return None;
+        }
+        let reason = clean_reason(reason);
+        self.status = SessionStatus::LoggedOut;
+        self.qr = None;
+        self.qr_expires_at = None;
+        self.disconnected_at = Some(now);
+        self.disconnected_reason = Some(reason.clone());
+        self.updated_at = now;
+        Some(self.event(SESSION_LOGGED_OUT, now, json!({"reason": reason, "loggedOutAt": iso(now)})))
+    }
+
+    pub fn delete(&self, now: OffsetDateTime) -> DomainEvent {
+        self.event(SESSION_DELETED, now, json!({"deletedAt": iso(now)}))
+    }
+
+    pub fn message_sent(&self, command_id: Uuid, message_id: &str, to: &str, now: OffsetDateTime) -> DomainEvent {
+        self.event(
+            SESSION_MESSAGE_SENT,
+            now,
+            json!({"commandId": command_id.to_string(), "messageId": message_id, "to": to, "sentAt": iso(now)}),
+        )
+    }
+
+    pub fn message_failed(&self, command_id: Uuid, to: &str, reason: &str, now: OffsetDateTime) -> DomainEvent {
+        self.event(
+            SESSION_MESSAGE_FAILED,
+            now,
+            json!({"commandId": command_id.to_string(), "to": to, "reason": clean_reason(reason), "failedAt": iso(now)}),
+        )
+    }
+
+    pub fn message_received(&self, message: &ReceivedMessage, now: OffsetDateTime) -> DomainEvent {
+        self.event(
+            SESSION_MESSAGE_RECEIVED,
+            now,
+            json!({
+                "messageId": message.message_id,
+                "chat": message.chat,
+                "from": message.sender,
+                "pushName": message.push_name,
+                "text": message.text,
+                "fromMe": message.from_me,
+                "timestamp": iso(message.timestamp),
+            }),
+        )
+    }
+
+    pub fn message_status(&self, message_id: &str, chat: &str, status: &str, at: OffsetDateTime) -> DomainEvent {
+        self.event(
+            SESSION_MESSAGE_STATUS,
+            at,
+            json!({"messageId": message_id, "chat": chat, "status": status, "at": iso(at)}),
+        )
+    }
+}
+
+/// An incoming message as the domain records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReceivedMessage {
+    pub message_id: String,
+    pub chat: String,
+    pub sender: String,
+    pub push_name: Option<String>,
+    pub text: Option<String>,
+    pub from_me: bool,
+    pub timestamp: OffsetDateTime,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(seconds: i64) -> OffsetDateTime {
+        OffsetDateTime::from_unix_timestamp(1_790_000_000 + seconds).unwrap_or(OffsetDateTime::UNIX_EPOCH)
+    }
+
+    #[test]
+    fn pairing_reaches_connected_and_every_step_is_an_event() {
+        let tenant = Uuid::new_v4();
+        let (mut session, created) = Session::create(Uuid::new_v4(), tenant, at(0));
+        assert_eq!(created.event_name, SESSION_CREATED);
+        assert_eq!(created.payload["tenantId"], tenant.to_string());
+        assert_eq!(created.tenant_id.as_deref(), Some(tenant.to_string().as_str()));
+
+        let qr = session.show_qr("2@abc", at(60), at(0)).map(|e| e.event_name);
+        assert_eq!(qr.as_deref(), Some(SESSION_QR_UPDATED));
+        assert_eq!(session.show_qr("2@abc", at(60), at(1)), None, "the same code twice is one event");
+
+        let connected = session.connect("4915123456789@s.whatsapp.net", at(5));
+        assert_eq!(connected.map(|e| e.payload["phone"].clone()), Some(json!("4915123456789@s.whatsapp.net")));
+        assert_eq!(session.status, SessionStatus::Connected);
+        assert_eq!(session.qr, None);
+        assert_eq!(session.show_qr("2@late", at(80), at(6)), None, "late codes are ignored once connected");
+        assert_eq!(session.connect("4915123456789@s.whatsapp.net", at(7)), None);
+    }
+
+    #[test]
+    fn drops_failures_and_logouts_keep_their_reason() {
+        let (mut session, _) = Session::create(Uuid::new_v4(), Uuid::new_v4(), at(0));
+        // A pairing interrupted before the scan is a disconnect too (the predecessor threw).
+        let dropped = session.disconnect("stopped", at(1));
+        assert_eq!(dropped.map(|e| e.payload["reason"].clone()), Some(json!("stopped")));
+        assert_eq!(session.disconnect("again", at(2)), None);
+
+        session.connect("1555000111@s.whatsapp.net", at(3));
+        let failed = session.fail("banned:\u{7} 101", at(4));
+        assert_eq!(failed.map(|e| e.payload["reason"].clone()), Some(json!("banned:  101")));
+        assert_eq!(session.status, SessionStatus::Failed);
+        assert!(!session.is_active());
+
+        let logged_out = session.log_out("", at(5));
+        assert_eq!(logged_out.map(|e| e.payload["reason"].clone()), Some(json!("unknown")));
+        assert_eq!(session.log_out("again", at(6)), None);
+        assert_eq!(session.disconnected_reason.as_deref(), Some("unknown"));
+    }
+
+    #[test]
+    fn reasons_are_cut_and_statuses_round_trip() {
+        assert_eq!(clean_reason(&"x".repeat(500)).chars().count(), MAX_REASON_CHARS);
+        for status in [
+            SessionStatus::PendingQr,
+            SessionStatus::Connected,
+            SessionStatus::Disconnected,
+            SessionStatus::LoggedOut,
+            SessionStatus::Failed,
+        ] {
+            assert_eq!(SessionStatus::parse(status.as_str()), Some(status));
+        }
+        assert_eq!(SessionStatus::parse("expired"), Some(SessionStatus::Failed));
+        assert_eq!(SessionStatus::parse("nope"), None);
+    }
+}

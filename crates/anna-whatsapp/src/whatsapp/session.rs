@@ -1,0 +1,240 @@
+//! One live connection: a whatsapp-rust `Bot` running on its own task, its events forwarded
+//! to the worker's channel, and the [`LiveSession`] operations on its client.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex as StdMutex, PoisonError};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::{Mutex, mpsc};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use whatsapp_rust::Client;
+use whatsapp_rust::bot::Bot;
+use whatsapp_rust::pair_code::PairCodeOptions;
+use whatsapp_rust::types::events::Event;
+
+use super::convert::{build_text_message, render_qr, to_wa_jid};
+use super::events::{Context, translate};
+use super::{WhatsAppError, map_send_error};
+use crate::{CloseReason, DriverError, DriverEvent, LiveSession, OutgoingText, SessionKey, Simulation};
+
+/// How long the run loop's end waits for the event that explains it (events go through the
+/// library's ordered mailbox, which may still hold it) before reporting a generic close.
+const EXPLAIN_GRACE: Duration = Duration::from_secs(3);
+/// `disconnect()` flushes for at most ~5 s; then the run loop ends.
+const STOP_WAIT: Duration = Duration::from_secs(10);
+/// How long `stop` waits to hand `Closed` to the worker before finishing that in background
+/// (the worker may be awaiting `stop` instead of reading its channel).
+const CLOSE_HANDOFF: Duration = Duration::from_secs(5);
+/// How long `pair_with_code` waits for the socket of a connection still opening.
+const SOCKET_WAIT: Duration = Duration::from_secs(20);
+
+pub(crate) struct Settings {
+    pub qr_ttl: Duration,
+    pub print_qr: bool,
+    pub mark_online: bool,
+}
+
+/// State shared by the event handler, the run task and the [`LiveSession`].
+pub(crate) struct Shared {
+    session: SessionKey,
+    settings: Settings,
+    /// `None` once `Closed` was sent: nothing follows it. The lock also keeps events in order
+    /// between the handler and `stop`/`logout`.
+    events: Mutex<Option<mpsc::Sender<DriverEvent>>>,
+    closed: CancellationToken,
+    /// Set by `stop`, `logout` and drop: they report the end themselves (or nobody listens).
+    finishing: AtomicBool,
+}
+
+impl Shared {
+    pub(crate) fn new(session: SessionKey, settings: Settings, events: mpsc::Sender<DriverEvent>) -> Self {
+        Self {
+            session,
+            settings,
+            events: Mutex::new(Some(events)),
+            closed: CancellationToken::new(),
+            finishing: AtomicBool::new(false),
+        }
+    }
+
+    async fn emit(&self, event: DriverEvent) {
+        let events = self.events.lock().await;
+        if let Some(events) = events.as_ref()
+            && events.send(event).await.is_err()
+        {
+            tracing::debug!(session_id = %self.session.session_id, "the session's event receiver is gone");
+        }
+    }
+
+    /// Sends `Closed` once; later calls do nothing.
+    async fn close(&self, reason: CloseReason) {
+        let mut events = self.events.lock().await;
+        if let Some(sender) = events.take() {
+            tracing::info!(session_id = %self.session.session_id, reason = %reason.label(), "whatsapp connection closed");
+            let _ = sender.send(DriverEvent::Closed { reason }).await;
+            self.closed.cancel();
+        }
+    }
+
+    /// The library's event handler (ordered delivery: one event at a time, in order).
+    pub(crate) async fn handle(self: Arc<Self>, event: Arc<Event>, client: Arc<Client>) {
+        if self.closed.is_cancelled() {
+            return;
+        }
+        if matches!(*event, Event::Connected(_)) && !self.settings.mark_online {
+            // The library announces "available" on every connect, which silences the phone's
+            // notifications; anna's default is to stay invisible unless told otherwise.
+            let client = client.clone();
+            let session_id = self.session.session_id;
+            tokio::spawn(async move {
+                if let Err(e) = client.presence().set_unavailable().await {
+                    tracing::debug!(%session_id, error = %e, "could not mark the session unavailable");
+                }
+            });
+        }
+        let context = Context {
+            qr_ttl: self.settings.qr_ttl,
+            own_phone: client.pn().map(|jid| jid.to_string()),
+        };
+        for translated in translate(&event, &context) {
+            match translated {
+                DriverEvent::Closed { reason } => {
+                    self.close(reason).await;
+                    return;
+                }
+                DriverEvent::Qr { code, ttl } => {
+                    if self.settings.print_qr {
+                        self.print_qr(&code);
+                    }
+                    self.emit(DriverEvent::Qr { code, ttl }).await;
+                }
+                other => self.emit(other).await,
+            }
+        }
+    }
+
+    fn print_qr(&self, code: &str) {
+        match render_qr(code) {
+            Ok(rendered) => eprintln!("WhatsApp QR code for session {}:\n{rendered}", self.session.session_id),
+            Err(e) => tracing::warn!(session_id = %self.session.session_id, error = %e, "could not render the QR code"),
+        }
+    }
+}
+
+/// Runs the bot until its loop ends and makes sure the worker hears about the end.
+pub(crate) async fn run(bot: Bot, shared: Arc<Shared>) {
+    bot.run().await;
+    if shared.finishing.load(Ordering::Acquire) {
+        return;
+    }
+    if tokio::time::timeout(EXPLAIN_GRACE, shared.closed.cancelled()).await.is_err() {
+        shared.close(CloseReason::Transient("the client stopped".into())).await;
+    }
+}
+
+/// A live whatsapp-rust connection.
+pub(crate) struct WaLiveSession {
+    pub(crate) client: Arc<Client>,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) runner: StdMutex<Option<JoinHandle<()>>>,
+}
+
+impl WaLiveSession {
+    fn take_runner(&self) -> Option<JoinHandle<()>> {
+        self.runner.lock().unwrap_or_else(PoisonError::into_inner).take()
+    }
+
+    /// Disconnects (flushing the keys) and waits for the run loop to end.
+    async fn shut_down(&self) {
+        self.client.disconnect().await;
+        if let Some(mut runner) = self.take_runner()
+            && tokio::time::timeout(STOP_WAIT, &mut runner).await.is_err()
+        {
+            tracing::warn!(session_id = %self.shared.session.session_id, "the whatsapp run loop did not end; aborting it");
+            runner.abort();
+        }
+    }
+
+    /// Sends `Closed`, waiting a bounded time (see [`CLOSE_HANDOFF`]).
+    async fn close(&self, reason: CloseReason) {
+        let shared = self.shared.clone();
+        let closing = tokio::spawn(async move { shared.close(reason).await });
+        let _ = tokio::time::timeout(CLOSE_HANDOFF, closing).await;
+    }
+}
+
+#[async_trait]
+impl LiveSession for WaLiveSession {
+    async fn send_text(&self, message: &OutgoingText) -> Result<String, DriverError> {
+        if message.text.is_empty() {
+            return Err(DriverError::Invalid("the text is empty".into()));
+        }
+        if self.shared.closed.is_cancelled() {
+            return Err(DriverError::NotConnected);
+        }
+        let built = build_text_message(&message.text, message.reply_to.as_deref());
+        let sent = self.client.send_message(to_wa_jid(&message.to), built).await.map_err(map_send_error)?;
+        Ok(sent.message_id)
+    }
+
+    async fn pair_with_code(&self, phone: &str) -> Result<String, DriverError> {
+        let digits = crate::jid::phone_digits(phone).map_err(|e| DriverError::Invalid(format!("phone number {e}")))?;
+        if self.shared.closed.is_cancelled() {
+            return Err(DriverError::NotConnected);
+        }
+        if self.client.is_logged_in() {
+            return Err(DriverError::Invalid("the session is already paired".into()));
+        }
+        self.client.wait_for_socket(SOCKET_WAIT).await.map_err(|_| DriverError::NotConnected)?;
+        let options = PairCodeOptions { phone_number: digits, ..Default::default() };
+        let code = self
+            .client
+            .pair_with_code(options)
+            .await
+            .map_err(|e| DriverError::from(WhatsAppError::PairCode(e.to_string())))?;
+        Ok(code)
+    }
+
+    async fn logout(&self) -> Result<(), DriverError> {
+        if self.shared.closed.is_cancelled() || !self.client.is_logged_in() {
+            return Err(DriverError::NotConnected);
+        }
+        self.shared.finishing.store(true, Ordering::Release);
+        // Sends the unlink request, dispatches `LoggedOut` (which the handler may already turn
+        // into `Closed`), then disconnects.
+        self.client.logout().await;
+        self.shut_down().await;
+        self.close(CloseReason::LoggedOut(String::new())).await;
+        Ok(())
+    }
+
+    async fn stop(&self) {
+        if self.shared.finishing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        self.shut_down().await;
+        self.close(CloseReason::Stopped).await;
+    }
+
+    async fn simulate(&self, _simulation: Simulation) -> Result<(), DriverError> {
+        Err(DriverError::Unsupported("whatsapp"))
+    }
+}
+
+impl Drop for WaLiveSession {
+    fn drop(&mut self) {
+        // Dropped without `stop`: a client left running would race the next one on the same
+        // keys, so end it (disconnect still flushes); nobody is left to tell.
+        if self.shared.finishing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let client = self.client.clone();
+            runtime.spawn(async move { client.disconnect().await });
+        } else if let Some(runner) = self.take_runner() {
+            runner.abort();
+        }
+    }
+}

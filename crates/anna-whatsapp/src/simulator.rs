@@ -1,1 +1,360 @@
-//! The simulator (being written).
+//! The simulator: an in-process fake WhatsApp network, selected explicitly with
+//! `SESSIONS_PROVIDER=simulator` and labelled as such wherever it shows.
+//!
+//! It keeps WhatsApp's pairing timings (first QR code valid 60 s, then 20 s each, then
+//! exhausted: the connection closes with `qr_timeout`), demands a restart after a successful
+//! scan like the real server, and keeps its simulated device in the same device-key store as
+//! the real client, so a paired simulated session resumes after a restart or on another worker
+//! exactly like a real one. Every valid phone number is a simulated contact: it receives
+//! messages, sends server, delivery and read receipts, and replies. Disconnects, logouts and
+//! bans can be injected.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anna_store::DeviceKeyStore;
+use async_trait::async_trait;
+use rand::Rng;
+use serde_json::json;
+use time::OffsetDateTime;
+use tokio::sync::{Mutex, Notify, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    CloseReason, DriverError, DriverEvent, IncomingMessage, LiveSession, OutgoingText, ReceiptStatus, SessionDriver,
+    SessionKey, Simulation, jid,
+};
+
+/// The key of the simulated device in the credentials document.
+const DEVICE: &str = "simulatedDevice";
+
+#[derive(Debug, Clone)]
+pub struct SimulatorConfig {
+    /// Validity of the first QR code (WhatsApp: 60 s).
+    pub first_qr_ttl: Duration,
+    /// Validity of each later code (WhatsApp: 20 s).
+    pub next_qr_ttl: Duration,
+    /// Codes shown before the pairing gives up (WhatsApp: about 6).
+    pub qr_codes: u32,
+    /// Time from opening a paired connection to `Connected`.
+    pub connect_delay: Duration,
+    pub server_ack_delay: Duration,
+    pub delivered_delay: Duration,
+    pub read_delay: Duration,
+    /// Time until a contact replies; `None`: contacts never reply.
+    pub reply_delay: Option<Duration>,
+}
+
+impl Default for SimulatorConfig {
+    fn default() -> Self {
+        Self {
+            first_qr_ttl: Duration::from_secs(60),
+            next_qr_ttl: Duration::from_secs(20),
+            qr_codes: 6,
+            connect_delay: Duration::from_millis(300),
+            server_ack_delay: Duration::from_millis(20),
+            delivered_delay: Duration::from_millis(300),
+            read_delay: Duration::from_millis(1200),
+            reply_delay: Some(Duration::from_millis(1500)),
+        }
+    }
+}
+
+/// The simulated network; one per process.
+pub struct Simulator {
+    store: Arc<dyn DeviceKeyStore>,
+    config: SimulatorConfig,
+}
+
+impl Simulator {
+    pub fn new(store: Arc<dyn DeviceKeyStore>, config: SimulatorConfig) -> Self {
+        Self { store, config }
+    }
+
+    async fn paired_phone(&self, session: SessionKey) -> Result<Option<String>, DriverError> {
+        let creds = self.store.load_creds(session.session_id).await?;
+        Ok(creds.and_then(|creds| creds[DEVICE]["phone"].as_str().map(str::to_owned)))
+    }
+}
+
+#[async_trait]
+impl SessionDriver for Simulator {
+    fn name(&self) -> &'static str {
+        "simulator"
+    }
+
+    async fn connect(
+        &self,
+        session: SessionKey,
+        events: mpsc::Sender<DriverEvent>,
+    ) -> Result<Arc<dyn LiveSession>, DriverError> {
+        let phone = self.paired_phone(session).await?;
+        let live = Arc::new(Connection {
+            session,
+            store: self.store.clone(),
+            config: self.config.clone(),
+            events,
+            cancel: CancellationToken::new(),
+            closed: AtomicBool::new(false),
+            scanned: Notify::new(),
+            state: Mutex::new(ConnectionState { phone: phone.clone(), connected: false, pair_phone: None }),
+        });
+        let task = live.clone();
+        match phone {
+            Some(phone) => tokio::spawn(async move { task.resume(phone).await }),
+            None => tokio::spawn(async move { task.pair().await }),
+        };
+        Ok(Arc::new(SimulatedConnection(live)))
+    }
+
+    async fn is_paired(&self, session: SessionKey) -> Result<bool, DriverError> {
+        Ok(self.paired_phone(session).await?.is_some())
+    }
+
+    async fn wipe(&self, session: SessionKey) -> Result<(), DriverError> {
+        Ok(self.store.wipe_device(session.session_id).await?)
+    }
+}
+
+struct ConnectionState {
+    phone: Option<String>,
+    connected: bool,
+    /// The number given for pairing by code, if any.
+    pair_phone: Option<String>,
+}
+
+/// One simulated connection; its tasks share [`Connection`].
+struct SimulatedConnection(Arc<Connection>);
+
+struct Connection {
+    session: SessionKey,
+    store: Arc<dyn DeviceKeyStore>,
+    config: SimulatorConfig,
+    events: mpsc::Sender<DriverEvent>,
+    cancel: CancellationToken,
+    closed: AtomicBool,
+    scanned: Notify,
+    state: Mutex<ConnectionState>,
+}
+
+impl Connection {
+    async fn emit(&self, event: DriverEvent) {
+        if !self.closed.load(Ordering::Acquire) {
+            // A worker that stopped listening has dropped the connection: nothing to tell.
+            let _ = self.events.send(event).await;
+        }
+    }
+
+    /// Ends the connection once; later events are dropped.
+    async fn close(&self, reason: CloseReason) {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        self.cancel.cancel();
+        self.state.lock().await.connected = false;
+        let _ = self.events.send(DriverEvent::Closed { reason }).await;
+    }
+
+    async fn resume(self: Arc<Self>, phone: String) {
+        tokio::select! {
+            () = self.cancel.cancelled() => return,
+            () = tokio::time::sleep(self.config.connect_delay) => {}
+        }
+        self.state.lock().await.connected = true;
+        self.emit(DriverEvent::Connected { phone }).await;
+    }
+
+    async fn pair(self: Arc<Self>) {
+        for shown in 0..self.config.qr_codes {
+            let ttl = if shown == 0 { self.config.first_qr_ttl } else { self.config.next_qr_ttl };
+            self.emit(DriverEvent::Qr { code: qr_payload(), ttl }).await;
+            tokio::select! {
+                () = self.cancel.cancelled() => return,
+                () = self.scanned.notified() => return self.complete_pairing().await,
+                () = tokio::time::sleep(ttl) => {}
+            }
+        }
+        self.close(CloseReason::QrTimeout).await;
+    }
+
+    /// Like WhatsApp: the pairing succeeds, then the server closes the stream and demands a
+    /// restart; the new connection logs in with the stored device.
+    async fn complete_pairing(&self) {
+        let phone = {
+            let state = self.state.lock().await;
+            state.pair_phone.clone().unwrap_or_else(simulated_phone_number)
+        };
+        let phone = format!("{phone}@{}", jid::USER_SERVER);
+        let device = json!({ DEVICE: { "phone": phone, "pairedAt": OffsetDateTime::now_utc().unix_timestamp() } });
+        if let Err(error) = self.store.save_creds(self.session.session_id, self.session.tenant_id, &device).await {
+            tracing::warn!(session_id = %self.session.session_id, %error, "Simulated pairing could not be stored");
+            return self.close(CloseReason::Transient("device store unavailable".into())).await;
+        }
+        self.state.lock().await.phone = Some(phone.clone());
+        self.emit(DriverEvent::Paired { phone }).await;
+        self.close(CloseReason::RestartRequired).await;
+    }
+
+    async fn contact_answers(self: Arc<Self>, message_id: String, to: String, text: String, group: bool) {
+        let config = self.config.clone();
+        let mut elapsed = Duration::ZERO;
+        let mut steps = vec![(config.server_ack_delay, Some(ReceiptStatus::ServerAck))];
+        if !group {
+            steps.push((config.delivered_delay, Some(ReceiptStatus::Delivered)));
+            steps.push((config.read_delay, Some(ReceiptStatus::Read)));
+            if let Some(reply) = config.reply_delay {
+                steps.push((reply, None));
+            }
+        }
+        steps.sort_by_key(|(at, _)| *at);
+        for (at, status) in steps {
+            tokio::select! {
+                () = self.cancel.cancelled() => return,
+                () = tokio::time::sleep(at.saturating_sub(elapsed)) => {}
+            }
+            elapsed = elapsed.max(at);
+            let now = OffsetDateTime::now_utc();
+            match status {
+                Some(status) => {
+                    self.emit(DriverEvent::Receipt {
+                        message_id: message_id.clone(),
+                        chat: to.clone(),
+                        status,
+                        at: now,
+                    })
+                    .await
+                }
+                None => {
+                    let quoted: String = text.chars().take(200).collect();
+                    self.emit(DriverEvent::Message(IncomingMessage {
+                        message_id: message_id_like_whatsapp(),
+                        chat: to.clone(),
+                        sender: to.clone(),
+                        push_name: Some(format!("Simulated contact {}", to.split('@').next().unwrap_or_default())),
+                        text: Some(format!("Simulated reply to: {quoted}")),
+                        from_me: false,
+                        timestamp: now,
+                    }))
+                    .await
+                }
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl LiveSession for SimulatedConnection {
+    async fn send_text(&self, message: &OutgoingText) -> Result<String, DriverError> {
+        let connection = &self.0;
+        if !connection.state.lock().await.connected || connection.closed.load(Ordering::Acquire) {
+            return Err(DriverError::NotConnected);
+        }
+        let message_id = message_id_like_whatsapp();
+        let answering = connection.clone();
+        let (id, to, text, group) =
+            (message_id.clone(), message.to.to_string(), message.text.clone(), message.to.is_group());
+        tokio::spawn(async move { answering.contact_answers(id, to, text, group).await });
+        Ok(message_id)
+    }
+
+    async fn pair_with_code(&self, phone: &str) -> Result<String, DriverError> {
+        let digits = jid::phone_digits(phone).map_err(|e| DriverError::Invalid(format!("phone {e}")))?;
+        {
+            let mut state = self.0.state.lock().await;
+            if state.phone.is_some() {
+                return Err(DriverError::Invalid("the session is already paired".into()));
+            }
+            state.pair_phone = Some(digits);
+        }
+        let code = pair_code();
+        self.0.emit(DriverEvent::PairCode { code: code.clone(), ttl: Duration::from_secs(180) }).await;
+        Ok(code)
+    }
+
+    async fn logout(&self) -> Result<(), DriverError> {
+        self.0.close(CloseReason::LoggedOut("logged out".into())).await;
+        Ok(())
+    }
+
+    async fn stop(&self) {
+        self.0.close(CloseReason::Stopped).await;
+    }
+
+    async fn simulate(&self, simulation: Simulation) -> Result<(), DriverError> {
+        let (paired, connected) = {
+            let state = self.0.state.lock().await;
+            (state.phone.is_some(), state.connected)
+        };
+        match simulation {
+            Simulation::Scan if paired => Err(DriverError::Invalid("the session is already paired".into())),
+            Simulation::Scan => {
+                self.0.scanned.notify_one();
+                Ok(())
+            }
+            Simulation::Disconnect if !connected => Err(DriverError::NotConnected),
+            Simulation::Disconnect => {
+                self.0.close(CloseReason::Transient("simulated network drop".into())).await;
+                Ok(())
+            }
+            Simulation::Logout if !paired => Err(DriverError::Invalid("the session is not paired".into())),
+            Simulation::Logout => {
+                self.0.close(CloseReason::LoggedOut("unlinked on the simulated phone".into())).await;
+                Ok(())
+            }
+            Simulation::Ban if !paired => Err(DriverError::Invalid("the session is not paired".into())),
+            Simulation::Ban => {
+                self.0.close(CloseReason::Banned("simulated temporary ban".into())).await;
+                Ok(())
+            }
+        }
+    }
+}
+
+/// A QR payload shaped like WhatsApp's: `ref,noise public key,identity public key,adv secret`,
+/// base64 parts, marked as simulated so nobody mistakes it for a real code.
+fn qr_payload() -> String {
+    let mut rng = rand::rng();
+    let mut part = |len: usize| -> String {
+        const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+        (0..len).map(|_| char::from(ALPHABET[rng.random_range(0..ALPHABET.len())])).collect()
+    };
+    format!("2@SIMULATED{},{}=,{}=,{}=", part(40), part(43), part(43), part(43))
+}
+
+/// 8 characters from the alphabet WhatsApp uses for linking codes (no 0/O, 1/I).
+fn pair_code() -> String {
+    const ALPHABET: &[u8] = b"ABCDEFGHJKLMNPQRSTVWXYZ123456789";
+    let mut rng = rand::rng();
+    (0..8).map(|_| char::from(ALPHABET[rng.random_range(0..ALPHABET.len())])).collect()
+}
+
+/// WhatsApp Web message ids: `3EB0` and 16 upper-case hex digits.
+fn message_id_like_whatsapp() -> String {
+    format!("3EB0{:016X}", rand::rng().random::<u64>())
+}
+
+/// A phone number for a session paired by QR (the simulated phone that scanned it). Uses the
+/// fictional +1 555 01xx range when shown to people.
+fn simulated_phone_number() -> String {
+    format!("1555{:07}", rand::rng().random_range(0..10_000_000u32))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payloads_look_like_whatsapp() {
+        let qr = qr_payload();
+        assert!(qr.starts_with("2@SIMULATED"));
+        assert_eq!(qr.split(',').count(), 4);
+        let code = pair_code();
+        assert_eq!(code.len(), 8);
+        assert!(!code.contains('0') && !code.contains('O') && !code.contains('I'));
+        let id = message_id_like_whatsapp();
+        assert_eq!(id.len(), 20);
+        assert!(id.starts_with("3EB0"));
+        assert!(jid::Jid::phone(&simulated_phone_number()).is_ok());
+    }
+}

@@ -1,0 +1,150 @@
+//! The simulator, end to end on a real SQLite device store: pairing timings and exhaustion,
+//! scan and restart, resume from stored keys, contacts' receipts and replies, injections.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anna_store::{ConnectOptions, Store};
+use anna_whatsapp::simulator::{Simulator, SimulatorConfig};
+use anna_whatsapp::{
+    CloseReason, DriverError, DriverEvent, Jid, OutgoingText, ReceiptStatus, SessionDriver, SessionKey, Simulation,
+};
+use tokio::sync::mpsc;
+use uuid::Uuid;
+
+async fn store() -> Arc<dyn Store> {
+    let url = anna_testkit::sqlite::fresh_database_url();
+    let store = anna_store::connect(&url, &ConnectOptions::default()).await.unwrap_or_else(|e| panic!("{e}"));
+    store.migrate().await.unwrap_or_else(|e| panic!("{e}"));
+    store
+}
+
+fn fast() -> SimulatorConfig {
+    SimulatorConfig {
+        first_qr_ttl: Duration::from_millis(150),
+        next_qr_ttl: Duration::from_millis(50),
+        qr_codes: 3,
+        connect_delay: Duration::from_millis(10),
+        server_ack_delay: Duration::from_millis(5),
+        delivered_delay: Duration::from_millis(10),
+        read_delay: Duration::from_millis(15),
+        reply_delay: Some(Duration::from_millis(20)),
+    }
+}
+
+async fn next(events: &mut mpsc::Receiver<DriverEvent>) -> DriverEvent {
+    match tokio::time::timeout(Duration::from_secs(5), events.recv()).await {
+        Ok(Some(event)) => event,
+        other => panic!("no event: {other:?}"),
+    }
+}
+
+fn key() -> SessionKey {
+    SessionKey { session_id: Uuid::new_v4(), tenant_id: Uuid::new_v4() }
+}
+
+fn text(to: &str) -> OutgoingText {
+    OutgoingText { to: Jid::parse(to).unwrap_or_else(|e| panic!("{e}")), text: "hello".into(), reply_to: None }
+}
+
+#[tokio::test]
+async fn qr_codes_rotate_with_their_timings_then_run_out() {
+    let simulator = Simulator::new(store().await, fast());
+    let (tx, mut events) = mpsc::channel(16);
+    let _live = simulator.connect(key(), tx).await.unwrap_or_else(|e| panic!("{e}"));
+    let mut ttls = Vec::new();
+    loop {
+        match next(&mut events).await {
+            DriverEvent::Qr { code, ttl } => {
+                assert!(code.starts_with("2@"));
+                ttls.push(ttl);
+            }
+            DriverEvent::Closed { reason } => {
+                assert_eq!(reason, CloseReason::QrTimeout);
+                break;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(ttls, vec![Duration::from_millis(150), Duration::from_millis(50), Duration::from_millis(50)]);
+}
+
+#[tokio::test]
+async fn a_scan_pairs_restarts_and_the_device_resumes_from_the_store() {
+    let store = store().await;
+    let simulator = Simulator::new(store.clone(), fast());
+    let session = key();
+    let (tx, mut events) = mpsc::channel(16);
+    let live = simulator.connect(session, tx).await.unwrap_or_else(|e| panic!("{e}"));
+    assert!(matches!(next(&mut events).await, DriverEvent::Qr { .. }));
+    assert!(matches!(live.send_text(&text("+1 555 0100 123")).await, Err(DriverError::NotConnected)));
+    live.simulate(Simulation::Scan).await.unwrap_or_else(|e| panic!("{e}"));
+    let DriverEvent::Paired { phone } = next(&mut events).await else { panic!("not paired") };
+    assert!(Jid::parse(&phone).is_ok(), "{phone}");
+    assert_eq!(next(&mut events).await, DriverEvent::Closed { reason: CloseReason::RestartRequired });
+    assert!(simulator.is_paired(session).await.unwrap_or(false));
+
+    // The restart: a new connection logs in with the stored device, as on another worker.
+    let other_worker = Simulator::new(store.clone(), fast());
+    let (tx, mut events) = mpsc::channel(16);
+    let live = other_worker.connect(session, tx).await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(next(&mut events).await, DriverEvent::Connected { phone: phone.clone() });
+
+    let id = live.send_text(&text("+1 555 0100 123")).await.unwrap_or_else(|e| panic!("{e}"));
+    let mut statuses = Vec::new();
+    let mut replied = false;
+    while statuses.len() < 3 || !replied {
+        match next(&mut events).await {
+            DriverEvent::Receipt { message_id, status, chat, .. } => {
+                assert_eq!(message_id, id);
+                assert_eq!(chat, "15550100123@s.whatsapp.net");
+                statuses.push(status);
+            }
+            DriverEvent::Message(message) => {
+                assert_eq!(message.sender, "15550100123@s.whatsapp.net");
+                assert!(message.text.unwrap_or_default().contains("hello"));
+                replied = true;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(statuses, vec![ReceiptStatus::ServerAck, ReceiptStatus::Delivered, ReceiptStatus::Read]);
+
+    live.stop().await;
+    assert_eq!(next(&mut events).await, DriverEvent::Closed { reason: CloseReason::Stopped });
+    live.stop().await;
+    assert!(matches!(live.send_text(&text("+1 555 0100 123")).await, Err(DriverError::NotConnected)));
+    simulator.wipe(session).await.unwrap_or_else(|e| panic!("{e}"));
+    assert!(!simulator.is_paired(session).await.unwrap_or(true));
+}
+
+#[tokio::test]
+async fn injected_drops_logouts_and_bans_close_the_connection_with_their_reason() {
+    let store = store().await;
+    let simulator = Simulator::new(store, fast());
+    let session = key();
+    let (tx, mut events) = mpsc::channel(16);
+    let live = simulator.connect(session, tx).await.unwrap_or_else(|e| panic!("{e}"));
+    assert!(matches!(live.simulate(Simulation::Ban).await, Err(DriverError::Invalid(_))));
+    let code = live.pair_with_code("+49 151 23456789").await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(code.len(), 8);
+    live.simulate(Simulation::Scan).await.unwrap_or_else(|e| panic!("{e}"));
+    let paired = loop {
+        if let DriverEvent::Paired { phone } = next(&mut events).await {
+            break phone;
+        }
+    };
+    assert_eq!(paired, "4915123456789@s.whatsapp.net", "pairing by code links the given number");
+
+    for (simulation, expected) in [
+        (Simulation::Disconnect, CloseReason::Transient("simulated network drop".into())),
+        (Simulation::Logout, CloseReason::LoggedOut("unlinked on the simulated phone".into())),
+        (Simulation::Ban, CloseReason::Banned("simulated temporary ban".into())),
+    ] {
+        let (tx, mut events) = mpsc::channel(16);
+        let live = simulator.connect(session, tx).await.unwrap_or_else(|e| panic!("{e}"));
+        assert!(matches!(next(&mut events).await, DriverEvent::Connected { .. }));
+        live.simulate(simulation).await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(next(&mut events).await, DriverEvent::Closed { reason: expected });
+    }
+}

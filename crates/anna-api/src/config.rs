@@ -21,6 +21,37 @@ pub struct ApiConfig {
     pub idempotency_key_ttl: Duration,
     /// Serve `/metrics` on the API port (when false it is served on its own port, or nowhere).
     pub metrics_on_api_port: bool,
+    pub realtime: RealtimeConfig,
+    /// Mount the simulator's routes (`SESSIONS_PROVIDER=simulator`).
+    pub simulator: bool,
+}
+
+/// `WS_*`: the realtime feed.
+#[derive(Debug, Clone)]
+pub struct RealtimeConfig {
+    /// `WS_ALLOWED_ORIGINS`: browser origins allowed to open `/ws/sessions` besides the API's
+    /// own host. `*` allows any.
+    pub allowed_origins: Vec<String>,
+    /// `WS_TICKET_TTL_MS`: validity of a `POST /ws/ticket` ticket.
+    pub ticket_ttl: Duration,
+    /// `WS_REPLAY_EVENTS`: recent events kept for `?since=` replays.
+    pub replay_events: usize,
+    /// `WS_CLIENT_BUFFER`: events a socket may fall behind before it is dropped as too slow.
+    pub client_buffer: usize,
+    /// `EVENTS_STREAM`: the stream the feed tails.
+    pub stream: String,
+}
+
+impl Default for RealtimeConfig {
+    fn default() -> Self {
+        Self {
+            allowed_origins: Vec::new(),
+            ticket_ttl: Duration::from_secs(30),
+            replay_events: 1000,
+            client_buffer: 256,
+            stream: "domain-events".into(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -33,11 +64,22 @@ pub struct RateLimitConfig {
     /// Requests per hour that send an e-mail (resend verification, password reset) about one
     /// account: keeps the routes from being used to flood someone's mailbox.
     pub emails_per_account_per_hour: u32,
+    /// Messages one session may send per minute (`SESSIONS_SEND_PER_MINUTE`), after a burst of
+    /// `send_burst` (`SESSIONS_SEND_BURST`).
+    pub send_per_minute: u32,
+    pub send_burst: u32,
 }
 
 impl Default for RateLimitConfig {
     fn default() -> Self {
-        Self { enabled: true, per_ip_per_minute: 20, per_account_per_minute: 5, emails_per_account_per_hour: 10 }
+        Self {
+            enabled: true,
+            per_ip_per_minute: 20,
+            per_account_per_minute: 5,
+            emails_per_account_per_hour: 10,
+            send_per_minute: 60,
+            send_burst: 20,
+        }
     }
 }
 
@@ -53,6 +95,8 @@ impl ApiConfig {
             uniform_response_time: Duration::from_millis(250),
             idempotency_key_ttl: Duration::from_secs(24 * 3600),
             metrics_on_api_port: true,
+            realtime: RealtimeConfig::default(),
+            simulator: false,
         }
     }
 }

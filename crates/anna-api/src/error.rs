@@ -95,6 +95,7 @@ impl From<Failure> for ApiError {
     fn from(failure: Failure) -> Self {
         match failure {
             Failure::Store(error) => error.into(),
+            Failure::Stream(error) => Self::unavailable(error),
             other => Self::internal(other),
         }
     }

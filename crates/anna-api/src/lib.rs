@@ -3,11 +3,14 @@
 
 pub mod auth;
 pub mod config;
+pub mod demo;
 pub mod error;
 pub mod extract;
 pub mod health;
 pub mod idempotency;
 pub mod rate_limit;
+pub mod realtime;
+pub mod sessions;
 pub mod state;
 pub mod telemetry;
 pub mod users;
@@ -40,6 +43,8 @@ pub use state::AppState;
     tags(
         (name = "users", description = "Registration, verification, current user"),
         (name = "auth", description = "Login, refresh tokens, logout, password reset"),
+        (name = "sessions", description = "WhatsApp sessions: start, pair, send, stop, log out, delete"),
+        (name = "realtime", description = "Tickets for the session-event WebSocket /ws/sessions"),
         (name = "operations", description = "Health and readiness"),
     )
 )]
@@ -65,7 +70,12 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 }
 
 fn api_routes() -> OpenApiRouter<AppState> {
-    OpenApiRouter::with_openapi(ApiDoc::openapi()).merge(users::router()).merge(auth::router()).merge(health::router())
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .merge(users::router())
+        .merge(auth::router())
+        .merge(sessions::router())
+        .merge(realtime::router())
+        .merge(health::router())
 }
 
 /// Adds the answers the edge gives on any route, so the document lists every status a route
@@ -104,9 +114,13 @@ fn document_edge_errors(document: &mut utoipa::openapi::OpenApi) {
 
 /// The whole HTTP application.
 pub fn router(state: AppState) -> Router {
-    let (routes, mut openapi) = api_routes().split_for_parts();
+    let mut routes = api_routes();
+    if state.config.simulator {
+        routes = routes.merge(sessions::simulator_router());
+    }
+    let (routes, mut openapi) = routes.split_for_parts();
     document_edge_errors(&mut openapi);
-    let mut app = routes.merge(SwaggerUi::new("/docs").url("/openapi.json", openapi));
+    let mut app = routes.merge(SwaggerUi::new("/docs").url("/openapi.json", openapi)).merge(demo::router());
     if state.config.metrics_on_api_port {
         app = app.route("/metrics", get(health::metrics));
     }
@@ -178,13 +192,22 @@ const API_CSP: &str = "default-src 'none'; frame-ancestors 'none'";
 /// by anyone of answers that are not the static docs assets (tokens, user data).
 async fn security_headers(request: axum::extract::Request, next: middleware::Next) -> axum::response::Response {
     use axum::http::{HeaderValue, header};
-    let docs = request.uri().path().starts_with("/docs");
+    let path = request.uri().path();
+    let docs = path.starts_with("/docs");
+    let page = path == "/" || path.starts_with("/demo");
     let mut response = next.run(request).await;
     let headers = response.headers_mut();
     headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
     headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
     headers.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
-    headers.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(if docs { DOCS_CSP } else { API_CSP }));
+    let csp = if docs {
+        DOCS_CSP
+    } else if page {
+        demo::CSP
+    } else {
+        API_CSP
+    };
+    headers.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(csp));
     if !docs && !headers.contains_key(header::CACHE_CONTROL) {
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     }

@@ -35,6 +35,9 @@ pub struct RateLimiters {
     per_ip: DefaultKeyedRateLimiter<String>,
     per_account: DefaultKeyedRateLimiter<String>,
     emails_per_account: DefaultKeyedRateLimiter<String>,
+    /// Messages per session: protects the tenant's number from WhatsApp's burst bans, so it
+    /// applies even with `RATE_LIMIT_ENABLED=false`.
+    sends: DefaultKeyedRateLimiter<uuid::Uuid>,
     clock: DefaultClock,
 }
 
@@ -51,8 +54,21 @@ impl RateLimiters {
             emails_per_account: RateLimiter::keyed(Quota::per_hour(
                 NonZeroU32::new(config.emails_per_account_per_hour).unwrap_or(NonZeroU32::MIN),
             )),
+            sends: RateLimiter::keyed(
+                per_minute(config.send_per_minute)
+                    .allow_burst(NonZeroU32::new(config.send_burst).unwrap_or(NonZeroU32::MIN)),
+            ),
             clock: DefaultClock::default(),
         }
+    }
+
+    /// Spends one message of the session's send budget; `Err` holds the seconds to wait.
+    pub fn check_send(&self, session_id: uuid::Uuid) -> Result<(), u64> {
+        self.sends.check_key(&session_id).map_err(|not_until| {
+            let wait = not_until.wait_time_from(self.clock.now());
+            metrics::counter!("session_sends_rate_limited_total").increment(1);
+            wait.as_secs() + u64::from(wait.subsec_nanos() > 0)
+        })
     }
 
     /// Spends one request of the IP's budget for `route`.
@@ -85,6 +101,7 @@ impl RateLimiters {
     pub fn retain_recent(&self) {
         self.per_ip.retain_recent();
         self.per_account.retain_recent();
+        self.sends.retain_recent();
     }
 }
 
@@ -99,6 +116,8 @@ mod tests {
             per_ip_per_minute: 2,
             per_account_per_minute: 1,
             emails_per_account_per_hour: 3,
+            send_per_minute: 60,
+            send_burst: 20,
         });
         assert!(limiters.check_ip(Limited::Login, "1.2.3.4").is_ok());
         assert!(limiters.check_ip(Limited::Login, "1.2.3.4").is_ok());
@@ -118,6 +137,8 @@ mod tests {
             per_ip_per_minute: 100,
             per_account_per_minute: 100,
             emails_per_account_per_hour: 2,
+            send_per_minute: 60,
+            send_burst: 20,
         });
         assert!(limiters.check_account(Limited::ResendVerification, "a@b.co").is_ok());
         assert!(limiters.check_account(Limited::PasswordReset, "a@b.co").is_ok());
@@ -135,6 +156,8 @@ mod tests {
             per_ip_per_minute: 1,
             per_account_per_minute: 1,
             emails_per_account_per_hour: 1,
+            send_per_minute: 60,
+            send_burst: 20,
         });
         for _ in 0..10 {
             assert!(limiters.check_ip(Limited::Login, "1.2.3.4").is_ok());

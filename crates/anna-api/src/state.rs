@@ -4,13 +4,14 @@ use std::sync::Arc;
 
 use anna_store::Store;
 use anna_streams::Stream;
-use anna_usecases::Accounts;
+use anna_usecases::{Accounts, Sessions};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::ApiConfig;
 use crate::rate_limit::RateLimiters;
+use crate::realtime::Realtime;
 
 #[derive(Clone)]
 pub struct AppState(Arc<Inner>);
@@ -21,6 +22,10 @@ pub struct Inner {
     pub stream: Arc<dyn Stream>,
     /// Users and authentication.
     pub accounts: Arc<Accounts>,
+    /// WhatsApp sessions.
+    pub sessions: Arc<Sessions>,
+    /// The session-event feed of the WebSockets.
+    pub realtime: Arc<Realtime>,
     pub config: ApiConfig,
     pub limiters: RateLimiters,
     /// Work that outlives a request; drained on shutdown.
@@ -42,15 +47,19 @@ impl AppState {
         store: Arc<dyn Store>,
         stream: Arc<dyn Stream>,
         accounts: Arc<Accounts>,
+        sessions: Arc<Sessions>,
         config: ApiConfig,
         metrics: Option<PrometheusHandle>,
         shutdown: CancellationToken,
     ) -> Self {
         let limiters = RateLimiters::new(config.rate_limit);
+        let realtime = Arc::new(Realtime::new(config.realtime.clone()));
         Self(Arc::new(Inner {
             store,
             stream,
             accounts,
+            sessions,
+            realtime,
             config,
             limiters,
             background: TaskTracker::new(),

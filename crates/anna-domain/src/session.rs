@@ -114,11 +114,8 @@ impl Session {
             created_at: now,
             updated_at: now,
         };
-        let event = session.event(
-            SESSION_CREATED,
-            now,
-            json!({"status": session.status.as_str(), "createdAt": iso(now)}),
-        );
+        let event =
+            session.event(SESSION_CREATED, now, json!({"status": session.status.as_str(), "createdAt": iso(now)}));
         (session, event)
     }
 

@@ -24,6 +24,7 @@ pub(crate) use store_failures;
 
 mod auth;
 mod passwords;
+pub mod sessions;
 mod tokens;
 mod users;
 
@@ -39,6 +40,7 @@ use secrecy::{ExposeSecret, SecretString};
 
 pub use auth::{LoginError, PasswordResetError, RefreshError};
 pub use passwords::{PasswordError, Passwords};
+pub use sessions::{Enqueued, SendRequest, SessionError, Sessions, SessionsConfig};
 pub use tokens::{AccessClaims, AccessTokens, Authenticated, TokenError};
 pub use users::{CurrentUserError, RegisterError, VerifyEmailError};
 
@@ -116,6 +118,8 @@ pub enum Failure {
     Password(#[from] PasswordError),
     #[error(transparent)]
     Token(#[from] TokenError),
+    #[error(transparent)]
+    Stream(#[from] anna_streams::StreamError),
 }
 
 /// Users and authentication: the use-cases of the accounts context.

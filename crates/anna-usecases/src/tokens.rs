@@ -43,6 +43,8 @@ pub enum TokenError {
 pub struct Authenticated {
     pub user_id: Uuid,
     pub email: Option<String>,
+    /// When the token expires (Unix seconds): long-lived connections end then.
+    pub expires_at: i64,
 }
 
 impl AccessTokens {
@@ -81,7 +83,7 @@ impl AccessTokens {
             return None;
         }
         let user_id = Uuid::parse_str(&data.claims.sub).ok()?;
-        Some(Authenticated { user_id, email: data.claims.email })
+        Some(Authenticated { user_id, email: data.claims.email, expires_at: data.claims.exp })
     }
 }
 

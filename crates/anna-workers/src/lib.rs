@@ -3,4 +3,5 @@
 //! binary wires them.
 
 pub mod email;
+pub mod sessions;
 pub mod subscribers;

@@ -14,14 +14,16 @@ use anna_store::{ConnectOptions, SqlStore, Store};
 use anna_streams::consumer::{EventConsumer, Subscriber};
 use anna_streams::relay::OutboxRelay;
 use anna_streams::{EmbeddedStream, RedisStream, Stream};
-use anna_usecases::Accounts;
+use anna_usecases::{Accounts, Sessions};
+use anna_whatsapp::SessionDriver;
 use anna_workers::email::{ConsoleEmailSender, EmailSender, ResendEmailSender, SmtpEmailSender};
+use anna_workers::sessions::{SessionCommands, SessionsWorker};
 use anna_workers::subscribers::{EventStatistics, SendPasswordResetEmail, SendVerificationEmail};
 use secrecy::ExposeSecret;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, EmailProvider, StreamBackend};
+use crate::config::{Config, EmailProvider, SessionsProvider, StreamBackend};
 use crate::supervisor::Supervisor;
 use crate::telemetry;
 
@@ -168,6 +170,7 @@ pub async fn start(
             backends.store.clone(),
             backends.stream.clone(),
             accounts,
+            sessions_usecases(config, backends),
             config.api.clone(),
             Some(metrics),
             shutdown.clone(),
@@ -178,6 +181,13 @@ pub async fn start(
             let state = state.clone();
             async move {
                 anna_api::run_maintenance(state, Duration::from_secs(60)).await;
+                Ok(())
+            }
+        });
+        supervisor.spawn("realtime feed", {
+            let (realtime, stream, token) = (state.realtime.clone(), backends.stream.clone(), shutdown.clone());
+            async move {
+                realtime.run_feed(stream, token).await;
                 Ok(())
             }
         });
@@ -198,12 +208,7 @@ pub async fn start(
         start_consumers(config, backends, &shutdown, &mut supervisor);
     }
     if roles.sessions {
-        let store = backends.store.clone();
-        let token = shutdown.clone();
-        supervisor.spawn("sessions worker", async move {
-            wait_checking_database(store, token).await;
-            Ok(())
-        });
+        start_sessions_worker(config, backends, &shutdown, &mut supervisor);
     }
     Ok(Running { addr, metrics_addr, state: api_state, supervisor })
 }
@@ -269,19 +274,74 @@ fn start_consumers(config: &Config, backends: &Backends, shutdown: &Cancellation
     }
 }
 
-/// The sessions worker until WhatsApp sessions exist: it keeps an eye on the database.
-async fn wait_checking_database(store: Arc<dyn Store>, shutdown: CancellationToken) {
-    let mut health = tokio::time::interval(Duration::from_secs(30));
-    loop {
-        tokio::select! {
-            () = shutdown.cancelled() => break,
-            _ = health.tick() => {
-                if let Err(error) = store.ping().await {
-                    tracing::warn!(%error, "database unreachable");
-                }
-            }
+pub fn sessions_usecases(config: &Config, backends: &Backends) -> Arc<Sessions> {
+    Arc::new(Sessions::new(backends.store.clone(), backends.stream.clone(), config.sessions.sessions.clone()))
+}
+
+/// The session driver `SESSIONS_PROVIDER` names.
+fn session_driver(config: &Config, backends: &Backends) -> Arc<dyn SessionDriver> {
+    let store: Arc<dyn anna_store::DeviceKeyStore> = backends.store.clone();
+    match config.sessions.provider {
+        SessionsProvider::WhatsApp => {
+            Arc::new(anna_whatsapp::whatsapp::WhatsAppDriver::new(store, config.sessions.whatsapp.clone()))
+        }
+        SessionsProvider::Simulator => {
+            tracing::warn!(
+                "SESSIONS_PROVIDER=simulator: sessions run on a simulated WhatsApp network, not the real one"
+            );
+            Arc::new(anna_whatsapp::simulator::Simulator::new(store, config.sessions.simulator.clone()))
         }
     }
+}
+
+/// The sessions worker: resumes sessions, opens connections on request, and consumes every
+/// command partition (one consumer each).
+fn start_sessions_worker(
+    config: &Config,
+    backends: &Backends,
+    shutdown: &CancellationToken,
+    supervisor: &mut Supervisor,
+) {
+    let worker_token = CancellationToken::new();
+    let worker = SessionsWorker::new(
+        sessions_usecases(config, backends),
+        session_driver(config, backends),
+        config.sessions.worker.clone(),
+        worker_token.clone(),
+    );
+    let subscriber: Arc<dyn Subscriber> = Arc::new(SessionCommands(worker.clone()));
+    let settings = &config.sessions;
+    let consumers_token = CancellationToken::new();
+    let mut consumers = tokio::task::JoinSet::new();
+    for partition in 0..settings.sessions.partitions.max(1) {
+        let mut consumer_config = settings.consumer.clone();
+        consumer_config.stream = settings.sessions.stream_of_partition(partition);
+        consumer_config.consumer = format!("{}-p{partition}", consumer_config.consumer);
+        let consumer = Arc::new(
+            EventConsumer::new(backends.store.clone(), backends.stream.clone(), consumer_config)
+                .subscribe(subscriber.clone()),
+        );
+        consumers.spawn(consumer.run(consumers_token.clone()));
+    }
+    let shutdown = shutdown.clone();
+    supervisor.spawn("sessions worker", async move {
+        tracing::info!(driver = worker.driver_name(), "sessions worker started");
+        let runner = tokio::spawn(worker.clone().run());
+        match worker.resume().await {
+            Ok(resumed) => tracing::info!(resumed, "sessions resumed"),
+            Err(error) => tracing::error!(%error, "sessions could not be resumed"),
+        }
+        shutdown.cancelled().await;
+        // Commands first (in-flight ones finish), then the connections, leaving their status
+        // for the next start to resume.
+        consumers_token.cancel();
+        while consumers.join_next().await.is_some() {}
+        worker_token.cancel();
+        worker.close_all().await;
+        let _ = runner.await;
+        tracing::info!("sessions worker stopped");
+        Ok(())
+    });
 }
 
 pub fn metrics_router(handle: metrics_exporter_prometheus::PrometheusHandle) -> axum::Router {

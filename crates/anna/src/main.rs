@@ -40,6 +40,20 @@ enum Command {
         #[command(subcommand)]
         command: DlqCommand,
     },
+    /// Act on simulated sessions (`SESSIONS_PROVIDER=simulator`).
+    Simulator {
+        #[command(subcommand)]
+        command: SimulatorCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum SimulatorCommand {
+    /// Scan a session's QR code with the simulated phone.
+    Scan {
+        /// The session id.
+        session_id: uuid::Uuid,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -85,7 +99,7 @@ impl Command {
             Self::Worker { kind: WorkerKind::Events } => "events",
             Self::Worker { kind: WorkerKind::Sessions } => "sessions",
             Self::Migrate => "migrate",
-            Self::Outbox { .. } | Self::Dlq { .. } => "operator",
+            Self::Outbox { .. } | Self::Dlq { .. } | Self::Simulator { .. } => "operator",
         }
     }
 }
@@ -135,6 +149,9 @@ fn main() -> ExitCode {
             Command::Dlq { command: DlqCommand::List } => operator::dlq_list(config).await,
             Command::Dlq { command: DlqCommand::Replay { id, all: _ } } => operator::dlq_replay(config, id).await,
             Command::Dlq { command: DlqCommand::Purge } => operator::dlq_purge(config).await,
+            Command::Simulator { command: SimulatorCommand::Scan { session_id } } => {
+                operator::simulator_scan(config, session_id).await
+            }
         }
     });
     telemetry.shutdown();

@@ -249,3 +249,18 @@ pub async fn dlq_purge(config: Config) -> anyhow::Result<()> {
     backends.store.close().await;
     Ok(())
 }
+
+/// `anna simulator scan <sessionId>`: the simulated phone scans the session's QR code (the
+/// command reaches whichever sessions worker holds the session).
+pub async fn simulator_scan(config: Config, session_id: uuid::Uuid) -> anyhow::Result<()> {
+    if config.sessions.provider != crate::config::SessionsProvider::Simulator {
+        anyhow::bail!("SESSIONS_PROVIDER is not simulator: there is no simulated phone to scan with");
+    }
+    let backends = app::open_backends(&config).await?;
+    let sessions = app::sessions_usecases(&config, &backends);
+    let enqueued = sessions.simulate_as_operator(session_id, "scan").await;
+    backends.store.close().await;
+    let enqueued = enqueued.map_err(|e| anyhow::anyhow!("{e}"))?;
+    println!("scan requested for session {session_id} (command {})", enqueued.command_id);
+    Ok(())
+}

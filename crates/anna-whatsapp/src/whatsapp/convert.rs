@@ -7,8 +7,8 @@ use time::OffsetDateTime;
 use whatsapp_rust::Jid as WaJid;
 use whatsapp_rust::Server;
 use whatsapp_rust::chrono::{DateTime, Utc};
-use whatsapp_rust::waproto::whatsapp as wa;
 use whatsapp_rust::wacore::proto_helpers::MessageBuilderExt;
+use whatsapp_rust::waproto::whatsapp as wa;
 
 use super::WhatsAppError;
 use crate::jid::{GROUP_SERVER, Jid, JidError, LID_SERVER, USER_SERVER};
@@ -59,6 +59,7 @@ pub(crate) fn to_offset(at: &DateTime<Utc>) -> OffsetDateTime {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
     use whatsapp_rust::wacore::proto_helpers::MessageExt;

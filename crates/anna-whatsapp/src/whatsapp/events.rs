@@ -131,6 +131,7 @@ fn connect_failure_detail(reason: ConnectFailureReason, message: Option<&str>) -
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
     use whatsapp_rust::types::events::{
@@ -144,13 +145,19 @@ mod tests {
 
     #[test]
     fn qr_codes_use_the_shorter_ttl() {
-        let long = Event::PairingQrCode(PairingQrCode::builder().code("2@A,B,C,D,9".into()).timeout(Duration::from_secs(60)).build());
+        let long = Event::PairingQrCode(
+            PairingQrCode::builder().code("2@A,B,C,D,9".into()).timeout(Duration::from_secs(60)).build(),
+        );
         assert_eq!(
             translate(&long, &context()),
             vec![DriverEvent::Qr { code: "2@A,B,C,D,9".into(), ttl: Duration::from_secs(30) }]
         );
-        let short = Event::PairingQrCode(PairingQrCode::builder().code("2@E".into()).timeout(Duration::from_secs(20)).build());
-        assert_eq!(translate(&short, &context()), vec![DriverEvent::Qr { code: "2@E".into(), ttl: Duration::from_secs(20) }]);
+        let short =
+            Event::PairingQrCode(PairingQrCode::builder().code("2@E".into()).timeout(Duration::from_secs(20)).build());
+        assert_eq!(
+            translate(&short, &context()),
+            vec![DriverEvent::Qr { code: "2@E".into(), ttl: Duration::from_secs(20) }]
+        );
     }
 
     #[test]
@@ -163,7 +170,10 @@ mod tests {
                 .platform("android".into())
                 .build(),
         );
-        assert_eq!(translate(&paired, &context()), vec![DriverEvent::Paired { phone: "15551234567:7@s.whatsapp.net".into() }]);
+        assert_eq!(
+            translate(&paired, &context()),
+            vec![DriverEvent::Paired { phone: "15551234567:7@s.whatsapp.net".into() }]
+        );
         let connected = Event::Connected(Connected::builder().build());
         assert_eq!(
             translate(&connected, &context()),
@@ -180,7 +190,8 @@ mod tests {
         assert_eq!(translate(&replaced, &context()), vec![closed(CloseReason::Replaced)]);
         let exhausted = Event::PairingQrCodesExhausted(PairingQrCodesExhausted::builder().disconnected(true).build());
         assert_eq!(translate(&exhausted, &context()), vec![closed(CloseReason::QrTimeout)]);
-        let still_pairing = Event::PairingQrCodesExhausted(PairingQrCodesExhausted::builder().disconnected(false).build());
+        let still_pairing =
+            Event::PairingQrCodesExhausted(PairingQrCodesExhausted::builder().disconnected(false).build());
         assert!(translate(&still_pairing, &context()).is_empty());
     }
 
@@ -195,7 +206,10 @@ mod tests {
             translate(&failure(ConnectFailureReason::AccountLocked), &context()),
             vec![closed(CloseReason::LoggedOut("account_locked".into()))]
         );
-        assert_eq!(translate(&failure(ConnectFailureReason::ClientOutdated), &context()), vec![closed(CloseReason::ClientOutdated)]);
+        assert_eq!(
+            translate(&failure(ConnectFailureReason::ClientOutdated), &context()),
+            vec![closed(CloseReason::ClientOutdated)]
+        );
         assert!(matches!(
             translate(&failure(ConnectFailureReason::BadUserAgent), &context())[..],
             [DriverEvent::Closed { reason: CloseReason::Transient(_) }]

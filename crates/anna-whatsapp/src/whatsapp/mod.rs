@@ -24,9 +24,9 @@ use tokio::sync::mpsc;
 use whatsapp_rust::bot::{Bot, BotBuilderError, EventDelivery};
 use whatsapp_rust::http::{HttpClient, HttpRequest, HttpResponse};
 use whatsapp_rust::transport::{Transport, TransportEvent, TransportFactory};
-use whatsapp_rust::waproto::whatsapp::device_props::PlatformType;
 use whatsapp_rust::wacore::store::DevicePropsOverride;
 use whatsapp_rust::wacore::store::traits::Backend;
+use whatsapp_rust::waproto::whatsapp::device_props::PlatformType;
 use whatsapp_rust::{ClientError, SendError};
 
 pub use convert::{build_text_message, from_wa_jid, render_qr, to_wa_jid};
@@ -196,8 +196,10 @@ struct SharedTransport(Arc<dyn TransportFactory>);
 impl TransportFactory for SharedTransport {
     async fn create_transport(
         &self,
-    ) -> Result<(Arc<dyn Transport>, whatsapp_rust::async_channel::Receiver<TransportEvent>), whatsapp_rust::anyhow::Error>
-    {
+    ) -> Result<
+        (Arc<dyn Transport>, whatsapp_rust::async_channel::Receiver<TransportEvent>),
+        whatsapp_rust::anyhow::Error,
+    > {
         self.0.create_transport().await
     }
 }

@@ -94,10 +94,10 @@ impl Shared {
                 }
             });
         }
-        let context = Context {
-            qr_ttl: self.settings.qr_ttl,
-            own_phone: client.pn().map(|jid| jid.to_string()),
-        };
+        // Only `Connected` carries the account's JID, read from the client.
+        let own_phone =
+            if matches!(*event, Event::Connected(_)) { client.pn().map(|jid| jid.to_string()) } else { None };
+        let context = Context { qr_ttl: self.settings.qr_ttl, own_phone };
         for translated in translate(&event, &context) {
             match translated {
                 DriverEvent::Closed { reason } => {

@@ -96,11 +96,8 @@ impl DbBackend {
     }
 
     async fn get(&self, key_type: &str, key_id: &str) -> Result<Option<Value>> {
-        let mut found = self
-            .store
-            .get_keys(self.session.session_id, key_type, &[key_id.to_owned()])
-            .await
-            .map_err(db)?;
+        let mut found =
+            self.store.get_keys(self.session.session_id, key_type, &[key_id.to_owned()]).await.map_err(db)?;
         Ok(found.pop().map(|(_, value)| value))
     }
 
@@ -310,8 +307,11 @@ struct StoredDevice {
 /// Whether a credentials document holds a paired whatsapp-rust device (one with an account
 /// JID), without decoding the keys.
 pub(crate) fn creds_are_paired(creds: &Value) -> bool {
+    is_ours(creds) && creds.get("device").and_then(|device| device.get("pn")).is_some_and(|pn| !pn.is_null())
+}
+
+fn is_ours(creds: &Value) -> bool {
     creds.get("driver").and_then(Value::as_str) == Some(DRIVER_TAG)
-        && creds.get("device").and_then(|device| device.get("pn")).is_some_and(|pn| !pn.is_null())
 }
 
 /// Encodes a device as anna's credentials document.
@@ -321,10 +321,10 @@ pub fn device_to_creds(device: &Device) -> Result<Value> {
 
 /// Decodes a credentials document; `None` when it was written by another driver.
 pub fn device_from_creds(creds: Value) -> Result<Option<Device>> {
-    let stored: StoredDevice = from_json(creds)?;
-    if stored.driver != DRIVER_TAG {
+    if !is_ours(&creds) {
         return Ok(None);
     }
+    let stored: StoredDevice = from_json(creds)?;
     let mut device: Device = from_json(stored.device)?;
     // These fields are `#[serde(skip)]`: deserialising leaves an empty DeviceProps (no OS, no
     // platform) instead of the library default, which would change the pairing payload and
@@ -639,9 +639,7 @@ impl ProtocolStore for DbBackend {
             .list(kt::SENDER_KEY_DEVICE)
             .await?
             .into_iter()
-            .filter(|(key_id, _)| {
-                key_id.split_once('|').is_some_and(|(_, device)| device_jids.contains(&device))
-            })
+            .filter(|(key_id, _)| key_id.split_once('|').is_some_and(|(_, device)| device_jids.contains(&device)))
             .map(|(key_id, _)| KeyChange::delete(kt::SENDER_KEY_DEVICE, key_id))
             .collect();
         self.apply(&changes).await
@@ -680,11 +678,14 @@ impl ProtocolStore for DbBackend {
         // (to drop its old number's pointer) and the LID each number points to (newest
         // `updated_at` wins).
         let lids: Vec<String> = entries.iter().map(|entry| entry.lid.clone()).collect();
-        let phones: Vec<String> = entries.iter().map(|entry| entry.phone_number.clone()).collect();
         let mut mappings: HashMap<String, LidPnMappingEntry> = HashMap::new();
         for (lid, value) in self.get_many(kt::LID_MAPPING, &lids).await? {
             mappings.insert(lid, from_json(value)?);
         }
+        let mut phones: Vec<String> = entries.iter().map(|entry| entry.phone_number.clone()).collect();
+        phones.extend(mappings.values().map(|old| old.phone_number.clone()));
+        phones.sort();
+        phones.dedup();
         let mut pointers: HashMap<String, String> = HashMap::new();
         for (phone, value) in self.get_many(kt::PN_MAPPING, &phones).await? {
             if let Value::String(lid) = value {
@@ -730,7 +731,10 @@ impl ProtocolStore for DbBackend {
     }
 
     async fn has_same_base_key(&self, address: &str, message_id: &str, current_base_key: &[u8]) -> Result<bool> {
-        Ok(self.get_bytes(kt::BASE_KEY, &join2(address, message_id)).await?.is_some_and(|stored| stored == current_base_key))
+        Ok(self
+            .get_bytes(kt::BASE_KEY, &join2(address, message_id))
+            .await?
+            .is_some_and(|stored| stored == current_base_key))
     }
 
     async fn delete_base_key(&self, address: &str, message_id: &str) -> Result<()> {
@@ -807,7 +811,9 @@ impl ProtocolStore for DbBackend {
         let _guard = self.rmw.lock().await;
         let entry = match self.get_tc_token(jid).await? {
             Some(existing) => TcTokenEntry {
-                sender_timestamp: Some(existing.sender_timestamp.map_or(sender_timestamp, |ts| ts.max(sender_timestamp))),
+                sender_timestamp: Some(
+                    existing.sender_timestamp.map_or(sender_timestamp, |ts| ts.max(sender_timestamp)),
+                ),
                 ..existing
             },
             None => TcTokenEntry {
@@ -1004,7 +1010,7 @@ impl DeviceStore for DbBackend {
         let Some(creds) = self.store.load_creds(self.session.session_id).await.map_err(db)? else {
             return Ok(false);
         };
-        Ok(creds.get("driver").and_then(Value::as_str) == Some(DRIVER_TAG))
+        Ok(is_ours(&creds))
     }
 
     async fn create(&self) -> Result<i32> {

@@ -78,11 +78,27 @@ pub(super) fn api<F: Fn(&str) -> Option<String>>(
                 10,
                 "a positive number of e-mails per hour",
             )?,
+            send_per_minute: vars.positive("SESSIONS_SEND_PER_MINUTE", 60, "a positive number of messages")?,
+            send_burst: vars.positive("SESSIONS_SEND_BURST", 20, "a positive number of messages")?,
         },
         trusted_proxies,
         max_body_bytes: vars.positive("HTTP_MAX_BODY_BYTES", dev.max_body_bytes, "a positive number of bytes")?,
         uniform_response_time: vars.millis_or_zero("AUTH_UNIFORM_RESPONSE_MS", 250)?,
         idempotency_key_ttl: vars.millis("IDEMPOTENCY_KEY_TTL_MS", 86_400_000)?,
         metrics_on_api_port: server.metrics_port.is_none(),
+        realtime: anna_api::config::RealtimeConfig {
+            allowed_origins: vars
+                .string("WS_ALLOWED_ORIGINS", "")
+                .split(',')
+                .map(|origin| origin.trim().trim_end_matches('/').to_owned())
+                .filter(|origin| !origin.is_empty())
+                .collect(),
+            ticket_ttl: vars.millis("WS_TICKET_TTL_MS", 30_000)?,
+            replay_events: vars.parse("WS_REPLAY_EVENTS", 1000, "a number of events")?,
+            client_buffer: vars.positive("WS_CLIENT_BUFFER", 256, "a positive number of events")?,
+            stream: vars.string("EVENTS_STREAM", "domain-events"),
+        },
+        // Set from SESSIONS_PROVIDER once the sessions settings are read.
+        simulator: false,
     })
 }

@@ -7,6 +7,7 @@ mod accounts;
 mod email;
 mod events;
 mod http;
+mod sessions;
 mod vars;
 
 use anna_api::config::ApiConfig;
@@ -16,6 +17,7 @@ use secrecy::{ExposeSecret, SecretString};
 pub use email::{EmailConfig, EmailProvider};
 pub use events::{EventsConfig, StreamBackend};
 pub use http::ServerConfig;
+pub use sessions::{SessionsProvider, SessionsSettings};
 pub use vars::Vars;
 
 pub const DEFAULT_DATABASE_URL: &str = "sqlite:./data/anna.db";
@@ -90,6 +92,7 @@ pub struct Config {
     pub accounts: AccountsConfig,
     pub email: EmailConfig,
     pub events: EventsConfig,
+    pub sessions: SessionsSettings,
 }
 
 impl Config {
@@ -126,7 +129,10 @@ impl Config {
             accounts: accounts::read(vars)?,
             email: email::read(vars)?,
             events: events::read(vars)?,
+            sessions: sessions::read(vars)?,
         };
+        let mut config = config;
+        config.api.simulator = config.sessions.provider == SessionsProvider::Simulator;
         if config.environment == Environment::Production {
             config.check_production()?;
         }

@@ -101,6 +101,16 @@ async fn spawn(backend: Backend, vars: &[(&str, &str)], configured_email: bool) 
     map.insert("EVENTS_STREAM".into(), format!("domain-events-{suffix}"));
     map.insert("EVENTS_DLQ_STREAM".into(), format!("domain-events-dlq-{suffix}"));
     map.insert("EVENTS_BLOCK_MS".into(), "500".into());
+    map.insert("SESSIONS_COMMAND_STREAM".into(), format!("session-commands-{suffix}"));
+    map.insert("SESSIONS_COMMAND_DLQ_STREAM".into(), format!("session-commands-dlq-{suffix}"));
+    map.insert("SESSIONS_COMMAND_BLOCK_MS".into(), "500".into());
+    map.insert("SESSIONS_COMMAND_GROUP".into(), format!("session-commands-group-{suffix}"));
+    // Sessions run on the simulator, with its timings shortened to keep tests fast.
+    map.insert("SESSIONS_PROVIDER".into(), "simulator".into());
+    map.insert("SESSIONS_SIMULATOR_FIRST_QR_MS".into(), "3000".into());
+    map.insert("SESSIONS_SIMULATOR_NEXT_QR_MS".into(), "1000".into());
+    map.insert("SESSIONS_SIMULATOR_REPLY_MS".into(), "300".into());
+    map.insert("SESSIONS_RESUME_STAGGER_MS".into(), "0".into());
     if backend == Backend::Postgres {
         map.insert("REDIS_URL".into(), anna_testkit::redis::shared_url());
     }

@@ -8,4 +8,5 @@ mod edge;
 mod email;
 mod helpers;
 mod ops;
+mod sessions;
 mod users;

@@ -1,0 +1,415 @@
+//! The sessions context: what tenants ask of their WhatsApp sessions (checked here, carried
+//! out by the sessions worker as commands), and what the worker records of them.
+//!
+//! A tenant's request is validated and ownership-checked here (another tenant's session does
+//! not exist for the caller), then enqueued as a command on the session's partition of the
+//! command stream. Commands travel in the domain-event envelope (`eventId` = `commandId`,
+//! `eventName` = command type, `aggregateId` = session id), so the consumer runtime gives them
+//! retries with backoff, idle claims, a DLQ and once-only handling by `commandId`.
+
+use std::sync::Arc;
+
+use anna_domain::session::{ReceivedMessage, SESSION_PAIR_CODE_ISSUED};
+use anna_domain::{DomainEvent, Session, SessionStatus};
+use anna_store::{Store, StoreError};
+use anna_streams::{Stream, envelope};
+use serde_json::{Value, json};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use crate::{Failure, traced};
+
+pub const COMMAND_START: &str = "session.start";
+pub const COMMAND_STOP: &str = "session.stop";
+pub const COMMAND_SEND: &str = "session.sendMessage";
+pub const COMMAND_PAIR_CODE: &str = "session.pairCode";
+pub const COMMAND_LOGOUT: &str = "session.logout";
+pub const COMMAND_DELETE: &str = "session.delete";
+pub const COMMAND_SIMULATE: &str = "session.simulate";
+
+/// Every command the sessions worker handles.
+pub const COMMANDS: [&str; 7] =
+    [COMMAND_START, COMMAND_STOP, COMMAND_SEND, COMMAND_PAIR_CODE, COMMAND_LOGOUT, COMMAND_DELETE, COMMAND_SIMULATE];
+
+/// Settings of the sessions context (`SESSIONS_*`).
+#[derive(Debug, Clone)]
+pub struct SessionsConfig {
+    /// `SESSIONS_COMMAND_STREAM`: partition `p` is the stream `<name>.<p>`.
+    pub command_stream: String,
+    /// `SESSIONS_PARTITIONS`: how many command streams sessions are spread over.
+    pub partitions: u32,
+    /// `SESSIONS_MAX_PER_TENANT`: 0 = no limit.
+    pub max_per_tenant: u32,
+    /// `SESSIONS_MAX_TEXT_CHARS`: longest message text (WhatsApp's own limit is 65,536).
+    pub max_text_chars: usize,
+}
+
+impl Default for SessionsConfig {
+    fn default() -> Self {
+        Self { command_stream: "session-commands".into(), partitions: 4, max_per_tenant: 10, max_text_chars: 4096 }
+    }
+}
+
+impl SessionsConfig {
+    /// The partition of a session: stable for its whole life, whichever process asks.
+    pub fn partition_of(&self, session_id: Uuid) -> u32 {
+        // FNV-1a over the id's bytes: stable across processes and versions, unlike std's hasher.
+        let mut hash: u32 = 0x811c_9dc5;
+        for byte in session_id.as_bytes() {
+            hash ^= u32::from(*byte);
+            hash = hash.wrapping_mul(0x0100_0193);
+        }
+        hash % self.partitions.max(1)
+    }
+
+    pub fn stream_of_partition(&self, partition: u32) -> String {
+        format!("{}.{partition}", self.command_stream)
+    }
+
+    pub fn stream_of(&self, session_id: Uuid) -> String {
+        self.stream_of_partition(self.partition_of(session_id))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// Absent, or another tenant's: the caller cannot tell the two apart.
+    #[error("The session {0} does not exist")]
+    NotFound(Uuid),
+    #[error("a tenant may have at most {0} sessions")]
+    TooMany(u32),
+    #[error("The session {id} is not connected (status: {status})")]
+    NotConnected { id: Uuid, status: &'static str },
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Failed(#[from] Failure),
+}
+
+crate::store_failures!(SessionError);
+
+impl From<anna_streams::StreamError> for SessionError {
+    fn from(error: anna_streams::StreamError) -> Self {
+        Self::Failed(Failure::Stream(error))
+    }
+}
+
+/// A command accepted for the worker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Enqueued {
+    pub session_id: Uuid,
+    pub command_id: Uuid,
+}
+
+/// The text message a tenant asked to send, already validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SendRequest {
+    /// A normalised JID.
+    pub to: String,
+    pub text: String,
+    pub reply_to: Option<String>,
+    /// The tenant's own id for the message, carried through to the events.
+    pub client_message_id: Option<String>,
+}
+
+pub struct Sessions {
+    store: Arc<dyn Store>,
+    stream: Arc<dyn Stream>,
+    config: SessionsConfig,
+}
+
+impl Sessions {
+    pub fn new(store: Arc<dyn Store>, stream: Arc<dyn Stream>, config: SessionsConfig) -> Self {
+        Self { store, stream, config }
+    }
+
+    pub fn config(&self) -> &SessionsConfig {
+        &self.config
+    }
+
+    /// The tenant's sessions, newest first.
+    pub async fn list(&self, tenant_id: Uuid) -> Result<Vec<Session>, SessionError> {
+        Ok(self.store.list_sessions(tenant_id).await?)
+    }
+
+    /// One of the tenant's sessions.
+    pub async fn get(&self, tenant_id: Uuid, id: Uuid) -> Result<Session, SessionError> {
+        match self.store.find_session(id).await? {
+            Some(session) if session.tenant_id == tenant_id => Ok(session),
+            _ => Err(SessionError::NotFound(id)),
+        }
+    }
+
+    /// Starts a session: creates it (with `id` when given and unused), or starts the caller's
+    /// existing session again.
+    pub async fn start(&self, tenant_id: Uuid, id: Option<Uuid>) -> Result<Enqueued, SessionError> {
+        let id = id.unwrap_or_else(Uuid::new_v4);
+        let now = OffsetDateTime::now_utc();
+        let mut uow = self.store.begin().await?;
+        match uow.find_session(id).await? {
+            Some(existing) if existing.tenant_id != tenant_id => return Err(SessionError::NotFound(id)),
+            Some(_) => drop(uow),
+            None => {
+                let limit = self.config.max_per_tenant;
+                if limit > 0 && uow.count_tenant_sessions(tenant_id).await? >= u64::from(limit) {
+                    return Err(SessionError::TooMany(limit));
+                }
+                let (session, created) = Session::create(id, tenant_id, now);
+                uow.insert_session(&session).await?;
+                uow.append_events(&traced([created])).await?;
+                match uow.commit().await {
+                    // Created at the same moment by a concurrent request of the same tenant
+                    // (or another's: then ownership is checked below).
+                    Err(StoreError::Conflict(_)) => {
+                        self.get(tenant_id, id).await?;
+                    }
+                    other => other?,
+                }
+            }
+        }
+        self.enqueue(tenant_id, id, COMMAND_START, json!({})).await
+    }
+
+    pub async fn stop(&self, tenant_id: Uuid, id: Uuid, reason: Option<String>) -> Result<Enqueued, SessionError> {
+        self.get(tenant_id, id).await?;
+        let fields = match reason {
+            Some(reason) => json!({"reason": anna_domain::session::clean_reason(&reason)}),
+            None => json!({}),
+        };
+        self.enqueue(tenant_id, id, COMMAND_STOP, fields).await
+    }
+
+    /// Sends a text through a connected session.
+    pub async fn send(&self, tenant_id: Uuid, id: Uuid, request: SendRequest) -> Result<Enqueued, SessionError> {
+        let session = self.get(tenant_id, id).await?;
+        if session.status != SessionStatus::Connected {
+            return Err(SessionError::NotConnected { id, status: session.status.as_str() });
+        }
+        let chars = request.text.chars().count();
+        if chars == 0 || chars > self.config.max_text_chars {
+            return Err(SessionError::Invalid(format!(
+                "content must have 1 to {} characters (has {chars})",
+                self.config.max_text_chars
+            )));
+        }
+        let mut fields = json!({"to": request.to, "content": request.text});
+        if let Some(reply_to) = request.reply_to {
+            fields["replyToMessageId"] = json!(reply_to);
+        }
+        if let Some(message_id) = request.client_message_id {
+            fields["messageId"] = json!(message_id);
+        }
+        self.enqueue(tenant_id, id, COMMAND_SEND, fields).await
+    }
+
+    /// Asks for a pairing code for `phone` (digits, international format). The code arrives
+    /// as the event `session.pair_code.issued`.
+    pub async fn request_pair_code(&self, tenant_id: Uuid, id: Uuid, phone: &str) -> Result<Enqueued, SessionError> {
+        let session = self.get(tenant_id, id).await?;
+        if session.status == SessionStatus::Connected {
+            return Err(SessionError::Invalid("the session is already paired and connected".into()));
+        }
+        self.enqueue(tenant_id, id, COMMAND_PAIR_CODE, json!({"phone": phone})).await
+    }
+
+    /// Unlinks the device; the session stays, `logged_out`, and can pair again.
+    pub async fn logout(&self, tenant_id: Uuid, id: Uuid) -> Result<Enqueued, SessionError> {
+        self.get(tenant_id, id).await?;
+        self.enqueue(tenant_id, id, COMMAND_LOGOUT, json!({})).await
+    }
+
+    /// Logs out, stops and deletes the session with its keys.
+    pub async fn delete(&self, tenant_id: Uuid, id: Uuid) -> Result<Enqueued, SessionError> {
+        self.get(tenant_id, id).await?;
+        self.enqueue(tenant_id, id, COMMAND_DELETE, json!({})).await
+    }
+
+    /// A simulated happening (scan, disconnect, logout, ban) for the simulator.
+    pub async fn simulate(&self, tenant_id: Uuid, id: Uuid, action: &str) -> Result<Enqueued, SessionError> {
+        self.get(tenant_id, id).await?;
+        self.enqueue(tenant_id, id, COMMAND_SIMULATE, json!({"action": action})).await
+    }
+
+    /// Enqueues a simulated happening for a session by id alone (the operator's command line).
+    pub async fn simulate_as_operator(&self, id: Uuid, action: &str) -> Result<Enqueued, SessionError> {
+        let session = self.store.find_session(id).await?.ok_or(SessionError::NotFound(id))?;
+        self.enqueue(session.tenant_id, id, COMMAND_SIMULATE, json!({"action": action})).await
+    }
+
+    async fn enqueue(&self, tenant_id: Uuid, id: Uuid, kind: &str, fields: Value) -> Result<Enqueued, SessionError> {
+        let command_id = Uuid::new_v4();
+        let mut payload = json!({
+            "type": kind,
+            "commandId": command_id.to_string(),
+            "sessionId": id.to_string(),
+            "tenantId": tenant_id.to_string(),
+        });
+        if let (Some(payload), Value::Object(fields)) = (payload.as_object_mut(), fields) {
+            payload.extend(fields);
+        }
+        let mut command = DomainEvent::new(kind, id.to_string(), OffsetDateTime::now_utc(), payload);
+        command.event_id = command_id;
+        command.tenant_id = Some(tenant_id.to_string());
+        let command = traced([command]).remove(0);
+        let mut fields = envelope::to_fields(&command, None);
+        // The predecessor's command entries carried these two as fields of their own.
+        fields.insert("commandId".into(), command_id.to_string());
+        fields.insert("type".into(), kind.to_owned());
+        self.stream.append(&self.config.stream_of(id), &fields, None).await?;
+        metrics::counter!("session_commands_enqueued_total", "type" => kind.to_owned()).increment(1);
+        Ok(Enqueued { session_id: id, command_id })
+    }
+
+    // ---- What the sessions worker records --------------------------------------------------
+
+    /// Applies `change` to the session in one unit of work with its event. `Ok(None)`: the
+    /// session is gone (deleted meanwhile) or nothing changed.
+    async fn record(
+        &self,
+        id: Uuid,
+        change: impl FnOnce(&mut Session, OffsetDateTime) -> Option<DomainEvent> + Send,
+    ) -> Result<Option<Session>, SessionError> {
+        let now = OffsetDateTime::now_utc();
+        let mut uow = self.store.begin().await?;
+        let Some(mut session) = uow.find_session(id).await? else { return Ok(None) };
+        let Some(event) = change(&mut session, now) else { return Ok(None) };
+        uow.update_session(&session).await?;
+        uow.append_events(&traced([event])).await?;
+        uow.commit().await?;
+        Ok(Some(session))
+    }
+
+    async fn record_event(
+        &self,
+        id: Uuid,
+        event: impl FnOnce(&Session, OffsetDateTime) -> DomainEvent + Send,
+    ) -> Result<(), SessionError> {
+        let Some(session) = self.store.find_session(id).await? else { return Ok(()) };
+        let mut uow = self.store.begin().await?;
+        uow.append_events(&traced([event(&session, OffsetDateTime::now_utc())])).await?;
+        uow.commit().await?;
+        Ok(())
+    }
+
+    pub async fn record_qr(&self, id: Uuid, qr: &str, expires_at: OffsetDateTime) -> Result<(), SessionError> {
+        self.record(id, |s, now| s.show_qr(qr, expires_at, now)).await.map(drop)
+    }
+
+    pub async fn record_pair_code(&self, id: Uuid, code: &str, expires_at: OffsetDateTime) -> Result<(), SessionError> {
+        self.record(id, |s, now| {
+            let mut event = s.pair_code_issued(expires_at, now);
+            // Shown to the tenant's watchers like a QR code: it is just as short-lived.
+            event.payload["code"] = json!(code);
+            debug_assert_eq!(event.event_name, SESSION_PAIR_CODE_ISSUED);
+            Some(event)
+        })
+        .await
+        .map(drop)
+    }
+
+    pub async fn record_connected(&self, id: Uuid, phone: &str) -> Result<(), SessionError> {
+        self.record(id, |s, now| s.connect(phone, now)).await.map(drop)
+    }
+
+    pub async fn record_disconnected(&self, id: Uuid, reason: &str) -> Result<(), SessionError> {
+        self.record(id, |s, now| s.disconnect(reason, now)).await.map(drop)
+    }
+
+    pub async fn record_failed(&self, id: Uuid, reason: &str) -> Result<(), SessionError> {
+        self.record(id, |s, now| s.fail(reason, now)).await.map(drop)
+    }
+
+    pub async fn record_logged_out(&self, id: Uuid, reason: &str) -> Result<(), SessionError> {
+        self.record(id, |s, now| s.log_out(reason, now)).await.map(drop)
+    }
+
+    /// Deletes the session, its device keys and emits `session.deleted`, in one unit of work.
+    pub async fn record_deleted(&self, id: Uuid) -> Result<(), SessionError> {
+        let now = OffsetDateTime::now_utc();
+        let mut uow = self.store.begin().await?;
+        let Some(session) = uow.find_session(id).await? else { return Ok(()) };
+        uow.delete_session(id).await?;
+        uow.append_events(&traced([session.delete(now)])).await?;
+        uow.commit().await?;
+        Ok(())
+    }
+
+    pub async fn record_message_sent(
+        &self,
+        id: Uuid,
+        command_id: Uuid,
+        message_id: &str,
+        to: &str,
+        client_message_id: Option<&str>,
+    ) -> Result<(), SessionError> {
+        self.record_event(id, |s, now| {
+            let mut event = s.message_sent(command_id, message_id, to, now);
+            if let Some(client_id) = client_message_id {
+                event.payload["clientMessageId"] = json!(client_id);
+            }
+            event
+        })
+        .await
+    }
+
+    pub async fn record_message_failed(
+        &self,
+        id: Uuid,
+        command_id: Uuid,
+        to: &str,
+        reason: &str,
+    ) -> Result<(), SessionError> {
+        self.record_event(id, |s, now| s.message_failed(command_id, to, reason, now)).await
+    }
+
+    pub async fn record_message_received(&self, id: Uuid, message: &ReceivedMessage) -> Result<(), SessionError> {
+        self.record_event(id, |s, now| s.message_received(message, now)).await
+    }
+
+    pub async fn record_message_status(
+        &self,
+        id: Uuid,
+        message_id: &str,
+        chat: &str,
+        status: &str,
+        at: OffsetDateTime,
+    ) -> Result<(), SessionError> {
+        self.record_event(id, |s, _| s.message_status(message_id, chat, status, at)).await
+    }
+
+    /// Sessions the worker should bring back after a restart.
+    pub async fn sessions_to_resume(&self) -> Result<Vec<Session>, SessionError> {
+        Ok(self
+            .store
+            .list_sessions_with_status(&[
+                SessionStatus::Connected,
+                SessionStatus::Disconnected,
+                SessionStatus::PendingQr,
+            ])
+            .await?)
+    }
+
+    pub async fn find(&self, id: Uuid) -> Result<Option<Session>, SessionError> {
+        Ok(self.store.find_session(id).await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partitions_are_stable_and_spread() {
+        let config = SessionsConfig { partitions: 4, ..SessionsConfig::default() };
+        let id = Uuid::from_u128(0x1234_5678_9abc_def0_1234_5678_9abc_def0);
+        assert_eq!(config.partition_of(id), config.partition_of(id));
+        let mut seen = [0u32; 4];
+        for n in 0..4000u128 {
+            seen[config.partition_of(Uuid::from_u128(n * 7919)) as usize] += 1;
+        }
+        assert!(seen.iter().all(|count| *count > 700), "{seen:?}");
+        assert_eq!(config.stream_of_partition(2), "session-commands.2");
+        let single = SessionsConfig { partitions: 1, ..SessionsConfig::default() };
+        assert_eq!(single.stream_of(id), "session-commands.0");
+    }
+}

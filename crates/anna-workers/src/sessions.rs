@@ -1,0 +1,513 @@
+//! The sessions worker: owns the live WhatsApp connections of this process, carries out the
+//! tenants' commands on them and records what the connections report.
+//!
+//! - Commands arrive through the consumer runtime (one consumer per command partition), which
+//!   gives retries with backoff, idle claims, the DLQ and once-only handling by `commandId`.
+//!   Every command is checked again here: the session must exist and belong to the command's
+//!   tenant.
+//! - Each live connection has a pump task that turns its [`DriverEvent`]s into use-case calls
+//!   (and so into domain events through the outbox), and applies the reconnect policy when
+//!   the connection closes: restart-required → at once; transient → exponential backoff with
+//!   a cap and a maximum, then `failed`; logged out → keys wiped, `logged_out`; QR codes run
+//!   out, replaced, banned, outdated → `failed` with the reason.
+//! - On start, sessions that were connected (or reconnecting) are resumed, staggered; pairings
+//!   that were in progress are marked disconnected (`pairing_interrupted`): their QR codes
+//!   belonged to a connection that no longer exists.
+//! - On shutdown connections are closed without changing their sessions' status, so the next
+//!   start resumes them.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use anna_domain::SessionStatus;
+use anna_domain::session::ReceivedMessage;
+use anna_streams::backoff::Backoff;
+use anna_streams::consumer::{Effect, HandlerError, ReceivedEvent, Subscriber};
+use anna_usecases::sessions::{
+    COMMAND_DELETE, COMMAND_LOGOUT, COMMAND_PAIR_CODE, COMMAND_SEND, COMMAND_SIMULATE, COMMAND_START, COMMAND_STOP,
+    COMMANDS,
+};
+use anna_usecases::{SessionError, Sessions};
+use anna_whatsapp::{
+    CloseReason, DriverError, DriverEvent, Jid, LiveSession, OutgoingText, SessionDriver, SessionKey, Simulation,
+};
+use async_trait::async_trait;
+use time::OffsetDateTime;
+use tokio::sync::{Mutex, mpsc};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use uuid::Uuid;
+
+/// Settings of the sessions worker (`SESSIONS_*`).
+#[derive(Debug, Clone)]
+pub struct SessionsWorkerConfig {
+    /// `SESSIONS_RECONNECT_BACKOFF_MS` / `SESSIONS_RECONNECT_BACKOFF_MAX_MS`.
+    pub reconnect_backoff: Backoff,
+    /// `SESSIONS_RECONNECT_MAX_ATTEMPTS`: reconnects in a row before the session is `failed`.
+    pub reconnect_max_attempts: u32,
+    /// `SESSIONS_RESUME_STAGGER_MS`: pause between two sessions resumed at start.
+    pub resume_stagger: Duration,
+    /// `SESSIONS_QR_TTL_MS`: longest validity anna advertises for a QR code.
+    pub qr_ttl: Duration,
+    /// Events one connection may have waiting for the pump.
+    pub event_buffer: usize,
+}
+
+impl Default for SessionsWorkerConfig {
+    fn default() -> Self {
+        Self {
+            reconnect_backoff: Backoff { base: Duration::from_secs(2), max: Duration::from_secs(300) },
+            reconnect_max_attempts: 10,
+            resume_stagger: Duration::from_millis(100),
+            qr_ttl: Duration::from_secs(60),
+            event_buffer: 256,
+        }
+    }
+}
+
+struct Live {
+    connection: Arc<dyn LiveSession>,
+    /// Tells this connection's pump from a later one's.
+    generation: u64,
+}
+
+pub struct SessionsWorker {
+    sessions: Arc<Sessions>,
+    driver: Arc<dyn SessionDriver>,
+    config: SessionsWorkerConfig,
+    live: Mutex<HashMap<Uuid, Live>>,
+    /// Failed reconnects in a row per session.
+    reconnects: Mutex<HashMap<Uuid, u32>>,
+    generations: AtomicU64,
+    tasks: TaskTracker,
+    shutdown: CancellationToken,
+    /// Connections to open, asked for by pumps and reconnect timers and opened by [`Self::run`]
+    /// (a pump never opens a connection itself, which would make its task contain itself).
+    reconnect: mpsc::UnboundedSender<Reconnect>,
+    reconnect_requests: Mutex<Option<mpsc::UnboundedReceiver<Reconnect>>>,
+}
+
+/// A connection to open again; `after` is why the last attempt failed, if one did.
+struct Reconnect {
+    key: SessionKey,
+    after: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error(transparent)]
+    Session(#[from] SessionError),
+    #[error(transparent)]
+    Driver(#[from] DriverError),
+}
+
+impl SessionsWorker {
+    pub fn new(
+        sessions: Arc<Sessions>,
+        driver: Arc<dyn SessionDriver>,
+        config: SessionsWorkerConfig,
+        shutdown: CancellationToken,
+    ) -> Arc<Self> {
+        let (reconnect, reconnect_requests) = mpsc::unbounded_channel();
+        Arc::new(Self {
+            reconnect,
+            reconnect_requests: Mutex::new(Some(reconnect_requests)),
+            sessions,
+            driver,
+            config,
+            live: Mutex::new(HashMap::new()),
+            reconnects: Mutex::new(HashMap::new()),
+            generations: AtomicU64::new(0),
+            tasks: TaskTracker::new(),
+            shutdown,
+        })
+    }
+
+    pub fn driver_name(&self) -> &'static str {
+        self.driver.name()
+    }
+
+    /// How many connections this process holds.
+    pub async fn live_count(&self) -> usize {
+        self.live.lock().await.len()
+    }
+
+    /// Opens the connections asked for by reconnect policies until shutdown.
+    pub async fn run(self: Arc<Self>) {
+        let Some(mut requests) = self.reconnect_requests.lock().await.take() else { return };
+        loop {
+            let request = tokio::select! {
+                () = self.shutdown.cancelled() => break,
+                request = requests.recv() => request,
+            };
+            let Some(Reconnect { key, after }) = request else { break };
+            if let Err(error) = self.connect(key).await {
+                tracing::warn!(session_id = %key.session_id, %error, retry_of = after.as_deref().unwrap_or(""), "Session connect failed");
+                self.schedule_reconnect(key, error.to_string()).await;
+            }
+        }
+    }
+
+    /// Brings back the sessions that were connected before the restart, staggered, and marks
+    /// interrupted pairings. Returns how many were resumed.
+    pub async fn resume(self: &Arc<Self>) -> Result<usize, WorkerError> {
+        let mut resumed = 0;
+        for session in self.sessions.sessions_to_resume().await? {
+            if self.shutdown.is_cancelled() {
+                break;
+            }
+            let key = SessionKey { session_id: session.id, tenant_id: session.tenant_id };
+            let reconnecting = session.status == SessionStatus::Disconnected
+                && session.disconnected_reason.as_deref().is_some_and(is_transient_reason);
+            match session.status {
+                SessionStatus::Connected => {}
+                SessionStatus::Disconnected if reconnecting => {}
+                SessionStatus::PendingQr if self.live.lock().await.contains_key(&session.id) => continue,
+                SessionStatus::PendingQr => {
+                    self.sessions.record_disconnected(session.id, "pairing_interrupted").await?;
+                    continue;
+                }
+                _ => continue,
+            }
+            if let Err(error) = self.connect(key).await {
+                tracing::warn!(session_id = %session.id, %error, "Session could not be resumed");
+                self.schedule_reconnect(key, error.to_string()).await;
+            }
+            resumed += 1;
+            tokio::select! {
+                () = self.shutdown.cancelled() => break,
+                () = tokio::time::sleep(self.config.resume_stagger) => {}
+            }
+        }
+        metrics::gauge!("sessions_live").set(self.live_count().await as f64);
+        Ok(resumed)
+    }
+
+    /// Closes every connection, leaving the sessions' status for the next start to resume.
+    pub async fn close_all(&self) {
+        let live: Vec<Live> = self.live.lock().await.drain().map(|(_, live)| live).collect();
+        for live in &live {
+            live.connection.stop().await;
+        }
+        self.tasks.close();
+        // Pumps end when their connection's channel closes.
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.tasks.wait()).await;
+        metrics::gauge!("sessions_live").set(0.0);
+    }
+
+    /// Opens a connection unless one is live.
+    async fn connect(self: &Arc<Self>, key: SessionKey) -> Result<(), WorkerError> {
+        let mut live = self.live.lock().await;
+        if live.contains_key(&key.session_id) {
+            return Ok(());
+        }
+        let (events, receiver) = mpsc::channel(self.config.event_buffer);
+        let connection = self.driver.connect(key, events).await?;
+        let generation = self.generations.fetch_add(1, Ordering::Relaxed);
+        live.insert(key.session_id, Live { connection, generation });
+        metrics::gauge!("sessions_live").set(live.len() as f64);
+        drop(live);
+        let worker = self.clone();
+        self.tasks.spawn(async move { worker.pump(key, generation, receiver).await });
+        Ok(())
+    }
+
+    /// Removes the connection if it is still the one of `generation`.
+    async fn forget(&self, session_id: Uuid, generation: u64) -> bool {
+        let mut live = self.live.lock().await;
+        let current = live.get(&session_id).is_some_and(|l| l.generation == generation);
+        if current {
+            live.remove(&session_id);
+            metrics::gauge!("sessions_live").set(live.len() as f64);
+        }
+        current
+    }
+
+    async fn connection(&self, session_id: Uuid) -> Option<Arc<dyn LiveSession>> {
+        self.live.lock().await.get(&session_id).map(|l| l.connection.clone())
+    }
+
+    async fn pump(self: Arc<Self>, key: SessionKey, generation: u64, mut events: mpsc::Receiver<DriverEvent>) {
+        while let Some(event) = events.recv().await {
+            let closed = matches!(event, DriverEvent::Closed { .. });
+            // A failed record is retried a few times: losing a status change would leave the
+            // tenant with a wrong picture.
+            let mut attempt = 0u32;
+            loop {
+                match self.on_event(key, generation, &event).await {
+                    Ok(()) => break,
+                    Err(error) if attempt < 5 && !self.shutdown.is_cancelled() => {
+                        attempt += 1;
+                        tracing::warn!(session_id = %key.session_id, %error, attempt, "Recording a session event failed");
+                        tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
+                    }
+                    Err(error) => {
+                        tracing::error!(session_id = %key.session_id, %error, "Session event lost");
+                        break;
+                    }
+                }
+            }
+            if closed {
+                break;
+            }
+        }
+    }
+
+    async fn on_event(
+        self: &Arc<Self>,
+        key: SessionKey,
+        generation: u64,
+        event: &DriverEvent,
+    ) -> Result<(), WorkerError> {
+        let id = key.session_id;
+        let now = OffsetDateTime::now_utc();
+        match event {
+            DriverEvent::Qr { code, ttl } => {
+                let ttl = (*ttl).min(self.config.qr_ttl);
+                self.sessions.record_qr(id, code, now + time_duration(ttl)).await?;
+            }
+            DriverEvent::PairCode { code, ttl } => {
+                self.sessions.record_pair_code(id, code, now + time_duration(*ttl)).await?;
+            }
+            DriverEvent::Paired { phone } => {
+                tracing::info!(session_id = %id, phone_suffix = %phone_suffix(phone), "Session paired");
+            }
+            DriverEvent::Connected { phone } => {
+                self.reconnects.lock().await.remove(&id);
+                self.sessions.record_connected(id, phone).await?;
+            }
+            DriverEvent::Disconnected { reason, .. } => {
+                self.sessions.record_disconnected(id, &reason.label()).await?;
+            }
+            DriverEvent::Message(message) => {
+                let message = ReceivedMessage {
+                    message_id: message.message_id.clone(),
+                    chat: message.chat.clone(),
+                    sender: message.sender.clone(),
+                    push_name: message.push_name.clone(),
+                    text: message.text.clone(),
+                    from_me: message.from_me,
+                    timestamp: message.timestamp,
+                };
+                self.sessions.record_message_received(id, &message).await?;
+            }
+            DriverEvent::Receipt { message_id, chat, status, at } => {
+                self.sessions.record_message_status(id, message_id, chat, status.as_str(), *at).await?;
+            }
+            DriverEvent::SendRejected { message_id, error } => {
+                self.sessions.record_message_status(id, message_id, "", &format!("rejected: {error}"), now).await?;
+            }
+            DriverEvent::Closed { reason } => {
+                if !self.forget(id, generation).await {
+                    return Ok(());
+                }
+                self.after_close(key, reason).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The reconnect policy.
+    async fn after_close(self: &Arc<Self>, key: SessionKey, reason: &CloseReason) -> Result<(), WorkerError> {
+        let id = key.session_id;
+        match reason {
+            CloseReason::Stopped => {}
+            CloseReason::RestartRequired => {
+                let _ = self.reconnect.send(Reconnect { key, after: None });
+            }
+            CloseReason::Transient(detail) => {
+                self.sessions.record_disconnected(id, &reason.label()).await?;
+                self.schedule_reconnect(key, detail.clone()).await;
+            }
+            CloseReason::LoggedOut(_) => {
+                self.driver.wipe(key).await?;
+                self.sessions.record_logged_out(id, &reason.label()).await?;
+            }
+            CloseReason::QrTimeout | CloseReason::Replaced | CloseReason::Banned(_) | CloseReason::ClientOutdated => {
+                self.sessions.record_failed(id, &reason.label()).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn schedule_reconnect(&self, key: SessionKey, why: String) {
+        let attempt = {
+            let mut reconnects = self.reconnects.lock().await;
+            let attempt = reconnects.entry(key.session_id).or_insert(0);
+            *attempt += 1;
+            *attempt
+        };
+        if attempt > self.config.reconnect_max_attempts {
+            self.reconnects.lock().await.remove(&key.session_id);
+            let reason = format!("reconnect_failed: {why}");
+            if let Err(error) = self.sessions.record_failed(key.session_id, &reason).await {
+                tracing::error!(session_id = %key.session_id, %error, "Session failure could not be recorded");
+            }
+            return;
+        }
+        let delay = self.config.reconnect_backoff.delay(attempt);
+        tracing::info!(session_id = %key.session_id, attempt, delay_ms = delay.as_millis() as u64, "Session reconnects");
+        let (sessions, shutdown, reconnect) = (self.sessions.clone(), self.shutdown.clone(), self.reconnect.clone());
+        self.tasks.spawn(async move {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(delay) => {}
+            }
+            // Stopped, deleted or logged out meanwhile: nothing to resume.
+            match sessions.find(key.session_id).await {
+                Ok(Some(session)) if session.status == SessionStatus::Disconnected => {}
+                Ok(_) => return,
+                Err(error) => tracing::warn!(session_id = %key.session_id, %error, "Session state unreadable"),
+            }
+            let _ = reconnect.send(Reconnect { key, after: Some(why) });
+        });
+    }
+
+    /// Carries out one command. Errors are retried by the consumer runtime.
+    async fn handle_command(self: &Arc<Self>, command: &ReceivedEvent) -> Result<(), HandlerError> {
+        let event = &command.event;
+        let payload = &event.payload;
+        let Ok(id) = Uuid::parse_str(&event.aggregate_id) else {
+            tracing::warn!(command = %event.event_name, "Session command without a valid session id dropped");
+            return Ok(());
+        };
+        let tenant = event.tenant_id.as_deref().and_then(|t| Uuid::parse_str(t).ok());
+        let session = self.sessions.find(id).await.map_err(HandlerError::new)?;
+        let session = match (session, tenant) {
+            (Some(session), Some(tenant)) if session.tenant_id == tenant => session,
+            (None, _) if event.event_name == COMMAND_DELETE => return Ok(()),
+            _ => {
+                // Forged, stale (deleted session) or misrouted: never act on another tenant's session.
+                tracing::warn!(session_id = %id, command = %event.event_name, "Session command refused: no such session for its tenant");
+                metrics::counter!("session_commands_refused_total").increment(1);
+                return Ok(());
+            }
+        };
+        let key = SessionKey { session_id: id, tenant_id: session.tenant_id };
+        let command_id = event.event_id;
+        match event.event_name.as_str() {
+            COMMAND_START => {
+                self.reconnects.lock().await.remove(&id);
+                self.connect(key).await.map_err(HandlerError::new)?;
+            }
+            COMMAND_STOP => {
+                let reason = payload["reason"].as_str().unwrap_or("stopped");
+                if let Some(live) = self.live.lock().await.remove(&id) {
+                    live.connection.stop().await;
+                }
+                self.sessions.record_disconnected(id, reason).await.map_err(HandlerError::new)?;
+            }
+            COMMAND_SEND => {
+                let to = payload["to"].as_str().unwrap_or_default();
+                let outcome = match (Jid::parse(to), self.connection(id).await) {
+                    (Err(error), _) => Err(format!("invalid recipient: {error}")),
+                    (Ok(_), None) => Err(format!("the session is not connected (status: {})", session.status.as_str())),
+                    (Ok(jid), Some(connection)) => {
+                        let message = OutgoingText {
+                            to: jid,
+                            text: payload["content"].as_str().unwrap_or_default().to_owned(),
+                            reply_to: payload["replyToMessageId"].as_str().map(str::to_owned),
+                        };
+                        connection.send_text(&message).await.map_err(|e| e.to_string())
+                    }
+                };
+                let recorded = match outcome {
+                    Ok(message_id) => {
+                        self.sessions
+                            .record_message_sent(id, command_id, &message_id, to, payload["messageId"].as_str())
+                            .await
+                    }
+                    // Not retried: a send that might have gone out must not go twice.
+                    Err(reason) => self.sessions.record_message_failed(id, command_id, to, &reason).await,
+                };
+                recorded.map_err(HandlerError::new)?;
+            }
+            COMMAND_PAIR_CODE => {
+                let phone = payload["phone"].as_str().unwrap_or_default();
+                self.connect(key).await.map_err(HandlerError::new)?;
+                if let Some(connection) = self.connection(id).await
+                    && let Err(error) = connection.pair_with_code(phone).await
+                {
+                    tracing::warn!(session_id = %id, %error, "Pairing code refused");
+                }
+            }
+            COMMAND_LOGOUT => {
+                if let Some(live) = self.live.lock().await.remove(&id)
+                    && let Err(error) = live.connection.logout().await
+                {
+                    tracing::warn!(session_id = %id, %error, "Logout could not reach WhatsApp; keys are wiped anyway");
+                }
+                self.driver.wipe(key).await.map_err(HandlerError::new)?;
+                self.sessions.record_logged_out(id, "logged out by the tenant").await.map_err(HandlerError::new)?;
+            }
+            COMMAND_DELETE => {
+                if let Some(live) = self.live.lock().await.remove(&id)
+                    && let Err(error) = live.connection.logout().await
+                {
+                    tracing::warn!(session_id = %id, %error, "Logout could not reach WhatsApp; keys are wiped anyway");
+                }
+                self.sessions.record_deleted(id).await.map_err(HandlerError::new)?;
+            }
+            COMMAND_SIMULATE => {
+                let simulation = payload["action"].as_str().and_then(Simulation::parse);
+                match (simulation, self.connection(id).await) {
+                    (Some(simulation), Some(connection)) => {
+                        if let Err(error) = connection.simulate(simulation).await {
+                            tracing::warn!(session_id = %id, %error, action = simulation.as_str(), "Simulation refused");
+                        }
+                    }
+                    (None, _) => tracing::warn!(session_id = %id, "Unknown simulation dropped"),
+                    (Some(_), None) => {
+                        tracing::warn!(session_id = %id, "Simulation for a session without a connection dropped")
+                    }
+                }
+            }
+            other => return Err(HandlerError::new(format!("Unknown session command: {other}"))),
+        }
+        Ok(())
+    }
+}
+
+/// The subscriber the consumer runtime runs for the command streams.
+pub struct SessionCommands(pub Arc<SessionsWorker>);
+
+#[async_trait]
+impl Subscriber for SessionCommands {
+    fn name(&self) -> &'static str {
+        "sessions-worker"
+    }
+
+    fn event_names(&self) -> Vec<&'static str> {
+        COMMANDS.to_vec()
+    }
+
+    fn effect(&self) -> Effect {
+        Effect::External
+    }
+
+    async fn handle(
+        &self,
+        event: &ReceivedEvent,
+        _uow: Option<&mut dyn anna_store::UnitOfWork>,
+    ) -> Result<(), HandlerError> {
+        self.0.handle_command(event).await
+    }
+}
+
+fn is_transient_reason(reason: &str) -> bool {
+    reason.starts_with("connection_lost") || reason == "restart_required"
+}
+
+fn time_duration(d: Duration) -> time::Duration {
+    time::Duration::try_from(d).unwrap_or(time::Duration::MAX)
+}
+
+/// The last digits of a number, enough to tell sessions apart in logs without logging numbers.
+fn phone_suffix(phone: &str) -> String {
+    let user = phone.split('@').next().unwrap_or_default();
+    let digits: Vec<char> = user.chars().collect();
+    let tail: String = digits[digits.len().saturating_sub(3)..].iter().collect();
+    format!("…{tail}")
+}

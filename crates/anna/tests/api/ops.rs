@@ -97,9 +97,22 @@ async fn the_openapi_document_tells_the_truth(backend: Backend) {
         let url = path.replace("{id}", &uuid::Uuid::new_v4().to_string());
         let schema = body["content"]["application/json"]["schema"]["$ref"].as_str().unwrap_or_default();
         let schema = &doc["components"]["schemas"][schema.trim_start_matches("#/components/schemas/")];
-        let required = schema["required"].as_array().map_or(0, Vec::len);
+        // Every field is either required or documented as optional (nullable): a field the
+        // route needs is never left looking optional.
+        let required: Vec<&str> =
+            schema["required"].as_array().map(|r| r.iter().filter_map(|v| v.as_str()).collect()).unwrap_or_default();
         if !path.ends_with("/verify") {
-            assert_eq!(required, schema["properties"].as_object().map_or(0, |p| p.len()), "{path}: {schema}");
+            for (name, property) in schema["properties"].as_object().cloned().unwrap_or_default() {
+                let nullable = property["type"].as_array().is_some_and(|t| t.iter().any(|t| t == "null"));
+                assert!(
+                    required.contains(&name.as_str()) || nullable,
+                    "{path}: {name} is neither required nor optional: {schema}"
+                );
+                assert!(
+                    !(required.contains(&name.as_str()) && nullable),
+                    "{path}: {name} is required yet nullable: {schema}"
+                );
+            }
         }
         let replies = [
             ("another content type", app.post(&url).raw("text/plain", "hello").send().await),

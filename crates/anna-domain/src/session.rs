@@ -171,13 +171,7 @@ impl Session {
         if !matches!(self.status, SessionStatus::Connected | SessionStatus::PendingQr) {
             return None;
         }
-        let reason = clean_reason(reason);
-        self.status = SessionStatus::Disconnected;
-        self.qr = None;
-        self.qr_expires_at = None;
-        self.disconnected_at = Some(now);
-        self.disconnected_reason = Some(reason.clone());
-        self.updated_at = now;
+        let reason = self.leave(SessionStatus::Disconnected, reason, now);
         Some(self.event(SESSION_DISCONNECTED, now, json!({"reason": reason, "disconnectedAt": iso(now)})))
     }
 
@@ -187,13 +181,7 @@ impl Session {
         if matches!(self.status, SessionStatus::Failed | SessionStatus::LoggedOut) {
             return None;
         }
-        let reason = clean_reason(reason);
-        self.status = SessionStatus::Failed;
-        self.qr = None;
-        self.qr_expires_at = None;
-        self.disconnected_at = Some(now);
-        self.disconnected_reason = Some(reason.clone());
-        self.updated_at = now;
+        let reason = self.leave(SessionStatus::Failed, reason, now);
         Some(self.event(SESSION_FAILED, now, json!({"reason": reason, "failedAt": iso(now)})))
     }
 
@@ -202,14 +190,21 @@ impl Session {
         if self.status == SessionStatus::LoggedOut {
             return None;
         }
+        let reason = self.leave(SessionStatus::LoggedOut, reason, now);
+        Some(self.event(SESSION_LOGGED_OUT, now, json!({"reason": reason, "loggedOutAt": iso(now)})))
+    }
+
+    /// Leaves `connected` / `pending_qr` for `status`: no QR any more, the reason kept.
+    /// Returns the cleaned reason.
+    fn leave(&mut self, status: SessionStatus, reason: &str, now: OffsetDateTime) -> String {
         let reason = clean_reason(reason);
-        self.status = SessionStatus::LoggedOut;
+        self.status = status;
         self.qr = None;
         self.qr_expires_at = None;
         self.disconnected_at = Some(now);
         self.disconnected_reason = Some(reason.clone());
         self.updated_at = now;
-        Some(self.event(SESSION_LOGGED_OUT, now, json!({"reason": reason, "loggedOutAt": iso(now)})))
+        reason
     }
 
     pub fn delete(&self, now: OffsetDateTime) -> DomainEvent {
@@ -257,7 +252,8 @@ impl Session {
     }
 }
 
-/// An incoming message as the domain records it.
+/// An incoming message (or one sent from the phone), as drivers report it and the domain
+/// records it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReceivedMessage {
     pub message_id: String,

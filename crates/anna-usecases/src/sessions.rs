@@ -82,6 +82,9 @@ pub enum SessionError {
     NotConnected { id: Uuid, status: &'static str },
     #[error("{0}")]
     Invalid(String),
+    /// Over the session's send rate; retry after this many seconds.
+    #[error("too many messages: retry in {0} s")]
+    RateLimited(u64),
     #[error(transparent)]
     Failed(#[from] Failure),
 }
@@ -179,12 +182,21 @@ impl Sessions {
         self.enqueue(tenant_id, id, COMMAND_STOP, fields).await
     }
 
-    /// Sends a text through a connected session.
-    pub async fn send(&self, tenant_id: Uuid, id: Uuid, request: SendRequest) -> Result<Enqueued, SessionError> {
+    /// Sends a text through a connected session. `admit` spends one message of the session's
+    /// send budget (`Err`: seconds to wait); it is asked only once the session is known to be
+    /// the caller's and connected, so probing ids learns nothing from it.
+    pub async fn send(
+        &self,
+        tenant_id: Uuid,
+        id: Uuid,
+        request: SendRequest,
+        admit: impl FnOnce(Uuid) -> Result<(), u64> + Send,
+    ) -> Result<Enqueued, SessionError> {
         let session = self.get(tenant_id, id).await?;
         if session.status != SessionStatus::Connected {
             return Err(SessionError::NotConnected { id, status: session.status.as_str() });
         }
+        admit(id).map_err(SessionError::RateLimited)?;
         let chars = request.text.chars().count();
         if chars == 0 || chars > self.config.max_text_chars {
             return Err(SessionError::Invalid(format!(

@@ -130,19 +130,8 @@ impl CloseReason {
     }
 }
 
-/// An incoming message.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct IncomingMessage {
-    pub message_id: String,
-    /// The chat (a person or a group).
-    pub chat: String,
-    /// Who wrote it (differs from `chat` in groups).
-    pub sender: String,
-    pub push_name: Option<String>,
-    pub text: Option<String>,
-    pub from_me: bool,
-    pub timestamp: OffsetDateTime,
-}
+/// An incoming message: the domain's own type, so the worker records it as it is.
+pub use anna_domain::session::ReceivedMessage as IncomingMessage;
 
 /// What a live connection reports.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -22,7 +22,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anna_domain::SessionStatus;
-use anna_domain::session::ReceivedMessage;
 use anna_streams::backoff::Backoff;
 use anna_streams::consumer::{Effect, HandlerError, ReceivedEvent, Subscriber};
 use anna_usecases::sessions::{
@@ -282,16 +281,7 @@ impl SessionsWorker {
                 self.sessions.record_disconnected(id, &reason.label()).await?;
             }
             DriverEvent::Message(message) => {
-                let message = ReceivedMessage {
-                    message_id: message.message_id.clone(),
-                    chat: message.chat.clone(),
-                    sender: message.sender.clone(),
-                    push_name: message.push_name.clone(),
-                    text: message.text.clone(),
-                    from_me: message.from_me,
-                    timestamp: message.timestamp,
-                };
-                self.sessions.record_message_received(id, &message).await?;
+                self.sessions.record_message_received(id, message).await?;
             }
             DriverEvent::Receipt { message_id, chat, status, at } => {
                 self.sessions.record_message_status(id, message_id, chat, status.as_str(), *at).await?;

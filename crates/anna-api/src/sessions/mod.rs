@@ -145,6 +145,7 @@ impl From<SessionError> for ApiError {
             SessionError::TooMany(_) => ApiError::conflict("too_many_sessions", message),
             SessionError::NotConnected { .. } => ApiError::conflict("session_not_connected", message),
             SessionError::Invalid(_) => ApiError::bad_request("invalid_request", message),
+            SessionError::RateLimited(retry_after) => ApiError::too_many_requests(retry_after),
             SessionError::Failed(failure) => failure.into(),
         }
     }
@@ -296,15 +297,7 @@ async fn send_message(
     let scope = format!("POST /sessions/{id}/messages {}", caller.user_id);
     let fingerprint = json!([request.to, request.text, request.reply_to, request.client_message_id]).to_string();
     Ok(idempotency::once(&state, &scope, key, &fingerprint, || async {
-        // Owned and connected first: a tenant probing ids learns nothing from the limiter.
-        let session = state.sessions.get(caller.user_id, id).await?;
-        if session.status != anna_domain::SessionStatus::Connected {
-            return Err(SessionError::NotConnected { id, status: session.status.as_str() }.into());
-        }
-        if let Err(retry_after) = state.limiters.check_send(id) {
-            return Err(ApiError::too_many_requests(retry_after));
-        }
-        command(state.sessions.send(caller.user_id, id, request).await?)
+        command(state.sessions.send(caller.user_id, id, request, |id| state.limiters.check_send(id)).await?)
     })
     .await)
 }

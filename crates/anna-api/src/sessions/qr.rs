@@ -33,26 +33,19 @@ enum Format {
     Png,
 }
 
-fn format_from(path_id: &str, headers: &HeaderMap) -> (String, Format) {
-    if let Some(id) = path_id.strip_suffix(".svg") {
-        return (id.to_owned(), Format::Svg);
-    }
-    if let Some(id) = path_id.strip_suffix(".png") {
-        return (id.to_owned(), Format::Png);
-    }
+fn format_from(headers: &HeaderMap) -> Format {
     let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).unwrap_or_default();
-    let format = if accept.contains("image/svg+xml") {
+    if accept.contains("image/svg+xml") {
         Format::Svg
     } else if accept.contains("image/png") {
         Format::Png
     } else {
         Format::Json
-    };
-    (path_id.to_owned(), format)
+    }
 }
 
 /// The current QR code: JSON `{qr, expiresAt}`, or an image with `Accept: image/svg+xml` or
-/// `image/png` (also as `/sessions/{id}/qr.svg`… see the README). 409 when the session shows no
+/// `image/png` (also as `/sessions/{id}/qr.svg` and `/sessions/{id}/qr.png`). 409 when the session shows no
 /// code (connected, or waiting for the worker).
 #[utoipa::path(get, path = "/sessions/{id}/qr", tag = "sessions", security(("bearer" = [])),
     params(("id" = String, Path, description = "session id")),
@@ -65,8 +58,7 @@ pub(super) async fn session_qr(
     ApiPath(id): ApiPath<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let (id, format) = format_from(&id, &headers);
-    respond(&state, caller.user_id, &id, format).await
+    respond(&state, caller.user_id, &id, format_from(&headers)).await
 }
 
 /// `/sessions/{id}/qr.svg` and `/sessions/{id}/qr.png`, for `<img>`-style clients.
@@ -152,8 +144,9 @@ mod tests {
         assert!(svg.starts_with("<?xml") && svg.contains("<svg"));
         let png = png("2@abc,def=,ghi=,jkl=").unwrap_or_else(|e| panic!("{}", e.message));
         assert_eq!(&png[1..4], b"PNG");
-        let headers = HeaderMap::new();
-        assert!(matches!(format_from("x.svg", &headers), (id, Format::Svg) if id == "x"));
-        assert!(matches!(format_from("x", &headers), (_, Format::Json)));
+        let mut headers = HeaderMap::new();
+        assert!(format_from(&headers) == Format::Json);
+        headers.insert(header::ACCEPT, HeaderValue::from_static("image/png"));
+        assert!(format_from(&headers) == Format::Png);
     }
 }

@@ -13,6 +13,7 @@ mod auth;
 mod backlog;
 mod events;
 mod process;
+mod sessions;
 mod stats;
 
 use clap::{Parser, Subcommand};
@@ -39,6 +40,9 @@ enum Bench {
     /// `GET /users/me` under wrk against `pgbench -S` on the same database (needs wrk and
     /// pgbench).
     UsersMe(process::UsersMeArgs),
+    /// WhatsApp sessions on the simulator: RSS per connected session, send throughput under
+    /// wrk, send → WebSocket latency (needs the release `anna` binary next to this one).
+    Sessions(sessions::SessionsArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -52,6 +56,7 @@ fn main() -> anyhow::Result<()> {
             Bench::Backlog(args) => backlog::run(args).await,
             Bench::LoginMemory(args) => process::login_memory(args).await,
             Bench::UsersMe(args) => process::users_me(args).await,
+            Bench::Sessions(args) => sessions::run(args).await,
         }
     })
 }

@@ -51,14 +51,14 @@ pub struct UsersMeArgs {
 }
 
 /// A running `anna serve` with its stdout lines collected.
-struct Server {
+pub(crate) struct Server {
     child: Child,
     lines: Arc<Mutex<Vec<String>>>,
-    base: String,
+    pub(crate) base: String,
 }
 
 impl Server {
-    fn start(anna: Option<PathBuf>, vars: &[(&str, String)]) -> anyhow::Result<Self> {
+    pub(crate) fn start(anna: Option<PathBuf>, vars: &[(&str, String)]) -> anyhow::Result<Self> {
         let binary = match anna {
             Some(path) => path,
             None => std::env::current_exe()?.with_file_name("anna"),
@@ -110,7 +110,7 @@ impl Server {
         Ok(Self { child, lines, base: format!("http://{addr}") })
     }
 
-    fn rss_kib(&self) -> u64 {
+    pub(crate) fn rss_kib(&self) -> u64 {
         rss_kib(self.child.id())
     }
 
@@ -131,7 +131,12 @@ impl Server {
     }
 
     /// Registers and verifies a user; returns its access token.
-    async fn active_user(&self, client: &reqwest::Client, email: &str, password: &str) -> anyhow::Result<String> {
+    pub(crate) async fn active_user(
+        &self,
+        client: &reqwest::Client,
+        email: &str,
+        password: &str,
+    ) -> anyhow::Result<String> {
         let registered: serde_json::Value = client
             .post(format!("{}/users", self.base))
             .json(&json!({"name": "Bench", "email": email, "password": password}))
@@ -174,7 +179,7 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-fn mib(kib: u64) -> f64 {
+pub(crate) fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
 }
 

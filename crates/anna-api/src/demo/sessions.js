@@ -158,6 +158,7 @@ document.addEventListener("DOMContentLoaded", async () => {
     e.preventDefault();
     const body = { name: $("signup-name").value, email: $("signup-email").value, password: $("signup-password").value };
     const created = await api("POST", "/users", body);
+    $("signup-password").value = "";
     if (created.ok) { state.userId = created.json.id; log("user.registered", created.json); $("login-email").value = body.email; }
     else alert(created.json?.message || "Sign-up failed");
   };

@@ -54,6 +54,9 @@ pub struct TestApp {
     pub metrics_addr: Option<SocketAddr>,
     pub mailbox: Mailbox,
     pub store: Arc<dyn Store>,
+    pub stream: Arc<dyn anna_streams::Stream>,
+    /// `SESSIONS_COMMAND_STREAM` of this app (partitions are `<name>.<n>`).
+    pub command_stream: String,
     pub logs: CapturedLogs,
     pub http: reqwest::Client,
     shutdown: CancellationToken,
@@ -136,6 +139,8 @@ async fn spawn(backend: Backend, vars: &[(&str, &str)], configured_email: bool) 
         metrics_addr: running.metrics_addr,
         mailbox: Mailbox(mailbox),
         store: backends.store.clone(),
+        stream: backends.stream.clone(),
+        command_stream: config.sessions.sessions.command_stream.clone(),
         logs,
         http,
         shutdown,

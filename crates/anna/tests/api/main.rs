@@ -4,6 +4,7 @@
 
 mod auth;
 mod binary;
+mod browser;
 mod edge;
 mod email;
 mod helpers;

@@ -285,3 +285,78 @@ async fn connected_sessions_resume_after_a_restart() {
     assert_eq!(session_status(&app, &token, &id, "connected").await["phone"], phone);
     app.stop().await;
 }
+
+/// Connects a new session of the tenant through the simulator; returns its id.
+async fn connected_session(app: &TestApp, token: &str) -> String {
+    let started = app.post("/sessions").bearer(token).send().await;
+    let id = started.body["sessionId"].as_str().unwrap_or_default().to_owned();
+    for _ in 0..200 {
+        if app.get(&format!("/sessions/{id}")).bearer(token).send().await.body["qr"].is_string() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(app.post(&format!("/simulator/sessions/{id}/scan")).bearer(token).send().await.status, 202);
+    session_status(app, token, &id, "connected").await;
+    id
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_delivered_twice_is_applied_once() {
+    let app = spawn_app(Backend::Postgres).await;
+    let token = tenant(&app).await;
+    let id = connected_session(&app, &token).await;
+    let mut ws = socket(&app, &format!("accessToken={token}")).await;
+    frame(&mut ws, "session.snapshot").await;
+    let sent = app
+        .post(&format!("/sessions/{id}/messages"))
+        .bearer(&token)
+        .json(json!({"to": "+15550100123", "content": "once"}))
+        .send()
+        .await;
+    let command = sent.body["commandId"].as_str().unwrap_or_default().to_owned();
+    assert_eq!(frame(&mut ws, "session.message.sent").await["payload"]["commandId"], command.as_str());
+
+    // The same entry appended again, as a producer retrying after a lost answer would.
+    let config = anna_usecases::SessionsConfig { command_stream: app.command_stream.clone(), ..Default::default() };
+    let partition = config.stream_of(uuid::Uuid::parse_str(&id).unwrap_or_default());
+    let entries = app.stream.read_after(&partition, "0", 1000, Duration::ZERO).await.unwrap_or_default();
+    let original =
+        entries.iter().find(|e| e.fields.get("commandId") == Some(&command)).unwrap_or_else(|| panic!("no entry"));
+    app.stream.append(&partition, &original.fields, None).await.unwrap_or_else(|e| panic!("{e}"));
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    while let Ok(Some(Ok(Message::Text(text)))) = tokio::time::timeout_at(deadline, ws.next()).await {
+        let value: Value = serde_json::from_str(&text).unwrap_or_default();
+        assert!(
+            !(value["type"] == "session.message.sent" && value["payload"]["commandId"] == command.as_str()),
+            "the duplicate was sent again"
+        );
+    }
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_connection_reconnects_and_a_ban_fails_the_session() {
+    let app = spawn_app_with(Backend::Sqlite, &[("SESSIONS_RECONNECT_BACKOFF_MS", "100")]).await;
+    let token = tenant(&app).await;
+    let id = connected_session(&app, &token).await;
+    let mut ws = socket(&app, &format!("accessToken={token}")).await;
+    frame(&mut ws, "session.snapshot").await;
+
+    assert_eq!(app.post(&format!("/simulator/sessions/{id}/disconnect")).bearer(&token).send().await.status, 202);
+    let dropped = frame(&mut ws, "session.status.disconnected").await;
+    assert!(dropped["payload"]["reason"].as_str().unwrap_or_default().starts_with("connection_lost"));
+    frame(&mut ws, "session.status.connected").await;
+
+    assert_eq!(app.post(&format!("/simulator/sessions/{id}/ban")).bearer(&token).send().await.status, 202);
+    let failed = frame(&mut ws, "session.status.failed").await;
+    assert!(failed["payload"]["reason"].as_str().unwrap_or_default().starts_with("banned"));
+
+    // Logging out wipes the device: starting again shows a new QR code instead of reconnecting.
+    assert_eq!(app.post(&format!("/sessions/{id}/logout")).bearer(&token).send().await.status, 202);
+    frame(&mut ws, "session.logged_out").await;
+    assert_eq!(app.post("/sessions").bearer(&token).json(json!({"sessionId": id})).send().await.status, 202);
+    frame(&mut ws, "session.qr.updated").await;
+    app.stop().await;
+}

@@ -47,6 +47,8 @@ use crate::state::AppState;
 const SUBPROTOCOL: &str = "anna";
 const TICKET_PROTOCOL_PREFIX: &str = "anna.ticket.";
 const TOKEN_PROTOCOL_PREFIX: &str = "anna.token.";
+/// Largest message a client may send (clients only send pings and closes).
+const MAX_CLIENT_MESSAGE_BYTES: usize = 4096;
 /// A socket that cannot take a frame for this long is dropped.
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -326,6 +328,9 @@ async fn ws_sessions(
         Ok(since) => since,
         Err(_) => return ApiError::bad_request("invalid_since", "since must be an event id (UUID)").into_response(),
     };
+    // Clients have nothing to say on this socket: a small cap keeps a hostile one from making
+    // the server buffer megabytes per frame.
+    let upgrade = upgrade.max_message_size(MAX_CLIENT_MESSAGE_BYTES).max_frame_size(MAX_CLIENT_MESSAGE_BYTES);
     let upgrade =
         if protocols.iter().any(|p| p.starts_with(SUBPROTOCOL)) { upgrade.protocols([SUBPROTOCOL]) } else { upgrade };
     let state_for_socket = state.clone();

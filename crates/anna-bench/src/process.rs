@@ -59,6 +59,11 @@ pub(crate) struct Server {
 
 impl Server {
     pub(crate) fn start(anna: Option<PathBuf>, vars: &[(&str, String)]) -> anyhow::Result<Self> {
+        Self::start_as(anna, "serve", vars)
+    }
+
+    /// Starts `anna <command>` (`serve`, or `api` for the HTTP API alone).
+    pub(crate) fn start_as(anna: Option<PathBuf>, subcommand: &str, vars: &[(&str, String)]) -> anyhow::Result<Self> {
         let binary = match anna {
             Some(path) => path,
             None => std::env::current_exe()?.with_file_name("anna"),
@@ -70,7 +75,7 @@ impl Server {
         );
         let mut command = Command::new(&binary);
         command
-            .arg("serve")
+            .arg(subcommand)
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("HOST", "127.0.0.1")
@@ -106,7 +111,7 @@ impl Server {
         }
         let addr = addr_rx
             .recv_timeout(Duration::from_secs(60))
-            .map_err(|_| anyhow::anyhow!("anna serve did not say where it listens"))?;
+            .map_err(|_| anyhow::anyhow!("anna {subcommand} did not say where it listens"))?;
         Ok(Self { child, lines, base: format!("http://{addr}") })
     }
 

@@ -130,11 +130,21 @@ pub async fn run(args: SessionsArgs) -> anyhow::Result<()> {
         latency.requests + latency.errors,
     );
 
-    match wrk_sends(&base, &token, &ids, args.seconds, args.connections) {
+    match wrk_sends(&base, &token, &ids, args.seconds, args.connections, "anna serve, the worker sending meanwhile") {
         Ok(line) => println!("{line}"),
         Err(error) => println!("| wrk send load | not run: {error} |"),
     }
     println!("| RSS after the send loads | {:.1} MiB |", mib(server.rss_kib()));
+    drop(server);
+
+    // The production shape's API process alone: what it accepts when the sessions workers run
+    // elsewhere (the commands queue up in the stream; the sessions stay `connected` in the
+    // database since the process above was killed, not stopped).
+    let api = Server::start_as(args.anna.clone(), "api", &vars)?;
+    match wrk_sends(&api.base, &token, &ids, args.seconds, args.connections, "`anna api` alone") {
+        Ok(line) => println!("{line}"),
+        Err(error) => println!("| wrk send load, API alone | not run: {error} |"),
+    }
     Ok(())
 }
 
@@ -230,7 +240,14 @@ async fn send_to_websocket(
 }
 
 /// `POST /sessions/{id}/messages` under wrk, spread over every session.
-fn wrk_sends(base: &str, token: &str, ids: &[String], seconds: u64, connections: usize) -> anyhow::Result<String> {
+fn wrk_sends(
+    base: &str,
+    token: &str,
+    ids: &[String],
+    seconds: u64,
+    connections: usize,
+    shape: &str,
+) -> anyhow::Result<String> {
     anyhow::ensure!(
         Command::new("wrk").arg("--version").output().is_ok(),
         "wrk is needed (Debian: apt-get install wrk)"
@@ -264,7 +281,7 @@ fn wrk_sends(base: &str, token: &str, ids: &[String], seconds: u64, connections:
     };
     let non_2xx = out.lines().find(|l| l.contains("Non-2xx")).unwrap_or("no non-2xx answers").trim().to_owned();
     Ok(format!(
-        "| `POST /sessions/{{id}}/messages` under wrk ({connections} connections, {seconds} s; {non_2xx}) | {rps} req/s, p50 {}, p99 {} |",
+        "| `POST /sessions/{{id}}/messages` under wrk, {shape} ({connections} connections, {seconds} s; {non_2xx}) | {rps} req/s, p50 {}, p99 {} |",
         pick("50%"),
         pick("99%")
     ))

@@ -13,7 +13,7 @@ pub mod user;
 
 pub use auth::RefreshToken;
 pub use events::DomainEvent;
-pub use session::{Session, SessionStatus};
+pub use session::{Session, SessionRef, SessionStatus};
 pub use user::{Email, User, UserName, UserStatus};
 
 /// A value that breaks a domain rule. The message is safe to show to the client: it never

@@ -119,13 +119,12 @@ impl Session {
         (session, event)
     }
 
-    fn event(&self, name: &str, now: OffsetDateTime, mut payload: serde_json::Value) -> DomainEvent {
-        if let Some(fields) = payload.as_object_mut() {
-            fields.insert("tenantId".into(), json!(self.tenant_id.to_string()));
-        }
-        let mut event = DomainEvent::new(name, self.id.to_string(), now, payload);
-        event.tenant_id = Some(self.tenant_id.to_string());
-        event
+    fn event(&self, name: &str, now: OffsetDateTime, payload: serde_json::Value) -> DomainEvent {
+        self.reference().event(name, now, payload)
+    }
+
+    pub fn reference(&self) -> SessionRef {
+        SessionRef { id: self.id, tenant_id: self.tenant_id }
     }
 
     /// Whether a driver connection should exist for this session.
@@ -210,8 +209,27 @@ impl Session {
     pub fn delete(&self, now: OffsetDateTime) -> DomainEvent {
         self.event(SESSION_DELETED, now, json!({"deletedAt": iso(now)}))
     }
+}
 
-    pub fn message_sent(&self, command_id: Uuid, message_id: &str, to: &str, now: OffsetDateTime) -> DomainEvent {
+/// What events about a session need of it: its id and tenant. Message events are recorded
+/// with this alone, without loading the session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionRef {
+    pub id: Uuid,
+    pub tenant_id: Uuid,
+}
+
+impl SessionRef {
+    fn event(self, name: &str, now: OffsetDateTime, mut payload: serde_json::Value) -> DomainEvent {
+        if let Some(fields) = payload.as_object_mut() {
+            fields.insert("tenantId".into(), json!(self.tenant_id.to_string()));
+        }
+        let mut event = DomainEvent::new(name, self.id.to_string(), now, payload);
+        event.tenant_id = Some(self.tenant_id.to_string());
+        event
+    }
+
+    pub fn message_sent(self, command_id: Uuid, message_id: &str, to: &str, now: OffsetDateTime) -> DomainEvent {
         self.event(
             SESSION_MESSAGE_SENT,
             now,
@@ -219,7 +237,7 @@ impl Session {
         )
     }
 
-    pub fn message_failed(&self, command_id: Uuid, to: &str, reason: &str, now: OffsetDateTime) -> DomainEvent {
+    pub fn message_failed(self, command_id: Uuid, to: &str, reason: &str, now: OffsetDateTime) -> DomainEvent {
         self.event(
             SESSION_MESSAGE_FAILED,
             now,
@@ -227,7 +245,7 @@ impl Session {
         )
     }
 
-    pub fn message_received(&self, message: &ReceivedMessage, now: OffsetDateTime) -> DomainEvent {
+    pub fn message_received(self, message: &ReceivedMessage, now: OffsetDateTime) -> DomainEvent {
         self.event(
             SESSION_MESSAGE_RECEIVED,
             now,
@@ -243,7 +261,7 @@ impl Session {
         )
     }
 
-    pub fn message_status(&self, message_id: &str, chat: &str, status: &str, at: OffsetDateTime) -> DomainEvent {
+    pub fn message_status(self, message_id: &str, chat: &str, status: &str, at: OffsetDateTime) -> DomainEvent {
         self.event(
             SESSION_MESSAGE_STATUS,
             at,

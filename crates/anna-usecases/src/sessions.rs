@@ -10,7 +10,7 @@
 use std::sync::Arc;
 
 use anna_domain::session::{ReceivedMessage, SESSION_PAIR_CODE_ISSUED};
-use anna_domain::{DomainEvent, Session, SessionStatus};
+use anna_domain::{DomainEvent, Session, SessionRef, SessionStatus};
 use anna_store::{Store, StoreError};
 use anna_streams::{Stream, envelope};
 use serde_json::{Value, json};
@@ -291,14 +291,11 @@ impl Sessions {
         Ok(Some(session))
     }
 
-    async fn record_event(
-        &self,
-        id: Uuid,
-        event: impl FnOnce(&Session, OffsetDateTime) -> DomainEvent + Send,
-    ) -> Result<(), SessionError> {
-        let Some(session) = self.store.find_session(id).await? else { return Ok(()) };
+    /// Appends an event about the session without loading it (message events change
+    /// nothing of the aggregate).
+    async fn record_event(&self, event: DomainEvent) -> Result<(), SessionError> {
         let mut uow = self.store.begin().await?;
-        uow.append_events(&traced([event(&session, OffsetDateTime::now_utc())])).await?;
+        uow.append_events(&traced([event])).await?;
         uow.commit().await?;
         Ok(())
     }
@@ -348,45 +345,46 @@ impl Sessions {
 
     pub async fn record_message_sent(
         &self,
-        id: Uuid,
+        session: SessionRef,
         command_id: Uuid,
         message_id: &str,
         to: &str,
         client_message_id: Option<&str>,
     ) -> Result<(), SessionError> {
-        self.record_event(id, |s, now| {
-            let mut event = s.message_sent(command_id, message_id, to, now);
-            if let Some(client_id) = client_message_id {
-                event.payload["clientMessageId"] = json!(client_id);
-            }
-            event
-        })
-        .await
+        let mut event = session.message_sent(command_id, message_id, to, OffsetDateTime::now_utc());
+        if let Some(client_id) = client_message_id {
+            event.payload["clientMessageId"] = json!(client_id);
+        }
+        self.record_event(event).await
     }
 
     pub async fn record_message_failed(
         &self,
-        id: Uuid,
+        session: SessionRef,
         command_id: Uuid,
         to: &str,
         reason: &str,
     ) -> Result<(), SessionError> {
-        self.record_event(id, |s, now| s.message_failed(command_id, to, reason, now)).await
+        self.record_event(session.message_failed(command_id, to, reason, OffsetDateTime::now_utc())).await
     }
 
-    pub async fn record_message_received(&self, id: Uuid, message: &ReceivedMessage) -> Result<(), SessionError> {
-        self.record_event(id, |s, now| s.message_received(message, now)).await
+    pub async fn record_message_received(
+        &self,
+        session: SessionRef,
+        message: &ReceivedMessage,
+    ) -> Result<(), SessionError> {
+        self.record_event(session.message_received(message, OffsetDateTime::now_utc())).await
     }
 
     pub async fn record_message_status(
         &self,
-        id: Uuid,
+        session: SessionRef,
         message_id: &str,
         chat: &str,
         status: &str,
         at: OffsetDateTime,
     ) -> Result<(), SessionError> {
-        self.record_event(id, |s, _| s.message_status(message_id, chat, status, at)).await
+        self.record_event(session.message_status(message_id, chat, status, at)).await
     }
 
     /// Sessions the worker should bring back after a restart.

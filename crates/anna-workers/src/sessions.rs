@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use anna_domain::SessionStatus;
+use anna_domain::{SessionRef, SessionStatus};
 use anna_streams::backoff::Backoff;
 use anna_streams::consumer::{Effect, HandlerError, ReceivedEvent, Subscriber};
 use anna_usecases::sessions::{
@@ -281,13 +281,15 @@ impl SessionsWorker {
                 self.sessions.record_disconnected(id, &reason.label()).await?;
             }
             DriverEvent::Message(message) => {
-                self.sessions.record_message_received(id, message).await?;
+                self.sessions.record_message_received(reference(key), message).await?;
             }
             DriverEvent::Receipt { message_id, chat, status, at } => {
-                self.sessions.record_message_status(id, message_id, chat, status.as_str(), *at).await?;
+                self.sessions.record_message_status(reference(key), message_id, chat, status.as_str(), *at).await?;
             }
             DriverEvent::SendRejected { message_id, error } => {
-                self.sessions.record_message_status(id, message_id, "", &format!("rejected: {error}"), now).await?;
+                self.sessions
+                    .record_message_status(reference(key), message_id, "", &format!("rejected: {error}"), now)
+                    .await?;
             }
             DriverEvent::Closed { reason } => {
                 if !self.forget(id, generation).await {
@@ -406,11 +408,17 @@ impl SessionsWorker {
                 let recorded = match outcome {
                     Ok(message_id) => {
                         self.sessions
-                            .record_message_sent(id, command_id, &message_id, to, payload["messageId"].as_str())
+                            .record_message_sent(
+                                reference(key),
+                                command_id,
+                                &message_id,
+                                to,
+                                payload["messageId"].as_str(),
+                            )
                             .await
                     }
                     // Not retried: a send that might have gone out must not go twice.
-                    Err(reason) => self.sessions.record_message_failed(id, command_id, to, &reason).await,
+                    Err(reason) => self.sessions.record_message_failed(reference(key), command_id, to, &reason).await,
                 };
                 recorded.map_err(HandlerError::new)?;
             }
@@ -484,6 +492,10 @@ impl Subscriber for SessionCommands {
     ) -> Result<(), HandlerError> {
         self.0.handle_command(event).await
     }
+}
+
+fn reference(key: SessionKey) -> SessionRef {
+    SessionRef { id: key.session_id, tenant_id: key.tenant_id }
 }
 
 fn is_transient_reason(reason: &str) -> bool {

@@ -117,8 +117,13 @@ impl<T: DeserializeOwned + Default, S: Send + Sync> FromRequest<S> for OptionalJ
             req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| {
                 v.split(';').next().is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"))
             });
-        let bytes = Bytes::from_request(req, state).await.map_err(|_| {
-            ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", "request body is too large")
+        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
+            let status = rejection.status();
+            if status == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::new(status, "payload_too_large", "request body is too large")
+            } else {
+                ApiError::new(status, "unreadable_body", rejection.body_text())
+            }
         })?;
         if bytes.iter().all(u8::is_ascii_whitespace) {
             return Ok(Self(T::default()));
@@ -278,6 +283,10 @@ async fn send_message(
         return Err(ApiError::bad_request("missing_fields", "to and content are required"));
     };
     let to = Jid::parse(&to).map_err(|e| ApiError::bad_request("invalid_recipient", format!("to {e}")))?;
+    // Line breaks and tabs are text; other control characters (NUL…) are not.
+    if content.chars().any(|c| c.is_control() && !matches!(c, '\n' | '\r' | '\t')) {
+        return Err(ApiError::bad_request("invalid_content", "content must not contain control characters"));
+    }
     let short = |value: Option<String>, what: &str| -> Result<Option<String>, ApiError> {
         match value {
             Some(v) if v.len() > 128 || v.chars().any(char::is_control) => Err(ApiError::bad_request(

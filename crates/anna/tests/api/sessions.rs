@@ -125,6 +125,13 @@ async fn predecessor_client_flow(backend: Backend) {
         .send()
         .await;
     assert_eq!(bad.status, 400);
+    let nul = app
+        .post(&format!("/sessions/{id}/messages"))
+        .bearer(&token)
+        .json(json!({"to": "+15550100123", "content": "a\u{0}b"}))
+        .send()
+        .await;
+    assert_eq!((nul.status, nul.body["code"].as_str()), (400, Some("invalid_content")));
     let missing =
         app.post(&format!("/sessions/{id}/messages")).bearer(&token).json(json!({"to": "+15550100123"})).send().await;
     assert_eq!((missing.status, missing.message()), (400, "to and content are required"));
@@ -244,6 +251,21 @@ async fn limits_and_validation() {
     assert_eq!(bad_id.status, 400);
     assert_eq!(app.post("/sessions").send().await.status, 401);
     assert_eq!(app.get("/sessions/not-a-uuid").bearer(&token).send().await.status, 400);
+    let odd = app
+        .http
+        .put(format!("{}/sessions", app.base))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(odd.status(), 405);
+    let nul_reason = app
+        .post(&format!("/sessions/{}/stop", uuid::Uuid::new_v4()))
+        .bearer(&token)
+        .json(json!({"reason": "a\u{0}b"}))
+        .send()
+        .await;
+    assert_eq!(nul_reason.status, 404, "no such session, whatever the body");
     let listed = app.get("/sessions").bearer(&token).send().await;
     assert_eq!(listed.body["sessions"].as_array().map(Vec::len), Some(1));
     // The simulator's routes exist only with the simulator.

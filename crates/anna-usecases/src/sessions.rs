@@ -9,8 +9,8 @@
 
 use std::sync::Arc;
 
-use anna_domain::session::{ReceivedMessage, SESSION_PAIR_CODE_ISSUED};
-use anna_domain::{DomainEvent, Session, SessionRef, SessionStatus};
+use anna_domain::session::SESSION_PAIR_CODE_ISSUED;
+use anna_domain::{DomainEvent, Session, SessionStatus};
 use anna_store::{Store, StoreError};
 use anna_streams::{Stream, envelope};
 use serde_json::{Value, json};
@@ -291,11 +291,15 @@ impl Sessions {
         Ok(Some(session))
     }
 
-    /// Appends an event about the session without loading it (message events change
-    /// nothing of the aggregate).
-    async fn record_event(&self, event: DomainEvent) -> Result<(), SessionError> {
+    /// Appends events that change nothing of their sessions (messages, receipts), already
+    /// stamped with their traces, in one unit of work: the sessions worker gathers the events
+    /// of many sessions into one commit.
+    pub async fn append_events(&self, events: &[DomainEvent]) -> Result<(), SessionError> {
+        if events.is_empty() {
+            return Ok(());
+        }
         let mut uow = self.store.begin().await?;
-        uow.append_events(&traced([event])).await?;
+        uow.append_events(events).await?;
         uow.commit().await?;
         Ok(())
     }
@@ -341,50 +345,6 @@ impl Sessions {
         uow.append_events(&traced([session.delete(now)])).await?;
         uow.commit().await?;
         Ok(())
-    }
-
-    pub async fn record_message_sent(
-        &self,
-        session: SessionRef,
-        command_id: Uuid,
-        message_id: &str,
-        to: &str,
-        client_message_id: Option<&str>,
-    ) -> Result<(), SessionError> {
-        let mut event = session.message_sent(command_id, message_id, to, OffsetDateTime::now_utc());
-        if let Some(client_id) = client_message_id {
-            event.payload["clientMessageId"] = json!(client_id);
-        }
-        self.record_event(event).await
-    }
-
-    pub async fn record_message_failed(
-        &self,
-        session: SessionRef,
-        command_id: Uuid,
-        to: &str,
-        reason: &str,
-    ) -> Result<(), SessionError> {
-        self.record_event(session.message_failed(command_id, to, reason, OffsetDateTime::now_utc())).await
-    }
-
-    pub async fn record_message_received(
-        &self,
-        session: SessionRef,
-        message: &ReceivedMessage,
-    ) -> Result<(), SessionError> {
-        self.record_event(session.message_received(message, OffsetDateTime::now_utc())).await
-    }
-
-    pub async fn record_message_status(
-        &self,
-        session: SessionRef,
-        message_id: &str,
-        chat: &str,
-        status: &str,
-        at: OffsetDateTime,
-    ) -> Result<(), SessionError> {
-        self.record_event(session.message_status(message_id, chat, status, at)).await
     }
 
     /// Sessions the worker should bring back after a restart.

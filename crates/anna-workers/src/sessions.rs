@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use anna_domain::{SessionRef, SessionStatus};
+use anna_domain::{DomainEvent, SessionRef, SessionStatus};
 use anna_streams::backoff::Backoff;
 use anna_streams::consumer::{Effect, HandlerError, ReceivedEvent, Subscriber};
 use anna_usecases::sessions::{
@@ -34,7 +34,7 @@ use anna_whatsapp::{
 };
 use async_trait::async_trait;
 use time::OffsetDateTime;
-use tokio::sync::{Mutex, mpsc};
+use tokio::sync::{Mutex, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
@@ -86,6 +86,8 @@ pub struct SessionsWorker {
     /// (a pump never opens a connection itself, which would make its task contain itself).
     reconnect: mpsc::UnboundedSender<Reconnect>,
     reconnect_requests: Mutex<Option<mpsc::UnboundedReceiver<Reconnect>>>,
+    /// Message events on their way to the batch committer ([`commit_batches`]).
+    batch: mpsc::Sender<(DomainEvent, oneshot::Sender<Result<(), String>>)>,
 }
 
 /// A connection to open again; `after` is why the last attempt failed, if one did.
@@ -100,6 +102,31 @@ pub enum WorkerError {
     Session(#[from] SessionError),
     #[error(transparent)]
     Driver(#[from] DriverError),
+    #[error("recording events failed: {0}")]
+    Batch(String),
+}
+
+/// Events waiting for the batch committer; senders wait when it is full.
+const BATCH_QUEUE: usize = 4096;
+/// Most events in one commit.
+const MAX_BATCH: usize = 512;
+
+/// Commits the message events of every session in batches: each commit takes whatever queued
+/// up while the previous one ran (group commit), so a durable database's per-commit flush is
+/// paid once per batch, not once per receipt.
+async fn commit_batches(
+    sessions: Arc<Sessions>,
+    mut queue: mpsc::Receiver<(DomainEvent, oneshot::Sender<Result<(), String>>)>,
+) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        let (events, waiting): (Vec<DomainEvent>, Vec<_>) = batch.drain(..).unzip();
+        let result = sessions.append_events(&events).await.map_err(|e| e.to_string());
+        metrics::histogram!("session_event_batch_size").record(events.len() as f64);
+        for done in waiting {
+            let _ = done.send(result.clone());
+        }
+    }
 }
 
 impl SessionsWorker {
@@ -110,7 +137,10 @@ impl SessionsWorker {
         shutdown: CancellationToken,
     ) -> Arc<Self> {
         let (reconnect, reconnect_requests) = mpsc::unbounded_channel();
+        let (batch, batches) = mpsc::channel(BATCH_QUEUE);
+        tokio::spawn(commit_batches(sessions.clone(), batches));
         Arc::new(Self {
+            batch,
             reconnect,
             reconnect_requests: Mutex::new(Some(reconnect_requests)),
             sessions,
@@ -131,6 +161,18 @@ impl SessionsWorker {
     /// How many connections this process holds.
     pub async fn live_count(&self) -> usize {
         self.live.lock().await.len()
+    }
+
+    /// Records an event that changes nothing of its session (a message, a receipt) once it is
+    /// committed, together with the events of other sessions waiting at the same time.
+    async fn record(&self, event: DomainEvent) -> Result<(), WorkerError> {
+        let (done, committed) = oneshot::channel();
+        let event = anna_usecases::traced([event]).remove(0);
+        self.batch.send((event, done)).await.map_err(|_| WorkerError::Batch("the batch committer stopped".into()))?;
+        committed
+            .await
+            .map_err(|_| WorkerError::Batch("the batch committer stopped".into()))?
+            .map_err(WorkerError::Batch)
     }
 
     /// Opens the connections asked for by reconnect policies until shutdown.
@@ -281,15 +323,13 @@ impl SessionsWorker {
                 self.sessions.record_disconnected(id, &reason.label()).await?;
             }
             DriverEvent::Message(message) => {
-                self.sessions.record_message_received(reference(key), message).await?;
+                self.record(reference(key).message_received(message, now)).await?;
             }
             DriverEvent::Receipt { message_id, chat, status, at } => {
-                self.sessions.record_message_status(reference(key), message_id, chat, status.as_str(), *at).await?;
+                self.record(reference(key).message_status(message_id, chat, status.as_str(), *at)).await?;
             }
             DriverEvent::SendRejected { message_id, error } => {
-                self.sessions
-                    .record_message_status(reference(key), message_id, "", &format!("rejected: {error}"), now)
-                    .await?;
+                self.record(reference(key).message_status(message_id, "", &format!("rejected: {error}"), now)).await?;
             }
             DriverEvent::Closed { reason } => {
                 if !self.forget(id, generation).await {
@@ -405,21 +445,19 @@ impl SessionsWorker {
                         connection.send_text(&message).await.map_err(|e| e.to_string())
                     }
                 };
-                let recorded = match outcome {
+                let now = OffsetDateTime::now_utc();
+                let event = match outcome {
                     Ok(message_id) => {
-                        self.sessions
-                            .record_message_sent(
-                                reference(key),
-                                command_id,
-                                &message_id,
-                                to,
-                                payload["messageId"].as_str(),
-                            )
-                            .await
+                        let mut event = reference(key).message_sent(command_id, &message_id, to, now);
+                        if let Some(client_id) = payload["messageId"].as_str() {
+                            event.payload["clientMessageId"] = client_id.into();
+                        }
+                        event
                     }
                     // Not retried: a send that might have gone out must not go twice.
-                    Err(reason) => self.sessions.record_message_failed(reference(key), command_id, to, &reason).await,
+                    Err(reason) => reference(key).message_failed(command_id, to, &reason, now),
                 };
+                let recorded = self.record(event).await;
                 recorded.map_err(HandlerError::new)?;
             }
             COMMAND_PAIR_CODE => {

@@ -32,6 +32,9 @@ pub struct SessionsArgs {
     /// Seconds of the latency run.
     #[arg(long, default_value_t = 20)]
     latency_seconds: u64,
+    /// anna's database pool (`DATABASE_MAX_CONNECTIONS`).
+    #[arg(long, default_value_t = 10)]
+    pool: u32,
     /// Run on SQLite with embedded streams instead of Postgres + Redis.
     #[arg(long)]
     sqlite: bool,
@@ -50,6 +53,7 @@ pub async fn run(args: SessionsArgs) -> anyhow::Result<()> {
         ("SESSIONS_SIMULATOR_FIRST_QR_MS", "3600000".to_owned()),
         ("SESSIONS_RESUME_STAGGER_MS", "0".to_owned()),
         ("WS_CLIENT_BUFFER", "65536".to_owned()),
+        ("DATABASE_MAX_CONNECTIONS", args.pool.to_string()),
     ];
     let shape = if args.sqlite {
         vars.push(("DATABASE_URL", anna_testkit::sqlite::fresh_database_url()));

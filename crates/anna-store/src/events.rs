@@ -120,8 +120,13 @@ pub trait EventLog: Send + Sync {
     /// looks again shortly after.
     async fn wait_for_outbox(&self, timeout: Duration);
 
+    /// Which of `event_ids` `subscriber` has applied (one query for the whole set).
+    async fn events_applied(&self, subscriber: &str, event_ids: &[Uuid]) -> Result<HashSet<Uuid>, StoreError>;
+
     /// Whether `subscriber` has applied `event_id`.
-    async fn is_event_applied(&self, subscriber: &str, event_id: Uuid) -> Result<bool, StoreError>;
+    async fn is_event_applied(&self, subscriber: &str, event_id: Uuid) -> Result<bool, StoreError> {
+        Ok(self.events_applied(subscriber, &[event_id]).await?.contains(&event_id))
+    }
 
     /// Records one failed attempt of `subscriber` on `event_id`; returns the attempts so far.
     async fn record_event_failure(
@@ -578,15 +583,22 @@ impl EventLog for SqlStore {
         self.wake.wait(timeout).await;
     }
 
-    async fn is_event_applied(&self, subscriber: &str, event_id: Uuid) -> Result<bool, StoreError> {
-        let row = self
+    async fn events_applied(&self, subscriber: &str, event_ids: &[Uuid]) -> Result<HashSet<Uuid>, StoreError> {
+        if event_ids.is_empty() {
+            return Ok(HashSet::new());
+        }
+        let rows = self
             .pool
-            .query("SELECT EXISTS (SELECT 1 FROM applied_events WHERE subscriber = $1 AND event_id = $2) AS applied")
+            .query(Sql::PerBackend {
+                sqlite: "SELECT event_id FROM applied_events \
+                         WHERE subscriber = $1 AND event_id IN (SELECT value FROM json_each($2))",
+                postgres: "SELECT event_id FROM applied_events WHERE subscriber = $1 AND event_id = ANY($2::uuid[])",
+            })
             .bind(subscriber)
-            .bind_uuid(event_id)
-            .fetch_one()
+            .bind_uuid_set(event_ids)
+            .fetch_all()
             .await?;
-        row.get("applied")
+        rows.iter().map(|row| row.uuid("event_id")).collect()
     }
 
     async fn record_event_failure(

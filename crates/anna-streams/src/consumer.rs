@@ -3,7 +3,9 @@
 //!
 //! Guarantees: at-least-once delivery; effectively-once effects for database subscribers (the
 //! applied event id is recorded in the same transaction as the effects); at-least-once for
-//! subscribers with external effects (recorded right after the effect, before the ack).
+//! subscribers with external effects (recorded after the effect, before the ack: in a batch,
+//! the records of all its entries in one transaction at its end, so a durable database
+//! flushes once per batch rather than once per entry).
 //! Retries are per subscriber: one that already applied an event is never re-run for it.
 //! After `max_attempts` failures of a subscriber the entry is written to the DLQ stream first
 //! and acknowledged second; if the DLQ cannot be written it goes to `dead_letters`; if that
@@ -445,7 +447,7 @@ impl EventConsumer {
                 // The other subscribers still get the event, then it is dead-lettered.
                 Ok(attempts) if attempts >= self.config.max_attempts => {
                     if let Outcome::Retry { retry_in, exhausted } =
-                        self.handle_with(delivery, vec![(subscriber, error.clone(), attempts)]).await
+                        self.handle_with(delivery, vec![(subscriber, error.clone(), attempts)], None).await
                     {
                         self.clone().schedule_retry(delivery.clone(), retry_in, exhausted, retries, shutdown.clone());
                     }
@@ -484,13 +486,24 @@ impl EventConsumer {
             by_aggregate.entry(key).or_default().push(i);
         }
         let groups: Vec<Vec<usize>> = order.iter().filter_map(|k| by_aggregate.remove(k)).collect();
+        let deferred = match self.applied_before(deliveries, &groups).await {
+            Ok(known) => Deferred { known: std::sync::Mutex::new(known), ..Deferred::default() },
+            Err(error) => {
+                // Left pending: claimed again once the store answers.
+                tracing::error!(%error, "could not check which events were applied");
+                return;
+            }
+        };
+        let deferred = &deferred;
         futures::stream::iter(groups)
             .for_each_concurrent(self.config.concurrency.max(1), |indices| {
                 let this = self.clone();
                 async move {
                     for i in indices {
                         let delivery = &deliveries[i];
-                        if let Outcome::Retry { retry_in, exhausted } = this.handle(delivery).await {
+                        if let Outcome::Retry { retry_in, exhausted } =
+                            this.handle_with(delivery, Vec::new(), Some(deferred)).await
+                        {
                             this.clone().schedule_retry(
                                 delivery.clone(),
                                 retry_in,
@@ -503,6 +516,64 @@ impl EventConsumer {
                 }
             })
             .await;
+        self.settle_deferred(deferred).await;
+    }
+
+    /// Which (external subscriber, event) pairs of these entries were applied before: one
+    /// query per subscriber for the whole batch.
+    async fn applied_before(
+        &self,
+        deliveries: &[Delivery],
+        groups: &[Vec<usize>],
+    ) -> Result<HashSet<(&'static str, Uuid)>, StoreError> {
+        let mut asked: HashMap<&'static str, Vec<Uuid>> = HashMap::new();
+        for i in groups.iter().flatten() {
+            let fields = &deliveries[*i].entry.fields;
+            let (Some(name), Some(id)) = (
+                fields.get(envelope::EVENT_NAME),
+                fields.get(envelope::EVENT_ID).and_then(|id| Uuid::parse_str(id).ok()),
+            ) else {
+                continue;
+            };
+            for subscriber in self.subscribers.get(name.as_str()).into_iter().flatten() {
+                if subscriber.effect() == Effect::External {
+                    asked.entry(subscriber.name()).or_default().push(id);
+                }
+            }
+        }
+        let mut known = HashSet::new();
+        for (subscriber, ids) in asked {
+            known.extend(self.store.events_applied(subscriber, &ids).await?.into_iter().map(|id| (subscriber, id)));
+        }
+        Ok(known)
+    }
+
+    /// Ends a batch's one-by-one path: records every external effect it made in one
+    /// transaction, then acknowledges the entries settled in one call. If the record fails
+    /// they stay pending and are claimed again later (their external effects may repeat, as
+    /// the at-least-once contract of [`Effect::External`] allows).
+    async fn settle_deferred(&self, deferred: &Deferred) {
+        let applied = std::mem::take(&mut *lock(&deferred.applied));
+        let settled = std::mem::take(&mut *lock(&deferred.settled));
+        if settled.is_empty() {
+            return;
+        }
+        if let Err(error) = self.record_applied(&applied).await {
+            tracing::error!(%error, count = settled.len(), "recording applied events failed; entries stay pending");
+            return;
+        }
+        let ids: Vec<String> = settled.iter().map(|(id, _)| id.clone()).collect();
+        match self.stream.ack(&self.config.stream, &self.config.group, &ids).await {
+            Ok(_) => {
+                let now = OffsetDateTime::now_utc();
+                for (name, occurred_on) in settled.into_iter().filter_map(|(_, event)| event) {
+                    let latency = (now - occurred_on).as_seconds_f64().max(0.0);
+                    metrics::histogram!("event_end_to_end_latency_seconds", "event_name" => name).record(latency);
+                }
+            }
+            // Left pending: they will be claimed and found already applied.
+            Err(error) => tracing::warn!(%error, count = ids.len(), "ack failed"),
+        }
     }
 
     /// Applies `events` with a database subscriber in one transaction; events it already
@@ -584,7 +655,7 @@ impl EventConsumer {
                 }
                 let event_name = delivery.entry.fields.get(envelope::EVENT_NAME).cloned().unwrap_or_default();
                 metrics::counter!("events_retried_total", "event_name" => event_name).increment(1);
-                match self.keeping(ids.to_vec(), self.handle_with(&delivery, exhausted.clone())).await {
+                match self.keeping(ids.to_vec(), self.handle_with(&delivery, exhausted.clone(), None)).await {
                     Outcome::Retry { retry_in, exhausted: still } => {
                         delay = retry_in;
                         exhausted = still;
@@ -597,13 +668,23 @@ impl EventConsumer {
 
     /// Handles one delivery and settles it (ack, DLQ) when it can.
     pub async fn handle(&self, delivery: &Delivery) -> Outcome {
-        self.handle_with(delivery, Vec::new()).await
+        self.handle_with(delivery, Vec::new(), None).await
     }
 
     /// `handle`, for an entry some subscribers of which already ran out of attempts
     /// (`exhausted`: name, last error, attempts): they are not run again, the others are, and
     /// the entry is dead-lettered with all of them once nobody is left to retry.
-    async fn handle_with(&self, delivery: &Delivery, exhausted: Vec<(&'static str, String, u32)>) -> Outcome {
+    ///
+    /// With `deferred` (a batch's one-by-one path), an entry every subscriber applied is not
+    /// recorded and acknowledged here but handed to `deferred` for the batch's end; the
+    /// outcome is then `Done` or `Ignored` before the ack. An entry that must wait for a retry
+    /// records its external effects at once, so the retry does not repeat them.
+    async fn handle_with(
+        &self,
+        delivery: &Delivery,
+        exhausted: Vec<(&'static str, String, u32)>,
+        deferred: Option<&Deferred>,
+    ) -> Outcome {
         let fields = &delivery.entry.fields;
         let event = match envelope::from_fields(fields) {
             Ok(event) => event,
@@ -615,6 +696,10 @@ impl EventConsumer {
             }
         };
         let Some(subscribers) = self.subscribers.get(event.event_name.as_str()) else {
+            if let Some(deferred) = deferred {
+                deferred.settle(&delivery.entry.id, None, Vec::new());
+                return Outcome::Ignored;
+            }
             return self.ack(delivery, Outcome::Ignored).await;
         };
         let received = ReceivedEvent {
@@ -630,10 +715,13 @@ impl EventConsumer {
             // not cost the rest their effects); the entry is dead-lettered once none of them
             // is left to retry.
             let mut exhausted = exhausted;
+            // External effects made now and not recorded yet (only with `deferred`).
+            let mut unrecorded: Vec<(&'static str, Uuid)> = Vec::new();
             let given_up: Vec<&'static str> = exhausted.iter().map(|(name, _, _)| *name).collect();
             for subscriber in subscribers.iter().filter(|s| !given_up.contains(&s.name())) {
-                match self.apply(subscriber.as_ref(), &received).await {
-                    Ok(()) => {}
+                match self.apply(subscriber.as_ref(), &received, deferred).await {
+                    Ok(Applied::Unrecorded) => unrecorded.push((subscriber.name(), event.event_id)),
+                    Ok(Applied::Recorded) => {}
                     Err(error) => {
                         let name = subscriber.name();
                         metrics::counter!("events_failed_total", "event_name" => event.event_name.clone(), "subscriber" => name).increment(1);
@@ -654,6 +742,16 @@ impl EventConsumer {
                     }
                 }
             }
+            if let Some(deferred) = deferred {
+                if retry_in.is_none() && exhausted.is_empty() {
+                    deferred.settle(&delivery.entry.id, Some(&event), unrecorded);
+                    return Outcome::Done;
+                }
+                if let Err(error) = self.record_applied(&unrecorded).await {
+                    tracing::error!(%error, "recording applied events failed; entry stays pending");
+                    return Outcome::Stuck;
+                }
+            }
             if let Some(retry_in) = retry_in {
                 return Outcome::Retry { retry_in, exhausted };
             }
@@ -672,30 +770,43 @@ impl EventConsumer {
         .await
     }
 
-    /// Runs one subscriber unless it already applied the event.
-    async fn apply(&self, subscriber: &dyn Subscriber, received: &ReceivedEvent) -> Result<(), HandlerError> {
+    /// Runs one subscriber unless it already applied the event. With `deferred`, an external
+    /// effect is left for the caller to record (`Applied::Unrecorded`).
+    async fn apply(
+        &self,
+        subscriber: &dyn Subscriber,
+        received: &ReceivedEvent,
+        deferred: Option<&Deferred>,
+    ) -> Result<Applied, HandlerError> {
         let name = subscriber.name();
         let event_id = received.event.event_id;
         let started = Instant::now();
-        let applied = match subscriber.effect() {
-            Effect::Database => {
+        let (applied, outcome) = match (subscriber.effect(), deferred) {
+            (Effect::Database, _) => {
                 let mut uow = self.store.begin().await?;
                 if !uow.record_event_applied(name, event_id, OffsetDateTime::now_utc()).await? {
-                    return Ok(());
+                    return Ok(Applied::Recorded);
                 }
                 subscriber.handle(received, Some(uow.as_mut())).await?;
                 uow.commit().await?;
-                true
+                (true, Applied::Recorded)
             }
-            Effect::External => {
+            (Effect::External, Some(deferred)) => {
+                if deferred.knows(name, event_id) {
+                    return Ok(Applied::Recorded);
+                }
+                subscriber.handle(received, None).await?;
+                (true, Applied::Unrecorded)
+            }
+            (Effect::External, None) => {
                 if self.store.is_event_applied(name, event_id).await? {
-                    return Ok(());
+                    return Ok(Applied::Recorded);
                 }
                 subscriber.handle(received, None).await?;
                 let mut uow = self.store.begin().await?;
                 let first = uow.record_event_applied(name, event_id, OffsetDateTime::now_utc()).await?;
                 uow.commit().await?;
-                first
+                (first, Applied::Recorded)
             }
         };
         if applied {
@@ -705,7 +816,24 @@ impl EventConsumer {
             metrics::histogram!("event_processing_duration_ms", "event_name" => event_name, "subscriber" => name)
                 .record(started.elapsed().as_secs_f64() * 1000.0);
         }
-        Ok(())
+        Ok(outcome)
+    }
+
+    /// Records external effects in one transaction.
+    async fn record_applied(&self, applied: &[(&'static str, Uuid)]) -> Result<(), StoreError> {
+        if applied.is_empty() {
+            return Ok(());
+        }
+        let mut by_subscriber: HashMap<&'static str, Vec<Uuid>> = HashMap::new();
+        for (subscriber, id) in applied {
+            by_subscriber.entry(subscriber).or_default().push(*id);
+        }
+        let mut uow = self.store.begin().await?;
+        let now = OffsetDateTime::now_utc();
+        for (subscriber, ids) in &by_subscriber {
+            uow.record_events_applied(subscriber, ids, now).await?;
+        }
+        uow.commit().await
     }
 
     async fn ack(&self, delivery: &Delivery, outcome: Outcome) -> Outcome {
@@ -781,12 +909,53 @@ impl EventConsumer {
     }
 }
 
-/// A best-effort event for an entry whose envelope is broken, so it can still be kept.
+/// How [`EventConsumer::apply`] left an effect.
+enum Applied {
+    /// Recorded (or applied before): nothing left to do.
+    Recorded,
+    /// Made, but its record is the caller's to write.
+    Unrecorded,
+}
+
 /// Which entries of a batch the fast path could not settle.
 struct BatchPlan {
     /// Positions of entries for the one-by-one path.
     one_by_one: HashSet<usize>,
     culprits: Vec<Culprit>,
+}
+
+/// External effects made by the one-by-one path of a batch, recorded and acknowledged
+/// together when the batch ends (see [`EventConsumer::settle_deferred`]).
+#[derive(Default)]
+struct Deferred {
+    /// (subscriber, event) pairs applied before the batch, or during it.
+    known: std::sync::Mutex<HashSet<(&'static str, Uuid)>>,
+    /// Applied during the batch, not recorded yet.
+    applied: std::sync::Mutex<Vec<(&'static str, Uuid)>>,
+    /// Entries to acknowledge once `applied` is recorded.
+    settled: std::sync::Mutex<Vec<SettledEntry>>,
+}
+
+/// An entry of a batch waiting for its ack: its id, and the name and time of the event it
+/// carries when a subscriber wanted it (for the end-to-end latency).
+type SettledEntry = (String, Option<(String, OffsetDateTime)>);
+
+impl Deferred {
+    fn knows(&self, subscriber: &'static str, event_id: Uuid) -> bool {
+        lock(&self.known).contains(&(subscriber, event_id))
+    }
+
+    /// Entry `entry_id` is settled once `applied` (its external effects) is recorded.
+    fn settle(&self, entry_id: &str, event: Option<&DomainEvent>, applied: Vec<(&'static str, Uuid)>) {
+        lock(&self.known).extend(applied.iter().copied());
+        lock(&self.applied).extend(applied);
+        lock(&self.settled).push((entry_id.to_owned(), event.map(|e| (e.event_name.clone(), e.occurred_on))));
+    }
+}
+
+/// A poisoned lock only means a handler panicked while holding it; the data is still whole.
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// An event whose handler broke its subscriber's batch.
@@ -811,6 +980,7 @@ fn decode(deliveries: &[Delivery]) -> Vec<Option<ReceivedEvent>> {
         .collect()
 }
 
+/// A best-effort event for an entry whose envelope is broken, so it can still be kept.
 fn raw_event(fields: &Fields) -> DomainEvent {
     DomainEvent {
         event_id: fields.get(envelope::EVENT_ID).and_then(|v| Uuid::parse_str(v).ok()).unwrap_or_else(Uuid::nil),

@@ -68,6 +68,7 @@ impl Default for SessionsWorkerConfig {
 
 struct Live {
     connection: Arc<dyn LiveSession>,
+    tenant_id: Uuid,
     /// Tells this connection's pump from a later one's.
     generation: u64,
 }
@@ -247,7 +248,7 @@ impl SessionsWorker {
         let (events, receiver) = mpsc::channel(self.config.event_buffer);
         let connection = self.driver.connect(key, events).await?;
         let generation = self.generations.fetch_add(1, Ordering::Relaxed);
-        live.insert(key.session_id, Live { connection, generation });
+        live.insert(key.session_id, Live { connection, tenant_id: key.tenant_id, generation });
         metrics::gauge!("sessions_live").set(live.len() as f64);
         drop(live);
         let worker = self.clone();
@@ -268,6 +269,12 @@ impl SessionsWorker {
 
     async fn connection(&self, session_id: Uuid) -> Option<Arc<dyn LiveSession>> {
         self.live.lock().await.get(&session_id).map(|l| l.connection.clone())
+    }
+
+    /// The live connection of `session_id` if it was opened for `tenant_id`'s session.
+    async fn connection_of(&self, session_id: Uuid, tenant_id: Uuid) -> Option<Arc<dyn LiveSession>> {
+        let live = self.live.lock().await;
+        live.get(&session_id).filter(|l| l.tenant_id == tenant_id).map(|l| l.connection.clone())
     }
 
     async fn pump(self: Arc<Self>, key: SessionKey, generation: u64, mut events: mpsc::Receiver<DriverEvent>) {
@@ -406,6 +413,15 @@ impl SessionsWorker {
             return Ok(());
         };
         let tenant = event.tenant_id.as_deref().and_then(|t| Uuid::parse_str(t).ok());
+        // The hot path: a send through a live connection of the command's tenant needs no read.
+        // The connection was opened for that tenant's session, and a deletion closes it before
+        // any later command of the session (one partition, in order) is handled.
+        if event.event_name == COMMAND_SEND
+            && let Some(tenant_id) = tenant
+            && let Some(connection) = self.connection_of(id, tenant_id).await
+        {
+            return self.send(SessionKey { session_id: id, tenant_id }, event, Ok(connection)).await;
+        }
         let session = self.sessions.find(id).await.map_err(HandlerError::new)?;
         let session = match (session, tenant) {
             (Some(session), Some(tenant)) if session.tenant_id == tenant => session,
@@ -418,7 +434,6 @@ impl SessionsWorker {
             }
         };
         let key = SessionKey { session_id: id, tenant_id: session.tenant_id };
-        let command_id = event.event_id;
         match event.event_name.as_str() {
             COMMAND_START => {
                 self.reconnects.lock().await.remove(&id);
@@ -432,33 +447,8 @@ impl SessionsWorker {
                 self.sessions.record_disconnected(id, reason).await.map_err(HandlerError::new)?;
             }
             COMMAND_SEND => {
-                let to = payload["to"].as_str().unwrap_or_default();
-                let outcome = match (Jid::parse(to), self.connection(id).await) {
-                    (Err(error), _) => Err(format!("invalid recipient: {error}")),
-                    (Ok(_), None) => Err(format!("the session is not connected (status: {})", session.status.as_str())),
-                    (Ok(jid), Some(connection)) => {
-                        let message = OutgoingText {
-                            to: jid,
-                            text: payload["content"].as_str().unwrap_or_default().to_owned(),
-                            reply_to: payload["replyToMessageId"].as_str().map(str::to_owned),
-                        };
-                        connection.send_text(&message).await.map_err(|e| e.to_string())
-                    }
-                };
-                let now = OffsetDateTime::now_utc();
-                let event = match outcome {
-                    Ok(message_id) => {
-                        let mut event = reference(key).message_sent(command_id, &message_id, to, now);
-                        if let Some(client_id) = payload["messageId"].as_str() {
-                            event.payload["clientMessageId"] = client_id.into();
-                        }
-                        event
-                    }
-                    // Not retried: a send that might have gone out must not go twice.
-                    Err(reason) => reference(key).message_failed(command_id, to, &reason, now),
-                };
-                let recorded = self.record(event).await;
-                recorded.map_err(HandlerError::new)?;
+                let connection = self.connection(id).await.ok_or(session.status);
+                self.send(key, event, connection).await?;
             }
             COMMAND_PAIR_CODE => {
                 let phone = payload["phone"].as_str().unwrap_or_default();
@@ -503,6 +493,46 @@ impl SessionsWorker {
             other => return Err(HandlerError::new(format!("Unknown session command: {other}"))),
         }
         Ok(())
+    }
+}
+
+impl SessionsWorker {
+    /// Sends a text message through `connection` (or records why it could not go: the
+    /// session's status when it has no connection) and records `session.message.sent` or
+    /// `session.message.failed`. Never retried: a send that might have gone out must not go
+    /// twice.
+    async fn send(
+        &self,
+        key: SessionKey,
+        command: &DomainEvent,
+        connection: Result<Arc<dyn LiveSession>, SessionStatus>,
+    ) -> Result<(), HandlerError> {
+        let payload = &command.payload;
+        let to = payload["to"].as_str().unwrap_or_default();
+        let outcome = match (Jid::parse(to), connection) {
+            (Err(error), _) => Err(format!("invalid recipient: {error}")),
+            (Ok(_), Err(status)) => Err(format!("the session is not connected (status: {})", status.as_str())),
+            (Ok(jid), Ok(connection)) => {
+                let message = OutgoingText {
+                    to: jid,
+                    text: payload["content"].as_str().unwrap_or_default().to_owned(),
+                    reply_to: payload["replyToMessageId"].as_str().map(str::to_owned),
+                };
+                connection.send_text(&message).await.map_err(|e| e.to_string())
+            }
+        };
+        let now = OffsetDateTime::now_utc();
+        let event = match outcome {
+            Ok(message_id) => {
+                let mut event = reference(key).message_sent(command.event_id, &message_id, to, now);
+                if let Some(client_id) = payload["messageId"].as_str() {
+                    event.payload["clientMessageId"] = client_id.into();
+                }
+                event
+            }
+            Err(reason) => reference(key).message_failed(command.event_id, to, &reason, now),
+        };
+        self.record(event).await.map_err(HandlerError::new)
     }
 }
 

@@ -9,6 +9,7 @@ conformance!(
     dead_letters_round_trip_and_delete,
     event_stats_count_with_their_unit_of_work,
     record_events_applied_in_one_statement,
+    events_applied_answers_for_a_whole_set,
 );
 
 async fn record_event_applied_once_and_with_its_unit_of_work(store: Arc<dyn Store>) -> TestResult {
@@ -164,5 +165,23 @@ async fn record_events_applied_in_one_statement(store: Arc<dyn Store>) -> TestRe
     drop(uow);
     assert!(!store.is_event_applied("projector", d).await?);
     assert_eq!(store.event_stats().await?[0].count, 5);
+    Ok(())
+}
+
+async fn events_applied_answers_for_a_whole_set(store: Arc<dyn Store>) -> TestResult {
+    let ids: Vec<Uuid> = (0..5).map(|_| Uuid::new_v4()).collect();
+    assert!(store.events_applied("mailer", &[]).await?.is_empty());
+    assert!(store.events_applied("mailer", &ids).await?.is_empty());
+
+    let mut uow = store.begin().await?;
+    uow.record_events_applied("mailer", &ids[1..3], now()).await?;
+    uow.record_event_applied("webhooks", ids[4], now()).await?;
+    uow.commit().await?;
+
+    let applied = store.events_applied("mailer", &ids).await?;
+    assert_eq!(applied, ids[1..3].iter().copied().collect());
+    // Per subscriber; an id asked for twice is answered once.
+    assert_eq!(store.events_applied("webhooks", &ids).await?, [ids[4]].into_iter().collect());
+    assert_eq!(store.events_applied("mailer", &[ids[2], ids[2], ids[0]]).await?, [ids[2]].into_iter().collect());
     Ok(())
 }

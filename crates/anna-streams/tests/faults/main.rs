@@ -78,6 +78,7 @@ both_shapes!(
     relay_killed_between_append_and_mark,
     consumer_killed_mid_handler,
     consumer_killed_between_commit_and_ack,
+    external_effects_of_a_batch_recorded_before_the_ack,
     poison_event_is_dead_lettered_after_max_attempts,
     dlq_replay_applies_once,
     dlq_stream_unwritable_falls_back_to_dead_letters,
@@ -776,6 +777,46 @@ async fn consumer_killed_between_commit_and_ack(shape: Shape) {
     }
     b.stop().await;
     relay.stop().await;
+}
+
+/// The crash point for subscribers with external effects, whose records a batch writes together
+/// at its end: they must be committed before the ack, so a consumer that dies after them is
+/// not re-run elsewhere. The batch also carries a second copy of one entry (a relay that died
+/// between append and mark publishes a row twice): applied once.
+async fn external_effects_of_a_batch_recorded_before_the_ack(shape: Shape) {
+    const EVENT: &str = "test.fault.2c";
+    const N: usize = 6;
+    let witness = Arc::new(Witness::new("fault-2c-witness", EVENT).external());
+    let events = shape.produce(EVENT, "agg-2c", N).await;
+    let relay = shape.start_relay(shape.stream.clone(), shape.relay_config());
+    eventually("published", async || {
+        let len = shape.stream_len(&shape.stream_name).await?;
+        if len >= N as u64 { Ok(()) } else { Err(format!("stream length {len}")) }
+    })
+    .await;
+    relay.stop().await;
+    let first = shape.read_all(&shape.stream_name).await.remove(0);
+    shape.stream.append(&shape.stream_name, &first.fields, None).await.unwrap();
+
+    let stream = Arc::new(Faulty::new(shape.stream.clone()));
+    stream.hang_acks.store(true, Ordering::SeqCst);
+    let a = shape.start_consumer(stream, shape.consumer_config("consumer-a"), &[&witness]);
+    eventually("consumer A applied and recorded everything", async || {
+        let missing = shape.not_applied(&witness, &events).await.len();
+        if missing == 0 { Ok(()) } else { Err(format!("{missing} not recorded")) }
+    })
+    .await;
+    a.kill().await;
+    let pending = shape.pending().await;
+    assert_eq!(pending.count, N as u64 + 1, "[{}] A never acknowledged: {pending:?}", shape.label);
+
+    let b = shape.start_consumer(shape.stream.clone(), shape.consumer_config("consumer-b"), &[&witness]);
+    eventually("B settled every entry", async || shape.settled().await).await;
+    for event in &events {
+        let calls = witness.calls_for(event.event_id);
+        assert_eq!(calls.len(), 1, "[{}] external effect repeated for {}: {calls:?}", shape.label, event.event_id);
+    }
+    b.stop().await;
 }
 
 // ---- 3. Redis restart mid-stream ------------------------------------------------------------

@@ -35,6 +35,10 @@ pub struct SessionsArgs {
     /// anna's database pool (`DATABASE_MAX_CONNECTIONS`).
     #[arg(long, default_value_t = 10)]
     pool: u32,
+    /// After the latency run, print (to stderr) anna's own figures of its stages: command
+    /// latency to the worker, event batch sizes, outbox dispatch times.
+    #[arg(long)]
+    server_metrics: bool,
     /// Run on SQLite with embedded streams instead of Postgres + Redis.
     #[arg(long)]
     sqlite: bool,
@@ -122,6 +126,14 @@ pub async fn run(args: SessionsArgs) -> anyhow::Result<()> {
     );
 
     let latency = send_to_websocket(&client, &base, &token, &ids, args.rate, args.latency_seconds).await?;
+    if args.server_metrics {
+        let metrics = client.get(format!("{base}/metrics")).send().await?.text().await?;
+        let stage_metrics =
+            ["event_end_to_end_latency_seconds", "session_event_batch_size", "outbox_dispatch_duration_ms"];
+        for line in metrics.lines().filter(|l| stage_metrics.iter().any(|m| l.contains(m))) {
+            eprintln!("{line}");
+        }
+    }
     println!(
         "| send → WebSocket `session.message.sent` at {} msg/s for {} s: p50 / p99 / p99.9 / max | {:.1} / {:.1} / {:.1} / {:.1} ms ({} of {} seen) |",
         args.rate,

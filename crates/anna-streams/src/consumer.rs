@@ -208,18 +208,21 @@ impl EventConsumer {
             }
         }
         tracing::info!(stream = %config.stream, group = %config.group, consumer = %config.consumer, "Event consumer started");
+        // Purging an hour of applied-event records can take a while: beside the read loop,
+        // not in it.
+        tokio::join!(self.clone().consume_until(&shutdown), self.purge_until(&shutdown));
+        tracing::info!("Event consumer stopped");
+    }
+
+    async fn consume_until(self: Arc<Self>, shutdown: &CancellationToken) {
+        let config = &self.config;
         let retries = TaskTracker::new();
         let mut last_claim = Instant::now() - config.claim_interval;
         let mut last_gauges = Instant::now() - Duration::from_secs(10);
-        let mut last_purge = Instant::now() - Duration::from_secs(3600);
         while !shutdown.is_cancelled() {
             if last_gauges.elapsed() >= Duration::from_secs(5) {
                 self.update_gauges().await;
                 last_gauges = Instant::now();
-            }
-            if last_purge.elapsed() >= Duration::from_secs(3600) {
-                self.purge_applied().await;
-                last_purge = Instant::now();
             }
             if last_claim.elapsed() >= config.claim_interval {
                 last_claim = Instant::now();
@@ -231,12 +234,12 @@ impl EventConsumer {
                     Ok(claimed) if !claimed.is_empty() => {
                         tracing::info!(count = claimed.len(), "claimed idle entries");
                         let ids = claimed.iter().map(|d| d.entry.id.clone()).collect();
-                        self.keeping(ids, self.clone().handle_batch(claimed, &retries, &shutdown)).await;
+                        self.keeping(ids, self.clone().handle_batch(claimed, &retries, shutdown)).await;
                         continue;
                     }
                     Ok(_) => {}
                     Err(error) => {
-                        self.pause_after(error, &shutdown).await;
+                        self.pause_after(error, shutdown).await;
                         continue;
                     }
                 }
@@ -249,16 +252,26 @@ impl EventConsumer {
             match read {
                 Ok(deliveries) => {
                     let ids = deliveries.iter().map(|d| d.entry.id.clone()).collect();
-                    self.keeping(ids, self.clone().handle_batch(deliveries, &retries, &shutdown)).await;
+                    self.keeping(ids, self.clone().handle_batch(deliveries, &retries, shutdown)).await;
                 }
-                Err(error) => self.pause_after(error, &shutdown).await,
+                Err(error) => self.pause_after(error, shutdown).await,
             }
         }
         // Retries waiting for their delay return at once on shutdown; one that is handling an
         // entry finishes first.
         retries.close();
         retries.wait().await;
-        tracing::info!("Event consumer stopped");
+    }
+
+    /// Purges old applied-event records every hour until `shutdown`.
+    async fn purge_until(&self, shutdown: &CancellationToken) {
+        while !shutdown.is_cancelled() {
+            self.purge_applied().await;
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                () = tokio::time::sleep(Duration::from_secs(3600)) => {}
+            }
+        }
     }
 
     /// Runs `work` while keeping `ids` pending for this consumer (touching them well within

@@ -78,22 +78,18 @@ impl OutboxRelay {
         Self { store, stream, config }
     }
 
-    /// Relays until `shutdown`; finishes the batch in hand before returning.
+    /// Relays until `shutdown`; finishes the batch in hand before returning. The gauges and
+    /// the purge run beside the relay loop, never in it: counting a busy outbox or deleting a
+    /// minute of published rows takes long enough to hold every event back meanwhile.
     pub async fn run(&self, shutdown: CancellationToken) {
         tracing::info!(stream = %self.config.stream, backend = self.stream.backend(), "outbox relay started");
-        let purge_every = Duration::from_secs(60);
-        let mut last_purge = Instant::now() - purge_every;
-        let mut last_gauges = Instant::now() - Duration::from_secs(10);
+        tokio::join!(self.relay_until(&shutdown), self.upkeep_until(&shutdown));
+        tracing::info!("outbox relay stopped");
+    }
+
+    async fn relay_until(&self, shutdown: &CancellationToken) {
         let mut busy = false;
         while !shutdown.is_cancelled() {
-            if last_gauges.elapsed() >= Duration::from_secs(5) {
-                self.update_gauges().await;
-                last_gauges = Instant::now();
-            }
-            if last_purge.elapsed() >= purge_every {
-                self.purge().await;
-                last_purge = Instant::now();
-            }
             match self.relay_once().await {
                 Ok(pass) if pass.claimed > 0 => {
                     busy = true;
@@ -118,7 +114,23 @@ impl OutboxRelay {
                 }
             }
         }
-        tracing::info!("outbox relay stopped");
+    }
+
+    /// Gauges every 5 s, purge every minute, until `shutdown`.
+    async fn upkeep_until(&self, shutdown: &CancellationToken) {
+        let purge_every = Duration::from_secs(60);
+        let mut last_purge = Instant::now() - purge_every;
+        while !shutdown.is_cancelled() {
+            self.update_gauges().await;
+            if last_purge.elapsed() >= purge_every {
+                self.purge().await;
+                last_purge = Instant::now();
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                () = tokio::time::sleep(Duration::from_secs(5)) => {}
+            }
+        }
     }
 
     /// Claims one batch and publishes it.

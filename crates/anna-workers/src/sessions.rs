@@ -109,8 +109,10 @@ pub enum WorkerError {
 
 /// Events waiting for the batch committer; senders wait when it is full.
 const BATCH_QUEUE: usize = 4096;
-/// Most events in one commit.
-const MAX_BATCH: usize = 512;
+/// Most events in one commit. Small enough that a commit stays short under load: with up to
+/// 512 events per commit the batches grew to 200+ on a durable Postgres at 500 messages/s and
+/// send → WebSocket p99 ranged over 0.4–1.6 s; with 40, 64–218 ms in the same session.
+const MAX_BATCH: usize = 40;
 
 /// Commits the message events of every session in batches: each commit takes whatever queued
 /// up while the previous one ran (group commit), so a durable database's per-commit flush is

@@ -21,6 +21,7 @@ pub mod refresh_tokens;
 pub mod sessions;
 mod sql;
 mod store;
+mod tcp_nodelay;
 pub mod users;
 
 pub use device_keys::{DeviceKeyStore, KeyChange};

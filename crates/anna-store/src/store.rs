@@ -75,6 +75,7 @@ impl SqlStore {
             // long enough to have been dropped by a restart or a proxy is checked; a connection
             // that breaks in between fails its query, which the caller sees as unavailable.
             .test_before_acquire(false)
+            .after_connect(|conn, _meta| Box::pin(crate::tcp_nodelay::set_on(conn)))
             .before_acquire(|conn, meta| {
                 Box::pin(async move {
                     if meta.idle_for >= PG_CHECK_IDLE_AFTER {

@@ -420,15 +420,23 @@ impl EventConsumer {
             return;
         }
         let ids: Vec<String> = settled.iter().map(|i| deliveries[*i].entry.id.clone()).collect();
-        match self.stream.ack(&self.config.stream, &self.config.group, &ids).await {
+        let wanted = settled
+            .iter()
+            .filter_map(|i| received[*i].as_ref())
+            .filter(|r| self.subscribers.contains_key(r.event.event_name.as_str()))
+            .map(|r| (r.event.event_name.clone(), r.event.occurred_on));
+        self.ack_measured(&ids, wanted).await;
+    }
+
+    /// Acknowledges settled entries in one call, then records the end-to-end latency of the
+    /// events a subscriber wanted (`(event name, occurred on)`).
+    async fn ack_measured(&self, ids: &[String], wanted: impl Iterator<Item = (String, OffsetDateTime)>) {
+        match self.stream.ack(&self.config.stream, &self.config.group, ids).await {
             Ok(_) => {
                 let now = OffsetDateTime::now_utc();
-                for event in settled.iter().filter_map(|i| received[*i].as_ref()) {
-                    if self.subscribers.contains_key(event.event.event_name.as_str()) {
-                        let latency = (now - event.event.occurred_on).as_seconds_f64().max(0.0);
-                        metrics::histogram!("event_end_to_end_latency_seconds", "event_name" => event.event.event_name.clone())
-                            .record(latency);
-                    }
+                for (name, occurred_on) in wanted {
+                    let latency = (now - occurred_on).as_seconds_f64().max(0.0);
+                    metrics::histogram!("event_end_to_end_latency_seconds", "event_name" => name).record(latency);
                 }
             }
             // Left pending: they will be claimed and found already applied.
@@ -576,17 +584,7 @@ impl EventConsumer {
             return;
         }
         let ids: Vec<String> = settled.iter().map(|(id, _)| id.clone()).collect();
-        match self.stream.ack(&self.config.stream, &self.config.group, &ids).await {
-            Ok(_) => {
-                let now = OffsetDateTime::now_utc();
-                for (name, occurred_on) in settled.into_iter().filter_map(|(_, event)| event) {
-                    let latency = (now - occurred_on).as_seconds_f64().max(0.0);
-                    metrics::histogram!("event_end_to_end_latency_seconds", "event_name" => name).record(latency);
-                }
-            }
-            // Left pending: they will be claimed and found already applied.
-            Err(error) => tracing::warn!(%error, count = ids.len(), "ack failed"),
-        }
+        self.ack_measured(&ids, settled.into_iter().filter_map(|(_, event)| event)).await;
     }
 
     /// Applies `events` with a database subscriber in one transaction; events it already

@@ -81,18 +81,19 @@ impl DeviceKeyStore for SqlStore {
     }
 
     async fn save_creds(&self, session_id: Uuid, tenant_id: Uuid, creds: &serde_json::Value) -> Result<(), StoreError> {
-        self.pool
-            .query(
-                "INSERT INTO session_auth_creds (session_id, tenant_id, creds, updated_at) VALUES ($1, $2, $3, $4) \
+        let mut tx = self.pool.begin().await?;
+        self.check_fence(&mut tx, session_id).await?;
+        tx.query(
+            "INSERT INTO session_auth_creds (session_id, tenant_id, creds, updated_at) VALUES ($1, $2, $3, $4) \
                  ON CONFLICT (session_id) DO UPDATE SET creds = excluded.creds, updated_at = excluded.updated_at",
-            )
-            .bind(session_id.to_string())
-            .bind(tenant_id.to_string())
-            .bind_json(creds)
-            .bind_time(OffsetDateTime::now_utc())
-            .execute()
-            .await?;
-        Ok(())
+        )
+        .bind(session_id.to_string())
+        .bind(tenant_id.to_string())
+        .bind_json(creds)
+        .bind_time(OffsetDateTime::now_utc())
+        .execute()
+        .await?;
+        tx.commit().await
     }
 
     async fn get_keys(
@@ -146,6 +147,7 @@ impl DeviceKeyStore for SqlStore {
         let tenant = tenant_id.to_string();
         let now = OffsetDateTime::now_utc();
         let mut tx = self.pool.begin().await?;
+        self.check_fence(&mut tx, session_id).await?;
         for change in changes {
             match &change.value {
                 Some(value) => {
@@ -173,17 +175,22 @@ impl DeviceKeyStore for SqlStore {
     }
 
     async fn delete_key_type(&self, session_id: Uuid, key_type: &str) -> Result<u64, StoreError> {
-        self.pool
+        let mut tx = self.pool.begin().await?;
+        self.check_fence(&mut tx, session_id).await?;
+        let deleted = tx
             .query("DELETE FROM session_auth_keys WHERE session_id = $1 AND key_type = $2")
             .bind(session_id.to_string())
             .bind(key_type)
             .execute()
-            .await
+            .await?;
+        tx.commit().await?;
+        Ok(deleted)
     }
 
     async fn wipe_device(&self, session_id: Uuid) -> Result<(), StoreError> {
         let session = session_id.to_string();
         let mut tx = self.pool.begin().await?;
+        self.check_fence(&mut tx, session_id).await?;
         tx.query("DELETE FROM session_auth_keys WHERE session_id = $1").bind(session.as_str()).execute().await?;
         tx.query("DELETE FROM session_auth_creds WHERE session_id = $1").bind(session.as_str()).execute().await?;
         tx.commit().await

@@ -721,6 +721,14 @@ impl EventWrites for SqlUnitOfWork {
         if events.is_empty() {
             return Ok(());
         }
+        if self.fences.is_some() {
+            // A session's events are its state too: a stale owner must not add to them.
+            for event in events.iter().filter(|e| e.event_name.starts_with("session.")) {
+                if let Ok(session_id) = Uuid::parse_str(&event.aggregate_id) {
+                    self.check_fence(session_id).await?;
+                }
+            }
+        }
         match &self.tx {
             crate::sql::Tx::Sqlite(_) => append_events_sqlite(self, events).await?,
             crate::sql::Tx::Postgres(_) => append_events_postgres(self, events).await?,

@@ -15,6 +15,7 @@ use async_trait::async_trait;
 
 pub mod device_keys;
 pub mod events;
+pub mod fleet;
 pub mod idempotency;
 mod outbox_wake;
 pub mod refresh_tokens;
@@ -26,6 +27,7 @@ pub mod users;
 
 pub use device_keys::{DeviceKeyStore, KeyChange};
 pub use events::{DeadLetter, EventLog, EventStat, EventWrites, OutboxRecord, OutboxStatus};
+pub use fleet::{Acquired, Fence, FenceSource, FleetStore, FleetView, Lease, WorkerInfo, WorkerRecord};
 pub use idempotency::{IdempotencyClaim, IdempotencyStore};
 pub use refresh_tokens::{RefreshTokenStore, RefreshTokenWrites};
 pub use sessions::{SessionStore, SessionWrites};
@@ -35,8 +37,8 @@ pub use users::{UserStore, UserWrites};
 /// Every store trait, for `use anna_store::prelude::*`.
 pub mod prelude {
     pub use crate::{
-        DeviceKeyStore, EventLog, EventWrites, IdempotencyStore, RefreshTokenStore, RefreshTokenWrites, SessionStore,
-        SessionWrites, Store, UnitOfWork, UserStore, UserWrites,
+        DeviceKeyStore, EventLog, EventWrites, FleetStore, IdempotencyStore, RefreshTokenStore, RefreshTokenWrites,
+        SessionStore, SessionWrites, Store, UnitOfWork, UserStore, UserWrites,
     };
 }
 
@@ -55,6 +57,10 @@ pub enum StoreError {
     Database(#[from] sqlx::Error),
     #[error("could not prepare the database location: {0}")]
     Io(#[from] std::io::Error),
+    /// A fenced write about a session whose partition this worker no longer holds: a stale
+    /// owner's write, refused.
+    #[error("fenced: {0}")]
+    Fenced(String),
 }
 
 impl StoreError {
@@ -112,7 +118,16 @@ pub fn redact_url(url: &str) -> String {
 
 #[async_trait]
 pub trait Store:
-    UserStore + RefreshTokenStore + EventLog + IdempotencyStore + DeviceKeyStore + SessionStore + Send + Sync + 'static
+    UserStore
+    + RefreshTokenStore
+    + EventLog
+    + IdempotencyStore
+    + DeviceKeyStore
+    + SessionStore
+    + FleetStore
+    + Send
+    + Sync
+    + 'static
 {
     fn backend(&self) -> Backend;
 
@@ -127,6 +142,11 @@ pub trait Store:
     async fn begin(&self) -> Result<Box<dyn UnitOfWork>, StoreError>;
 
     async fn close(&self);
+
+    /// The same database, with every write of a session's state, events or device keys
+    /// checked against `fences` in its own transaction (see [`fleet`]). The sessions worker
+    /// writes through such a store.
+    fn fenced(&self, fences: Arc<dyn FenceSource>) -> Arc<dyn Store>;
 }
 
 /// One transaction over every concern: an aggregate's change and its domain events commit

@@ -114,6 +114,7 @@ impl SessionWrites for SqlUnitOfWork {
     }
 
     async fn insert_session(&mut self, session: &Session) -> Result<(), StoreError> {
+        self.check_fence(session.id).await?;
         let query = self.tx.query(
             "INSERT INTO sessions (id, status, phone, qr, qr_expires_at, connected_at, disconnected_at, \
              disconnected_reason, updated_at, tenant_id, created_at) \
@@ -124,6 +125,7 @@ impl SessionWrites for SqlUnitOfWork {
     }
 
     async fn update_session(&mut self, session: &Session) -> Result<(), StoreError> {
+        self.check_fence(session.id).await?;
         let query = self.tx.query(
             "UPDATE sessions SET status = $2, phone = $3, qr = $4, qr_expires_at = $5, connected_at = $6, \
              disconnected_at = $7, disconnected_reason = $8, updated_at = $9 WHERE id = $1",
@@ -133,6 +135,7 @@ impl SessionWrites for SqlUnitOfWork {
     }
 
     async fn delete_session(&mut self, id: Uuid) -> Result<bool, StoreError> {
+        self.check_fence(id).await?;
         let text_id = id.to_string();
         self.tx.query("DELETE FROM session_auth_keys WHERE session_id = $1").bind(text_id.as_str()).execute().await?;
         self.tx.query("DELETE FROM session_auth_creds WHERE session_id = $1").bind(text_id.as_str()).execute().await?;

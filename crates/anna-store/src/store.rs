@@ -7,12 +7,16 @@
 
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 
+use uuid::Uuid;
+
+use crate::fleet::FenceSource;
 use crate::outbox_wake::OutboxWake;
 use crate::sql::{Pool, Tx};
 use crate::{Backend, ConnectOptions, Store, StoreError, UnitOfWork};
@@ -27,6 +31,8 @@ const PG_CHECK_IDLE_AFTER: Duration = Duration::from_secs(10);
 pub struct SqlStore {
     pub(crate) pool: Pool,
     pub(crate) wake: OutboxWake,
+    /// Set on a fenced store ([`Store::fenced`]).
+    pub(crate) fences: Option<Arc<dyn FenceSource>>,
 }
 
 impl SqlStore {
@@ -57,7 +63,7 @@ impl SqlStore {
             .acquire_timeout(options.acquire_timeout)
             .connect_with(connect_options)
             .await?;
-        Ok(Self { pool: Pool::Sqlite(pool), wake: OutboxWake::in_process() })
+        Ok(Self { pool: Pool::Sqlite(pool), wake: OutboxWake::in_process(), fences: None })
     }
 
     async fn connect_postgres(url: &str, options: &ConnectOptions) -> Result<Self, StoreError> {
@@ -87,7 +93,7 @@ impl SqlStore {
             .connect_with(connect_options)
             .await?;
         let wake = OutboxWake::postgres(&pool, options);
-        Ok(Self { pool: Pool::Postgres(pool), wake })
+        Ok(Self { pool: Pool::Postgres(pool), wake, fences: None })
     }
 
     /// The SQLite pool, for the embedded event streams that live in the same file; `None` on
@@ -128,7 +134,14 @@ impl Store for SqlStore {
 
     async fn begin(&self) -> Result<Box<dyn UnitOfWork>, StoreError> {
         let tx = self.pool.begin().await?;
-        Ok(Box::new(SqlUnitOfWork { tx, wake: self.wake.clone(), appended: false, wake_queued: false }))
+        Ok(Box::new(SqlUnitOfWork {
+            tx,
+            wake: self.wake.clone(),
+            appended: false,
+            wake_queued: false,
+            fences: self.fences.clone(),
+            fenced: Vec::new(),
+        }))
     }
 
     async fn close(&self) {
@@ -136,6 +149,20 @@ impl Store for SqlStore {
         self.pool.close().await;
         // A relay waiting for the outbox gets to see that the store is closed.
         self.wake.wake_all();
+    }
+
+    fn fenced(&self, fences: Arc<dyn FenceSource>) -> Arc<dyn Store> {
+        Arc::new(Self { fences: Some(fences), ..self.clone() })
+    }
+}
+
+impl SqlStore {
+    /// Checks the fence of `session_id` inside `tx`, when this store is fenced.
+    pub(crate) async fn check_fence(&self, tx: &mut Tx, session_id: Uuid) -> Result<(), StoreError> {
+        match &self.fences {
+            Some(fences) => crate::fleet::hold_fence(tx, &fences.fence_of(session_id)?).await,
+            None => Ok(()),
+        }
     }
 }
 
@@ -147,6 +174,25 @@ pub(crate) struct SqlUnitOfWork {
     pub(crate) appended: bool,
     /// Whether this transaction already queued its Postgres NOTIFY: one is enough.
     pub(crate) wake_queued: bool,
+    /// Set when the store is fenced: writes about a session check its partition's lease.
+    pub(crate) fences: Option<Arc<dyn FenceSource>>,
+    /// Partitions whose fence this transaction holds already (and, on Postgres, has locked).
+    pub(crate) fenced: Vec<u32>,
+}
+
+impl SqlUnitOfWork {
+    /// Checks, once per partition and transaction, that this worker still holds the lease of
+    /// `session_id`'s partition, when the store is fenced.
+    pub(crate) async fn check_fence(&mut self, session_id: Uuid) -> Result<(), StoreError> {
+        let Some(fences) = &self.fences else { return Ok(()) };
+        let fence = fences.fence_of(session_id)?;
+        if self.fenced.contains(&fence.partition) {
+            return Ok(());
+        }
+        crate::fleet::hold_fence(&mut self.tx, &fence).await?;
+        self.fenced.push(fence.partition);
+        Ok(())
+    }
 }
 
 #[async_trait]

@@ -71,6 +71,7 @@ macro_rules! conformance {
     };
 }
 
+mod fleet;
 mod idempotency;
 mod outbox;
 mod postgres_relays;

@@ -11,7 +11,7 @@ conformance!(
     device_keys_round_trip_and_wipe,
 );
 
-async fn insert_user(store: &Arc<dyn Store>, email: &str) -> Result<Uuid, StoreError> {
+pub(crate) async fn insert_user(store: &Arc<dyn Store>, email: &str) -> Result<Uuid, StoreError> {
     let user = bare_user(email);
     let mut uow = store.begin().await?;
     uow.insert_user(&user).await?;

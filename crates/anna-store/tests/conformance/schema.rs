@@ -48,6 +48,14 @@ const CONTRACT: &[(&str, &[&str])] = &[
     ("session_auth_creds", &["session_id", "tenant_id", "creds", "created_at", "updated_at"]),
     ("session_auth_keys", &["session_id", "tenant_id", "key_type", "key_id", "value", "created_at", "updated_at"]),
     (
+        "session_partition_leases",
+        &["partition", "worker_id", "token", "acquired_at_ms", "renewed_at_ms", "expires_at_ms"],
+    ),
+    (
+        "session_workers",
+        &["worker_id", "host", "pid", "partitions", "started_at_ms", "heartbeat_at_ms", "expires_at_ms"],
+    ),
+    (
         "sessions",
         &[
             "id",

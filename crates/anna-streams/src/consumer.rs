@@ -127,6 +127,11 @@ pub struct ConsumerConfig {
     pub concurrency: usize,
     /// `EVENTS_PROCESSED_TTL_MS`: applied-event records older than this are purged.
     pub applied_retention: Duration,
+    /// Before reading new entries, take over every entry pending in the group, whatever its
+    /// idle time: for a consumer that knows it is the stream's only one (a sessions worker
+    /// that just acquired the stream's partition), so its predecessor's unfinished entries
+    /// are handled first, in order, rather than after the idle-claim threshold.
+    pub claim_pending_at_start: bool,
 }
 
 impl Default for ConsumerConfig {
@@ -144,6 +149,7 @@ impl Default for ConsumerConfig {
             block: Duration::from_millis(5000),
             concurrency: 16,
             applied_retention: Duration::from_secs(7 * 24 * 3600),
+            claim_pending_at_start: false,
         }
     }
 }
@@ -217,6 +223,9 @@ impl EventConsumer {
     async fn consume_until(self: Arc<Self>, shutdown: &CancellationToken) {
         let config = &self.config;
         let retries = TaskTracker::new();
+        if config.claim_pending_at_start {
+            self.clone().take_over_pending(&retries, shutdown).await;
+        }
         let mut last_claim = Instant::now() - config.claim_interval;
         let mut last_gauges = Instant::now() - Duration::from_secs(10);
         while !shutdown.is_cancelled() {
@@ -261,6 +270,36 @@ impl EventConsumer {
         // entry finishes first.
         retries.close();
         retries.wait().await;
+    }
+
+    /// Claims and handles every entry pending in the group, page by page. An entry claimed
+    /// again (one waiting here for its retry) is not handled a second time.
+    async fn take_over_pending(self: Arc<Self>, retries: &TaskTracker, shutdown: &CancellationToken) {
+        let config = &self.config;
+        let mut seen: HashSet<String> = HashSet::new();
+        while !shutdown.is_cancelled() {
+            let count = config.batch_size + seen.len();
+            let claimed = match self
+                .stream
+                .claim_idle(&config.stream, &config.group, &config.consumer, Duration::ZERO, count)
+                .await
+            {
+                Ok(claimed) => claimed,
+                Err(error) => {
+                    self.pause_after(error, shutdown).await;
+                    continue;
+                }
+            };
+            let fresh: Vec<Delivery> = claimed.into_iter().filter(|d| seen.insert(d.entry.id.clone())).collect();
+            if fresh.is_empty() {
+                return;
+            }
+            tracing::info!(count = fresh.len(), stream = %config.stream, "took over pending entries");
+            metrics::counter!("events_taken_over_total", "stream" => config.stream.clone())
+                .increment(fresh.len() as u64);
+            let ids = fresh.iter().map(|d| d.entry.id.clone()).collect();
+            self.keeping(ids, self.clone().handle_batch(fresh, retries, shutdown)).await;
+        }
     }
 
     /// Purges old applied-event records every hour until `shutdown`.

@@ -46,20 +46,14 @@ pub struct SessionsConfig {
 
 impl Default for SessionsConfig {
     fn default() -> Self {
-        Self { command_stream: "session-commands".into(), partitions: 4, max_per_tenant: 10, max_text_chars: 4096 }
+        Self { command_stream: "session-commands".into(), partitions: 64, max_per_tenant: 10, max_text_chars: 4096 }
     }
 }
 
 impl SessionsConfig {
     /// The partition of a session: stable for its whole life, whichever process asks.
     pub fn partition_of(&self, session_id: Uuid) -> u32 {
-        // FNV-1a over the id's bytes: stable across processes and versions, unlike std's hasher.
-        let mut hash: u32 = 0x811c_9dc5;
-        for byte in session_id.as_bytes() {
-            hash ^= u32::from(*byte);
-            hash = hash.wrapping_mul(0x0100_0193);
-        }
-        hash % self.partitions.max(1)
+        partition_of(self.partitions, session_id)
     }
 
     pub fn stream_of_partition(&self, partition: u32) -> String {
@@ -69,6 +63,18 @@ impl SessionsConfig {
     pub fn stream_of(&self, session_id: Uuid) -> String {
         self.stream_of_partition(self.partition_of(session_id))
     }
+}
+
+/// The partition of a session among `partitions`: stable for its whole life, whichever
+/// process asks.
+pub fn partition_of(partitions: u32, session_id: Uuid) -> u32 {
+    // FNV-1a over the id's bytes: stable across processes and versions, unlike std's hasher.
+    let mut hash: u32 = 0x811c_9dc5;
+    for byte in session_id.as_bytes() {
+        hash ^= u32::from(*byte);
+        hash = hash.wrapping_mul(0x0100_0193);
+    }
+    hash % partitions.max(1)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -293,13 +299,23 @@ impl Sessions {
 
     /// Appends events that change nothing of their sessions (messages, receipts), already
     /// stamped with their traces, in one unit of work: the sessions worker gathers the events
-    /// of many sessions into one commit.
-    pub async fn append_events(&self, events: &[DomainEvent]) -> Result<(), SessionError> {
-        if events.is_empty() {
+    /// of many sessions into one commit. `applied` are the commands these events settle,
+    /// recorded as applied by `subscriber` in the same commit, so a command whose outcome is
+    /// recorded is never carried out again, even if the worker dies before acknowledging it.
+    pub async fn append_events(
+        &self,
+        events: &[DomainEvent],
+        subscriber: &str,
+        applied: &[Uuid],
+    ) -> Result<(), SessionError> {
+        if events.is_empty() && applied.is_empty() {
             return Ok(());
         }
         let mut uow = self.store.begin().await?;
         uow.append_events(events).await?;
+        if !applied.is_empty() {
+            uow.record_events_applied(subscriber, applied, OffsetDateTime::now_utc()).await?;
+        }
         uow.commit().await?;
         Ok(())
     }

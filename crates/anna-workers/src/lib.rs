@@ -3,5 +3,7 @@
 //! binary wires them.
 
 pub mod email;
+pub mod fleet;
+pub mod partitions;
 pub mod sessions;
 pub mod subscribers;

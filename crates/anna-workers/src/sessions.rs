@@ -10,17 +10,21 @@
 //!   the connection closes: restart-required → at once; transient → exponential backoff with
 //!   a cap and a maximum, then `failed`; logged out → keys wiped, `logged_out`; QR codes run
 //!   out, replaced, banned, outdated → `failed` with the reason.
-//! - On start, sessions that were connected (or reconnecting) are resumed, staggered; pairings
-//!   that were in progress are marked disconnected (`pairing_interrupted`): their QR codes
-//!   belonged to a connection that no longer exists.
-//! - On shutdown connections are closed without changing their sessions' status, so the next
-//!   start resumes them.
+//! - The worker serves only the partitions of the sessions whose leases it holds (see
+//!   [`crate::fleet`]): every connection it opens, and every write it makes (through a fenced
+//!   store), is checked against them. When it acquires partitions, their sessions that were
+//!   connected (or reconnecting) are resumed, staggered; pairings that were in progress are
+//!   marked disconnected (`pairing_interrupted`): their QR codes belonged to a connection that
+//!   no longer exists. A command for a session still waiting for its turn connects it at once.
+//! - When it gives partitions up, or shuts down, their connections are closed without changing
+//!   their sessions' status, so the next owner resumes them.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use crate::fleet::HeldLeases;
 use anna_domain::{DomainEvent, SessionRef, SessionStatus};
 use anna_streams::backoff::Backoff;
 use anna_streams::consumer::{Effect, HandlerError, ReceivedEvent, Subscriber};
@@ -34,7 +38,7 @@ use anna_whatsapp::{
 };
 use async_trait::async_trait;
 use time::OffsetDateTime;
-use tokio::sync::{Mutex, mpsc, oneshot};
+use tokio::sync::{Mutex, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
@@ -52,6 +56,9 @@ pub struct SessionsWorkerConfig {
     pub qr_ttl: Duration,
     /// Events one connection may have waiting for the pump.
     pub event_buffer: usize,
+    /// `SESSIONS_SEND_WAIT_MS`: how long a message for a session that is (re)connecting waits
+    /// for the connection before it is recorded as failed.
+    pub send_wait: Duration,
 }
 
 impl Default for SessionsWorkerConfig {
@@ -62,6 +69,7 @@ impl Default for SessionsWorkerConfig {
             resume_stagger: Duration::from_millis(100),
             qr_ttl: Duration::from_secs(60),
             event_buffer: 256,
+            send_wait: Duration::from_secs(15),
         }
     }
 }
@@ -71,10 +79,21 @@ struct Live {
     tenant_id: Uuid,
     /// Tells this connection's pump from a later one's.
     generation: u64,
+    /// Whether WhatsApp has accepted the connection (set by the pump).
+    connected: watch::Sender<bool>,
+}
+
+/// A live connection as a command sees it.
+#[derive(Clone)]
+struct Connection {
+    session: Arc<dyn LiveSession>,
+    connected: watch::Receiver<bool>,
 }
 
 pub struct SessionsWorker {
     sessions: Arc<Sessions>,
+    /// The partitions this process serves.
+    leases: Arc<HeldLeases>,
     driver: Arc<dyn SessionDriver>,
     config: SessionsWorkerConfig,
     live: Mutex<HashMap<Uuid, Live>>,
@@ -87,8 +106,18 @@ pub struct SessionsWorker {
     /// (a pump never opens a connection itself, which would make its task contain itself).
     reconnect: mpsc::UnboundedSender<Reconnect>,
     reconnect_requests: Mutex<Option<mpsc::UnboundedReceiver<Reconnect>>>,
+    /// Sessions to resume, one every `resume_stagger`, opened by [`Self::run`].
+    resume: mpsc::UnboundedSender<SessionKey>,
+    resume_requests: Mutex<Option<mpsc::UnboundedReceiver<SessionKey>>>,
     /// Message events on their way to the batch committer ([`commit_batches`]).
-    batch: mpsc::Sender<(DomainEvent, oneshot::Sender<Result<(), String>>)>,
+    batch: mpsc::Sender<Recorded>,
+}
+
+/// An event for the batch committer, the command it settles (if any), and who waits for it.
+struct Recorded {
+    event: DomainEvent,
+    settles: Option<Uuid>,
+    done: oneshot::Sender<Result<(), String>>,
 }
 
 /// A connection to open again; `after` is why the last attempt failed, if one did.
@@ -105,6 +134,20 @@ pub enum WorkerError {
     Driver(#[from] DriverError),
     #[error("recording events failed: {0}")]
     Batch(String),
+    #[error("the session {0} belongs to a partition this worker does not hold")]
+    NotHeld(Uuid),
+}
+
+impl WorkerError {
+    /// This worker no longer holds the session: retrying cannot help.
+    fn is_fenced(&self) -> bool {
+        matches!(
+            self,
+            Self::NotHeld(_)
+                | Self::Session(SessionError::Failed(anna_usecases::Failure::Store(anna_store::StoreError::Fenced(_))))
+                | Self::Driver(DriverError::Store(anna_store::StoreError::Fenced(_)))
+        )
+    }
 }
 
 /// Events waiting for the batch committer; senders wait when it is full.
@@ -117,14 +160,18 @@ const MAX_BATCH: usize = 40;
 /// Commits the message events of every session in batches: each commit takes whatever queued
 /// up while the previous one ran (group commit), so a durable database's per-commit flush is
 /// paid once per batch, not once per receipt.
-async fn commit_batches(
-    sessions: Arc<Sessions>,
-    mut queue: mpsc::Receiver<(DomainEvent, oneshot::Sender<Result<(), String>>)>,
-) {
+async fn commit_batches(sessions: Arc<Sessions>, mut queue: mpsc::Receiver<Recorded>) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        let (events, waiting): (Vec<DomainEvent>, Vec<_>) = batch.drain(..).unzip();
-        let result = sessions.append_events(&events).await.map_err(|e| e.to_string());
+        let mut events = Vec::with_capacity(batch.len());
+        let mut settled = Vec::new();
+        let mut waiting = Vec::with_capacity(batch.len());
+        for recorded in batch.drain(..) {
+            events.push(recorded.event);
+            settled.extend(recorded.settles);
+            waiting.push(recorded.done);
+        }
+        let result = sessions.append_events(&events, SUBSCRIBER, &settled).await.map_err(|e| e.to_string());
         metrics::histogram!("session_event_batch_size").record(events.len() as f64);
         for done in waiting {
             let _ = done.send(result.clone());
@@ -132,21 +179,30 @@ async fn commit_batches(
     }
 }
 
+/// The name the command subscriber records applied commands under.
+const SUBSCRIBER: &str = "sessions-worker";
+
 impl SessionsWorker {
+    /// `sessions` must write through a store fenced by `leases`.
     pub fn new(
         sessions: Arc<Sessions>,
+        leases: Arc<HeldLeases>,
         driver: Arc<dyn SessionDriver>,
         config: SessionsWorkerConfig,
         shutdown: CancellationToken,
     ) -> Arc<Self> {
         let (reconnect, reconnect_requests) = mpsc::unbounded_channel();
+        let (resume, resume_requests) = mpsc::unbounded_channel();
         let (batch, batches) = mpsc::channel(BATCH_QUEUE);
         tokio::spawn(commit_batches(sessions.clone(), batches));
         Arc::new(Self {
             batch,
             reconnect,
             reconnect_requests: Mutex::new(Some(reconnect_requests)),
+            resume,
+            resume_requests: Mutex::new(Some(resume_requests)),
             sessions,
+            leases,
             driver,
             config,
             live: Mutex::new(HashMap::new()),
@@ -169,17 +225,28 @@ impl SessionsWorker {
     /// Records an event that changes nothing of its session (a message, a receipt) once it is
     /// committed, together with the events of other sessions waiting at the same time.
     async fn record(&self, event: DomainEvent) -> Result<(), WorkerError> {
+        self.record_settling(event, None).await
+    }
+
+    /// [`Self::record`], recording `command` as applied in the same commit.
+    async fn record_settling(&self, event: DomainEvent, command: Option<Uuid>) -> Result<(), WorkerError> {
         let (done, committed) = oneshot::channel();
         let event = anna_usecases::traced([event]).remove(0);
-        self.batch.send((event, done)).await.map_err(|_| WorkerError::Batch("the batch committer stopped".into()))?;
+        let recorded = Recorded { event, settles: command, done };
+        self.batch.send(recorded).await.map_err(|_| WorkerError::Batch("the batch committer stopped".into()))?;
         committed
             .await
             .map_err(|_| WorkerError::Batch("the batch committer stopped".into()))?
             .map_err(WorkerError::Batch)
     }
 
-    /// Opens the connections asked for by reconnect policies until shutdown.
+    /// Opens the connections asked for by reconnect policies, and the sessions to resume one
+    /// every `SESSIONS_RESUME_STAGGER_MS`, until shutdown.
     pub async fn run(self: Arc<Self>) {
+        tokio::join!(self.clone().reconnect_loop(), self.resume_loop());
+    }
+
+    async fn reconnect_loop(self: Arc<Self>) {
         let Some(mut requests) = self.reconnect_requests.lock().await.take() else { return };
         loop {
             let request = tokio::select! {
@@ -187,20 +254,55 @@ impl SessionsWorker {
                 request = requests.recv() => request,
             };
             let Some(Reconnect { key, after }) = request else { break };
+            if !self.leases.holds(key.session_id) {
+                continue;
+            }
             if let Err(error) = self.connect(key).await {
+                if error.is_fenced() {
+                    continue;
+                }
                 tracing::warn!(session_id = %key.session_id, %error, retry_of = after.as_deref().unwrap_or(""), "Session connect failed");
                 self.schedule_reconnect(key, error.to_string()).await;
             }
         }
     }
 
-    /// Brings back the sessions that were connected before the restart, staggered, and marks
-    /// interrupted pairings. Returns how many were resumed.
-    pub async fn resume(self: &Arc<Self>) -> Result<usize, WorkerError> {
-        let mut resumed = 0;
+    /// Opens the connections of resumed sessions, staggered: hundreds of sessions taken over
+    /// at once must not reconnect in the same second (WhatsApp flags that).
+    async fn resume_loop(self: Arc<Self>) {
+        let Some(mut requests) = self.resume_requests.lock().await.take() else { return };
+        loop {
+            let key = tokio::select! {
+                () = self.shutdown.cancelled() => break,
+                key = requests.recv() => key,
+            };
+            let Some(key) = key else { break };
+            // Given up meanwhile, or already connected by a command that could not wait.
+            if !self.leases.holds(key.session_id) || self.live.lock().await.contains_key(&key.session_id) {
+                continue;
+            }
+            match self.connect(key).await {
+                Ok(()) => metrics::counter!("sessions_resumed_total").increment(1),
+                Err(error) if error.is_fenced() => continue,
+                Err(error) => {
+                    tracing::warn!(session_id = %key.session_id, %error, "Session could not be resumed");
+                    self.schedule_reconnect(key, error.to_string()).await;
+                }
+            }
+            tokio::select! {
+                () = self.shutdown.cancelled() => break,
+                () = tokio::time::sleep(self.config.resume_stagger) => {}
+            }
+        }
+    }
+
+    /// Queues the sessions of `partitions` that were connected (or reconnecting) for resuming,
+    /// and marks their interrupted pairings. Returns how many were queued.
+    pub async fn resume_partitions(self: &Arc<Self>, partitions: &[u32]) -> Result<usize, WorkerError> {
+        let mut queued = 0;
         for session in self.sessions.sessions_to_resume().await? {
-            if self.shutdown.is_cancelled() {
-                break;
+            if !partitions.contains(&self.leases.partition_of(session.id)) {
+                continue;
             }
             let key = SessionKey { session_id: session.id, tenant_id: session.tenant_id };
             let reconnecting = session.status == SessionStatus::Disconnected
@@ -215,42 +317,62 @@ impl SessionsWorker {
                 }
                 _ => continue,
             }
-            if let Err(error) = self.connect(key).await {
-                tracing::warn!(session_id = %session.id, %error, "Session could not be resumed");
-                self.schedule_reconnect(key, error.to_string()).await;
-            }
-            resumed += 1;
-            tokio::select! {
-                () = self.shutdown.cancelled() => break,
-                () = tokio::time::sleep(self.config.resume_stagger) => {}
+            if self.resume.send(key).is_ok() {
+                queued += 1;
             }
         }
-        metrics::gauge!("sessions_live").set(self.live_count().await as f64);
-        Ok(resumed)
+        Ok(queued)
+    }
+
+    /// Closes the connections of `partitions` (every one when `None`), leaving their
+    /// sessions' status for the next owner to resume.
+    pub async fn close_partitions(&self, partitions: Option<&[u32]>) {
+        let closing: Vec<(Uuid, Live)> = {
+            let mut live = self.live.lock().await;
+            let ids: Vec<Uuid> = live
+                .keys()
+                .filter(|id| partitions.is_none_or(|ps| ps.contains(&self.leases.partition_of(**id))))
+                .copied()
+                .collect();
+            let closing = ids.into_iter().filter_map(|id| live.remove(&id).map(|l| (id, l))).collect();
+            metrics::gauge!("sessions_live").set(live.len() as f64);
+            closing
+        };
+        {
+            let mut reconnects = self.reconnects.lock().await;
+            for (id, _) in &closing {
+                reconnects.remove(id);
+            }
+        }
+        futures::future::join_all(closing.iter().map(|(_, live)| live.connection.stop())).await;
+        if !closing.is_empty() {
+            tracing::info!(closed = closing.len(), ?partitions, "session connections closed");
+        }
     }
 
     /// Closes every connection, leaving the sessions' status for the next start to resume.
     pub async fn close_all(&self) {
-        let live: Vec<Live> = self.live.lock().await.drain().map(|(_, live)| live).collect();
-        for live in &live {
-            live.connection.stop().await;
-        }
+        self.close_partitions(None).await;
         self.tasks.close();
         // Pumps end when their connection's channel closes.
         let _ = tokio::time::timeout(Duration::from_secs(10), self.tasks.wait()).await;
         metrics::gauge!("sessions_live").set(0.0);
     }
 
-    /// Opens a connection unless one is live.
+    /// Opens a connection unless one is live, if this worker holds the session.
     async fn connect(self: &Arc<Self>, key: SessionKey) -> Result<(), WorkerError> {
         let mut live = self.live.lock().await;
         if live.contains_key(&key.session_id) {
             return Ok(());
         }
+        if !self.leases.holds(key.session_id) {
+            return Err(WorkerError::NotHeld(key.session_id));
+        }
         let (events, receiver) = mpsc::channel(self.config.event_buffer);
         let connection = self.driver.connect(key, events).await?;
         let generation = self.generations.fetch_add(1, Ordering::Relaxed);
-        live.insert(key.session_id, Live { connection, tenant_id: key.tenant_id, generation });
+        let (connected, _) = watch::channel(false);
+        live.insert(key.session_id, Live { connection, tenant_id: key.tenant_id, generation, connected });
         metrics::gauge!("sessions_live").set(live.len() as f64);
         drop(live);
         let worker = self.clone();
@@ -274,9 +396,18 @@ impl SessionsWorker {
     }
 
     /// The live connection of `session_id` if it was opened for `tenant_id`'s session.
-    async fn connection_of(&self, session_id: Uuid, tenant_id: Uuid) -> Option<Arc<dyn LiveSession>> {
+    async fn connection_of(&self, session_id: Uuid, tenant_id: Uuid) -> Option<Connection> {
         let live = self.live.lock().await;
-        live.get(&session_id).filter(|l| l.tenant_id == tenant_id).map(|l| l.connection.clone())
+        live.get(&session_id)
+            .filter(|l| l.tenant_id == tenant_id)
+            .map(|l| Connection { session: l.connection.clone(), connected: l.connected.subscribe() })
+    }
+
+    /// Sets whether the connection of `generation` is accepted by WhatsApp.
+    async fn mark_connected(&self, session_id: Uuid, generation: u64, connected: bool) {
+        if let Some(live) = self.live.lock().await.get(&session_id).filter(|l| l.generation == generation) {
+            live.connected.send_replace(connected);
+        }
     }
 
     async fn pump(self: Arc<Self>, key: SessionKey, generation: u64, mut events: mpsc::Receiver<DriverEvent>) {
@@ -288,6 +419,10 @@ impl SessionsWorker {
             loop {
                 match self.on_event(key, generation, &event).await {
                     Ok(()) => break,
+                    Err(error) if error.is_fenced() => {
+                        tracing::debug!(session_id = %key.session_id, %error, "Session event of a partition given up");
+                        break;
+                    }
                     Err(error) if attempt < 5 && !self.shutdown.is_cancelled() => {
                         attempt += 1;
                         tracing::warn!(session_id = %key.session_id, %error, attempt, "Recording a session event failed");
@@ -327,8 +462,10 @@ impl SessionsWorker {
             DriverEvent::Connected { phone } => {
                 self.reconnects.lock().await.remove(&id);
                 self.sessions.record_connected(id, phone).await?;
+                self.mark_connected(id, generation, true).await;
             }
             DriverEvent::Disconnected { reason, .. } => {
+                self.mark_connected(id, generation, false).await;
                 self.sessions.record_disconnected(id, &reason.label()).await?;
             }
             DriverEvent::Message(message) => {
@@ -424,6 +561,10 @@ impl SessionsWorker {
         {
             return self.send(SessionKey { session_id: id, tenant_id }, event, Ok(connection)).await;
         }
+        if !self.leases.holds(id) {
+            // Given up while this command was on its way: it stays pending for the next owner.
+            return Err(HandlerError::new(WorkerError::NotHeld(id)));
+        }
         let session = self.sessions.find(id).await.map_err(HandlerError::new)?;
         let session = match (session, tenant) {
             (Some(session), Some(tenant)) if session.tenant_id == tenant => session,
@@ -449,7 +590,15 @@ impl SessionsWorker {
                 self.sessions.record_disconnected(id, reason).await.map_err(HandlerError::new)?;
             }
             COMMAND_SEND => {
-                let connection = self.connection(id).await.ok_or(session.status);
+                let should_be_live = session.status == SessionStatus::Connected
+                    || (session.status == SessionStatus::Disconnected
+                        && session.disconnected_reason.as_deref().is_some_and(is_transient_reason));
+                if should_be_live && self.connection_of(id, key.tenant_id).await.is_none() {
+                    // Taken over a moment ago and still waiting for its turn to resume: a
+                    // message does not wait for the stagger.
+                    self.connect(key).await.map_err(HandlerError::new)?;
+                }
+                let connection = self.connection_of(id, key.tenant_id).await.ok_or(session.status);
                 self.send(key, event, connection).await?;
             }
             COMMAND_PAIR_CODE => {
@@ -507,20 +656,28 @@ impl SessionsWorker {
         &self,
         key: SessionKey,
         command: &DomainEvent,
-        connection: Result<Arc<dyn LiveSession>, SessionStatus>,
+        connection: Result<Connection, SessionStatus>,
     ) -> Result<(), HandlerError> {
         let payload = &command.payload;
         let to = payload["to"].as_str().unwrap_or_default();
         let outcome = match (Jid::parse(to), connection) {
             (Err(error), _) => Err(format!("invalid recipient: {error}")),
             (Ok(_), Err(status)) => Err(format!("the session is not connected (status: {})", status.as_str())),
-            (Ok(jid), Ok(connection)) => {
-                let message = OutgoingText {
-                    to: jid,
-                    text: payload["content"].as_str().unwrap_or_default().to_owned(),
-                    reply_to: payload["replyToMessageId"].as_str().map(str::to_owned),
-                };
-                connection.send_text(&message).await.map_err(|e| e.to_string())
+            (Ok(jid), Ok(mut connection)) => {
+                let wait = self.config.send_wait;
+                let connected = tokio::time::timeout(wait, connection.connected.wait_for(|connected| *connected))
+                    .await
+                    .is_ok_and(|connected| connected.is_ok());
+                if connected {
+                    let message = OutgoingText {
+                        to: jid,
+                        text: payload["content"].as_str().unwrap_or_default().to_owned(),
+                        reply_to: payload["replyToMessageId"].as_str().map(str::to_owned),
+                    };
+                    connection.session.send_text(&message).await.map_err(|e| e.to_string())
+                } else {
+                    Err(format!("the session did not connect within {} ms", wait.as_millis()))
+                }
             }
         };
         let now = OffsetDateTime::now_utc();
@@ -534,7 +691,9 @@ impl SessionsWorker {
             }
             Err(reason) => reference(key).message_failed(command.event_id, to, &reason, now),
         };
-        self.record(event).await.map_err(HandlerError::new)
+        // The command is recorded as applied with its outcome: a redelivery (this worker died
+        // before the ack, or lost the partition) finds it settled and sends nothing twice.
+        self.record_settling(event, Some(command.event_id)).await.map_err(HandlerError::new)
     }
 }
 

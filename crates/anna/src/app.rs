@@ -17,7 +17,9 @@ use anna_streams::{EmbeddedStream, RedisStream, Stream};
 use anna_usecases::{Accounts, Sessions};
 use anna_whatsapp::SessionDriver;
 use anna_workers::email::{ConsoleEmailSender, EmailSender, ResendEmailSender, SmtpEmailSender};
-use anna_workers::sessions::{SessionCommands, SessionsWorker};
+use anna_workers::fleet::{Fleet, HeldLeases};
+use anna_workers::partitions::SessionPartitions;
+use anna_workers::sessions::SessionsWorker;
 use anna_workers::subscribers::{EventStatistics, SendPasswordResetEmail, SendVerificationEmail};
 use secrecy::ExposeSecret;
 use tokio::net::TcpListener;
@@ -278,9 +280,9 @@ pub fn sessions_usecases(config: &Config, backends: &Backends) -> Arc<Sessions> 
     Arc::new(Sessions::new(backends.store.clone(), backends.stream.clone(), config.sessions.sessions.clone()))
 }
 
-/// The session driver `SESSIONS_PROVIDER` names.
-fn session_driver(config: &Config, backends: &Backends) -> Arc<dyn SessionDriver> {
-    let store: Arc<dyn anna_store::DeviceKeyStore> = backends.store.clone();
+/// The session driver `SESSIONS_PROVIDER` names, keeping device keys in `store`.
+fn session_driver(config: &Config, store: Arc<dyn Store>) -> Arc<dyn SessionDriver> {
+    let store: Arc<dyn anna_store::DeviceKeyStore> = store;
     match config.sessions.provider {
         SessionsProvider::WhatsApp => {
             Arc::new(anna_whatsapp::whatsapp::WhatsAppDriver::new(store, config.sessions.whatsapp.clone()))
@@ -294,48 +296,44 @@ fn session_driver(config: &Config, backends: &Backends) -> Arc<dyn SessionDriver
     }
 }
 
-/// The sessions worker: resumes sessions, opens connections on request, and consumes every
-/// command partition (one consumer each).
+/// The sessions worker as a member of the fleet: it holds leases on partitions of the
+/// sessions, consumes only their command streams, and writes session state and device keys
+/// through a store fenced by those leases.
 fn start_sessions_worker(
     config: &Config,
     backends: &Backends,
     shutdown: &CancellationToken,
     supervisor: &mut Supervisor,
 ) {
+    let settings = &config.sessions;
+    let leases =
+        HeldLeases::new(&settings.fleet.worker_id, settings.sessions.partitions, anna_usecases::sessions::partition_of);
+    let fenced = backends.store.fenced(leases.clone());
     let worker_token = CancellationToken::new();
     let worker = SessionsWorker::new(
-        sessions_usecases(config, backends),
-        session_driver(config, backends),
-        config.sessions.worker.clone(),
+        Arc::new(Sessions::new(fenced.clone(), backends.stream.clone(), settings.sessions.clone())),
+        leases.clone(),
+        session_driver(config, fenced),
+        settings.worker.clone(),
         worker_token.clone(),
     );
-    let subscriber: Arc<dyn Subscriber> = Arc::new(SessionCommands(worker.clone()));
-    let settings = &config.sessions;
-    let consumers_token = CancellationToken::new();
-    let mut consumers = tokio::task::JoinSet::new();
-    for partition in 0..settings.sessions.partitions.max(1) {
-        let mut consumer_config = settings.consumer.clone();
-        consumer_config.stream = settings.sessions.stream_of_partition(partition);
-        consumer_config.consumer = format!("{}-p{partition}", consumer_config.consumer);
-        let consumer = Arc::new(
-            EventConsumer::new(backends.store.clone(), backends.stream.clone(), consumer_config)
-                .subscribe(subscriber.clone()),
-        );
-        consumers.spawn(consumer.run(consumers_token.clone()));
-    }
+    let partitions = Arc::new(SessionPartitions::new(
+        worker.clone(),
+        backends.store.clone(),
+        backends.stream.clone(),
+        settings.consumer.clone(),
+        settings.sessions.clone(),
+    ));
+    let fleet = Fleet::new(backends.store.clone(), partitions, leases, settings.fleet.clone());
     let shutdown = shutdown.clone();
     supervisor.spawn("sessions worker", async move {
         tracing::info!(driver = worker.driver_name(), "sessions worker started");
         let runner = tokio::spawn(worker.clone().run());
-        match worker.resume().await {
-            Ok(resumed) => tracing::info!(resumed, "sessions resumed"),
-            Err(error) => tracing::error!(%error, "sessions could not be resumed"),
+        // On shutdown the fleet stops its partitions (commands in flight finish, connections
+        // close with their status kept for the next owner) and gives the leases up.
+        if fleet.prepare(&shutdown).await {
+            fleet.run(shutdown.clone()).await;
         }
-        shutdown.cancelled().await;
-        // Commands first (in-flight ones finish), then the connections, leaving their status
-        // for the next start to resume.
-        consumers_token.cancel();
-        while consumers.join_next().await.is_some() {}
         worker_token.cancel();
         worker.close_all().await;
         let _ = runner.await;

@@ -127,7 +127,7 @@ async fn fenced_writes_need_the_current_lease(store: Arc<dyn Store>) -> TestResu
 
     *fences.0.lock().unwrap_or_else(|e| e.into_inner()) =
         Some(Fence { partition: 0, worker_id: "w1".into(), token: held[0].token });
-    let connected = session.connect("4915123456789@s.whatsapp.net", now()).expect("an event");
+    let connected = session.connect("4915123456789@s.whatsapp.net", now()).unwrap_or_else(|| panic!("no event"));
     let mut uow = fenced.begin().await?;
     uow.update_session(&session).await?;
     uow.append_events(&[connected]).await?;
@@ -140,7 +140,7 @@ async fn fenced_writes_need_the_current_lease(store: Arc<dyn Store>) -> TestResu
     tokio::time::sleep(StdDuration::from_millis(600)).await;
     let taken = store.acquire_leases("w2", 1, 1, LONG).await?;
     assert_eq!(taken[0].token, held[0].token + 1);
-    let disconnected = session.disconnect("connection_lost", now()).expect("an event");
+    let disconnected = session.disconnect("connection_lost", now()).unwrap_or_else(|| panic!("no event"));
     let mut uow = fenced.begin().await?;
     assert!(matches!(uow.update_session(&session).await, Err(StoreError::Fenced(_))));
     drop(uow);

@@ -76,6 +76,7 @@ pub(super) fn read<F: Fn(&str) -> Option<String>>(vars: &Vars<F>) -> Result<Even
         block: vars.millis("EVENTS_BLOCK_MS", 5000)?,
         concurrency: vars.positive("EVENTS_CONCURRENCY", 16, "a positive number of entries handled at once")?,
         applied_retention: vars.millis("EVENTS_PROCESSED_TTL_MS", 604_800_000)?,
+        claim_pending_at_start: false,
     };
     Ok(EventsConfig {
         backend,

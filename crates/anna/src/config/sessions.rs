@@ -6,6 +6,7 @@ use anna_streams::consumer::ConsumerConfig;
 use anna_usecases::SessionsConfig;
 use anna_whatsapp::simulator::SimulatorConfig;
 use anna_whatsapp::whatsapp::WhatsAppConfig;
+use anna_workers::fleet::FleetConfig;
 use anna_workers::sessions::SessionsWorkerConfig;
 
 use super::{ConfigError, Vars};
@@ -27,6 +28,7 @@ pub struct SessionsSettings {
     pub consumer: ConsumerConfig,
     pub whatsapp: WhatsAppConfig,
     pub simulator: SimulatorConfig,
+    pub fleet: FleetConfig,
 }
 
 pub(super) fn read<F: Fn(&str) -> Option<String>>(vars: &Vars<F>) -> Result<SessionsSettings, ConfigError> {
@@ -44,7 +46,7 @@ pub(super) fn read<F: Fn(&str) -> Option<String>>(vars: &Vars<F>) -> Result<Sess
     let qr_ttl = vars.millis("SESSIONS_QR_TTL_MS", 60_000)?;
     let sessions = SessionsConfig {
         command_stream: vars.string("SESSIONS_COMMAND_STREAM", "session-commands"),
-        partitions: vars.positive("SESSIONS_PARTITIONS", 4, "a positive number of partitions")?,
+        partitions: vars.positive("SESSIONS_PARTITIONS", 64, "a positive number of partitions")?,
         max_per_tenant: vars.parse("SESSIONS_MAX_PER_TENANT", 10, "a number of sessions (0: no limit)")?,
         max_text_chars: vars.positive("SESSIONS_MAX_TEXT_CHARS", 4096, "a positive number of characters")?,
     };
@@ -57,8 +59,23 @@ pub(super) fn read<F: Fn(&str) -> Option<String>>(vars: &Vars<F>) -> Result<Sess
         resume_stagger: vars.millis_or_zero("SESSIONS_RESUME_STAGGER_MS", 100)?,
         qr_ttl,
         event_buffer: 256,
+        send_wait: vars.millis("SESSIONS_SEND_WAIT_MS", 15_000)?,
     };
     let host = vars.string("HOSTNAME", "anna");
+    let failover = vars.millis("SESSIONS_FAILOVER_MS", 15_000)?;
+    if failover < std::time::Duration::from_millis(300) {
+        return Err(ConfigError::Invalid {
+            var: "SESSIONS_FAILOVER_MS",
+            shown: failover.as_millis().to_string(),
+            expected: "at least 300 milliseconds",
+        });
+    }
+    let fleet = FleetConfig {
+        worker_id: vars.string("SESSIONS_WORKER_ID", &format!("{host}-{}-{:04x}", std::process::id(), rand_suffix())),
+        host: host.clone(),
+        partitions: sessions.partitions,
+        failover,
+    };
     let consumer = ConsumerConfig {
         stream: sessions.command_stream.clone(),
         group: vars.string("SESSIONS_COMMAND_GROUP", "session-commands-group"),
@@ -75,6 +92,8 @@ pub(super) fn read<F: Fn(&str) -> Option<String>>(vars: &Vars<F>) -> Result<Sess
         block: vars.millis("SESSIONS_COMMAND_BLOCK_MS", 5000)?,
         concurrency: vars.positive("SESSIONS_COMMAND_CONCURRENCY", 16, "a positive number")?,
         applied_retention: vars.millis("SESSIONS_COMMAND_PROCESSED_TTL_MS", 604_800_000)?,
+        // A partition's consumer starts when its lease is acquired: nobody else reads it.
+        claim_pending_at_start: true,
     };
     let whatsapp = WhatsAppConfig {
         browser_name: vars.string("SESSIONS_BROWSER_NAME", "Anna"),
@@ -91,5 +110,11 @@ pub(super) fn read<F: Fn(&str) -> Option<String>>(vars: &Vars<F>) -> Result<Sess
         reply_delay: (!reply.is_zero()).then_some(reply),
         ..SimulatorConfig::default()
     };
-    Ok(SessionsSettings { provider, sessions, worker, consumer, whatsapp, simulator })
+    Ok(SessionsSettings { provider, sessions, worker, consumer, whatsapp, simulator, fleet })
+}
+
+/// Tells apart two workers that a restart gave the same process id.
+fn rand_suffix() -> u16 {
+    let bytes = uuid::Uuid::new_v4();
+    u16::from_le_bytes([bytes.as_bytes()[0], bytes.as_bytes()[1]])
 }

@@ -4,6 +4,7 @@
 //! service is absent.
 
 pub mod logs;
+pub mod partition;
 pub mod pg;
 pub mod redis;
 pub mod resend_fake;

@@ -103,6 +103,14 @@ impl From<anna_streams::StreamError> for SessionError {
     }
 }
 
+/// Where a session runs: its partition and that partition's current lease, if a worker
+/// holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placement {
+    pub partition: u32,
+    pub lease: Option<anna_store::Lease>,
+}
+
 /// A command accepted for the worker.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Enqueued {
@@ -139,6 +147,13 @@ impl Sessions {
     /// The tenant's sessions, newest first.
     pub async fn list(&self, tenant_id: Uuid) -> Result<Vec<Session>, SessionError> {
         Ok(self.store.list_sessions(tenant_id).await?)
+    }
+
+    /// Which sessions worker holds the session's partition now, if any.
+    pub async fn placement(&self, id: Uuid) -> Result<Placement, SessionError> {
+        let partition = self.config.partition_of(id);
+        let lease = self.store.lease_holder(partition).await?;
+        Ok(Placement { partition, lease })
     }
 
     /// One of the tenant's sessions.

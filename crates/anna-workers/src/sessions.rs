@@ -345,6 +345,9 @@ impl SessionsWorker {
             }
         }
         futures::future::join_all(closing.iter().map(|(_, live)| live.connection.stop())).await;
+        for (id, _) in &closing {
+            self.log_connection(*id, "closed");
+        }
         if !closing.is_empty() {
             tracing::info!(closed = closing.len(), ?partitions, "session connections closed");
         }
@@ -373,6 +376,7 @@ impl SessionsWorker {
         let generation = self.generations.fetch_add(1, Ordering::Relaxed);
         let (connected, _) = watch::channel(false);
         live.insert(key.session_id, Live { connection, tenant_id: key.tenant_id, generation, connected });
+        self.log_connection(key.session_id, "opened");
         metrics::gauge!("sessions_live").set(live.len() as f64);
         drop(live);
         let worker = self.clone();
@@ -387,8 +391,22 @@ impl SessionsWorker {
         if current {
             live.remove(&session_id);
             metrics::gauge!("sessions_live").set(live.len() as f64);
+            self.log_connection(session_id, "closed");
         }
         current
+    }
+
+    /// The connection log: which worker had which session's connection open, and when (wall
+    /// clock, comparable across the workers of one machine). With the leases' history it
+    /// shows that no session ever ran on two workers at once.
+    fn log_connection(&self, session_id: Uuid, what: &'static str) {
+        tracing::info!(
+            %session_id,
+            worker_id = self.leases.worker_id(),
+            partition = self.leases.partition_of(session_id),
+            unix_ms = unix_ms(),
+            "session connection {what}"
+        );
     }
 
     async fn connection(&self, session_id: Uuid) -> Option<Arc<dyn LiveSession>> {
@@ -463,6 +481,7 @@ impl SessionsWorker {
                 self.reconnects.lock().await.remove(&id);
                 self.sessions.record_connected(id, phone).await?;
                 self.mark_connected(id, generation, true).await;
+                tracing::info!(session_id = %id, worker_id = self.leases.worker_id(), unix_ms = unix_ms(), "session connected");
             }
             DriverEvent::Disconnected { reason, .. } => {
                 self.mark_connected(id, generation, false).await;
@@ -586,6 +605,7 @@ impl SessionsWorker {
                 let reason = payload["reason"].as_str().unwrap_or("stopped");
                 if let Some(live) = self.live.lock().await.remove(&id) {
                     live.connection.stop().await;
+                    self.log_connection(id, "closed");
                 }
                 self.sessions.record_disconnected(id, reason).await.map_err(HandlerError::new)?;
             }
@@ -611,19 +631,21 @@ impl SessionsWorker {
                 }
             }
             COMMAND_LOGOUT => {
-                if let Some(live) = self.live.lock().await.remove(&id)
-                    && let Err(error) = live.connection.logout().await
-                {
-                    tracing::warn!(session_id = %id, %error, "Logout could not reach WhatsApp; keys are wiped anyway");
+                if let Some(live) = self.live.lock().await.remove(&id) {
+                    self.log_connection(id, "closed");
+                    if let Err(error) = live.connection.logout().await {
+                        tracing::warn!(session_id = %id, %error, "Logout could not reach WhatsApp; keys are wiped anyway");
+                    }
                 }
                 self.driver.wipe(key).await.map_err(HandlerError::new)?;
                 self.sessions.record_logged_out(id, "logged out by the tenant").await.map_err(HandlerError::new)?;
             }
             COMMAND_DELETE => {
-                if let Some(live) = self.live.lock().await.remove(&id)
-                    && let Err(error) = live.connection.logout().await
-                {
-                    tracing::warn!(session_id = %id, %error, "Logout could not reach WhatsApp; keys are wiped anyway");
+                if let Some(live) = self.live.lock().await.remove(&id) {
+                    self.log_connection(id, "closed");
+                    if let Err(error) = live.connection.logout().await {
+                        tracing::warn!(session_id = %id, %error, "Logout could not reach WhatsApp; keys are wiped anyway");
+                    }
                 }
                 self.sessions.record_deleted(id).await.map_err(HandlerError::new)?;
             }
@@ -729,6 +751,11 @@ fn reference(key: SessionKey) -> SessionRef {
 
 fn is_transient_reason(reason: &str) -> bool {
     reason.starts_with("connection_lost") || reason == "restart_required"
+}
+
+/// Wall-clock milliseconds, for log lines compared across the processes of one machine.
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or_default()
 }
 
 fn time_duration(d: Duration) -> time::Duration {

@@ -40,11 +40,23 @@ enum Command {
         #[command(subcommand)]
         command: DlqCommand,
     },
+    /// Inspect the sessions fleet: workers, their partitions, sessions and lease ages.
+    Fleet {
+        #[command(subcommand)]
+        command: FleetCommand,
+    },
     /// Act on simulated sessions (`SESSIONS_PROVIDER=simulator`).
     Simulator {
         #[command(subcommand)]
         command: SimulatorCommand,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum FleetCommand {
+    /// Every sessions worker with the partitions it holds, its connected and active sessions
+    /// and the age of its heartbeat and leases; then the partitions no live worker holds.
+    Status,
 }
 
 #[derive(Debug, Subcommand)]
@@ -99,7 +111,7 @@ impl Command {
             Self::Worker { kind: WorkerKind::Events } => "events",
             Self::Worker { kind: WorkerKind::Sessions } => "sessions",
             Self::Migrate => "migrate",
-            Self::Outbox { .. } | Self::Dlq { .. } | Self::Simulator { .. } => "operator",
+            Self::Outbox { .. } | Self::Dlq { .. } | Self::Fleet { .. } | Self::Simulator { .. } => "operator",
         }
     }
 }
@@ -149,6 +161,7 @@ fn main() -> ExitCode {
             Command::Dlq { command: DlqCommand::List } => operator::dlq_list(config).await,
             Command::Dlq { command: DlqCommand::Replay { id, all: _ } } => operator::dlq_replay(config, id).await,
             Command::Dlq { command: DlqCommand::Purge } => operator::dlq_purge(config).await,
+            Command::Fleet { command: FleetCommand::Status } => operator::fleet_status(config).await,
             Command::Simulator { command: SimulatorCommand::Scan { session_id } } => {
                 operator::simulator_scan(config, session_id).await
             }

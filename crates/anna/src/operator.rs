@@ -1,4 +1,4 @@
-//! Operator commands: `anna outbox status` and `anna dlq list|replay|purge`. They print to
+//! Operator commands: `anna outbox status`, `anna dlq list|replay|purge` and `anna fleet status`. They print to
 //! stdout (a report, not logs) and never print payloads, which may hold sealed secrets.
 
 use std::sync::Arc;
@@ -262,5 +262,76 @@ pub async fn simulator_scan(config: Config, session_id: uuid::Uuid) -> anyhow::R
     backends.store.close().await;
     let enqueued = enqueued.map_err(|e| anyhow::anyhow!("{e}"))?;
     println!("scan requested for session {session_id} (command {})", enqueued.command_id);
+    Ok(())
+}
+
+/// `anna fleet status`: the sessions workers (live or not yet expired), the partitions each
+/// holds, their sessions and the age of their leases, then the partitions nobody holds.
+pub async fn fleet_status(config: Config) -> anyhow::Result<()> {
+    use anna_domain::SessionStatus;
+    use std::collections::BTreeMap;
+
+    let store = app::open_store(&config).await?;
+    let view = store.fleet_view().await.context("reading the fleet")?;
+    let partitions = config.sessions.sessions.partitions;
+    let active = store
+        .list_sessions_with_status(&[SessionStatus::Connected, SessionStatus::Disconnected, SessionStatus::PendingQr])
+        .await
+        .context("reading the sessions")?;
+    // Per partition: (connected, active).
+    let mut per_partition: BTreeMap<u32, (usize, usize)> = BTreeMap::new();
+    for session in &active {
+        let counts = per_partition.entry(config.sessions.sessions.partition_of(session.id)).or_default();
+        counts.1 += 1;
+        if session.status == SessionStatus::Connected {
+            counts.0 += 1;
+        }
+    }
+    let age = |at_ms: i64| format!("{:.1}s", (view.now_ms - at_ms).max(0) as f64 / 1000.0);
+    let live = view.live_workers().count();
+    println!("sessions workers: {live} live, {} registered; {partitions} partitions", view.workers.len());
+    println!(
+        "{:<36} {:<20} {:>8} {:>10} {:>6} {:>10} {:>8} {:>10}  partitions",
+        "worker", "host", "pid", "heartbeat", "held", "connected", "active", "renewed"
+    );
+    for worker in &view.workers {
+        let id = &worker.info.worker_id;
+        let held: Vec<&anna_store::Lease> = view
+            .leases
+            .iter()
+            .filter(|l| l.worker_id.as_deref() == Some(id.as_str()) && l.expires_at_ms > view.now_ms)
+            .collect();
+        let (connected, sessions) = held
+            .iter()
+            .filter_map(|l| per_partition.get(&l.partition))
+            .fold((0, 0), |(c, a), (pc, pa)| (c + pc, a + pa));
+        let oldest_renewal = held.iter().map(|l| l.renewed_at_ms).min().map(age).unwrap_or_else(|| "-".into());
+        let status = if worker.expires_at_ms > view.now_ms { "" } else { " (expired)" };
+        let list: Vec<String> = held.iter().map(|l| l.partition.to_string()).collect();
+        println!(
+            "{:<36} {:<20} {:>8} {:>10} {:>6} {:>10} {:>8} {:>10}  {}{status}",
+            id,
+            worker.info.host,
+            worker.info.pid,
+            age(worker.heartbeat_at_ms),
+            held.len(),
+            connected,
+            sessions,
+            oldest_renewal,
+            list.join(",")
+        );
+    }
+    let unheld: Vec<String> = (0..partitions).filter(|p| view.holder_of(*p).is_none()).map(|p| p.to_string()).collect();
+    let waiting: usize = (0..partitions)
+        .filter(|p| view.holder_of(*p).is_none())
+        .filter_map(|p| per_partition.get(&p))
+        .map(|(_, active)| active)
+        .sum();
+    if unheld.is_empty() {
+        println!("every partition is held");
+    } else {
+        println!("partitions held by no live worker: {} ({waiting} active session(s) wait)", unheld.join(","));
+    }
+    store.close().await;
     Ok(())
 }

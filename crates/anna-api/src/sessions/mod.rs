@@ -83,6 +83,37 @@ impl From<&Session> for SessionView {
     }
 }
 
+/// The sessions worker serving a session.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkerView {
+    /// `SESSIONS_WORKER_ID` of the worker holding the session's partition.
+    pub id: String,
+    /// The lease's fencing token: it grows each time the partition changes hands.
+    pub lease_token: i64,
+    pub held_since: String,
+    pub lease_expires_at: String,
+}
+
+/// One session, with where it runs.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SessionDetail {
+    #[serde(flatten)]
+    pub session: SessionView,
+    /// The partition of the sessions this one belongs to (a stable hash of its id).
+    pub partition: u32,
+    /// The worker that holds the partition now; `null` while none does (a failover under way,
+    /// or no sessions worker running).
+    pub worker: Option<WorkerView>,
+}
+
+fn iso_millis(millis: i64) -> String {
+    let at = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(millis) * 1_000_000)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    iso(at)
+}
+
 #[derive(Debug, Serialize, ToSchema)]
 pub struct SessionList {
     pub sessions: Vec<SessionView>,
@@ -210,17 +241,28 @@ async fn list_sessions(State(state): State<AppState>, AuthUser(caller): AuthUser
     Ok(axum::Json(SessionList { sessions: sessions.iter().map(SessionView::from).collect() }).into_response())
 }
 
-/// One session: status, phone, reason, timestamps, and the current QR code while pairing.
+/// One session: status, phone, reason, timestamps, the current QR code while pairing, and the
+/// sessions worker it runs on.
 #[utoipa::path(get, path = "/sessions/{id}", tag = "sessions", security(("bearer" = [])),
     params(("id" = String, Path, description = "session id")),
-    responses((status = 200, body = SessionView), (status = 404, body = ErrorBody)))]
+    responses((status = 200, body = SessionDetail), (status = 404, body = ErrorBody)))]
 async fn get_session(
     State(state): State<AppState>,
     AuthUser(caller): AuthUser,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Response, ApiError> {
     let session = state.sessions.get(caller.user_id, session_id(&id)?).await?;
-    Ok(axum::Json(SessionView::from(&session)).into_response())
+    let placement = state.sessions.placement(session.id).await?;
+    let worker = placement.lease.and_then(|lease| {
+        Some(WorkerView {
+            id: lease.worker_id?,
+            lease_token: lease.token,
+            held_since: iso_millis(lease.acquired_at_ms),
+            lease_expires_at: iso_millis(lease.expires_at_ms),
+        })
+    });
+    let detail = SessionDetail { session: SessionView::from(&session), partition: placement.partition, worker };
+    Ok(axum::Json(detail).into_response())
 }
 
 #[derive(Debug, Default, Deserialize, ToSchema)]

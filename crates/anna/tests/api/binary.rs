@@ -10,7 +10,7 @@ use serde_json::json;
 
 const BIN: &str = env!("CARGO_BIN_EXE_anna");
 
-fn anna(args: &[&str], env: &[(&str, &str)]) -> Command {
+pub(crate) fn anna(args: &[&str], env: &[(&str, &str)]) -> Command {
     let mut cmd = Command::new(BIN);
     cmd.args(args).env_clear().env("PATH", std::env::var("PATH").unwrap_or_default());
     // Cheap hashes: this is about the process, not the cost.
@@ -23,14 +23,14 @@ fn anna(args: &[&str], env: &[(&str, &str)]) -> Command {
 }
 
 /// A running binary whose stdout lines are collected in the background.
-struct Running {
-    child: Child,
+pub(crate) struct Running {
+    pub(crate) child: Child,
     lines: mpsc::Receiver<String>,
-    seen: Vec<String>,
+    pub(crate) seen: Vec<String>,
 }
 
 impl Running {
-    fn start(mut cmd: Command) -> Self {
+    pub(crate) fn start(mut cmd: Command) -> Self {
         let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
         let stdout = child.stdout.take().unwrap();
         let (tx, lines) = mpsc::channel();
@@ -45,7 +45,7 @@ impl Running {
     }
 
     /// Waits for a stdout line containing `needle`.
-    fn wait_for(&mut self, needle: &str) -> String {
+    pub(crate) fn wait_for(&mut self, needle: &str) -> String {
         let deadline = Instant::now() + Duration::from_secs(60);
         while let Some(left) = deadline.checked_duration_since(Instant::now()) {
             match self.lines.recv_timeout(left) {
@@ -62,13 +62,20 @@ impl Running {
         panic!("no line with {needle:?}; saw:\n{}", self.seen.join("\n"));
     }
 
+    /// Collects the lines printed so far.
+    pub(crate) fn drain(&mut self) {
+        while let Ok(line) = self.lines.try_recv() {
+            self.seen.push(line);
+        }
+    }
+
     fn listening_addr(&mut self) -> String {
         let line = self.wait_for("\"listening\"");
         let value: serde_json::Value = serde_json::from_str(&line).unwrap();
         value["addr"].as_str().unwrap().to_owned()
     }
 
-    fn terminate(&mut self) -> std::process::ExitStatus {
+    pub(crate) fn terminate(&mut self) -> std::process::ExitStatus {
         let status = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
         assert!(status.success());
         let deadline = Instant::now() + Duration::from_secs(30);

@@ -57,6 +57,8 @@ pub struct TestApp {
     pub stream: Arc<dyn anna_streams::Stream>,
     /// `SESSIONS_COMMAND_STREAM` of this app (partitions are `<name>.<n>`).
     pub command_stream: String,
+    /// The settings the app runs with, as environment variables.
+    pub env: HashMap<String, String>,
     pub logs: CapturedLogs,
     pub http: reqwest::Client,
     shutdown: CancellationToken,
@@ -78,7 +80,17 @@ pub async fn spawn_app_with_configured_email(backend: Backend, vars: &[(&str, &s
     spawn(backend, vars, true).await
 }
 
+/// Starts only `roles` in this process (the sessions fleet test runs its sessions workers as
+/// separate processes, with the settings in [`TestApp::env`]).
+pub async fn spawn_app_roles(backend: Backend, vars: &[(&str, &str)], roles: app::Roles) -> TestApp {
+    spawn_roles(backend, vars, false, roles).await
+}
+
 async fn spawn(backend: Backend, vars: &[(&str, &str)], configured_email: bool) -> TestApp {
+    spawn_roles(backend, vars, configured_email, app::Roles::ALL).await
+}
+
+async fn spawn_roles(backend: Backend, vars: &[(&str, &str)], configured_email: bool, roles: app::Roles) -> TestApp {
     let logs = anna_testkit::logs::capture();
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let database_url = match backend {
@@ -120,6 +132,7 @@ async fn spawn(backend: Backend, vars: &[(&str, &str)], configured_email: bool) 
     for (k, v) in vars {
         map.insert((*k).to_owned(), (*v).to_owned());
     }
+    let env = map.clone();
     let config = Config::from_vars(&Vars::new(move |k: &str| map.get(k).cloned()))
         .unwrap_or_else(|e| panic!("test config: {e}"));
     let mailbox = Arc::new(MemoryMailbox::default());
@@ -129,9 +142,8 @@ async fn spawn(backend: Backend, vars: &[(&str, &str)], configured_email: bool) 
     }
     backends.store.migrate().await.unwrap_or_else(|e| panic!("migrate: {e}"));
     let shutdown = CancellationToken::new();
-    let running = app::start(&config, &backends, app::Roles::ALL, shutdown.clone())
-        .await
-        .unwrap_or_else(|e| panic!("start: {e:#}"));
+    let running =
+        app::start(&config, &backends, roles, shutdown.clone()).await.unwrap_or_else(|e| panic!("start: {e:#}"));
     let http = reqwest::Client::builder().cookie_store(false).build().unwrap_or_else(|e| panic!("{e}"));
     let addr = running.addr.unwrap_or_else(|| panic!("the API did not start"));
     TestApp {
@@ -141,6 +153,7 @@ async fn spawn(backend: Backend, vars: &[(&str, &str)], configured_email: bool) 
         store: backends.store.clone(),
         stream: backends.stream.clone(),
         command_stream: config.sessions.sessions.command_stream.clone(),
+        env,
         logs,
         http,
         shutdown,

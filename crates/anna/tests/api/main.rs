@@ -7,6 +7,7 @@ mod binary;
 mod browser;
 mod edge;
 mod email;
+mod fleet;
 mod helpers;
 mod ops;
 mod sessions;

@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use anna_store::{Fence, FenceSource, Store, StoreError, WorkerInfo};
 use async_trait::async_trait;
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -137,6 +138,14 @@ impl FenceSource for HeldLeases {
     }
 }
 
+/// Partition work, carried out in order by one task beside the renewal loop: starting or
+/// stopping sessions can take seconds, and renewals must not wait for it.
+enum Op {
+    Start(Vec<u32>),
+    /// Stop, then release (partition, token).
+    Give(Vec<(u32, i64)>),
+}
+
 /// One sessions worker's membership in the fleet.
 pub struct Fleet {
     store: Arc<dyn Store>,
@@ -144,6 +153,8 @@ pub struct Fleet {
     leases: Arc<HeldLeases>,
     config: FleetConfig,
     info: WorkerInfo,
+    /// Partitions being given away: still held (and renewed) until their sessions stopped.
+    leaving: Arc<std::sync::Mutex<BTreeSet<u32>>>,
 }
 
 impl Fleet {
@@ -159,7 +170,11 @@ impl Fleet {
             pid: std::process::id(),
             partitions: config.partitions,
         };
-        Self { store, work, leases, config, info }
+        Self { store, work, leases, config, info, leaving: Arc::default() }
+    }
+
+    fn leaving(&self) -> std::sync::MutexGuard<'_, BTreeSet<u32>> {
+        self.leaving.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn ttl_ms(&self) -> i64 {
@@ -176,6 +191,14 @@ impl Fleet {
             "sessions worker joins the fleet"
         );
         let every = self.config.renew_every();
+        let (ops, queue) = mpsc::unbounded_channel();
+        let worker = tokio::spawn(carry_out(
+            queue,
+            self.work.clone(),
+            self.store.clone(),
+            self.leases.clone(),
+            self.leaving.clone(),
+        ));
         let mut next_round = Instant::now();
         loop {
             let fence_at = self.earliest_fence();
@@ -183,11 +206,14 @@ impl Fleet {
                 () = shutdown.cancelled() => break,
                 () = tokio::time::sleep_until(next_round) => {
                     next_round = Instant::now() + every;
-                    self.round(&shutdown).await;
+                    self.round(&ops, &shutdown).await;
                 }
                 () = sleep_until_opt(fence_at) => self.fence_expired().await,
             }
         }
+        // Work already asked for is finished (a start is stopped again just below).
+        drop(ops);
+        let _ = worker.await;
         self.leave().await;
     }
 
@@ -197,7 +223,7 @@ impl Fleet {
 
     /// One round: heartbeat, renewal, then the share. Bounded by one renewal period, so a
     /// database that hangs delays neither the next round nor self-fencing.
-    async fn round(&self, shutdown: &CancellationToken) {
+    async fn round(&self, ops: &mpsc::UnboundedSender<Op>, shutdown: &CancellationToken) {
         let started = Instant::now();
         let renewed = tokio::select! {
             () = shutdown.cancelled() => return,
@@ -250,7 +276,7 @@ impl Fleet {
         for (partition, token) in stray {
             self.release(partition, token).await;
         }
-        if let Err(error) = self.rebalance(started).await {
+        if let Err(error) = self.rebalance(started, ops).await {
             tracing::warn!(%error, "sessions partitions could not be balanced");
         }
         metrics::gauge!("sessions_partitions_held").set(self.leases.read().len() as f64);
@@ -264,7 +290,7 @@ impl Fleet {
     }
 
     /// Moves toward the fair share.
-    async fn rebalance(&self, started: Instant) -> Result<(), StoreError> {
+    async fn rebalance(&self, started: Instant, ops: &mpsc::UnboundedSender<Op>) -> Result<(), StoreError> {
         let view = self.store.fleet_view().await?;
         let mut live: BTreeSet<&str> = BTreeSet::new();
         for worker in view.live_workers() {
@@ -280,20 +306,21 @@ impl Fleet {
         }
         live.insert(&self.config.worker_id);
         let share = self.config.partitions.div_ceil(live.len() as u32);
-        let held = self.leases.partitions();
+        let leaving = self.leaving().clone();
+        // Partitions on their way out no longer count as held.
+        let held: Vec<u32> = self.leases.partitions().into_iter().filter(|p| !leaving.contains(p)).collect();
         let count = held.len() as u32;
         if count > share {
             // The highest ones: a worker keeps the same partitions across rebalances.
             let give: Vec<u32> = held.iter().rev().take((count - share) as usize).copied().collect();
             tracing::info!(?give, share, workers = live.len(), "giving sessions partitions to other workers");
-            self.work.stop(&give).await;
-            for partition in give {
-                let token = self.leases.write().remove(&partition).map(|l| l.token);
-                if let Some(token) = token {
-                    self.release(partition, token).await;
-                }
-            }
-        } else if count < share {
+            let tokens: Vec<(u32, i64)> = {
+                let held = self.leases.read();
+                give.iter().filter_map(|p| held.get(p).map(|l| (*p, l.token))).collect()
+            };
+            self.leaving().extend(give.iter().copied());
+            let _ = ops.send(Op::Give(tokens));
+        } else if count < share && leaving.is_empty() {
             let acquired = self
                 .store
                 .acquire_leases(&self.config.worker_id, self.config.partitions, share - count, self.ttl_ms())
@@ -321,7 +348,7 @@ impl Fleet {
             }
             let partitions: Vec<u32> = acquired.iter().map(|l| l.partition).collect();
             tracing::info!(?partitions, share, workers = live.len(), "sessions partitions acquired");
-            self.work.start(&partitions).await;
+            let _ = ops.send(Op::Start(partitions));
         }
         Ok(())
     }
@@ -350,9 +377,7 @@ impl Fleet {
     }
 
     async fn release(&self, partition: u32, token: i64) {
-        if let Err(error) = self.store.release_lease(&self.config.worker_id, partition, token).await {
-            tracing::warn!(partition, %error, "sessions lease could not be released; it will expire");
-        }
+        release(&*self.store, &self.config.worker_id, partition, token).await;
     }
 
     /// Graceful exit: stop everything, give every lease up, leave the registry.
@@ -384,6 +409,55 @@ impl Fleet {
                         () = shutdown.cancelled() => return false,
                         () = tokio::time::sleep(self.config.renew_every()) => {}
                     }
+                }
+            }
+        }
+    }
+}
+
+async fn release(store: &dyn Store, worker_id: &str, partition: u32, token: i64) {
+    if let Err(error) = store.release_lease(worker_id, partition, token).await {
+        tracing::warn!(partition, %error, "sessions lease could not be released; it will expire");
+    }
+}
+
+/// Carries out partition work in order until the fleet loop ends.
+async fn carry_out(
+    mut queue: mpsc::UnboundedReceiver<Op>,
+    work: Arc<dyn PartitionWork>,
+    store: Arc<dyn Store>,
+    leases: Arc<HeldLeases>,
+    leaving: Arc<std::sync::Mutex<BTreeSet<u32>>>,
+) {
+    while let Some(op) = queue.recv().await {
+        match op {
+            Op::Start(partitions) => {
+                // Some may have been lost or fenced meanwhile: only what is still held starts.
+                let held = leases.partitions();
+                let partitions: Vec<u32> = partitions.into_iter().filter(|p| held.contains(p)).collect();
+                if !partitions.is_empty() {
+                    work.start(&partitions).await;
+                }
+            }
+            Op::Give(tokens) => {
+                let partitions: Vec<u32> = tokens.iter().map(|(p, _)| *p).collect();
+                work.stop(&partitions).await;
+                for (partition, token) in tokens {
+                    let still_ours = {
+                        let mut held = leases.write();
+                        let ours = held.get(&partition).is_some_and(|l| l.token == token);
+                        if ours {
+                            held.remove(&partition);
+                        }
+                        ours
+                    };
+                    if still_ours {
+                        release(&*store, leases.worker_id(), partition, token).await;
+                    }
+                }
+                let mut leaving = leaving.lock().unwrap_or_else(|e| e.into_inner());
+                for partition in &partitions {
+                    leaving.remove(partition);
                 }
             }
         }

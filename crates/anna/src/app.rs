@@ -54,7 +54,11 @@ fn connect_options(config: &Config) -> ConnectOptions {
 }
 
 async fn open_sql_store(config: &Config) -> anyhow::Result<SqlStore> {
-    SqlStore::connect(config.database.url.expose_secret(), &connect_options(config))
+    open_sql_store_with(config, connect_options(config)).await
+}
+
+async fn open_sql_store_with(config: &Config, options: ConnectOptions) -> anyhow::Result<SqlStore> {
+    SqlStore::connect(config.database.url.expose_secret(), &options)
         .await
         .map_err(|e| anyhow::anyhow!("cannot open DATABASE_URL={}: {e}", config.database.redacted_url()))
 }
@@ -210,7 +214,11 @@ pub async fn start(
         start_consumers(config, backends, &shutdown, &mut supervisor);
     }
     if roles.sessions {
-        start_sessions_worker(config, backends, &shutdown, &mut supervisor);
+        // Lease renewals get connections of their own: a worker busy with its sessions must
+        // never miss a renewal waiting for the pool, or it would fence itself.
+        let options = ConnectOptions { max_connections: 2, ..connect_options(config) };
+        let leases_store: Arc<dyn Store> = Arc::new(open_sql_store_with(config, options).await?);
+        start_sessions_worker(config, backends, leases_store, &shutdown, &mut supervisor);
     }
     Ok(Running { addr, metrics_addr, state: api_state, supervisor })
 }
@@ -302,6 +310,7 @@ fn session_driver(config: &Config, store: Arc<dyn Store>) -> Arc<dyn SessionDriv
 fn start_sessions_worker(
     config: &Config,
     backends: &Backends,
+    leases_store: Arc<dyn Store>,
     shutdown: &CancellationToken,
     supervisor: &mut Supervisor,
 ) {
@@ -324,7 +333,7 @@ fn start_sessions_worker(
         settings.consumer.clone(),
         settings.sessions.clone(),
     ));
-    let fleet = Fleet::new(backends.store.clone(), partitions, leases, settings.fleet.clone());
+    let fleet = Fleet::new(leases_store.clone(), partitions, leases, settings.fleet.clone());
     let shutdown = shutdown.clone();
     supervisor.spawn("sessions worker", async move {
         tracing::info!(driver = worker.driver_name(), "sessions worker started");
@@ -337,6 +346,7 @@ fn start_sessions_worker(
         worker_token.cancel();
         worker.close_all().await;
         let _ = runner.await;
+        leases_store.close().await;
         tracing::info!("sessions worker stopped");
         Ok(())
     });

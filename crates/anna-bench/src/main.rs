@@ -4,6 +4,7 @@
 //! cargo run --release -p anna-bench -- auth
 //! cargo run --release -p anna-bench -- events
 //! cargo run --release -p anna-bench -- backlog
+//! cargo run --release -p anna-bench -- fleet
 //! ```
 //!
 //! The load generator runs in the same process as the server it measures (on a 2-core machine
@@ -12,6 +13,7 @@
 mod auth;
 mod backlog;
 mod events;
+mod fleet;
 mod process;
 mod sessions;
 mod stats;
@@ -43,6 +45,9 @@ enum Bench {
     /// WhatsApp sessions on the simulator: RSS per connected session, send throughput under
     /// wrk, send → WebSocket latency (needs the release `anna` binary next to this one).
     Sessions(sessions::SessionsArgs),
+    /// The sessions fleet under repeated SIGKILLs: failover time, reconnect times and
+    /// throughput, rejoin time (needs the release `anna` binary next to this one).
+    Fleet(fleet::FleetArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -57,6 +62,7 @@ fn main() -> anyhow::Result<()> {
             Bench::LoginMemory(args) => process::login_memory(args).await,
             Bench::UsersMe(args) => process::users_me(args).await,
             Bench::Sessions(args) => sessions::run(args).await,
+            Bench::Fleet(args) => fleet::run(args).await,
         }
     })
 }

@@ -64,6 +64,17 @@ impl Server {
 
     /// Starts `anna <command>` (`serve`, or `api` for the HTTP API alone).
     pub(crate) fn start_as(anna: Option<PathBuf>, subcommand: &str, vars: &[(&str, String)]) -> anyhow::Result<Self> {
+        Self::spawn(anna, &[subcommand], vars, true)
+    }
+
+    /// Starts `anna <args…>`; with `listens`, waits for the line saying where it listens.
+    pub(crate) fn spawn(
+        anna: Option<PathBuf>,
+        args: &[&str],
+        vars: &[(&str, String)],
+        listens: bool,
+    ) -> anyhow::Result<Self> {
+        let subcommand = args.join(" ");
         let binary = match anna {
             Some(path) => path,
             None => std::env::current_exe()?.with_file_name("anna"),
@@ -75,7 +86,7 @@ impl Server {
         );
         let mut command = Command::new(&binary);
         command
-            .arg(subcommand)
+            .args(args)
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("HOST", "127.0.0.1")
@@ -109,10 +120,24 @@ impl Server {
                 }
             });
         }
+        if !listens {
+            return Ok(Self { child, lines, base: String::new() });
+        }
         let addr = addr_rx
             .recv_timeout(Duration::from_secs(60))
             .map_err(|_| anyhow::anyhow!("anna {subcommand} did not say where it listens"))?;
         Ok(Self { child, lines, base: format!("http://{addr}") })
+    }
+
+    /// The stdout lines collected so far.
+    pub(crate) fn lines(&self) -> Vec<String> {
+        self.lines.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// SIGKILL, and wait for the process to be gone.
+    pub(crate) fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     pub(crate) fn rss_kib(&self) -> u64 {
@@ -120,7 +145,7 @@ impl Server {
     }
 
     /// The verification code the console mailbox printed for `email`.
-    async fn code_for(&self, email: &str) -> anyhow::Result<String> {
+    pub(crate) async fn code_for(&self, email: &str) -> anyhow::Result<String> {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             let found = self.lines.lock().unwrap_or_else(|e| e.into_inner()).iter().find_map(|line| {
@@ -142,27 +167,34 @@ impl Server {
         email: &str,
         password: &str,
     ) -> anyhow::Result<String> {
-        let registered: serde_json::Value = client
-            .post(format!("{}/users", self.base))
-            .json(&json!({"name": "Bench", "email": email, "password": password}))
-            .send()
-            .await?
-            .json()
-            .await?;
-        let id = registered["id"].as_str().ok_or_else(|| anyhow::anyhow!("registration failed: {registered}"))?;
-        let code = self.code_for(email).await?;
-        let verified: serde_json::Value = client
-            .post(format!("{}/users/{id}/verify", self.base))
-            .json(&json!({"code": code}))
-            .send()
-            .await?
-            .json()
-            .await?;
-        verified["accessToken"]
-            .as_str()
-            .map(str::to_owned)
-            .ok_or_else(|| anyhow::anyhow!("verification failed: {verified}"))
+        active_user(client, &self.base, self, email, password).await
     }
+}
+
+/// Registers a user through the API at `base` and verifies it with the code `mailer` (the
+/// process running the e-mail subscriber, console mailbox) printed; returns its access token.
+pub(crate) async fn active_user(
+    client: &reqwest::Client,
+    base: &str,
+    mailer: &Server,
+    email: &str,
+    password: &str,
+) -> anyhow::Result<String> {
+    let registered: serde_json::Value = client
+        .post(format!("{base}/users"))
+        .json(&json!({"name": "Bench", "email": email, "password": password}))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let id = registered["id"].as_str().ok_or_else(|| anyhow::anyhow!("registration failed: {registered}"))?;
+    let code = mailer.code_for(email).await?;
+    let verified: serde_json::Value =
+        client.post(format!("{base}/users/{id}/verify")).json(&json!({"code": code})).send().await?.json().await?;
+    verified["accessToken"]
+        .as_str()
+        .map(str::to_owned)
+        .ok_or_else(|| anyhow::anyhow!("verification failed: {verified}"))
 }
 
 impl Drop for Server {

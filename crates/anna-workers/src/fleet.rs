@@ -268,16 +268,24 @@ impl Fleet {
             }
             (lost, stray)
         };
-        if !lost.is_empty() {
-            metrics::counter!("sessions_leases_lost_total").increment(lost.len() as u64);
-            tracing::warn!(?lost, "sessions leases lost: their sessions stop here");
-            self.work.abandon(&lost).await;
-        }
-        for (partition, token) in stray {
-            self.release(partition, token).await;
-        }
-        if let Err(error) = self.rebalance(started, ops).await {
-            tracing::warn!(%error, "sessions partitions could not be balanced");
+        // The rest talks to the database too: like the renewal, it must not hold a lease in
+        // use past its fence deadline if the database stops answering.
+        let rest = async {
+            if !lost.is_empty() {
+                metrics::counter!("sessions_leases_lost_total").increment(lost.len() as u64);
+                tracing::warn!(?lost, "sessions leases lost: their sessions stop here");
+                self.work.abandon(&lost).await;
+            }
+            for (partition, token) in stray {
+                self.release(partition, token).await;
+            }
+            if let Err(error) = self.rebalance(started, ops).await {
+                tracing::warn!(%error, "sessions partitions could not be balanced");
+            }
+        };
+        tokio::select! {
+            () = rest => {}
+            () = sleep_until_opt(self.earliest_fence()) => self.fence_expired().await,
         }
         metrics::gauge!("sessions_partitions_held").set(self.leases.read().len() as f64);
     }

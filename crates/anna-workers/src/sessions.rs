@@ -271,6 +271,10 @@ impl SessionsWorker {
     /// at once must not reconnect in the same second (WhatsApp flags that).
     async fn resume_loop(self: Arc<Self>) {
         let Some(mut requests) = self.resume_requests.lock().await.take() else { return };
+        // One start every `resume_stagger`, however long each connect call takes (a ticker,
+        // not a sleep after each).
+        let mut ticks = tokio::time::interval(self.config.resume_stagger.max(Duration::from_millis(1)));
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let key = tokio::select! {
                 () = self.shutdown.cancelled() => break,
@@ -281,6 +285,10 @@ impl SessionsWorker {
             if !self.leases.holds(key.session_id) || self.live.lock().await.contains_key(&key.session_id) {
                 continue;
             }
+            tokio::select! {
+                () = self.shutdown.cancelled() => break,
+                _ = ticks.tick() => {}
+            }
             match self.connect(key).await {
                 Ok(()) => metrics::counter!("sessions_resumed_total").increment(1),
                 Err(error) if error.is_fenced() => continue,
@@ -288,10 +296,6 @@ impl SessionsWorker {
                     tracing::warn!(session_id = %key.session_id, %error, "Session could not be resumed");
                     self.schedule_reconnect(key, error.to_string()).await;
                 }
-            }
-            tokio::select! {
-                () = self.shutdown.cancelled() => break,
-                () = tokio::time::sleep(self.config.resume_stagger) => {}
             }
         }
     }

@@ -77,6 +77,7 @@ macro_rules! both_shapes {
 both_shapes!(
     relay_killed_between_append_and_mark,
     consumer_killed_mid_handler,
+    a_successor_takes_over_pending_entries_at_once,
     consumer_killed_between_commit_and_ack,
     external_effects_of_a_batch_recorded_before_the_ack,
     poison_event_is_dead_lettered_after_max_attempts,
@@ -731,6 +732,44 @@ async fn consumer_killed_mid_handler(shape: Shape) {
         let last = calls.last().copied().unwrap_or(0);
         assert!(last >= 2, "[{}] B applied {} without claiming it: deliveries {calls:?}", shape.label, event.event_id);
     }
+    assert_eq!(shape.pending().await.count, 0);
+    b.stop().await;
+    relay.stop().await;
+}
+
+/// A consumer that knows it is the stream's only one (a sessions worker that acquired the
+/// partition) takes over its dead predecessor's pending entries at once, not after the
+/// idle-claim threshold, and applies each once.
+async fn a_successor_takes_over_pending_entries_at_once(shape: Shape) {
+    const EVENT: &str = "test.fault.takeover";
+    const N: usize = 6;
+    let witness = Arc::new(Witness::new("takeover-witness", EVENT));
+    witness.hang.store(true, Ordering::SeqCst);
+    let events = shape.produce(EVENT, "agg-takeover", N).await;
+    let relay = shape.start_relay(shape.stream.clone(), shape.relay_config());
+    eventually("published", async || {
+        let len = shape.stream_len(&shape.stream_name).await?;
+        if len >= N as u64 { Ok(()) } else { Err(format!("stream length {len}")) }
+    })
+    .await;
+    let a = shape.start_consumer(shape.stream.clone(), shape.consumer_config("consumer-a"), &[&witness]);
+    eventually("consumer A holds every entry", async || {
+        let pending = shape.stream.pending(&shape.stream_name, &shape.group).await.map_err(|e| e.to_string())?;
+        let held = pending.consumers.get("consumer-a").copied().unwrap_or(0);
+        if held == N as u64 { Ok(()) } else { Err(format!("A holds {held}")) }
+    })
+    .await;
+    a.kill().await;
+    witness.hang.store(false, Ordering::SeqCst);
+    // An idle claim would wait an hour: only the takeover at start can get them.
+    let config = ConsumerConfig {
+        claim_idle: Duration::from_secs(3600),
+        claim_pending_at_start: true,
+        ..shape.consumer_config("consumer-b")
+    };
+    let b = shape.start_consumer(shape.stream.clone(), config, &[&witness]);
+    shape.wait_applied(&witness, &events).await;
+    shape.assert_exactly_once(&witness, &events).await;
     assert_eq!(shape.pending().await.count, 0);
     b.stop().await;
     relay.stop().await;

@@ -377,6 +377,19 @@ async fn a_killed_worker_is_replaced_and_a_new_one_gets_its_share() {
         assert_eq!(on, 1, "{id} is open on {on} workers");
     }
 
+    // The operator's view.
+    let pairs: Vec<(&str, &str)> = app.env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let status = anna(&["fleet", "status"], &pairs).output().unwrap_or_else(|e| panic!("fleet status: {e}"));
+    let printed = String::from_utf8_lossy(&status.stdout);
+    assert!(status.status.success(), "{printed}");
+    assert!(printed.contains("sessions workers: 3 live"), "{printed}");
+    for worker in ["w2", "w3", "w4"] {
+        let line = printed.lines().find(|l| l.starts_with(worker)).unwrap_or_else(|| panic!("{worker}: {printed}"));
+        let held: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(held.get(4).copied(), Some("8"), "{line}");
+    }
+    assert!(printed.contains("every partition is held"), "{printed}");
+
     // Graceful stops give every lease back.
     for (id, running) in workers.iter_mut().filter(|(id, _)| *id != "w1") {
         assert!(running.terminate().success(), "{id} did not stop cleanly");

@@ -16,7 +16,7 @@ use crate::helpers::*;
 
 const ROLES: Roles = Roles { api: true, outbox: true, events: true, sessions: false };
 const PARTITIONS: u32 = 24;
-const FAILOVER_MS: u64 = 6000;
+const FAILOVER_MS: u64 = 8000;
 const STAGGER_MS: u64 = 10;
 
 fn fleet_vars() -> Vec<(&'static str, String)> {

@@ -116,6 +116,11 @@ impl HeldLeases {
         partitions
     }
 
+    /// Holds `partition` under `token` until `fence_at` (the fleet's acquisitions; tests).
+    pub(crate) fn hold(&self, partition: u32, token: i64, fence_at: Instant) {
+        self.write().insert(partition, HeldLease { token, fence_at });
+    }
+
     fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<u32, HeldLease>> {
         self.held.read().unwrap_or_else(|e| e.into_inner())
     }
@@ -337,11 +342,8 @@ impl Fleet {
                 return Ok(());
             }
             let fence_at = started + self.config.fence_after();
-            {
-                let mut held = self.leases.write();
-                for lease in &acquired {
-                    held.insert(lease.partition, HeldLease { token: lease.token, fence_at });
-                }
+            for lease in &acquired {
+                self.leases.hold(lease.partition, lease.token, fence_at);
             }
             for lease in &acquired {
                 if let Some(previous) = &lease.previous_worker {

@@ -86,7 +86,31 @@ impl PartitionWork for SessionPartitions {
         }
         match self.worker.resume_partitions(partitions).await {
             Ok(queued) => tracing::info!(?partitions, queued, "sessions of acquired partitions queued for resuming"),
-            Err(error) => tracing::error!(?partitions, %error, "sessions of acquired partitions could not be resumed"),
+            Err(error) => {
+                // Tried again in the background (the next partition work must not wait), for
+                // as long as any of them is still held here.
+                tracing::warn!(?partitions, %error, "sessions of acquired partitions could not be listed; retrying");
+                let (worker, partitions) = (self.worker.clone(), partitions.to_vec());
+                tokio::spawn(async move {
+                    let mut delay = Duration::from_secs(1);
+                    loop {
+                        tokio::time::sleep(delay).await;
+                        let held: Vec<u32> =
+                            partitions.iter().copied().filter(|p| worker.holds_partition(*p)).collect();
+                        if held.is_empty() {
+                            return;
+                        }
+                        match worker.resume_partitions(&held).await {
+                            Ok(queued) => {
+                                tracing::info!(partitions = ?held, queued, "sessions of acquired partitions queued for resuming");
+                                return;
+                            }
+                            Err(error) => tracing::warn!(partitions = ?held, %error, "sessions still cannot be listed"),
+                        }
+                        delay = (delay * 2).min(Duration::from_secs(30));
+                    }
+                });
+            }
         }
     }
 

@@ -117,7 +117,7 @@ pub struct SessionsWorker {
 struct Recorded {
     event: DomainEvent,
     settles: Option<Uuid>,
-    done: oneshot::Sender<Result<(), String>>,
+    done: oneshot::Sender<Result<(), Arc<SessionError>>>,
 }
 
 /// A connection to open again; `after` is why the last attempt failed, if one did.
@@ -134,6 +134,8 @@ pub enum WorkerError {
     Driver(#[from] DriverError),
     #[error("recording events failed: {0}")]
     Batch(String),
+    #[error("recording events failed: {0}")]
+    Recording(Arc<SessionError>),
     #[error("the session {0} belongs to a partition this worker does not hold")]
     NotHeld(Uuid),
 }
@@ -146,7 +148,10 @@ impl WorkerError {
             Self::NotHeld(_)
                 | Self::Session(SessionError::Failed(anna_usecases::Failure::Store(anna_store::StoreError::Fenced(_))))
                 | Self::Driver(DriverError::Store(anna_store::StoreError::Fenced(_)))
-        )
+        ) || matches!(self, Self::Recording(error) if matches!(
+            &**error,
+            SessionError::Failed(anna_usecases::Failure::Store(anna_store::StoreError::Fenced(_)))
+        ))
     }
 }
 
@@ -165,18 +170,34 @@ async fn commit_batches(sessions: Arc<Sessions>, mut queue: mpsc::Receiver<Recor
     while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
         let mut events = Vec::with_capacity(batch.len());
         let mut settled = Vec::new();
+        let mut settled_by_item = Vec::with_capacity(batch.len());
         let mut waiting = Vec::with_capacity(batch.len());
         for recorded in batch.drain(..) {
             events.push(recorded.event);
             settled.extend(recorded.settles);
+            settled_by_item.push(recorded.settles);
             waiting.push(recorded.done);
         }
-        let result = sessions.append_events(&events, SUBSCRIBER, &settled).await.map_err(|e| e.to_string());
+        let result = sessions.append_events(&events, SUBSCRIBER, &settled).await.map_err(Arc::new);
         metrics::histogram!("session_event_batch_size").record(events.len() as f64);
+        if result.is_err() && events.len() > 1 {
+            // One session's failure (its partition just given up: a fenced write) must not
+            // fail the others: each is committed on its own instead.
+            for ((event, done), settles) in events.into_iter().zip(waiting).zip(settles_of(&settled_by_item)) {
+                let result = sessions.append_events(&[event], SUBSCRIBER, &settles).await.map_err(Arc::new);
+                let _ = done.send(result);
+            }
+            continue;
+        }
         for done in waiting {
             let _ = done.send(result.clone());
         }
     }
+}
+
+/// The settled command of each item, as a list of zero or one.
+fn settles_of(settled_by_item: &[Option<Uuid>]) -> impl Iterator<Item = Vec<Uuid>> + '_ {
+    settled_by_item.iter().map(|settles| settles.iter().copied().collect())
 }
 
 /// The name the command subscriber records applied commands under.
@@ -237,7 +258,7 @@ impl SessionsWorker {
         committed
             .await
             .map_err(|_| WorkerError::Batch("the batch committer stopped".into()))?
-            .map_err(WorkerError::Batch)
+            .map_err(WorkerError::Recording)
     }
 
     /// Opens the connections asked for by reconnect policies, and the sessions to resume one
@@ -298,6 +319,11 @@ impl SessionsWorker {
                 }
             }
         }
+    }
+
+    /// Whether this worker holds `partition` now.
+    pub fn holds_partition(&self, partition: u32) -> bool {
+        self.leases.partitions().contains(&partition)
     }
 
     /// Queues the sessions of `partitions` that were connected (or reconnecting) for resuming,
@@ -718,8 +744,21 @@ impl SessionsWorker {
             Err(reason) => reference(key).message_failed(command.event_id, to, &reason, now),
         };
         // The command is recorded as applied with its outcome: a redelivery (this worker died
-        // before the ack, or lost the partition) finds it settled and sends nothing twice.
-        self.record_settling(event, Some(command.event_id)).await.map_err(HandlerError::new)
+        // before the ack, or lost the partition) finds it settled and sends nothing twice. The
+        // message may be out already, so the record is retried here a few times rather than
+        // the whole command by the consumer (which would send it again).
+        let mut attempt = 0u32;
+        loop {
+            match self.record_settling(event.clone(), Some(command.event_id)).await {
+                Ok(()) => return Ok(()),
+                Err(error) if attempt < 5 && !error.is_fenced() && !self.shutdown.is_cancelled() => {
+                    attempt += 1;
+                    tracing::warn!(session_id = %key.session_id, %error, attempt, "Recording a send's outcome failed");
+                    tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
+                }
+                Err(error) => return Err(HandlerError::new(error)),
+            }
+        }
     }
 }
 
@@ -772,4 +811,57 @@ fn phone_suffix(phone: &str) -> String {
     let digits: Vec<char> = user.chars().collect();
     let tail: String = digits[digits.len().saturating_sub(3)..].iter().collect();
     format!("…{tail}")
+}
+
+#[cfg(test)]
+mod tests {
+    use anna_domain::Session;
+    use anna_store::{ConnectOptions, SqlStore, Store};
+    use anna_usecases::SessionsConfig;
+
+    use super::*;
+
+    fn partition_of(partitions: u32, id: Uuid) -> u32 {
+        anna_usecases::sessions::partition_of(partitions, id)
+    }
+
+    /// Two sessions in different partitions; this worker holds only the first one's.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_fenced_event_does_not_fail_the_other_events_of_its_batch() -> Result<(), Box<dyn std::error::Error>> {
+        let sql = SqlStore::connect(&anna_testkit::sqlite::fresh_database_url(), &ConnectOptions::default()).await?;
+        sql.migrate().await?;
+        let pool = sql.sqlite_pool().ok_or("not SQLite")?;
+        let store: Arc<dyn Store> = Arc::new(sql);
+        let config = SessionsConfig { partitions: 2, ..SessionsConfig::default() };
+        let tenant = Uuid::new_v4();
+        let (mut held_id, mut other_id) = (Uuid::new_v4(), Uuid::new_v4());
+        while partition_of(2, held_id) == partition_of(2, other_id) {
+            (held_id, other_id) = (Uuid::new_v4(), Uuid::new_v4());
+        }
+        let mut uow = store.begin().await?;
+        for id in [held_id, other_id] {
+            uow.insert_session(&Session::create(id, tenant, OffsetDateTime::now_utc()).0).await?;
+        }
+        uow.commit().await?;
+        store.ensure_partitions(2).await?;
+        let acquired = store.acquire_leases("w1", 2, 2, 60_000).await?;
+        let leases = HeldLeases::new("w1", 2, partition_of);
+        let held = acquired.iter().find(|a| a.partition == partition_of(2, held_id)).ok_or("no lease")?;
+        leases.hold(held.partition, held.token, tokio::time::Instant::now() + Duration::from_secs(60));
+
+        let fenced = store.fenced(leases.clone());
+        let stream: Arc<dyn anna_streams::Stream> = Arc::new(anna_streams::EmbeddedStream::new(pool));
+        let sessions = Arc::new(Sessions::new(fenced.clone(), stream, config));
+        let driver = Arc::new(anna_whatsapp::simulator::Simulator::new(fenced, Default::default()));
+        let worker = SessionsWorker::new(sessions, leases, driver, Default::default(), CancellationToken::new());
+        let now = OffsetDateTime::now_utc();
+        let event = |id| SessionRef { id, tenant_id: tenant }.message_status("m1", "c@s.whatsapp.net", "read", now);
+        let (held, other) = tokio::join!(worker.record(event(held_id)), worker.record(event(other_id)));
+        assert!(held.is_ok(), "{held:?}");
+        assert!(other.as_ref().is_err_and(WorkerError::is_fenced), "{other:?}");
+        let recorded = store.outbox_events_for_aggregate(&held_id.to_string()).await?;
+        assert!(recorded.iter().any(|r| r.event.event_name == "session.message.status"));
+        assert!(store.outbox_events_for_aggregate(&other_id.to_string()).await?.is_empty());
+        Ok(())
+    }
 }

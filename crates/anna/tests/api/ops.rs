@@ -47,6 +47,17 @@ async fn metrics_by_route_template(backend: Backend) {
     assert!(text.contains("route=\"/users/{id}/verify\""), "route templates, not raw paths");
     assert!(text.contains("route=\"/users/me\""));
     assert!(text.contains("http_request_duration_seconds_bucket{"));
+    // The sessions worker of this process reports the partitions it holds (every one: it is
+    // alone in its fleet).
+    let mut text = text;
+    for _ in 0..100 {
+        if text.contains("sessions_partitions_held") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        text = app.get("/metrics").send().await.text;
+    }
+    assert!(text.contains("sessions_partitions_held"), "{text}");
     app.stop().await;
 }
 

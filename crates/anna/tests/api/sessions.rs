@@ -76,6 +76,10 @@ async fn predecessor_client_flow(backend: Backend) {
 
     let shown = session_status(&app, &token, &id, "pending_qr").await;
     assert_eq!(shown["qr"], qr["payload"]["qr"]);
+    // The one sessions worker of this process holds every partition, this session's too.
+    assert!(shown["partition"].is_u64(), "{shown}");
+    assert!(shown["worker"]["id"].as_str().is_some_and(|w| !w.is_empty()), "{shown}");
+    assert!(shown["worker"]["leaseToken"].as_i64().is_some_and(|t| t >= 1), "{shown}");
     let json_qr = app.get(&format!("/sessions/{id}/qr")).bearer(&token).send().await;
     assert_eq!(json_qr.body["qr"], qr["payload"]["qr"]);
     let svg = app

@@ -99,6 +99,11 @@ impl HeldLeases {
         &self.worker_id
     }
 
+    /// `SESSIONS_PARTITIONS`.
+    pub fn partition_count(&self) -> u32 {
+        self.partitions
+    }
+
     pub fn partition_of(&self, session_id: Uuid) -> u32 {
         (self.partition_of)(self.partitions, session_id)
     }

@@ -97,6 +97,12 @@ pub struct SessionsWorker {
     driver: Arc<dyn SessionDriver>,
     config: SessionsWorkerConfig,
     live: Mutex<HashMap<Uuid, Live>>,
+    /// Serialises opening connections (and the commands that close one), so a session never
+    /// gets two; the map above is locked only briefly, never across the driver's I/O, so that
+    /// commands, pumps and above all self-fencing never wait for a connect.
+    connect_lock: Mutex<()>,
+    /// Partitions whose connections are being closed: no connection of theirs may open.
+    closing: std::sync::Mutex<std::collections::HashSet<u32>>,
     /// Failed reconnects in a row per session.
     reconnects: Mutex<HashMap<Uuid, u32>>,
     generations: AtomicU64,
@@ -227,6 +233,8 @@ impl SessionsWorker {
             driver,
             config,
             live: Mutex::new(HashMap::new()),
+            connect_lock: Mutex::new(()),
+            closing: std::sync::Mutex::default(),
             reconnects: Mutex::new(HashMap::new()),
             generations: AtomicU64::new(0),
             tasks: TaskTracker::new(),
@@ -329,6 +337,12 @@ impl SessionsWorker {
     /// Queues the sessions of `partitions` that were connected (or reconnecting) for resuming,
     /// and marks their interrupted pairings. Returns how many were queued.
     pub async fn resume_partitions(self: &Arc<Self>, partitions: &[u32]) -> Result<usize, WorkerError> {
+        {
+            let mut closing = self.closing_partitions();
+            for partition in partitions {
+                closing.remove(partition);
+            }
+        }
         let mut queued = 0;
         for session in self.sessions.sessions_to_resume().await? {
             if !partitions.contains(&self.leases.partition_of(session.id)) {
@@ -357,6 +371,13 @@ impl SessionsWorker {
     /// Closes the connections of `partitions` (every one when `None`), leaving their
     /// sessions' status for the next owner to resume.
     pub async fn close_partitions(&self, partitions: Option<&[u32]>) {
+        {
+            let mut closing = self.closing_partitions();
+            match partitions {
+                Some(partitions) => closing.extend(partitions.iter().copied()),
+                None => closing.extend(0..self.leases.partition_count()),
+            }
+        }
         let closing: Vec<(Uuid, Live)> = {
             let mut live = self.live.lock().await;
             let ids: Vec<Uuid> = live
@@ -392,17 +413,33 @@ impl SessionsWorker {
         metrics::gauge!("sessions_live").set(0.0);
     }
 
+    fn closing_partitions(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<u32>> {
+        self.closing.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether a connection of `session_id` may open here now.
+    fn may_open(&self, session_id: Uuid) -> bool {
+        self.leases.holds(session_id) && !self.closing_partitions().contains(&self.leases.partition_of(session_id))
+    }
+
     /// Opens a connection unless one is live, if this worker holds the session.
     async fn connect(self: &Arc<Self>, key: SessionKey) -> Result<(), WorkerError> {
-        let mut live = self.live.lock().await;
-        if live.contains_key(&key.session_id) {
+        let _one_at_a_time = self.connect_lock.lock().await;
+        if self.live.lock().await.contains_key(&key.session_id) {
             return Ok(());
         }
-        if !self.leases.holds(key.session_id) {
+        if !self.may_open(key.session_id) {
             return Err(WorkerError::NotHeld(key.session_id));
         }
         let (events, receiver) = mpsc::channel(self.config.event_buffer);
         let connection = self.driver.connect(key, events).await?;
+        let mut live = self.live.lock().await;
+        // The partition may have been given up while the driver read the device keys.
+        if !self.may_open(key.session_id) {
+            drop(live);
+            connection.stop().await;
+            return Err(WorkerError::NotHeld(key.session_id));
+        }
         let generation = self.generations.fetch_add(1, Ordering::Relaxed);
         let (connected, _) = watch::channel(false);
         live.insert(key.session_id, Live { connection, tenant_id: key.tenant_id, generation, connected });
@@ -633,6 +670,7 @@ impl SessionsWorker {
             }
             COMMAND_STOP => {
                 let reason = payload["reason"].as_str().unwrap_or("stopped");
+                let _no_connect_meanwhile = self.connect_lock.lock().await;
                 if let Some(live) = self.live.lock().await.remove(&id) {
                     live.connection.stop().await;
                     self.log_connection(id, "closed");
@@ -661,6 +699,7 @@ impl SessionsWorker {
                 }
             }
             COMMAND_LOGOUT => {
+                let _no_connect_meanwhile = self.connect_lock.lock().await;
                 if let Some(live) = self.live.lock().await.remove(&id) {
                     self.log_connection(id, "closed");
                     if let Err(error) = live.connection.logout().await {
@@ -671,6 +710,7 @@ impl SessionsWorker {
                 self.sessions.record_logged_out(id, "logged out by the tenant").await.map_err(HandlerError::new)?;
             }
             COMMAND_DELETE => {
+                let _no_connect_meanwhile = self.connect_lock.lock().await;
                 if let Some(live) = self.live.lock().await.remove(&id) {
                     self.log_connection(id, "closed");
                     if let Err(error) = live.connection.logout().await {

@@ -10,7 +10,6 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anna_store::{ConnectOptions, Store};
-use futures::StreamExt;
 use serde_json::Value;
 
 use crate::process::{Server, active_user};
@@ -129,25 +128,7 @@ pub async fn run(args: FleetArgs) -> anyhow::Result<()> {
     let token = active_user(&client, &api.base, &events, &email, "correct horse battery").await?;
     let bearer = format!("Bearer {token}");
     let started = Instant::now();
-    let ids: Vec<String> = futures::stream::iter(0..args.sessions)
-        .map(|_| {
-            let (client, base, bearer) = (client.clone(), api.base.clone(), bearer.clone());
-            async move {
-                let reply: Value = client
-                    .post(format!("{base}/sessions"))
-                    .header("authorization", bearer)
-                    .send()
-                    .await?
-                    .json()
-                    .await?;
-                reply["sessionId"].as_str().map(str::to_owned).ok_or_else(|| anyhow::anyhow!("start: {reply}"))
-            }
-        })
-        .buffer_unordered(16)
-        .collect::<Vec<anyhow::Result<String>>>()
-        .await
-        .into_iter()
-        .collect::<anyhow::Result<_>>()?;
+    let ids = crate::sessions::create_sessions(&client, &api.base, &bearer, args.sessions).await?;
     let statuses = async || -> anyhow::Result<HashMap<String, Value>> {
         let list: Value =
             client.get(format!("{}/sessions", api.base)).header("authorization", &bearer).send().await?.json().await?;

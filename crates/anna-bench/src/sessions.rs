@@ -78,25 +78,7 @@ pub async fn run(args: SessionsArgs) -> anyhow::Result<()> {
 
     // Create and connect the sessions, 16 requests at a time.
     let started = Instant::now();
-    let ids: Vec<String> = futures::stream::iter(0..args.sessions)
-        .map(|_| {
-            let (client, base, bearer) = (client.clone(), base.clone(), bearer.clone());
-            async move {
-                let reply: Value = client
-                    .post(format!("{base}/sessions"))
-                    .header("authorization", bearer)
-                    .send()
-                    .await?
-                    .json()
-                    .await?;
-                reply["sessionId"].as_str().map(str::to_owned).ok_or_else(|| anyhow::anyhow!("start: {reply}"))
-            }
-        })
-        .buffer_unordered(16)
-        .collect::<Vec<anyhow::Result<String>>>()
-        .await
-        .into_iter()
-        .collect::<anyhow::Result<_>>()?;
+    let ids = create_sessions(&client, &base, &bearer, args.sessions).await?;
     wait_for(&client, &base, &bearer, args.sessions, |s| s["qr"].is_string()).await?;
     futures::stream::iter(ids.iter())
         .map(|id| {
@@ -162,6 +144,26 @@ pub async fn run(args: SessionsArgs) -> anyhow::Result<()> {
         Err(error) => println!("| wrk send load, API alone | not run: {error} |"),
     }
     Ok(())
+}
+
+/// Creates `count` sessions through the API at `base`, 16 requests at a time; returns their ids.
+pub(crate) async fn create_sessions(
+    client: &reqwest::Client,
+    base: &str,
+    bearer: &str,
+    count: usize,
+) -> anyhow::Result<Vec<String>> {
+    futures::stream::iter(0..count)
+        .map(|_| async move {
+            let reply: Value =
+                client.post(format!("{base}/sessions")).header("authorization", bearer).send().await?.json().await?;
+            reply["sessionId"].as_str().map(str::to_owned).ok_or_else(|| anyhow::anyhow!("start: {reply}"))
+        })
+        .buffer_unordered(16)
+        .collect::<Vec<anyhow::Result<String>>>()
+        .await
+        .into_iter()
+        .collect()
 }
 
 fn ms(d: Duration) -> f64 {

@@ -300,6 +300,37 @@ impl Shape {
     }
 
     /// Waits until `witness` applied every event and the group has nothing left to do.
+    /// Produces `n` events of `aggregate`, publishes them, lets a consumer "consumer-a" take
+    /// every one and hang in `witness`'s handler, then kills it (its handlers' transactions
+    /// roll back) and lets the witness answer again. Returns the events and the relay.
+    async fn killed_holding_every_entry(
+        &self,
+        witness: &Arc<Witness>,
+        event_name: &str,
+        aggregate: &str,
+        n: usize,
+    ) -> (Vec<DomainEvent>, Worker) {
+        witness.hang.store(true, Ordering::SeqCst);
+        let events = self.produce(event_name, aggregate, n).await;
+        let relay = self.start_relay(self.stream.clone(), self.relay_config());
+        eventually("published", async || {
+            let len = self.stream_len(&self.stream_name).await?;
+            if len >= n as u64 { Ok(()) } else { Err(format!("stream length {len}")) }
+        })
+        .await;
+        let a = self.start_consumer(self.stream.clone(), self.consumer_config("consumer-a"), &[witness]);
+        eventually("consumer A holds every entry and hangs in a handler", async || {
+            let pending = self.stream.pending(&self.stream_name, &self.group).await.map_err(|e| e.to_string())?;
+            let held = pending.consumers.get("consumer-a").copied().unwrap_or(0);
+            let hanging = witness.hanging.load(Ordering::SeqCst);
+            if held == n as u64 && hanging >= 1 { Ok(()) } else { Err(format!("A holds {held}, {hanging} hanging")) }
+        })
+        .await;
+        a.kill().await;
+        witness.hang.store(false, Ordering::SeqCst);
+        (events, relay)
+    }
+
     async fn wait_applied(&self, witness: &Witness, events: &[DomainEvent]) {
         eventually(&format!("[{}] {} applies {} events", self.label, witness.name, events.len()), async || {
             let missing = self.not_applied(witness, events).await;
@@ -701,25 +732,7 @@ async fn consumer_killed_mid_handler(shape: Shape) {
     // Fewer than the store's 10 connections: each hanging handler holds one.
     const N: usize = 6;
     let witness = Arc::new(Witness::new("fault-2-witness", EVENT));
-    witness.hang.store(true, Ordering::SeqCst);
-    let events = shape.produce(EVENT, "agg-2", N).await;
-    let relay = shape.start_relay(shape.stream.clone(), shape.relay_config());
-    eventually("published", async || {
-        let len = shape.stream_len(&shape.stream_name).await?;
-        if len >= N as u64 { Ok(()) } else { Err(format!("stream length {len}")) }
-    })
-    .await;
-
-    let a = shape.start_consumer(shape.stream.clone(), shape.consumer_config("consumer-a"), &[&witness]);
-    eventually("consumer A holds every entry and hangs in a handler", async || {
-        let pending = shape.stream.pending(&shape.stream_name, &shape.group).await.map_err(|e| e.to_string())?;
-        let held = pending.consumers.get("consumer-a").copied().unwrap_or(0);
-        let hanging = witness.hanging.load(Ordering::SeqCst);
-        if held == N as u64 && hanging >= 1 { Ok(()) } else { Err(format!("A holds {held}, {hanging} hanging")) }
-    })
-    .await;
-    a.kill().await;
-    witness.hang.store(false, Ordering::SeqCst);
+    let (events, relay) = shape.killed_holding_every_entry(&witness, EVENT, "agg-2", N).await;
     // The killed handlers' transactions rolled back: nothing applied, nothing counted.
     assert_eq!(shape.not_applied(&witness, &events).await.len(), N, "[{}] applied by the dead consumer", shape.label);
     assert_eq!(shape.stat(EVENT).await, 0, "[{}] counted by the dead consumer", shape.label);
@@ -744,23 +757,7 @@ async fn a_successor_takes_over_pending_entries_at_once(shape: Shape) {
     const EVENT: &str = "test.fault.takeover";
     const N: usize = 6;
     let witness = Arc::new(Witness::new("takeover-witness", EVENT));
-    witness.hang.store(true, Ordering::SeqCst);
-    let events = shape.produce(EVENT, "agg-takeover", N).await;
-    let relay = shape.start_relay(shape.stream.clone(), shape.relay_config());
-    eventually("published", async || {
-        let len = shape.stream_len(&shape.stream_name).await?;
-        if len >= N as u64 { Ok(()) } else { Err(format!("stream length {len}")) }
-    })
-    .await;
-    let a = shape.start_consumer(shape.stream.clone(), shape.consumer_config("consumer-a"), &[&witness]);
-    eventually("consumer A holds every entry", async || {
-        let pending = shape.stream.pending(&shape.stream_name, &shape.group).await.map_err(|e| e.to_string())?;
-        let held = pending.consumers.get("consumer-a").copied().unwrap_or(0);
-        if held == N as u64 { Ok(()) } else { Err(format!("A holds {held}")) }
-    })
-    .await;
-    a.kill().await;
-    witness.hang.store(false, Ordering::SeqCst);
+    let (events, relay) = shape.killed_holding_every_entry(&witness, EVENT, "agg-takeover", N).await;
     // An idle claim would wait an hour: only the takeover at start can get them.
     let config = ConsumerConfig {
         claim_idle: Duration::from_secs(3600),

@@ -92,6 +92,15 @@ impl Running {
     }
 }
 
+/// A test that fails (panics) must not leave its processes running: they would keep working
+/// against the test's database and streams long after it.
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 #[test]
 fn help_for_every_command() {
     for args in [

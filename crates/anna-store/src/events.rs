@@ -723,11 +723,12 @@ impl EventWrites for SqlUnitOfWork {
         }
         if self.fences.is_some() {
             // A session's events are its state too: a stale owner must not add to them.
-            for event in events.iter().filter(|e| e.event_name.starts_with("session.")) {
-                if let Ok(session_id) = Uuid::parse_str(&event.aggregate_id) {
-                    self.check_fence(session_id).await?;
-                }
-            }
+            let sessions: Vec<Uuid> = events
+                .iter()
+                .filter(|e| e.event_name.starts_with("session."))
+                .filter_map(|e| Uuid::parse_str(&e.aggregate_id).ok())
+                .collect();
+            self.check_fences(&sessions).await?;
         }
         match &self.tx {
             crate::sql::Tx::Sqlite(_) => append_events_sqlite(self, events).await?,

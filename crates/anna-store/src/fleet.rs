@@ -404,31 +404,37 @@ impl FleetStore for SqlStore {
     }
 }
 
-/// Checks, inside `tx`, that `fence` is still the current, unexpired lease of its partition
-/// (Postgres: and keeps it so until `tx` ends, by a share lock of the lease row).
-pub(crate) async fn hold_fence(tx: &mut Tx, fence: &Fence) -> Result<(), StoreError> {
-    let held = tx
+/// Checks, inside `tx`, that every one of `fences` (one worker's) is still the current,
+/// unexpired lease of its partition — in one statement, however many partitions a batch of
+/// writes touches (Postgres: and keeps them so until `tx` ends, by share locks of their rows).
+pub(crate) async fn hold_fences(tx: &mut Tx, fences: &[Fence]) -> Result<(), StoreError> {
+    let Some(first) = fences.first() else { return Ok(()) };
+    let partitions: Vec<String> = fences.iter().map(|f| f.partition.to_string()).collect();
+    let rows = tx
         .query(Sql::PerBackend {
             sqlite: concat!(
-                "SELECT 1 AS held FROM session_partition_leases WHERE partition = $1 AND worker_id = $2 \
-                 AND token = $3 AND expires_at_ms > ",
+                "SELECT partition, token FROM session_partition_leases WHERE worker_id = $1 \
+                 AND CAST(partition AS TEXT) IN (SELECT value FROM json_each($2)) AND expires_at_ms > ",
                 now_ms!(sqlite)
             ),
             postgres: concat!(
-                "SELECT 1 AS held FROM session_partition_leases WHERE partition = $1 AND worker_id = $2 \
-                 AND token = $3 AND expires_at_ms > ",
+                "SELECT partition, token FROM session_partition_leases WHERE worker_id = $1 \
+                 AND partition::text = ANY($2) AND expires_at_ms > ",
                 now_ms!(postgres),
                 " FOR SHARE"
             ),
         })
-        .bind(to_i32(fence.partition, "partition")?)
-        .bind(&*fence.worker_id)
-        .bind(fence.token)
-        .fetch_optional()
+        .bind(&*first.worker_id)
+        .bind_text_set(&partitions)
+        .fetch_all()
         .await?;
-    match held {
-        Some(_) => Ok(()),
-        None => Err(StoreError::Fenced(format!(
+    let mut held = Vec::with_capacity(rows.len());
+    for row in &rows {
+        held.push((partition_of_row(row)?, row.get::<i64>("token")?));
+    }
+    match fences.iter().find(|f| !held.contains(&(f.partition, f.token))) {
+        None => Ok(()),
+        Some(fence) => Err(StoreError::Fenced(format!(
             "partition {} is no longer held by worker {} under token {}",
             fence.partition, fence.worker_id, fence.token
         ))),

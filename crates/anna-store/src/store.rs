@@ -160,7 +160,7 @@ impl SqlStore {
     /// Checks the fence of `session_id` inside `tx`, when this store is fenced.
     pub(crate) async fn check_fence(&self, tx: &mut Tx, session_id: Uuid) -> Result<(), StoreError> {
         match &self.fences {
-            Some(fences) => crate::fleet::hold_fence(tx, &fences.fence_of(session_id)?).await,
+            Some(fences) => crate::fleet::hold_fences(tx, &[fences.fence_of(session_id)?]).await,
             None => Ok(()),
         }
     }
@@ -184,13 +184,21 @@ impl SqlUnitOfWork {
     /// Checks, once per partition and transaction, that this worker still holds the lease of
     /// `session_id`'s partition, when the store is fenced.
     pub(crate) async fn check_fence(&mut self, session_id: Uuid) -> Result<(), StoreError> {
+        self.check_fences(&[session_id]).await
+    }
+
+    /// [`Self::check_fence`] for several sessions, their partitions checked in one statement.
+    pub(crate) async fn check_fences(&mut self, session_ids: &[Uuid]) -> Result<(), StoreError> {
         let Some(fences) = &self.fences else { return Ok(()) };
-        let fence = fences.fence_of(session_id)?;
-        if self.fenced.contains(&fence.partition) {
-            return Ok(());
+        let mut wanted: Vec<crate::fleet::Fence> = Vec::new();
+        for id in session_ids {
+            let fence = fences.fence_of(*id)?;
+            if !self.fenced.contains(&fence.partition) && !wanted.iter().any(|f| f.partition == fence.partition) {
+                wanted.push(fence);
+            }
         }
-        crate::fleet::hold_fence(&mut self.tx, &fence).await?;
-        self.fenced.push(fence.partition);
+        crate::fleet::hold_fences(&mut self.tx, &wanted).await?;
+        self.fenced.extend(wanted.iter().map(|f| f.partition));
         Ok(())
     }
 }

@@ -10,6 +10,7 @@ use anna_domain::user::VerifyError;
 use anna_store::StoreError;
 use anna_usecases::{
     CurrentUserError, Failure, LoginError, PasswordResetError, RefreshError, RegisterError, VerifyEmailError,
+    WebhookError,
 };
 
 /// The error body of every route: a human message (predecessor-compatible) and a stable code.
@@ -173,3 +174,18 @@ impl From<PasswordResetError> for ApiError {
 }
 
 pub type ApiResult<T> = Result<T, ApiError>;
+
+impl From<WebhookError> for ApiError {
+    fn from(error: WebhookError) -> Self {
+        let message = error.to_string();
+        match error {
+            WebhookError::NotFound(_) => Self::not_found("webhook_not_found", message),
+            WebhookError::DeliveryNotFound(_) => Self::not_found("delivery_not_found", message),
+            WebhookError::Invalid(_) => Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_webhook", message),
+            WebhookError::TooMany(_) => Self::conflict("too_many_webhooks", message),
+            WebhookError::NotFinished(..) => Self::conflict("delivery_not_finished", message),
+            WebhookError::Secret(_) => Self::internal(message),
+            WebhookError::Failed(failure) => failure.into(),
+        }
+    }
+}

@@ -50,6 +50,23 @@ pub async fn once<Fut>(
 where
     Fut: std::future::Future<Output = Result<Answer, ApiError>>,
 {
+    once_redacted(state, scope, key, fingerprint, work, |_| {}).await
+}
+
+/// [`once`] for an answer that carries a secret shown only once (a webhook's signing secret):
+/// `redact` removes it from the stored copy, so a repeat gets the answer without it and the
+/// database never holds it in clear.
+pub async fn once_redacted<Fut>(
+    state: &AppState,
+    scope: &str,
+    key: Option<String>,
+    fingerprint: &str,
+    work: impl FnOnce() -> Fut,
+    redact: impl FnOnce(&mut serde_json::Value),
+) -> Response
+where
+    Fut: std::future::Future<Output = Result<Answer, ApiError>>,
+{
     let Some(key) = key else {
         return match work().await {
             Ok((status, body)) => (status, Json(body)).into_response(),
@@ -84,10 +101,11 @@ where
         }
         IdempotencyClaim::Claimed => {
             let outcome = work().await;
-            let (status, body) = match &outcome {
+            let (status, mut body) = match &outcome {
                 Ok(answer) => answer.clone(),
                 Err(error) => error_answer(error),
             };
+            redact(&mut body);
             let stored = if status.is_server_error() {
                 state.store.release_idempotency_key(scope, &key).await
             } else {

@@ -14,6 +14,7 @@ pub mod sessions;
 pub mod state;
 pub mod telemetry;
 pub mod users;
+pub mod webhooks;
 
 use std::time::Duration;
 
@@ -44,6 +45,7 @@ pub use state::AppState;
         (name = "users", description = "Registration, verification, current user"),
         (name = "auth", description = "Login, refresh tokens, logout, password reset"),
         (name = "sessions", description = "WhatsApp sessions: start, pair, send, stop, log out, delete"),
+        (name = "webhooks", description = "Webhook endpoints, signed deliveries, delivery logs and replays"),
         (name = "realtime", description = "Tickets for the session-event WebSocket /ws/sessions"),
         (name = "operations", description = "Health and readiness"),
     )
@@ -74,6 +76,7 @@ fn api_routes() -> OpenApiRouter<AppState> {
         .merge(users::router())
         .merge(auth::router())
         .merge(sessions::router())
+        .merge(webhooks::router())
         .merge(realtime::router())
         .merge(health::router())
 }

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use anna_store::Store;
 use anna_streams::Stream;
-use anna_usecases::{Accounts, Sessions};
+use anna_usecases::{Accounts, Sessions, Webhooks};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -24,6 +24,8 @@ pub struct Inner {
     pub accounts: Arc<Accounts>,
     /// WhatsApp sessions.
     pub sessions: Arc<Sessions>,
+    /// Webhook endpoints and their delivery logs.
+    pub webhooks: Arc<Webhooks>,
     /// The session-event feed of the WebSockets.
     pub realtime: Arc<Realtime>,
     pub config: ApiConfig,
@@ -42,23 +44,31 @@ impl std::ops::Deref for AppState {
     }
 }
 
+/// The use-cases the routes call.
+pub struct UseCases {
+    pub accounts: Arc<Accounts>,
+    pub sessions: Arc<Sessions>,
+    pub webhooks: Arc<Webhooks>,
+}
+
 impl AppState {
     pub fn new(
         store: Arc<dyn Store>,
         stream: Arc<dyn Stream>,
-        accounts: Arc<Accounts>,
-        sessions: Arc<Sessions>,
+        usecases: UseCases,
         config: ApiConfig,
         metrics: Option<PrometheusHandle>,
         shutdown: CancellationToken,
     ) -> Self {
         let limiters = RateLimiters::new(config.rate_limit);
         let realtime = Arc::new(Realtime::new(config.realtime.clone()));
+        let UseCases { accounts, sessions, webhooks } = usecases;
         Self(Arc::new(Inner {
             store,
             stream,
             accounts,
             sessions,
+            webhooks,
             realtime,
             config,
             limiters,

@@ -6,10 +6,12 @@
 
 pub mod auth;
 pub mod events;
+pub mod net;
 pub mod password;
 pub mod secrets;
 pub mod session;
 pub mod user;
+pub mod webhook;
 
 pub use auth::RefreshToken;
 pub use events::DomainEvent;

@@ -142,9 +142,15 @@ impl Sealer {
     /// Derives the key from a server secret (with its own label, so it differs from every
     /// other key derived from the same secret).
     pub fn from_server_secret(server_secret: &[u8]) -> Self {
+        Self::with_label(server_secret, b"anna/event-secrets/v1")
+    }
+
+    /// A sealer whose key is derived from `server_secret` under `label`: sealers with
+    /// different labels cannot open each other's values.
+    pub fn with_label(server_secret: &[u8], label: &[u8]) -> Self {
         use chacha20poly1305::KeyInit;
         let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(server_secret).unwrap_or_else(|_| unreachable_hmac());
-        mac.update(b"anna/event-secrets/v1");
+        mac.update(label);
         let key = mac.finalize().into_bytes();
         Self { cipher: chacha20poly1305::XChaCha20Poly1305::new(&key) }
     }

@@ -24,6 +24,7 @@ mod sql;
 mod store;
 mod tcp_nodelay;
 pub mod users;
+pub mod webhooks;
 
 pub use device_keys::{DeviceKeyStore, KeyChange};
 pub use events::{DeadLetter, EventLog, EventStat, EventWrites, OutboxRecord, OutboxStatus};
@@ -33,12 +34,13 @@ pub use refresh_tokens::{RefreshTokenStore, RefreshTokenWrites};
 pub use sessions::{SessionStore, SessionWrites};
 pub use store::SqlStore;
 pub use users::{UserStore, UserWrites};
+pub use webhooks::{WebhookStore, WebhookWrites};
 
 /// Every store trait, for `use anna_store::prelude::*`.
 pub mod prelude {
     pub use crate::{
         DeviceKeyStore, EventLog, EventWrites, FleetStore, IdempotencyStore, RefreshTokenStore, RefreshTokenWrites,
-        SessionStore, SessionWrites, Store, UnitOfWork, UserStore, UserWrites,
+        SessionStore, SessionWrites, Store, UnitOfWork, UserStore, UserWrites, WebhookStore, WebhookWrites,
     };
 }
 
@@ -125,6 +127,7 @@ pub trait Store:
     + DeviceKeyStore
     + SessionStore
     + FleetStore
+    + WebhookStore
     + Send
     + Sync
     + 'static
@@ -152,7 +155,7 @@ pub trait Store:
 /// One transaction over every concern: an aggregate's change and its domain events commit
 /// together or not at all. Dropping it without `commit` rolls everything back.
 #[async_trait]
-pub trait UnitOfWork: UserWrites + RefreshTokenWrites + SessionWrites + EventWrites + Send {
+pub trait UnitOfWork: UserWrites + RefreshTokenWrites + SessionWrites + EventWrites + WebhookWrites + Send {
     async fn commit(self: Box<Self>) -> Result<(), StoreError>;
 }
 

@@ -95,15 +95,7 @@ impl SessionWrites for SqlUnitOfWork {
     }
 
     async fn count_tenant_sessions(&mut self, tenant_id: Uuid) -> Result<u64, StoreError> {
-        self.tx
-            .query(Sql::PerBackend {
-                // SQLite: the unit of work already holds the database-wide write lock.
-                sqlite: "SELECT 1 AS locked WHERE $1 IS NOT NULL",
-                postgres: "SELECT 1 AS locked FROM users WHERE id = $1 FOR UPDATE",
-            })
-            .bind_uuid(tenant_id)
-            .fetch_optional()
-            .await?;
+        self.lock_tenant(tenant_id).await?;
         let row = self
             .tx
             .query("SELECT count(*) AS sessions FROM sessions WHERE tenant_id = $1")

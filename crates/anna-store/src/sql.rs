@@ -203,6 +203,11 @@ impl<'c> Query<'c> {
         self.bind_each(id, |q, id| q.bind(id.to_string()), |q, id| q.bind(id))
     }
 
+    /// An optional UUID for a `uuid` column (TEXT on SQLite).
+    pub(crate) fn bind_opt_uuid(self, id: Option<Uuid>) -> Self {
+        self.bind_each(id, |q, id| q.bind(id.map(|id| id.to_string())), |q, id| q.bind(id))
+    }
+
     /// A set of UUIDs: a `uuid[]` on Postgres (`= ANY($n)`, `unnest($n)`), a JSON array on
     /// SQLite (`json_each($n)`).
     pub(crate) fn bind_uuid_set(self, ids: &[Uuid]) -> Self {

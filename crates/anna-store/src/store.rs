@@ -187,6 +187,21 @@ impl SqlUnitOfWork {
         self.check_fences(&[session_id]).await
     }
 
+    /// Locks the tenant's user row until the transaction ends, so that counts checked against a
+    /// per-tenant limit cannot be passed by two transactions at once. SQLite: the unit of work
+    /// already holds the database-wide write lock.
+    pub(crate) async fn lock_tenant(&mut self, tenant_id: Uuid) -> Result<(), StoreError> {
+        self.tx
+            .query(crate::sql::Sql::PerBackend {
+                sqlite: "SELECT 1 AS locked WHERE $1 IS NOT NULL",
+                postgres: "SELECT 1 AS locked FROM users WHERE id = $1 FOR UPDATE",
+            })
+            .bind_uuid(tenant_id)
+            .fetch_optional()
+            .await?;
+        Ok(())
+    }
+
     /// [`Self::check_fence`] for several sessions, their partitions checked in one statement.
     pub(crate) async fn check_fences(&mut self, session_ids: &[Uuid]) -> Result<(), StoreError> {
         let Some(fences) = &self.fences else { return Ok(()) };

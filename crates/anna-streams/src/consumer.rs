@@ -84,6 +84,10 @@ pub trait Subscriber: Send + Sync + 'static {
     /// runtime together with the applied-event record) and `None` for external ones.
     async fn handle(&self, event: &ReceivedEvent, uow: Option<&mut dyn UnitOfWork>) -> Result<(), HandlerError>;
 
+    /// Called after a database subscriber's effects were committed (a batch, or one event): a
+    /// subscriber that feeds in-process work wakes it here, when what it wrote is visible.
+    fn committed(&self) {}
+
     /// Applies several events (in stream order) in one unit of work: database subscribers may
     /// override it to write once per batch. On failure, returns the position of the event
     /// that failed, when one did. The default handles them one by one.
@@ -652,6 +656,9 @@ impl EventConsumer {
             })?;
         }
         uow.commit().await.map_err(unattributed)?;
+        if !todo.is_empty() {
+            subscriber.committed();
+        }
         let per_event_ms = started.elapsed().as_secs_f64() * 1000.0 / todo.len().max(1) as f64;
         for event in todo {
             let event_name = event.event.event_name.clone();
@@ -839,6 +846,7 @@ impl EventConsumer {
                 }
                 subscriber.handle(received, Some(uow.as_mut())).await?;
                 uow.commit().await?;
+                subscriber.committed();
                 (true, Applied::Recorded)
             }
             (Effect::External, Some(deferred)) => {

@@ -10,3 +10,4 @@ pub mod redis;
 pub mod resend_fake;
 pub mod smtp;
 pub mod sqlite;
+pub mod webhook_receiver;

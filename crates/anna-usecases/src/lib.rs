@@ -27,6 +27,7 @@ mod passwords;
 pub mod sessions;
 mod tokens;
 mod users;
+pub mod webhooks;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -43,6 +44,7 @@ pub use passwords::{PasswordError, Passwords};
 pub use sessions::{Enqueued, SendRequest, SessionError, Sessions, SessionsConfig};
 pub use tokens::{AccessClaims, AccessTokens, Authenticated, TokenError};
 pub use users::{CurrentUserError, RegisterError, VerifyEmailError};
+pub use webhooks::{EndpointRequest, WebhookError, Webhooks, WebhooksConfig};
 
 /// Settings of the accounts context (`AUTH_*`).
 #[derive(Debug, Clone)]

@@ -7,3 +7,4 @@ pub mod fleet;
 pub mod partitions;
 pub mod sessions;
 pub mod subscribers;
+pub mod webhooks;

@@ -9,18 +9,20 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anna_api::AppState;
+use anna_api::state::UseCases;
 use anna_domain::secrets::Sealer;
 use anna_store::{ConnectOptions, SqlStore, Store};
 use anna_streams::consumer::{EventConsumer, Subscriber};
 use anna_streams::relay::OutboxRelay;
 use anna_streams::{EmbeddedStream, RedisStream, Stream};
-use anna_usecases::{Accounts, Sessions};
+use anna_usecases::{Accounts, Sessions, Webhooks};
 use anna_whatsapp::SessionDriver;
 use anna_workers::email::{ConsoleEmailSender, EmailSender, ResendEmailSender, SmtpEmailSender};
 use anna_workers::fleet::{Fleet, HeldLeases};
 use anna_workers::partitions::SessionPartitions;
 use anna_workers::sessions::SessionsWorker;
 use anna_workers::subscribers::{EventStatistics, SendPasswordResetEmail, SendVerificationEmail};
+use anna_workers::webhooks::{WebhookDispatcher, WebhookFanout};
 use secrecy::ExposeSecret;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -121,15 +123,18 @@ pub struct Roles {
     pub outbox: bool,
     pub events: bool,
     pub sessions: bool,
+    pub webhooks: bool,
 }
 
 impl Roles {
     /// `anna serve`: everything.
-    pub const ALL: Self = Self { api: true, outbox: true, events: true, sessions: true };
-    pub const API: Self = Self { api: true, outbox: false, events: false, sessions: false };
-    pub const OUTBOX: Self = Self { api: false, outbox: true, events: false, sessions: false };
-    pub const EVENTS: Self = Self { api: false, outbox: false, events: true, sessions: false };
-    pub const SESSIONS: Self = Self { api: false, outbox: false, events: false, sessions: true };
+    pub const ALL: Self = Self { api: true, outbox: true, events: true, sessions: true, webhooks: true };
+    pub const NONE: Self = Self { api: false, outbox: false, events: false, sessions: false, webhooks: false };
+    pub const API: Self = Self { api: true, ..Self::NONE };
+    pub const OUTBOX: Self = Self { outbox: true, ..Self::NONE };
+    pub const EVENTS: Self = Self { events: true, ..Self::NONE };
+    pub const SESSIONS: Self = Self { sessions: true, ..Self::NONE };
+    pub const WEBHOOKS: Self = Self { webhooks: true, ..Self::NONE };
 }
 
 /// A started process: where it listens, and its supervised tasks.
@@ -175,8 +180,11 @@ pub async fn start(
         let state = AppState::new(
             backends.store.clone(),
             backends.stream.clone(),
-            accounts,
-            sessions_usecases(config, backends),
+            UseCases {
+                accounts,
+                sessions: sessions_usecases(config, backends),
+                webhooks: webhooks_usecases(config, backends),
+            },
             config.api.clone(),
             Some(metrics),
             shutdown.clone(),
@@ -212,6 +220,9 @@ pub async fn start(
     }
     if roles.events {
         start_consumers(config, backends, &shutdown, &mut supervisor);
+    }
+    if roles.webhooks {
+        start_webhooks(config, backends, &shutdown, &mut supervisor)?;
     }
     if roles.sessions {
         // Lease renewals get connections of their own: a worker busy with its sessions must
@@ -282,6 +293,43 @@ fn start_consumers(config: &Config, backends: &Backends, shutdown: &Cancellation
             Ok(())
         });
     }
+}
+
+pub fn webhooks_usecases(config: &Config, backends: &Backends) -> Arc<Webhooks> {
+    let secret = config.accounts.jwt_secret.expose_secret().as_bytes();
+    Arc::new(Webhooks::new(backends.store.clone(), secret, config.webhooks.webhooks.clone()))
+}
+
+/// Webhook delivery: the fan-out of tenant events into delivery rows (a consumer group of its
+/// own on the domain-event stream) and the dispatcher, which the fan-out wakes when it
+/// committed new deliveries.
+fn start_webhooks(
+    config: &Config,
+    backends: &Backends,
+    shutdown: &CancellationToken,
+    supervisor: &mut Supervisor,
+) -> anyhow::Result<()> {
+    let settings = &config.webhooks;
+    let wake = Arc::new(tokio::sync::Notify::new());
+    let fanout = Arc::new(WebhookFanout { deadline: settings.webhooks.deadline, wake: wake.clone() });
+    let consumer = Arc::new(
+        EventConsumer::new(backends.store.clone(), backends.stream.clone(), settings.consumer.clone())
+            .subscribe(fanout),
+    );
+    let token = shutdown.clone();
+    supervisor.spawn("webhook fan-out", async move {
+        consumer.run(token).await;
+        Ok(())
+    });
+    let secret = config.accounts.jwt_secret.expose_secret().as_bytes();
+    let dispatcher = WebhookDispatcher::new(backends.store.clone(), secret, settings.dispatcher.clone(), wake)
+        .map_err(|e| anyhow::anyhow!("cannot build the webhook HTTP client: {e}"))?;
+    let token = shutdown.clone();
+    supervisor.spawn("webhook dispatcher", async move {
+        dispatcher.run(token).await;
+        Ok(())
+    });
+    Ok(())
 }
 
 pub fn sessions_usecases(config: &Config, backends: &Backends) -> Arc<Sessions> {

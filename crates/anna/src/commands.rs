@@ -23,8 +23,10 @@ pub enum WorkerKind {
     Outbox,
     /// Runs domain-event subscribers (e-mail delivery).
     Events,
-    /// Runs WhatsApp connections (not built yet: starts, checks the database, waits).
+    /// Runs WhatsApp connections and carries out session commands.
     Sessions,
+    /// Fans tenant events out to webhook endpoints and delivers them.
+    Webhooks,
 }
 
 /// `anna worker <kind>`: one kind of worker until SIGINT/SIGTERM; in-flight work finishes first.
@@ -33,6 +35,7 @@ pub async fn worker(config: Config, kind: WorkerKind) -> anyhow::Result<()> {
         WorkerKind::Outbox => (Roles::OUTBOX, "anna worker outbox"),
         WorkerKind::Events => (Roles::EVENTS, "anna worker events"),
         WorkerKind::Sessions => (Roles::SESSIONS, "anna worker sessions"),
+        WorkerKind::Webhooks => (Roles::WEBHOOKS, "anna worker webhooks"),
     };
     run(config, roles, name, false).await
 }

@@ -110,6 +110,7 @@ impl Command {
             Self::Worker { kind: WorkerKind::Outbox } => "outbox",
             Self::Worker { kind: WorkerKind::Events } => "events",
             Self::Worker { kind: WorkerKind::Sessions } => "sessions",
+            Self::Worker { kind: WorkerKind::Webhooks } => "webhooks",
             Self::Migrate => "migrate",
             Self::Outbox { .. } | Self::Dlq { .. } | Self::Fleet { .. } | Self::Simulator { .. } => "operator",
         }

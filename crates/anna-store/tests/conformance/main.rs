@@ -82,6 +82,7 @@ mod sessions;
 mod store;
 mod subscribers;
 mod users;
+mod webhooks;
 
 // ---------------------------------------------------------------------------------------------
 // Test data and helpers shared by the modules

@@ -112,6 +112,56 @@ const CONTRACT: &[(&str, &[&str])] = &[
     ("event_attempts", &["subscriber", "event_id", "attempts", "last_error", "updated_at"]),
     ("event_stats", &["event_name", "count", "last_occurred_on"]),
     ("idempotency_keys", &["scope", "key", "request_hash", "response_status", "response_body", "created_at"]),
+    (
+        "webhook_endpoints",
+        &[
+            "id",
+            "tenant_id",
+            "url",
+            "description",
+            "event_filter",
+            "enabled",
+            "ordered",
+            "secret_sealed",
+            "previous_secret_sealed",
+            "previous_secret_expires_at",
+            "circuit_failures",
+            "circuit_openings",
+            "circuit_open_until",
+            "created_at",
+            "updated_at",
+        ],
+    ),
+    (
+        "webhook_deliveries",
+        &[
+            "id",
+            "endpoint_id",
+            "tenant_id",
+            "event_id",
+            "event_name",
+            "ordering_key",
+            "position",
+            "ordered",
+            "body",
+            "status",
+            "attempts",
+            "round_attempts",
+            "next_attempt_at",
+            "deadline_at",
+            "occurred_at",
+            "created_at",
+            "completed_at",
+            "last_status_code",
+            "last_latency_ms",
+            "last_error",
+            "last_response_body",
+        ],
+    ),
+    (
+        "webhook_delivery_attempts",
+        &["delivery_id", "attempt", "attempted_at", "status_code", "latency_ms", "error", "response_body"],
+    ),
 ];
 
 fn contract() -> Tables {
@@ -149,6 +199,11 @@ const SHARED_INDEXES: &[&str] = &[
     "dead_letters_event_id_idx",
     "applied_events_applied_at_idx",
     "idempotency_keys_created_at_idx",
+    "webhook_endpoints_tenant_idx",
+    "webhook_deliveries_due_idx",
+    "webhook_deliveries_event_idx",
+    "webhook_deliveries_log_idx",
+    "webhook_deliveries_order_idx",
 ];
 
 #[tokio::test]

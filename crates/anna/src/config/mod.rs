@@ -9,6 +9,7 @@ mod events;
 mod http;
 mod sessions;
 mod vars;
+mod webhooks;
 
 use anna_api::config::ApiConfig;
 use anna_usecases::AccountsConfig;
@@ -19,6 +20,7 @@ pub use events::{EventsConfig, StreamBackend};
 pub use http::ServerConfig;
 pub use sessions::{SessionsProvider, SessionsSettings};
 pub use vars::Vars;
+pub use webhooks::WebhooksSettings;
 
 pub const DEFAULT_DATABASE_URL: &str = "sqlite:./data/anna.db";
 const MIN_PRODUCTION_SECRET_BYTES: usize = 32;
@@ -93,6 +95,7 @@ pub struct Config {
     pub email: EmailConfig,
     pub events: EventsConfig,
     pub sessions: SessionsSettings,
+    pub webhooks: WebhooksSettings,
 }
 
 impl Config {
@@ -114,6 +117,8 @@ impl Config {
             }
         };
         let server = http::server(vars)?;
+        let events = events::read(vars)?;
+        let webhooks = webhooks::read(vars, &events.consumer)?;
         let config = Self {
             environment,
             allow_weak_settings: vars.boolean("ANNA_ALLOW_WEAK_SETTINGS", false)?,
@@ -128,8 +133,9 @@ impl Config {
             },
             accounts: accounts::read(vars)?,
             email: email::read(vars)?,
-            events: events::read(vars)?,
+            events,
             sessions: sessions::read(vars)?,
+            webhooks,
         };
         let mut config = config;
         config.api.simulator = config.sessions.provider == SessionsProvider::Simulator;

@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 use crate::binary::{Running, anna};
 use crate::helpers::*;
 
-const ROLES: Roles = Roles { api: true, outbox: true, events: true, sessions: false };
+const ROLES: Roles = Roles { api: true, outbox: true, events: true, sessions: false, webhooks: false };
 const PARTITIONS: u32 = 24;
 const FAILOVER_MS: u64 = 8000;
 const STAGGER_MS: u64 = 10;

@@ -230,6 +230,12 @@ impl TestApp {
     pub fn post(&self, path: &str) -> Req<'_> {
         Req { app: self, builder: self.http.post(format!("{}{path}", self.base)) }
     }
+    pub fn patch(&self, path: &str) -> Req<'_> {
+        Req { app: self, builder: self.http.patch(format!("{}{path}", self.base)) }
+    }
+    pub fn delete(&self, path: &str) -> Req<'_> {
+        Req { app: self, builder: self.http.delete(format!("{}{path}", self.base)) }
+    }
 
     pub async fn register(&self, email: &str, password: &str) -> String {
         let reply =

@@ -12,3 +12,4 @@ mod helpers;
 mod ops;
 mod sessions;
 mod users;
+mod webhooks;

@@ -5,6 +5,7 @@
 //! cargo run --release -p anna-bench -- events
 //! cargo run --release -p anna-bench -- backlog
 //! cargo run --release -p anna-bench -- fleet
+//! cargo run --release -p anna-bench -- webhooks
 //! ```
 //!
 //! The load generator runs in the same process as the server it measures (on a 2-core machine
@@ -17,6 +18,7 @@ mod fleet;
 mod process;
 mod sessions;
 mod stats;
+mod webhooks;
 
 use clap::{Parser, Subcommand};
 
@@ -48,6 +50,9 @@ enum Bench {
     /// The sessions fleet under repeated SIGKILLs: failover time, reconnect times and
     /// throughput, rejoin time (needs the release `anna` binary next to this one).
     Fleet(fleet::FleetArgs),
+    /// Webhook delivery to a fast local receiver: a backlog after an outage, throughput, and
+    /// commit → receiver latency at a steady rate, both shapes.
+    Webhooks(webhooks::WebhooksArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -63,6 +68,7 @@ fn main() -> anyhow::Result<()> {
             Bench::UsersMe(args) => process::users_me(args).await,
             Bench::Sessions(args) => sessions::run(args).await,
             Bench::Fleet(args) => fleet::run(args).await,
+            Bench::Webhooks(args) => webhooks::run(args).await,
         }
     })
 }

@@ -29,6 +29,7 @@ fn forbidden_v4(ip: Ipv4Addr) -> Option<&'static str> {
         (192, 0, 0) => "an IETF protocol address",
         (192, 0, 2) | (198, 51, 100) | (203, 0, 113) => "a documentation address",
         (198, 18..=19, _) => "a benchmarking address",
+        (192, 88, 99) => "a 6to4 relay address",
         (224..=239, ..) => "a multicast address",
         (240..=255, ..) => "a reserved or broadcast address",
         _ => return None,
@@ -52,6 +53,9 @@ fn forbidden_v6(ip: Ipv6Addr) -> Option<&'static str> {
         s if s & 0xffc0 == 0xfec0 => "a site-local address",
         s if s & 0xff00 == 0xff00 => "a multicast address",
         0x2001 if segments[1] == 0x0db8 => "a documentation address",
+        // Teredo tunnels reach IPv4 hosts the policy cannot see.
+        0x2001 if segments[1] == 0 => "a Teredo tunnel address",
+        0x0064 if segments[1] == 0xff9b && segments[2] == 1 => "a local-use NAT64 address",
         0x0100 if segments[1..4] == [0, 0, 0] => "a discard-only address",
         _ => return None,
     })
@@ -63,9 +67,9 @@ fn embedded_v4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
     let s = ip.segments();
     let from = |hi: u16, lo: u16| Ipv4Addr::new((hi >> 8) as u8, hi as u8, (lo >> 8) as u8, lo as u8);
     match s {
-        [0, 0, 0, 0, 0, 0xffff, hi, lo] => Some(from(hi, lo)),
+        [0, 0, 0, 0, 0, 0xffff, hi, lo] | [0, 0, 0, 0, 0xffff, 0, hi, lo] => Some(from(hi, lo)),
         // ::1 and :: are loopback and unspecified, not embedded addresses.
-        [0, 0, 0, 0, 0, 0, hi, lo] if hi != 0 => Some(from(hi, lo)),
+        [0, 0, 0, 0, 0, 0, hi, lo] if hi != 0 || lo > 1 => Some(from(hi, lo)),
         [0x0064, 0xff9b, 0, 0, 0, 0, hi, lo] => Some(from(hi, lo)),
         [0x2002, hi, lo, ..] => Some(from(hi, lo)),
         _ => None,
@@ -117,6 +121,11 @@ mod tests {
             "64:ff9b::a9fe:a9fe",
             "2002:7f00:1::",
             "::127.0.0.1",
+            "::ffff:0:7f00:1",
+            "::2",
+            "2001::1",
+            "64:ff9b:1::a00:1",
+            "192.88.99.1",
         ] {
             assert!(reason(ip).is_some(), "{ip} must be refused");
         }

@@ -369,7 +369,8 @@ impl WebhookEndpoint {
         let secret = SigningSecret::generate();
         let grace = time::Duration::try_from(grace).unwrap_or(time::Duration::ZERO);
         self.previous_secret_sealed = Some(std::mem::replace(&mut self.secret_sealed, secret.seal(sealer, self.id)?));
-        self.previous_secret_expires_at = now.checked_add(grace);
+        self.previous_secret_expires_at =
+            Some(now.checked_add(grace).unwrap_or(time::macros::datetime!(9999-12-31 0:00 UTC)));
         self.updated_at = now;
         Ok((secret, self.event(WEBHOOK_SECRET_ROTATED, now)))
     }

@@ -259,6 +259,10 @@ pub trait WebhookStore: Send + Sync {
     ) -> Result<Recorded, StoreError>;
 
     async fn webhook_delivery_counts(&self, now: OffsetDateTime) -> Result<DeliveryCounts, StoreError>;
+
+    /// Deletes up to `limit` succeeded or dead deliveries completed before `before`, with their
+    /// attempts. Returns how many.
+    async fn purge_webhook_deliveries(&self, before: OffsetDateTime, limit: u32) -> Result<u64, StoreError>;
 }
 
 /// The webhook half of a unit of work.
@@ -536,14 +540,21 @@ impl WebhookStore for SqlStore {
                 *picked_per_endpoint.entry(endpoint).or_default() += 1;
             }
         }
+        // Every update below re-checks that the row is still due and unfinished: on Postgres a
+        // dispatcher's record (which does not take the claim lock) may have finished it since
+        // it was read. A claim whose lease ended (its dispatcher died) and that cannot go now
+        // goes back to pending, so it does not stay at the head of every window.
         for (until, ids) in &postponed {
             tx.query(Sql::PerBackend {
-                sqlite: "UPDATE webhook_deliveries SET next_attempt_at = $1 \
-                         WHERE id IN (SELECT value FROM json_each($2)) AND status = 'pending'",
-                postgres: "UPDATE webhook_deliveries SET next_attempt_at = $1 WHERE id = ANY($2) AND status = 'pending'",
+                sqlite: "UPDATE webhook_deliveries SET status = 'pending', next_attempt_at = $1 \
+                         WHERE id IN (SELECT value FROM json_each($2)) AND status IN ('pending', 'delivering') \
+                         AND next_attempt_at <= $3",
+                postgres: "UPDATE webhook_deliveries SET status = 'pending', next_attempt_at = $1 \
+                           WHERE id = ANY($2) AND status IN ('pending', 'delivering') AND next_attempt_at <= $3",
             })
             .bind_time(*until)
             .bind_uuid_set(ids)
+            .bind_time(now)
             .execute()
             .await?;
         }
@@ -551,9 +562,11 @@ impl WebhookStore for SqlStore {
             tx.query(Sql::PerBackend {
                 sqlite: "UPDATE webhook_deliveries SET status = 'dead', completed_at = $1, \
                          last_error = 'deadline passed before the delivery succeeded' \
-                         WHERE id IN (SELECT value FROM json_each($2))",
+                         WHERE id IN (SELECT value FROM json_each($2)) AND status IN ('pending', 'delivering') \
+                         AND next_attempt_at <= $1",
                 postgres: "UPDATE webhook_deliveries SET status = 'dead', completed_at = $1, \
-                           last_error = 'deadline passed before the delivery succeeded' WHERE id = ANY($2)",
+                           last_error = 'deadline passed before the delivery succeeded' WHERE id = ANY($2) \
+                           AND status IN ('pending', 'delivering') AND next_attempt_at <= $1",
             })
             .bind_time(now)
             .bind_uuid_set(&expired)
@@ -578,15 +591,18 @@ impl WebhookStore for SqlStore {
                     sqlite: "UPDATE webhook_deliveries SET status = 'delivering', attempts = attempts + 1, \
                              round_attempts = round_attempts + 1, next_attempt_at = $1 \
                              WHERE id IN (SELECT value FROM json_each($2)) \
+                             AND status IN ('pending', 'delivering') AND next_attempt_at <= $3 \
                              RETURNING id, endpoint_id, event_id, event_name, body, attempts, round_attempts, \
                              deadline_at, occurred_at, ordered, ordering_key",
                     postgres: "UPDATE webhook_deliveries SET status = 'delivering', attempts = attempts + 1, \
                                round_attempts = round_attempts + 1, next_attempt_at = $1 WHERE id = ANY($2) \
+                               AND status IN ('pending', 'delivering') AND next_attempt_at <= $3 \
                                RETURNING id, endpoint_id, event_id, event_name, body, attempts, round_attempts, \
                                deadline_at, occurred_at, ordered, ordering_key",
                 })
                 .bind_time(lease_end)
                 .bind_uuid_set(&picked)
+                .bind_time(now)
                 .fetch_all()
                 .await?;
             for row in &rows {
@@ -788,6 +804,46 @@ impl WebhookStore for SqlStore {
             .await?;
         counts.oldest_due = oldest.map(|row| row.time("next_attempt_at")).transpose()?;
         Ok(counts)
+    }
+
+    async fn purge_webhook_deliveries(&self, before: OffsetDateTime, limit: u32) -> Result<u64, StoreError> {
+        self.purge_webhook_batch(before, limit).await
+    }
+}
+
+impl SqlStore {
+    async fn purge_webhook_batch(&self, before: OffsetDateTime, limit: u32) -> Result<u64, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let rows = tx
+            .query(
+                "SELECT id FROM webhook_deliveries WHERE status IN ('succeeded', 'dead') AND completed_at < $1 \
+                 LIMIT $2",
+            )
+            .bind_time(before)
+            .bind(i64::from(limit))
+            .fetch_all()
+            .await?;
+        let ids: Vec<Uuid> = rows.iter().map(|row| row.uuid("id")).collect::<Result<_, _>>()?;
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        tx.query(Sql::PerBackend {
+            sqlite: "DELETE FROM webhook_delivery_attempts WHERE delivery_id IN (SELECT value FROM json_each($1))",
+            postgres: "DELETE FROM webhook_delivery_attempts WHERE delivery_id = ANY($1)",
+        })
+        .bind_uuid_set(&ids)
+        .execute()
+        .await?;
+        let deleted = tx
+            .query(Sql::PerBackend {
+                sqlite: "DELETE FROM webhook_deliveries WHERE id IN (SELECT value FROM json_each($1))",
+                postgres: "DELETE FROM webhook_deliveries WHERE id = ANY($1)",
+            })
+            .bind_uuid_set(&ids)
+            .execute()
+            .await?;
+        tx.commit().await?;
+        Ok(deleted)
     }
 }
 

@@ -478,6 +478,9 @@ async fn replay_deliveries(
 ) -> Result<Response, ApiError> {
     let id = webhook_id(&id)?;
     let status = body.status.as_deref().map(parse_status).transpose()?;
+    if status.is_some_and(|s| !matches!(s, DeliveryStatus::Dead | DeliveryStatus::Succeeded)) {
+        return Err(ApiError::bad_request("invalid_status", "status must be dead or succeeded"));
+    }
     let since = body
         .since
         .as_deref()

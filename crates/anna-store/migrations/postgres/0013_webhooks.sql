@@ -62,6 +62,9 @@ CREATE UNIQUE INDEX webhook_deliveries_event_idx ON webhook_deliveries (endpoint
 -- The dispatchers' claim: due deliveries by time.
 CREATE INDEX webhook_deliveries_due_idx ON webhook_deliveries (next_attempt_at)
     WHERE status IN ('pending', 'delivering');
+-- Purging finished deliveries past their retention.
+CREATE INDEX webhook_deliveries_completed_idx ON webhook_deliveries (completed_at)
+    WHERE status IN ('succeeded', 'dead');
 -- The delivery log of an endpoint, newest first.
 CREATE INDEX webhook_deliveries_log_idx ON webhook_deliveries (endpoint_id, id);
 -- Ordered endpoints: the earliest unfinished delivery of a key.

@@ -200,6 +200,7 @@ const SHARED_INDEXES: &[&str] = &[
     "applied_events_applied_at_idx",
     "idempotency_keys_created_at_idx",
     "webhook_endpoints_tenant_idx",
+    "webhook_deliveries_completed_idx",
     "webhook_deliveries_due_idx",
     "webhook_deliveries_event_idx",
     "webhook_deliveries_log_idx",

@@ -221,6 +221,21 @@ async fn deliveries_are_claimed_recorded_and_replayed(store: Arc<dyn Store>) -> 
     assert!(page[0].id > page[1].id && page[1].id > next[0].id);
     let pending = store.list_webhook_deliveries(endpoint.id, Some(DeliveryStatus::Pending), None, 10).await?;
     assert_eq!(pending.iter().map(|d| d.id).collect::<Vec<_>>(), vec![claimed[0].id]);
+
+    // Retention: finished deliveries completed before the limit go, a batch at a time; the
+    // unfinished stay.
+    let mut uow = store.begin().await?;
+    uow.replay_webhook_deliveries(endpoint.id, DeliveryStatus::Dead, None, t, t).await?;
+    uow.commit().await?;
+    let finished = store.claim_webhook_deliveries(&rules(), retry_at + Duration::hours(2)).await?;
+    let results: Vec<AttemptResult> = finished.iter().map(|c| result(c, AttemptNext::Succeeded, t)).collect();
+    store.record_webhook_attempts(&results, CIRCUIT, t).await?;
+    let later = t + Duration::days(30);
+    assert_eq!(store.purge_webhook_deliveries(t - Duration::seconds(1), 10).await?, 0, "not old enough");
+    assert_eq!(store.purge_webhook_deliveries(later, 1).await?, 1);
+    let purged = store.purge_webhook_deliveries(later, 10).await?;
+    assert!(purged >= 1);
+    assert!(store.list_webhook_deliveries(endpoint.id, Some(DeliveryStatus::Succeeded), None, 10).await?.is_empty());
     Ok(())
 }
 

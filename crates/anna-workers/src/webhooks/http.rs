@@ -192,7 +192,7 @@ impl WebhookClient {
             status: Some(status.as_u16()),
             latency: started.elapsed(),
             error,
-            body: (!body.is_empty()).then(|| String::from_utf8_lossy(&body).into_owned()),
+            body: (!body.is_empty()).then(|| storable(&String::from_utf8_lossy(&body))),
         }
     }
 }
@@ -220,7 +220,13 @@ fn describe(error: &reqwest::Error) -> String {
 }
 
 fn cut(text: &str, max_chars: usize) -> String {
-    text.chars().take(max_chars).collect()
+    storable(&text.chars().take(max_chars).collect::<String>())
+}
+
+/// Text a database keeps as it is: Postgres refuses NUL in text, and a receiver's answer may
+/// hold any bytes.
+fn storable(text: &str) -> String {
+    text.replace('\0', "\u{FFFD}")
 }
 
 #[cfg(test)]

@@ -149,6 +149,8 @@ pub struct DispatcherConfig {
     pub max_attempts: u32,
     /// `WEBHOOKS_CIRCUIT_FAILURES` / `WEBHOOKS_CIRCUIT_OPEN_MS` / `WEBHOOKS_CIRCUIT_OPEN_MAX_MS`.
     pub circuit: CircuitRules,
+    /// `WEBHOOKS_RETENTION_MS`: succeeded and dead deliveries are kept this long.
+    pub retention: Duration,
 }
 
 impl Default for DispatcherConfig {
@@ -162,12 +164,15 @@ impl Default for DispatcherConfig {
             backoff: Backoff { base: Duration::from_secs(5), max: Duration::from_secs(3600) },
             max_attempts: 25,
             circuit: CircuitRules { threshold: 5, open: Duration::from_secs(30), open_max: Duration::from_secs(600) },
+            retention: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }
 
 /// Results waiting to be recorded, at most this many per transaction.
 const RECORD_BATCH: usize = 256;
+/// Finished deliveries deleted per transaction, and per upkeep round at most ten times that.
+const PURGE_BATCH: u32 = 1000;
 
 /// Claims deliveries, attempts them, records the attempts.
 pub struct WebhookDispatcher {
@@ -223,9 +228,14 @@ impl WebhookDispatcher {
         let recorder = tokio::spawn(self.clone().record_until_closed(received));
         let attempts = TaskTracker::new();
         let mut metrics_at = tokio::time::Instant::now();
+        let mut purge_at = tokio::time::Instant::now();
         while !shutdown.is_cancelled() {
             if metrics_at.elapsed() >= Duration::from_secs(10) {
                 self.update_gauges().await;
+                if purge_at.elapsed() >= Duration::from_secs(60) {
+                    self.purge_expired().await;
+                    purge_at = tokio::time::Instant::now();
+                }
                 metrics_at = tokio::time::Instant::now();
             }
             let busy: u32 = self.in_flight().values().sum();
@@ -312,18 +322,16 @@ impl WebhookDispatcher {
         endpoint: Option<Arc<WebhookEndpoint>>,
     ) -> Option<AttemptResult> {
         let attempted_at = OffsetDateTime::now_utc();
-        let response = match &endpoint {
-            None => match self.store.find_webhook_endpoint(delivery.endpoint_id).await {
-                Ok(None) => return None,
-                _ => http::Response {
-                    status: None,
-                    latency: Duration::ZERO,
-                    error: Some("the endpoint could not be loaded".into()),
-                    body: None,
-                },
-            },
-            Some(endpoint) => self.post(&delivery, endpoint, attempted_at).await,
+        let Some(endpoint) = endpoint else {
+            // Deleted with its deliveries, or the database did not answer: then the claim's
+            // lease ends and the delivery is attempted again, without counting this against the
+            // receiver.
+            if !matches!(self.store.find_webhook_endpoint(delivery.endpoint_id).await, Ok(None)) {
+                tracing::warn!(delivery_id = %delivery.id, "webhook endpoint could not be loaded; the delivery waits for its lease");
+            }
+            return None;
         };
+        let response = self.post(&delivery, &endpoint, attempted_at).await;
         let next = if response.succeeded() {
             AttemptNext::Succeeded
         } else if self.config.max_attempts > 0 && delivery.round_attempt >= self.config.max_attempts {
@@ -412,20 +420,50 @@ impl WebhookDispatcher {
                     Err(_) => break,
                 }
             }
-            match self.store.record_webhook_attempts(&pending, self.config.circuit, OffsetDateTime::now_utc()).await {
-                Ok(recorded) => {
-                    for (endpoint_id, open_for) in &recorded.opened {
-                        metrics::counter!("webhook_circuit_opened_total").increment(1);
-                        tracing::warn!(%endpoint_id, open_ms = open_for.as_millis() as u64,
-                            "webhook endpoint keeps failing: its circuit is open, deliveries wait");
-                    }
-                    pending.clear();
-                    // A finished ordered delivery may have released the next one.
-                    self.wake.notify_one();
-                }
-                Err(error) => {
+            match self.record(&pending).await {
+                Ok(()) => pending.clear(),
+                Err(error) if error.is_unavailable() => {
                     tracing::warn!(%error, results = pending.len(), "cannot record webhook attempts; retrying");
                     tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(error) => {
+                    // Not an outage: one result may be unstorable. Record them one by one and
+                    // drop those that fail (their deliveries are attempted again after their
+                    // lease), so one bad result never stops the others.
+                    tracing::warn!(%error, results = pending.len(), "recording webhook attempts failed; one by one");
+                    for result in std::mem::take(&mut pending) {
+                        if let Err(error) = self.record(std::slice::from_ref(&result)).await {
+                            tracing::error!(%error, delivery_id = %result.delivery_id, "webhook attempt not recorded");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    async fn record(&self, results: &[AttemptResult]) -> Result<(), anna_store::StoreError> {
+        let recorded =
+            self.store.record_webhook_attempts(results, self.config.circuit, OffsetDateTime::now_utc()).await?;
+        for (endpoint_id, open_for) in &recorded.opened {
+            metrics::counter!("webhook_circuit_opened_total").increment(1);
+            tracing::warn!(%endpoint_id, open_ms = open_for.as_millis() as u64,
+                "webhook endpoint keeps failing: its circuit is open, deliveries wait");
+        }
+        // A finished ordered delivery may have released the next one.
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    /// Deletes finished deliveries older than `WEBHOOKS_RETENTION_MS`, a bounded amount per round.
+    async fn purge_expired(&self) {
+        let before = OffsetDateTime::now_utc() - anna_streams::backoff::to_time(self.config.retention);
+        for _ in 0..10 {
+            match self.store.purge_webhook_deliveries(before, PURGE_BATCH).await {
+                Ok(deleted) if deleted < u64::from(PURGE_BATCH) => return,
+                Ok(_) => {}
+                Err(error) => {
+                    tracing::warn!(%error, "cannot purge old webhook deliveries");
+                    return;
                 }
             }
         }

@@ -54,6 +54,7 @@ pub(super) fn read<F: Fn(&str) -> Option<String>>(
             open: vars.millis("WEBHOOKS_CIRCUIT_OPEN_MS", 30_000)?,
             open_max: vars.millis("WEBHOOKS_CIRCUIT_OPEN_MAX_MS", 600_000)?,
         },
+        retention: vars.millis("WEBHOOKS_RETENTION_MS", 7 * 24 * 3_600_000)?,
     };
     let host = vars.string("HOSTNAME", "anna");
     let consumer = ConsumerConfig {

@@ -393,14 +393,17 @@ async fn a_dead_receiver_opens_its_circuit_without_holding_up_the_others() {
     hanging.queue(vec![Behaviour::Close]);
     hanging.set(Behaviour::ok());
     hanging.wait_for(8, Duration::from_secs(30), |r| r.answered_with == Behaviour::ok()).await;
+    // The receiver has answered; each success is recorded just after, so wait for the log to show all 8.
+    let mut all = Value::Null;
     for _ in 0..200 {
-        let body = app.get(&format!("/webhooks/{dead_id}")).bearer(&token).send().await.body;
-        if body["circuit"]["state"] == "closed" {
+        all = delivery_log(&app, &token, &dead_id, "?status=succeeded").await;
+        if all["deliveries"].as_array().map(Vec::len) == Some(8) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let all = delivery_log(&app, &token, &dead_id, "?status=succeeded").await;
+    let body = app.get(&format!("/webhooks/{dead_id}")).bearer(&token).send().await.body;
+    assert_eq!(body["circuit"]["state"], "closed", "{body}");
     assert_eq!(all["deliveries"].as_array().map(Vec::len), Some(8), "{all}");
     let closed = hanging.received().iter().any(|r| r.answered_with == Behaviour::Close);
     assert!(closed);
@@ -420,22 +423,39 @@ async fn a_dead_receiver_opens_its_circuit_without_holding_up_the_others() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_and_redirecting_receivers() {
-    let app =
-        spawn_app_with(Backend::Sqlite, &vars(&[("WEBHOOKS_MAX_ATTEMPTS", "1"), ("WEBHOOKS_TIMEOUT_MS", "600")])).await;
+    let settings =
+        vars(&[("WEBHOOKS_MAX_ATTEMPTS", "1"), ("WEBHOOKS_TIMEOUT_MS", "600"), ("WEBHOOKS_RESPONSE_MAX_BYTES", "16")]);
+    let app = spawn_app_with(Backend::Sqlite, &settings).await;
     let receiver = WebhookReceiver::start().await;
     let token = tenant(&app).await;
     let (id, _) = endpoint(&app, &token, json!({"url": receiver.url("/"), "events": ["session.created"]})).await;
+    // A long answer is read up to WEBHOOKS_RESPONSE_MAX_BYTES, and the log keeps that much.
+    receiver.queue(vec![Behaviour::Answer { status: 200, body: "y".repeat(100_000) }]);
+    start_session(&app, &token).await;
+    let long = delivery_with_status(&app, &token, &id, "session.created", "succeeded").await;
+    assert_eq!(long["lastAttempt"]["responseBody"], "y".repeat(16));
     // Slow but within the timeout: delivered.
     receiver.queue(vec![Behaviour::Slow { delay: Duration::from_millis(300), status: 204 }]);
     start_session(&app, &token).await;
-    let slow = delivery_with_status(&app, &token, &id, "session.created", "succeeded").await;
+    let mut slow = Value::Null;
+    for _ in 0..200 {
+        let log = delivery_log(&app, &token, &id, "?status=succeeded").await;
+        let found = log["deliveries"]
+            .as_array()
+            .and_then(|all| all.iter().find(|d| d["lastAttempt"]["statusCode"] == 204).cloned());
+        if let Some(found) = found {
+            slow = found;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert!(slow["lastAttempt"]["latencyMs"].as_u64().unwrap_or_default() >= 300, "{slow}");
     // A redirect is not followed (it could lead into the private network): a failure.
     receiver.queue(vec![Behaviour::Redirect("http://169.254.169.254/latest".into())]);
     start_session(&app, &token).await;
     let redirected = delivery_with_status(&app, &token, &id, "session.created", "dead").await;
     assert!(redirected["lastAttempt"]["error"].as_str().unwrap_or_default().contains("redirects are not followed"));
-    assert_eq!(receiver.count(), 2, "the redirect was followed: {:?}", receiver.received());
+    assert_eq!(receiver.count(), 3, "the redirect was followed: {:?}", receiver.received());
     // Slower than the timeout: a failure that says so.
     receiver.queue(vec![Behaviour::Slow { delay: Duration::from_millis(1500), status: 200 }]);
     start_session(&app, &token).await;

@@ -11,6 +11,8 @@ pub struct ApiConfig {
     /// Adds `Secure` to the refresh cookie.
     pub cookie_secure: bool,
     pub rate_limit: RateLimitConfig,
+    /// Names the rate-limit keys in Redis, so deployments sharing a server keep apart.
+    pub rate_limit_key_prefix: String,
     /// Peers whose `X-Forwarded-For` is believed.
     pub trusted_proxies: Vec<IpNet>,
     pub max_body_bytes: usize,
@@ -90,6 +92,7 @@ impl ApiConfig {
             refresh_cookie_name: "refresh_token".into(),
             cookie_secure: false,
             rate_limit: RateLimitConfig::default(),
+            rate_limit_key_prefix: "anna:rate".into(),
             trusted_proxies: Vec::new(),
             max_body_bytes: 64 * 1024,
             uniform_response_time: Duration::from_millis(250),

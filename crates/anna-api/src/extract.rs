@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use crate::error::ApiError;
 use crate::state::AppState;
-use anna_usecases::Authenticated;
+use anna_usecases::Caller;
 
 /// A JSON body. Other content types → 415, malformed JSON → 400, wrong field types → 422,
 /// too large → 413; unknown fields are ignored.
@@ -135,7 +135,7 @@ pub fn user_agent(parts_headers: &axum::http::HeaderMap) -> Option<String> {
 }
 
 /// The caller, from `Authorization: Bearer <access token>` (the scheme is checked).
-pub struct AuthUser(pub Authenticated);
+pub struct AuthUser(pub Caller);
 
 impl FromRequestParts<AppState> for AuthUser {
     type Rejection = ApiError;
@@ -157,6 +157,7 @@ impl FromRequestParts<AppState> for AuthUser {
         state
             .accounts
             .authenticate(token)
+            .await?
             .map(AuthUser)
             .ok_or_else(|| ApiError::unauthorized("invalid_access_token", "invalid access token"))
     }

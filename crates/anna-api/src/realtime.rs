@@ -310,7 +310,10 @@ async fn ws_sessions(
         .filter(|t| !t.is_empty());
     let caller = match (ticket, token) {
         (Some(ticket), _) => redeem_ticket(&state, &ticket).await,
-        (None, Some(token)) => state.accounts.authenticate(&token).map(|a| (a.user_id, a.expires_at)),
+        (None, Some(token)) => match state.accounts.authenticate(&token).await {
+            Ok(caller) => caller.map(|c| (c.user_id, c.expires_at)),
+            Err(failure) => return ApiError::from(failure).into_response(),
+        },
         (None, None) => {
             return ApiError::unauthorized("missing_access_token", "missing access token").into_response();
         }

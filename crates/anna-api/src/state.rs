@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::ApiConfig;
-use crate::rate_limit::RateLimiters;
+use crate::rate_limit::{RateLimiters, SharedBudgets};
 use crate::realtime::Realtime;
 
 #[derive(Clone)]
@@ -57,10 +57,14 @@ impl AppState {
         stream: Arc<dyn Stream>,
         usecases: UseCases,
         config: ApiConfig,
+        shared_budgets: Option<SharedBudgets>,
         metrics: Option<PrometheusHandle>,
         shutdown: CancellationToken,
     ) -> Self {
-        let limiters = RateLimiters::new(config.rate_limit);
+        let limiters = match shared_budgets {
+            Some(shared) => RateLimiters::shared(config.rate_limit, shared),
+            None => RateLimiters::new(config.rate_limit),
+        };
         let realtime = Arc::new(Realtime::new(config.realtime.clone()));
         let UseCases { accounts, sessions, webhooks } = usecases;
         Self(Arc::new(Inner {

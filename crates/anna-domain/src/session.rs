@@ -44,6 +44,8 @@ pub enum SessionStatus {
 }
 
 impl SessionStatus {
+    pub const ALL: [Self; 5] = [Self::PendingQr, Self::Connected, Self::Disconnected, Self::LoggedOut, Self::Failed];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::PendingQr => "pending_qr",

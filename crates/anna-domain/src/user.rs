@@ -194,6 +194,9 @@ pub struct User {
     pub created_at: OffsetDateTime,
     pub updated_at: OffsetDateTime,
     pub last_login_at: Option<OffsetDateTime>,
+    /// The generation of the user's access tokens: a token issued under an older one is
+    /// refused. Moves on when the user logs out everywhere or resets the password.
+    pub token_generation: i64,
 }
 
 /// Secrets handed out once, in clear, to be delivered by e-mail. They are never stored.
@@ -284,6 +287,7 @@ impl User {
             created_at: now,
             updated_at: now,
             last_login_at: None,
+            token_generation: 0,
         };
         let issued = user.new_verification(now, policy, hasher);
         let events = vec![
@@ -440,8 +444,20 @@ impl User {
         self.password_reset_token = None;
         self.password_reset_token_expires_at = None;
         self.password_reset_attempts = 0;
-        self.updated_at = now;
+        self.revoke_access_tokens(now);
         events::user_password_reset_completed(self, now)
+    }
+
+    /// Every access token issued until now stops working: the next ones carry the new
+    /// generation.
+    pub fn revoke_access_tokens(&mut self, now: OffsetDateTime) {
+        self.token_generation = self.token_generation.saturating_add(1);
+        self.updated_at = now;
+    }
+
+    /// Whether an access token issued under `generation` is still good for this user.
+    pub fn accepts_access_token(&self, generation: i64) -> bool {
+        self.status == UserStatus::Active && generation == self.token_generation
     }
 
     pub fn record_login(&mut self, now: OffsetDateTime) {
@@ -591,9 +607,25 @@ mod tests {
         assert!(user.check_password_reset("nope", now, &policy, &hasher).is_err());
         assert!(user.check_password_reset(&reset.token, now + Duration::hours(2), &policy, &hasher).is_err());
         assert!(user.check_password_reset(&reset.token, now, &policy, &hasher).is_ok());
+        assert!(user.accepts_access_token(0));
         user.complete_password_reset("new".into(), now);
         assert_eq!(user.password_hash, "new");
         assert!(user.check_password_reset(&reset.token, now, &policy, &hasher).is_err());
+        // Access tokens issued before the reset are refused.
+        assert!(!user.accepts_access_token(0));
+        assert!(user.accepts_access_token(1));
+    }
+
+    #[test]
+    fn access_tokens_are_accepted_from_active_users_of_the_current_generation() {
+        let (mut user, issued, policy, hasher, now) = setup();
+        assert!(!user.accepts_access_token(0), "not verified yet");
+        user.verify(&issued.code, now, &policy, &hasher).unwrap_or_else(|e| panic!("{e}"));
+        assert!(user.accepts_access_token(0));
+        user.revoke_access_tokens(now);
+        user.revoke_access_tokens(now);
+        assert!(!user.accepts_access_token(0) && !user.accepts_access_token(1));
+        assert!(user.accepts_access_token(2));
     }
 
     #[test]

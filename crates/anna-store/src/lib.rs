@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
+pub mod backup;
 pub mod device_keys;
 pub mod events;
 pub mod fleet;
@@ -26,6 +27,7 @@ mod tcp_nodelay;
 pub mod users;
 pub mod webhooks;
 
+pub use backup::{BackupError, BackupReport};
 pub use device_keys::{DeviceKeyStore, KeyChange};
 pub use events::{DeadLetter, EventLog, EventStat, EventWrites, OutboxRecord, OutboxStatus};
 pub use fleet::{Acquired, Fence, FenceSource, FleetStore, FleetView, Lease, WorkerInfo, WorkerRecord};

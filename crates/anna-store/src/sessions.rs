@@ -18,6 +18,9 @@ pub trait SessionStore: Send + Sync {
 
     /// Sessions in one of `statuses`, oldest first (resuming after a restart).
     async fn list_sessions_with_status(&self, statuses: &[SessionStatus]) -> Result<Vec<Session>, StoreError>;
+
+    /// How many sessions there are in each status; statuses with none are left out.
+    async fn count_sessions_by_status(&self) -> Result<Vec<(SessionStatus, u64)>, StoreError>;
 }
 
 /// The session half of a unit of work.
@@ -84,6 +87,19 @@ impl SessionStore for SqlStore {
             .fetch_all()
             .await?;
         rows.iter().map(session_from_row).collect()
+    }
+
+    async fn count_sessions_by_status(&self) -> Result<Vec<(SessionStatus, u64)>, StoreError> {
+        let rows = self.pool.query("SELECT status, count(*) AS n FROM sessions GROUP BY status").fetch_all().await?;
+        rows.iter()
+            .map(|row| {
+                let status: String = row.get("status")?;
+                let n: i64 = row.get("n")?;
+                let status = SessionStatus::parse(&status)
+                    .ok_or_else(|| StoreError::Corrupt(format!("unknown session status {status:?}")))?;
+                Ok((status, u64::try_from(n).unwrap_or_default()))
+            })
+            .collect()
     }
 }
 

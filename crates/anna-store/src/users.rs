@@ -40,8 +40,8 @@ macro_rules! select_user {
         concat!(
             "SELECT id, name, email, status, password_hash, verification_token, verification_code, \
              verification_token_expires_at, verification_attempts, verified_at, password_reset_token, \
-             password_reset_token_expires_at, password_reset_attempts, created_at, updated_at, last_login_at \
-             FROM users WHERE ",
+             password_reset_token_expires_at, password_reset_attempts, created_at, updated_at, last_login_at, \
+             token_generation FROM users WHERE ",
             $where
         )
     };
@@ -86,8 +86,8 @@ impl UserWrites for SqlUnitOfWork {
         let query = self.tx.query(
             "INSERT INTO users (id, name, email, status, password_hash, verification_token, verification_code, \
              verification_token_expires_at, verification_attempts, verified_at, password_reset_token, \
-             password_reset_token_expires_at, password_reset_attempts, updated_at, last_login_at, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
+             password_reset_token_expires_at, password_reset_attempts, updated_at, last_login_at, token_generation, \
+             created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)",
         );
         bind_user(query, user).bind_time(user.created_at).execute().await?;
         Ok(())
@@ -98,14 +98,14 @@ impl UserWrites for SqlUnitOfWork {
             "UPDATE users SET name = $2, email = $3, status = $4, password_hash = $5, verification_token = $6, \
              verification_code = $7, verification_token_expires_at = $8, verification_attempts = $9, \
              verified_at = $10, password_reset_token = $11, password_reset_token_expires_at = $12, \
-             password_reset_attempts = $13, updated_at = $14, last_login_at = $15 WHERE id = $1",
+             password_reset_attempts = $13, updated_at = $14, last_login_at = $15, token_generation = $16 WHERE id = $1",
         );
         bind_user(query, user).execute().await?;
         Ok(())
     }
 }
 
-/// Binds $1 … $15: the id, then every column an update may change, in the order the INSERT
+/// Binds $1 … $16: the id, then every column an update may change, in the order the INSERT
 /// and the UPDATE above name them.
 fn bind_user<'c>(query: Query<'c>, user: &User) -> Query<'c> {
     query
@@ -124,6 +124,7 @@ fn bind_user<'c>(query: Query<'c>, user: &User) -> Query<'c> {
         .bind(user.password_reset_attempts)
         .bind_time(user.updated_at)
         .bind_opt_time(user.last_login_at)
+        .bind(user.token_generation)
 }
 
 fn user_from_row(row: &Row) -> Result<User, StoreError> {
@@ -145,5 +146,6 @@ fn user_from_row(row: &Row) -> Result<User, StoreError> {
         created_at: row.time("created_at")?,
         updated_at: row.time("updated_at")?,
         last_login_at: row.opt_time("last_login_at")?,
+        token_generation: row.get("token_generation")?,
     })
 }

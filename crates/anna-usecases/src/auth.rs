@@ -134,10 +134,17 @@ impl Accounts {
         Ok(())
     }
 
-    /// Revokes every refresh token of a user. Returns how many were live.
+    /// Revokes every refresh token of a user, and every access token issued until now.
+    /// Returns how many refresh tokens were live.
     pub async fn logout_everywhere(&self, user_id: Uuid) -> Result<u64, Failure> {
+        let now = OffsetDateTime::now_utc();
         let mut uow = self.store.begin().await?;
-        let revoked = uow.revoke_user_refresh_tokens(user_id, OffsetDateTime::now_utc()).await?;
+        // The user row first, as every path that changes a user's tokens locks it.
+        if let Some(mut user) = uow.find_user_by_id(user_id).await? {
+            user.revoke_access_tokens(now);
+            uow.update_user(&user).await?;
+        }
+        let revoked = uow.revoke_user_refresh_tokens(user_id, now).await?;
         uow.commit().await?;
         tracing::info!(%user_id, revoked, "logged out everywhere");
         Ok(revoked)
@@ -179,7 +186,7 @@ impl Accounts {
     }
 
     /// Sets a new password with the token from the reset e-mail and revokes every refresh
-    /// token of the user. The token is checked before the (slow) hashing, and again when the
+    /// and access token of the user. The token is checked before the (slow) hashing, and again when the
     /// new hash is saved, so no write lock is held while hashing and a token cannot be used
     /// twice. Wrong tokens count as attempts.
     pub async fn confirm_password_reset(
@@ -260,7 +267,7 @@ impl Accounts {
 
     fn grant(&self, user: &User, refresh_token: String, now: OffsetDateTime) -> Result<LoginGrant, Failure> {
         Ok(LoginGrant {
-            access_token: self.tokens.issue(user.id, &user.email, now)?,
+            access_token: self.tokens.issue(user.id, &user.email, user.token_generation, now)?,
             access_token_expires_in: self.tokens.ttl_secs(),
             refresh_token,
             refresh_token_ttl: self.refresh_token_ttl,

@@ -32,17 +32,19 @@ pub mod webhooks;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anna_domain::DomainEvent;
 use anna_domain::password::Argon2Cost;
 use anna_domain::secrets::{Sealer, SecretHasher};
 use anna_domain::user::SecretPolicy;
+use anna_domain::{DomainEvent, User};
 use anna_store::{Store, StoreError};
 use secrecy::{ExposeSecret, SecretString};
+use uuid::Uuid;
 
 pub use auth::{LoginError, PasswordResetError, RefreshError};
 pub use passwords::{PasswordError, Passwords};
 pub use sessions::{Enqueued, SendRequest, SessionError, Sessions, SessionsConfig};
 pub use tokens::{AccessClaims, AccessTokens, Authenticated, TokenError};
+
 pub use users::{CurrentUserError, RegisterError, VerifyEmailError};
 pub use webhooks::{EndpointRequest, WebhookError, Webhooks, WebhooksConfig};
 
@@ -124,6 +126,16 @@ pub enum Failure {
     Stream(#[from] anna_streams::StreamError),
 }
 
+/// The caller of an authenticated request.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub user_id: Uuid,
+    /// When the access token expires (Unix seconds): long-lived connections end then.
+    pub expires_at: i64,
+    /// `None` when no such user exists (a signed token for a user that is gone).
+    pub user: Option<User>,
+}
+
 /// Users and authentication: the use-cases of the accounts context.
 pub struct Accounts {
     store: Arc<dyn Store>,
@@ -155,9 +167,18 @@ impl Accounts {
         })
     }
 
-    /// Checks an access token (`None` when it is not a valid, unexpired access token).
-    pub fn authenticate(&self, access_token: &str) -> Option<Authenticated> {
-        self.tokens.verify(access_token)
+    /// Checks an access token: `None` when it is not a valid, unexpired access token, or when
+    /// its user no longer accepts it (not active, or logged out everywhere or reset the
+    /// password since it was issued). The user is loaded for the check and handed over.
+    pub async fn authenticate(&self, access_token: &str) -> Result<Option<Caller>, Failure> {
+        let Some(token) = self.tokens.verify(access_token) else { return Ok(None) };
+        let user = self.store.find_user_by_id(token.user_id).await?;
+        if let Some(user) = &user
+            && !user.accepts_access_token(token.token_generation)
+        {
+            return Ok(None);
+        }
+        Ok(Some(Caller { user_id: token.user_id, expires_at: token.expires_at, user }))
     }
 
     /// A keyed hash for `purpose`, for callers that must store a fingerprint of something

@@ -211,13 +211,13 @@ impl Sessions {
         tenant_id: Uuid,
         id: Uuid,
         request: SendRequest,
-        admit: impl FnOnce(Uuid) -> Result<(), u64> + Send,
+        admit: impl Future<Output = Result<(), u64>> + Send,
     ) -> Result<Enqueued, SessionError> {
         let session = self.get(tenant_id, id).await?;
         if session.status != SessionStatus::Connected {
             return Err(SessionError::NotConnected { id, status: session.status.as_str() });
         }
-        admit(id).map_err(SessionError::RateLimited)?;
+        admit.await.map_err(SessionError::RateLimited)?;
         let chars = request.text.chars().count();
         if chars == 0 || chars > self.config.max_text_chars {
             return Err(SessionError::Invalid(format!(

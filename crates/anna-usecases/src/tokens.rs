@@ -13,7 +13,8 @@ pub const ACCESS_TOKEN_USE: &str = "access";
 /// How far in the future a token's `iat` may lie (clocks of API replicas differ a little).
 const MAX_CLOCK_SKEW_SECS: i64 = 60;
 
-/// The predecessor's claims: `sub`, `email`, `tokenUse`, `iat`, `exp`.
+/// The predecessor's claims (`sub`, `email`, `tokenUse`, `iat`, `exp`), and the generation of
+/// the user's tokens at issue (`tokenGeneration`; absent from tokens issued before it existed).
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct AccessClaims {
@@ -23,6 +24,8 @@ pub struct AccessClaims {
     pub token_use: String,
     pub iat: i64,
     pub exp: i64,
+    #[serde(default)]
+    pub token_generation: i64,
 }
 
 pub struct AccessTokens {
@@ -45,6 +48,8 @@ pub struct Authenticated {
     pub email: Option<String>,
     /// When the token expires (Unix seconds): long-lived connections end then.
     pub expires_at: i64,
+    /// The generation of the user's tokens when it was issued; see `User::token_generation`.
+    pub token_generation: i64,
 }
 
 impl AccessTokens {
@@ -59,7 +64,13 @@ impl AccessTokens {
         self.ttl.as_secs()
     }
 
-    pub fn issue(&self, user_id: Uuid, email: &str, now: OffsetDateTime) -> Result<String, TokenError> {
+    pub fn issue(
+        &self,
+        user_id: Uuid,
+        email: &str,
+        token_generation: i64,
+        now: OffsetDateTime,
+    ) -> Result<String, TokenError> {
         let iat = now.unix_timestamp();
         let claims = AccessClaims {
             sub: user_id.to_string(),
@@ -67,6 +78,7 @@ impl AccessTokens {
             token_use: ACCESS_TOKEN_USE.into(),
             iat,
             exp: iat.saturating_add(i64::try_from(self.ttl.as_secs()).unwrap_or(i64::MAX)),
+            token_generation,
         };
         Ok(encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)?)
     }
@@ -83,7 +95,12 @@ impl AccessTokens {
             return None;
         }
         let user_id = Uuid::parse_str(&data.claims.sub).ok()?;
-        Some(Authenticated { user_id, email: data.claims.email, expires_at: data.claims.exp })
+        Some(Authenticated {
+            user_id,
+            email: data.claims.email,
+            expires_at: data.claims.exp,
+            token_generation: data.claims.token_generation,
+        })
     }
 }
 
@@ -95,23 +112,37 @@ mod tests {
     fn issue_and_verify() {
         let keys = AccessTokens::new(b"k", Duration::from_secs(900));
         let id = Uuid::new_v4();
-        let token = keys.issue(id, "a@b.co", OffsetDateTime::now_utc()).unwrap_or_else(|e| panic!("{e}"));
+        let token = keys.issue(id, "a@b.co", 0, OffsetDateTime::now_utc()).unwrap_or_else(|e| panic!("{e}"));
         let auth = keys.verify(&token).unwrap_or_else(|| panic!("valid token refused"));
         assert_eq!(auth.user_id, id);
         assert!(AccessTokens::new(b"other", Duration::from_secs(900)).verify(&token).is_none());
         let expired = keys
-            .issue(id, "a@b.co", OffsetDateTime::now_utc() - time::Duration::hours(1))
+            .issue(id, "a@b.co", 0, OffsetDateTime::now_utc() - time::Duration::hours(1))
             .unwrap_or_else(|e| panic!("{e}"));
         assert!(keys.verify(&expired).is_none());
+    }
+
+    #[test]
+    fn tokens_carry_their_generation() {
+        let keys = AccessTokens::new(b"k", Duration::from_secs(900));
+        let id = Uuid::new_v4();
+        let token = keys.issue(id, "a@b.co", 3, OffsetDateTime::now_utc()).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(keys.verify(&token).map(|a| a.token_generation), Some(3));
+        // Tokens issued before the claim existed count as generation 0.
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        let older = serde_json::json!({"sub": id.to_string(), "tokenUse": "access", "iat": now, "exp": now + 60});
+        let older = encode(&Header::new(Algorithm::HS256), &older, &EncodingKey::from_secret(b"k"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(keys.verify(&older).map(|a| a.token_generation), Some(0));
     }
 
     #[test]
     fn refuses_tokens_issued_in_the_future() {
         let keys = AccessTokens::new(b"k", Duration::from_secs(900));
         let id = Uuid::new_v4();
-        let soon = keys.issue(id, "a@b.co", OffsetDateTime::now_utc() + time::Duration::seconds(30));
+        let soon = keys.issue(id, "a@b.co", 0, OffsetDateTime::now_utc() + time::Duration::seconds(30));
         assert!(soon.ok().and_then(|t| keys.verify(&t)).is_some(), "within the clock skew");
-        let later = keys.issue(id, "a@b.co", OffsetDateTime::now_utc() + time::Duration::hours(1));
+        let later = keys.issue(id, "a@b.co", 0, OffsetDateTime::now_utc() + time::Duration::hours(1));
         assert!(later.ok().and_then(|t| keys.verify(&t)).is_none(), "an hour ahead");
     }
 
@@ -125,6 +156,7 @@ mod tests {
             token_use: "refresh".into(),
             iat: now,
             exp: now + 60,
+            token_generation: 0,
         };
         let token = encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(b"k"))
             .unwrap_or_else(|e| panic!("{e}"));

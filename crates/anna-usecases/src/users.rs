@@ -7,7 +7,7 @@ use anna_store::StoreError;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::{Accounts, ClientMeta, Failure, LoginGrant, traced};
+use crate::{Accounts, Caller, ClientMeta, Failure, LoginGrant, traced};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegisterError {
@@ -94,7 +94,8 @@ impl Accounts {
         }
     }
 
-    pub async fn current_user(&self, user_id: Uuid) -> Result<User, CurrentUserError> {
-        self.store.find_user_by_id(user_id).await.map_err(Failure::from)?.ok_or(CurrentUserError::NotFound(user_id))
+    /// The caller's user, as loaded when the access token was checked (no second query).
+    pub fn current_user(&self, caller: Caller) -> Result<User, CurrentUserError> {
+        caller.user.ok_or(CurrentUserError::NotFound(caller.user_id))
     }
 }

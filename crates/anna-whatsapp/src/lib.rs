@@ -97,6 +97,20 @@ pub enum CloseReason {
 }
 
 impl CloseReason {
+    /// The reason without its detail: a metric label from a fixed set.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::RestartRequired => "restart_required",
+            Self::Transient(_) => "connection_lost",
+            Self::QrTimeout => "qr_timeout",
+            Self::LoggedOut(_) => "logged_out",
+            Self::Replaced => "replaced",
+            Self::Banned(_) => "banned",
+            Self::ClientOutdated => "client_outdated",
+            Self::Stopped => "stopped",
+        }
+    }
+
     /// The reason as the tenant sees it in events and in `GET /sessions/{id}`.
     pub fn label(&self) -> String {
         match self {

@@ -18,6 +18,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use anna_domain::SessionStatus;
 use anna_store::{Fence, FenceSource, Store, StoreError, WorkerInfo};
 use async_trait::async_trait;
 use tokio::sync::mpsc;
@@ -227,6 +228,21 @@ impl Fleet {
         self.leave().await;
     }
 
+    /// Sessions by status across the fleet (every worker reports the same figures: take
+    /// the max in queries). Statuses with no session read 0, not stale figures.
+    async fn report_session_counts(&self) {
+        match self.store.count_sessions_by_status().await {
+            Ok(counts) => {
+                for status in SessionStatus::ALL {
+                    // Summed: the predecessor's `expired` rows count as `failed`.
+                    let n: u64 = counts.iter().filter(|(s, _)| *s == status).map(|(_, n)| n).sum();
+                    metrics::gauge!("sessions", "status" => status.as_str()).set(n as f64);
+                }
+            }
+            Err(error) => tracing::debug!(%error, "cannot count sessions by status"),
+        }
+    }
+
     fn earliest_fence(&self) -> Option<Instant> {
         self.leases.read().values().map(|l| l.fence_at).min()
     }
@@ -292,6 +308,7 @@ impl Fleet {
             if let Err(error) = self.rebalance(started, ops).await {
                 tracing::warn!(%error, "sessions partitions could not be balanced");
             }
+            self.report_session_counts().await;
         };
         tokio::select! {
             () = rest => {}

@@ -537,6 +537,7 @@ impl SessionsWorker {
             DriverEvent::Qr { code, ttl } => {
                 let ttl = (*ttl).min(self.config.qr_ttl);
                 self.sessions.record_qr(id, code, now + time_duration(ttl)).await?;
+                metrics::counter!("session_qr_codes_total").increment(1);
             }
             DriverEvent::PairCode { code, ttl } => {
                 self.sessions.record_pair_code(id, code, now + time_duration(*ttl)).await?;
@@ -547,10 +548,12 @@ impl SessionsWorker {
             DriverEvent::Connected { phone } => {
                 self.reconnects.lock().await.remove(&id);
                 self.sessions.record_connected(id, phone).await?;
+                metrics::counter!("session_connects_total").increment(1);
                 self.mark_connected(id, generation, true).await;
                 tracing::info!(session_id = %id, worker_id = self.leases.worker_id(), unix_ms = unix_ms(), "session connected");
             }
             DriverEvent::Disconnected { reason, .. } => {
+                metrics::counter!("session_disconnects_total", "reason" => reason.kind()).increment(1);
                 self.mark_connected(id, generation, false).await;
                 self.sessions.record_disconnected(id, &reason.label()).await?;
             }
@@ -567,6 +570,7 @@ impl SessionsWorker {
                 if !self.forget(id, generation).await {
                     return Ok(());
                 }
+                metrics::counter!("session_closes_total", "reason" => reason.kind()).increment(1);
                 self.after_close(key, reason).await?;
             }
         }
@@ -606,6 +610,7 @@ impl SessionsWorker {
         if attempt > self.config.reconnect_max_attempts {
             self.reconnects.lock().await.remove(&key.session_id);
             let reason = format!("reconnect_failed: {why}");
+            metrics::counter!("session_reconnects_exhausted_total").increment(1);
             if let Err(error) = self.sessions.record_failed(key.session_id, &reason).await {
                 tracing::error!(session_id = %key.session_id, %error, "Session failure could not be recorded");
             }
@@ -773,6 +778,8 @@ impl SessionsWorker {
             }
         };
         let now = OffsetDateTime::now_utc();
+        metrics::counter!("session_messages_total", "outcome" => if outcome.is_ok() { "sent" } else { "failed" })
+            .increment(1);
         let event = match outcome {
             Ok(message_id) => {
                 let mut event = reference(key).message_sent(command.event_id, &message_id, to, now);

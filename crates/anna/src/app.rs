@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anna_api::AppState;
+use anna_api::rate_limit::SharedBudgets;
 use anna_api::state::UseCases;
 use anna_domain::secrets::Sealer;
 use anna_store::{ConnectOptions, SqlStore, Store};
@@ -55,7 +56,7 @@ fn connect_options(config: &Config) -> ConnectOptions {
     ConnectOptions { max_connections: config.database.max_connections, ..ConnectOptions::default() }
 }
 
-async fn open_sql_store(config: &Config) -> anyhow::Result<SqlStore> {
+pub(crate) async fn open_sql_store(config: &Config) -> anyhow::Result<SqlStore> {
     open_sql_store_with(config, connect_options(config)).await
 }
 
@@ -164,11 +165,13 @@ pub async fn start(
     shutdown: CancellationToken,
 ) -> anyhow::Result<Running> {
     let metrics = telemetry::metrics_handle()?;
+    crate::metric_families::register_for(roles);
     let mut supervisor = Supervisor::new(shutdown.clone());
     let (mut addr, mut metrics_addr, mut api_state) = (None, None, None);
     if let Some(port) = config.server.metrics_port {
         let listener = bind(config, port, "METRICS_PORT").await?;
         metrics_addr = Some(listener.local_addr()?);
+        tracing::info!(addr = %listener.local_addr()?, "metrics listening");
         let router = metrics_router(metrics.clone());
         let (token, limits, drain) = (shutdown.clone(), config.server.limits, config.server.shutdown_timeout);
         supervisor.spawn("metrics endpoint", async move {
@@ -177,6 +180,13 @@ pub async fn start(
     }
     if roles.api {
         let accounts = Arc::new(Accounts::new(backends.store.clone(), &config.accounts)?);
+        // API replicas of the production shape share their rate limits through Redis.
+        let shared_budgets = match &config.events.backend {
+            StreamBackend::Redis(url) => {
+                Some(SharedBudgets::connect(url.expose_secret(), &config.api.rate_limit_key_prefix).await?)
+            }
+            StreamBackend::Embedded => None,
+        };
         let state = AppState::new(
             backends.store.clone(),
             backends.stream.clone(),
@@ -186,6 +196,7 @@ pub async fn start(
                 webhooks: webhooks_usecases(config, backends),
             },
             config.api.clone(),
+            shared_budgets,
             Some(metrics),
             shutdown.clone(),
         );
@@ -400,11 +411,20 @@ fn start_sessions_worker(
     });
 }
 
+/// The `METRICS_PORT` listener: `/metrics`, and `/healthz` so a supervisor can check a worker
+/// process, which serves nothing else.
 pub fn metrics_router(handle: metrics_exporter_prometheus::PrometheusHandle) -> axum::Router {
-    axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || std::future::ready(anna_api::health::render_metrics(Some(&handle)))),
-    )
+    axum::Router::new()
+        .route(
+            "/metrics",
+            axum::routing::get(move || std::future::ready(anna_api::health::render_metrics(Some(&handle)))),
+        )
+        .route(
+            "/healthz",
+            axum::routing::get(|| {
+                std::future::ready(([(axum::http::header::CONTENT_TYPE, "application/json")], r#"{"status":"ok"}"#))
+            }),
+        )
 }
 
 /// Cancels `token` on SIGINT or SIGTERM.

@@ -11,7 +11,7 @@ use anna::operator;
 /// Configuration comes from environment variables (and a `.env` file in the working
 /// directory); see the README for the full table.
 #[derive(Debug, Parser)]
-#[command(name = "anna", version, about = "Self-hostable, multi-tenant WhatsApp sessions platform")]
+#[command(name = "anna", version = anna::VERSION, about = "Self-hostable, multi-tenant WhatsApp sessions platform")]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -30,6 +30,13 @@ enum Command {
     },
     /// Create or upgrade every table (SQLite or Postgres, from DATABASE_URL); idempotent.
     Migrate,
+    /// A consistent copy of the embedded SQLite database, taken while anna runs (Postgres:
+    /// use pg_dump, see docs/operations.md). Restore: stop anna, put the copy in the
+    /// database's place, start anna.
+    Backup {
+        /// The file to write; it must not exist yet.
+        file: std::path::PathBuf,
+    },
     /// Inspect the transactional outbox.
     Outbox {
         #[command(subcommand)]
@@ -112,6 +119,7 @@ impl Command {
             Self::Worker { kind: WorkerKind::Sessions } => "sessions",
             Self::Worker { kind: WorkerKind::Webhooks } => "webhooks",
             Self::Migrate => "migrate",
+            Self::Backup { .. } => "operator",
             Self::Outbox { .. } | Self::Dlq { .. } | Self::Fleet { .. } | Self::Simulator { .. } => "operator",
         }
     }
@@ -155,6 +163,7 @@ fn main() -> ExitCode {
             Command::Api => commands::api(config).await,
             Command::Worker { kind } => commands::worker(config, kind).await,
             Command::Migrate => commands::migrate(config).await,
+            Command::Backup { file } => operator::backup(config, &file).await,
             Command::Outbox { command: OutboxCommand::Status { watch, every } } => {
                 operator::outbox_status(config, watch, std::time::Duration::from_secs(every)).await
             }

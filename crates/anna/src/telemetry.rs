@@ -121,8 +121,33 @@ pub fn metrics_handle() -> Result<PrometheusHandle, TelemetryError> {
                     &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0],
                 )
                 .map_err(|e| e.to_string())?
+                // Without buckets the exporter renders a summary, which the dashboard's
+                // histogram_quantile cannot read (and replicas cannot be summed).
+                .set_buckets_for_metric(
+                    Matcher::Full("webhook_attempt_duration_seconds".into()),
+                    &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0],
+                )
+                .map_err(|e| e.to_string())?
+                .set_buckets_for_metric(
+                    Matcher::Full("webhook_delivery_latency_seconds".into()),
+                    &[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0],
+                )
+                .map_err(|e| e.to_string())?
+                .set_buckets_for_metric(
+                    Matcher::Full("sessions_failover_seconds".into()),
+                    &[0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 30.0, 60.0, 120.0, 300.0],
+                )
+                .map_err(|e| e.to_string())?
+                .set_buckets_for_metric(
+                    Matcher::Full("session_event_batch_size".into()),
+                    &[1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0],
+                )
+                .map_err(|e| e.to_string())?
                 .install_recorder()
                 .map_err(|e| e.to_string())?;
+            // So dashboards can tell which build each process runs.
+            metrics::gauge!("anna_build_info", "version" => env!("CARGO_PKG_VERSION"), "commit" => crate::GIT_COMMIT)
+                .set(1.0);
             let upkeep = handle.clone();
             // Without upkeep, histogram buffers grow without bound.
             std::thread::Builder::new()

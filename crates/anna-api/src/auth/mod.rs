@@ -93,13 +93,13 @@ async fn login(
     jar: CookieJar,
     ApiJson(body): ApiJson<LoginRequest>,
 ) -> ApiResult<(CookieJar, Json<TokenResponse>)> {
-    state.limiters.check_ip(Limited::Login, &client_ip.key())?;
+    state.limiters.check_ip(Limited::Login, &client_ip.key()).await?;
     let (Some(email), Some(password)) = (body.email.filter(|e| !e.is_empty()), body.password.filter(|p| !p.is_empty()))
     else {
         return Err(ApiError::bad_request("missing_fields", "email and password are required"));
     };
     let email = parse_email(&email)?;
-    state.limiters.check_account(Limited::Login, email.as_str())?;
+    state.limiters.check_account(Limited::Login, email.as_str()).await?;
     let grant = state.accounts.login(&email, password, &meta(&headers, &client_ip)).await?;
     let (jar, body) = grant_cookie(&state, jar, grant);
     Ok((jar, Json(body)))
@@ -167,7 +167,7 @@ async fn resend_verification(
     ApiJson(body): ApiJson<EmailRequest>,
 ) -> ApiResult<Json<StatusResponse>> {
     let started = tokio::time::Instant::now();
-    let email = limited_email(&state, &client_ip, body, Limited::ResendVerification)?;
+    let email = limited_email(&state, &client_ip, body, Limited::ResendVerification).await?;
     state.accounts.resend_verification(&email).await?;
     tokio::time::sleep_until(started + state.config.uniform_response_time).await;
     Ok(Json(OK))
@@ -184,22 +184,22 @@ async fn password_reset(
     // The same answer after the same time whatever happened, so neither tells whether the
     // account exists.
     let started = tokio::time::Instant::now();
-    let email = limited_email(&state, &client_ip, body, Limited::PasswordReset)?;
+    let email = limited_email(&state, &client_ip, body, Limited::PasswordReset).await?;
     state.accounts.request_password_reset(&email).await?;
     tokio::time::sleep_until(started + state.config.uniform_response_time).await;
     Ok(Json(OK))
 }
 
 /// The limits and the parsing both e-mail-sending routes share.
-fn limited_email(
+async fn limited_email(
     state: &AppState,
     client_ip: &ClientIp,
     body: EmailRequest,
     route: Limited,
 ) -> Result<Email, ApiError> {
-    state.limiters.check_ip(route, &client_ip.key())?;
+    state.limiters.check_ip(route, &client_ip.key()).await?;
     let email = required_email(body)?;
-    state.limiters.check_account(route, email.as_str())?;
+    state.limiters.check_account(route, email.as_str()).await?;
     Ok(email)
 }
 
@@ -223,7 +223,7 @@ async fn password_reset_confirm(
     client_ip: ClientIp,
     ApiJson(body): ApiJson<ResetConfirmRequest>,
 ) -> ApiResult<Json<StatusResponse>> {
-    state.limiters.check_ip(Limited::PasswordResetConfirm, &client_ip.key())?;
+    state.limiters.check_ip(Limited::PasswordResetConfirm, &client_ip.key()).await?;
     let (Some(email), Some(token), Some(new_password)) = (
         body.email.filter(|v| !v.is_empty()),
         body.token.filter(|v| !v.is_empty()),
@@ -232,7 +232,7 @@ async fn password_reset_confirm(
         return Err(ApiError::bad_request("missing_fields", "email, token and newPassword are required"));
     };
     let email = parse_email(&email)?;
-    state.limiters.check_account(Limited::PasswordResetConfirm, email.as_str())?;
+    state.limiters.check_account(Limited::PasswordResetConfirm, email.as_str()).await?;
     state.accounts.confirm_password_reset(&email, &token, new_password).await?;
     Ok(Json(OK))
 }

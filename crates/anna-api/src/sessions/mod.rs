@@ -348,7 +348,7 @@ async fn send_message(
     let scope = format!("POST /sessions/{id}/messages {}", caller.user_id);
     let fingerprint = json!([request.to, request.text, request.reply_to, request.client_message_id]).to_string();
     Ok(idempotency::once(&state, &scope, key, &fingerprint, || async {
-        command(state.sessions.send(caller.user_id, id, request, |id| state.limiters.check_send(id)).await?)
+        command(state.sessions.send(caller.user_id, id, request, state.limiters.check_send(id)).await?)
     })
     .await)
 }

@@ -109,13 +109,13 @@ async fn verify(
     jar: CookieJar,
     ApiJson(body): ApiJson<VerifyRequest>,
 ) -> ApiResult<(CookieJar, Json<VerifyResponse>)> {
-    state.limiters.check_ip(Limited::Verify, &client_ip.key())?;
+    state.limiters.check_ip(Limited::Verify, &client_ip.key()).await?;
     let user_id = parse_uuid(&id, "user id")?;
     let Some(candidate) = body.token.filter(|t| !t.trim().is_empty()).or(body.code.filter(|c| !c.trim().is_empty()))
     else {
         return Err(ApiError::bad_request("missing_fields", "token or code is required"));
     };
-    state.limiters.check_account(Limited::Verify, &user_id.to_string())?;
+    state.limiters.check_account(Limited::Verify, &user_id.to_string()).await?;
     let grant = state.accounts.verify_email(user_id, &candidate, &meta(&headers, &client_ip)).await?;
     let (jar, token) = grant_cookie(&state, jar, grant);
     Ok((
@@ -140,6 +140,6 @@ pub struct MeResponse {
 #[utoipa::path(get, path = "/users/me", tag = "users", security(("bearer" = [])),
     responses((status = 200, body = MeResponse), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
 async fn me(State(state): State<AppState>, AuthUser(caller): AuthUser) -> ApiResult<Json<MeResponse>> {
-    let user = state.accounts.current_user(caller.user_id).await?;
+    let user = state.accounts.current_user(caller)?;
     Ok(Json(MeResponse { id: user.id.to_string(), name: user.name, email: user.email, status: user.status.as_str() }))
 }

@@ -115,6 +115,7 @@ fn full_user(email: &str) -> User {
         created_at: t - Duration::days(2),
         updated_at: t - Duration::seconds(5),
         last_login_at: Some(t - Duration::milliseconds(1234)),
+        token_generation: 2,
     }
 }
 
@@ -137,6 +138,7 @@ fn bare_user(email: &str) -> User {
         created_at: t,
         updated_at: t,
         last_login_at: None,
+        token_generation: 0,
     }
 }
 

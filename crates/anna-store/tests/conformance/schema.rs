@@ -29,6 +29,7 @@ const CONTRACT: &[(&str, &[&str])] = &[
             "created_at",
             "updated_at",
             "last_login_at",
+            "token_generation",
         ],
     ),
     (

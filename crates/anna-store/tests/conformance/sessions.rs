@@ -47,6 +47,9 @@ async fn sessions_insert_update_list_delete(store: Arc<dyn Store>) -> TestResult
 
     let connected = store.list_sessions_with_status(&[SessionStatus::Connected, SessionStatus::Failed]).await?;
     assert_eq!(connected.iter().map(|s| s.id).collect::<Vec<_>>(), vec![first.id]);
+    let mut counts = store.count_sessions_by_status().await?;
+    counts.sort_by_key(|(status, _)| status.as_str());
+    assert_eq!(counts, vec![(SessionStatus::Connected, 1), (SessionStatus::PendingQr, 2)], "across tenants");
 
     store.save_creds(first.id, tenant, &json!({"paired": true})).await?;
     let mut uow = store.begin().await?;

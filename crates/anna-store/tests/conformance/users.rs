@@ -113,6 +113,7 @@ async fn update_user_persists_every_column(store: Arc<dyn Store>) -> TestResult 
         created_at: later - Duration::days(100),
         updated_at: later,
         last_login_at: None,
+        token_generation: 7,
     };
     let mut uow = store.begin().await?;
     assert_eq!(uow.find_user_by_id(original.id).await?, Some(original.clone()));

@@ -81,6 +81,7 @@ pub(super) fn api<F: Fn(&str) -> Option<String>>(
             send_per_minute: vars.positive("SESSIONS_SEND_PER_MINUTE", 60, "a positive number of messages")?,
             send_burst: vars.positive("SESSIONS_SEND_BURST", 20, "a positive number of messages")?,
         },
+        rate_limit_key_prefix: vars.string("RATE_LIMIT_KEY_PREFIX", &dev.rate_limit_key_prefix),
         trusted_proxies,
         max_body_bytes: vars.positive("HTTP_MAX_BODY_BYTES", dev.max_body_bytes, "a positive number of bytes")?,
         uniform_response_time: vars.millis_or_zero("AUTH_UNIFORM_RESPONSE_MS", 250)?,

@@ -115,12 +115,26 @@ async fn logout_and_logout_all(backend: Backend) {
     let a = app.login(&email, PASSWORD).await;
     let b = app.login(&email, PASSWORD).await;
     assert_eq!(app.post("/auth/logout-all").send().await.status, 401);
+    for session in [&a, &b] {
+        assert_eq!(app.get("/users/me").bearer(&session.access_token()).send().await.status, 200);
+        assert_eq!(app.get("/sessions").bearer(&session.access_token()).send().await.status, 200);
+    }
     let all = app.post("/auth/logout-all").bearer(&a.access_token()).send().await;
     assert_eq!(all.status, 204);
     assert!(all.set_cookie().contains("Max-Age=0"));
-    for session in [a, b] {
+    for session in [&a, &b] {
         assert_eq!(app.post("/auth/refresh").cookie(&session.cookie_pair()).send().await.status, 401);
+        // The access tokens stop at once too, on every route, not when they expire.
+        for route in ["/users/me", "/sessions", "/webhooks"] {
+            let refused = app.get(route).bearer(&session.access_token()).send().await;
+            assert_eq!((refused.status, refused.message()), (401, "invalid access token"), "{route}");
+        }
     }
+    // A new login gets tokens of the new generation.
+    let again = app.login(&email, PASSWORD).await;
+    assert_eq!(app.get("/users/me").bearer(&again.access_token()).send().await.status, 200);
+    let refreshed = app.post("/auth/refresh").cookie(&again.cookie_pair()).send().await;
+    assert_eq!(app.get("/sessions").bearer(&refreshed.access_token()).send().await.status, 200);
     app.stop().await;
 }
 
@@ -157,6 +171,7 @@ async fn password_reset_flow(backend: Backend) {
     let email = unique_email();
     let (id, _) = app.active_user(&email, PASSWORD).await;
     let session = app.login(&email, PASSWORD).await;
+    assert_eq!(app.get("/users/me").bearer(&session.access_token()).send().await.status, 200);
     assert_eq!(app.post("/auth/password-reset").json(json!({"email": email})).send().await.status, 200);
     let mail = app.mailbox.nth_to(&email, 2).await;
     let token = link_param(&mail, "token");
@@ -180,8 +195,11 @@ async fn password_reset_flow(backend: Backend) {
 
     assert_eq!(app.login(&email, PASSWORD).await.status, 401);
     assert_eq!(app.login(&email, "a new password").await.status, 200);
-    // Every refresh token that existed before the reset is revoked.
+    // Every refresh and access token that existed before the reset is revoked.
     assert_eq!(app.post("/auth/refresh").cookie(&session.cookie_pair()).send().await.status, 401);
+    assert_eq!(app.get("/users/me").bearer(&session.access_token()).send().await.status, 401);
+    let fresh = app.login(&email, "a new password").await;
+    assert_eq!(app.get("/users/me").bearer(&fresh.access_token()).send().await.status, 200);
     let names: Vec<_> =
         app.store.outbox_events_for_aggregate(&id).await.unwrap().into_iter().map(|r| r.event.event_name).collect();
     assert!(names.contains(&"user.password_reset.requested".to_owned()));

@@ -118,6 +118,19 @@ fn help_for_every_command() {
 }
 
 #[test]
+fn version_names_the_release_and_the_commit() {
+    let out = anna(&["--version"], &[]).output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with(&format!("anna {} (commit ", env!("CARGO_PKG_VERSION"))), "{text}");
+    let head = Command::new("git").args(["rev-parse", "--short=12", "HEAD"]).output();
+    if let Some(head) = head.ok().filter(|o| o.status.success()) {
+        let head = String::from_utf8_lossy(&head.stdout);
+        assert!(text.contains(&format!("(commit {})", head.trim())), "{text} is not built from {head}");
+    }
+}
+
+#[test]
 fn bad_configuration_stops_startup_naming_the_variable() {
     let out = anna(&["serve"], &[("PORT", "eighty")]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
@@ -261,6 +274,122 @@ async fn api_process_against_postgres() {
     let ready = reqwest::get(format!("http://{addr}/readyz")).await.unwrap();
     assert_eq!(ready.status(), 200);
     assert!(api.terminate().success());
+}
+
+/// Registers users on `base` until `stop`; returns each e-mail with the time its 201 arrived.
+async fn register_until(base: String, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Vec<(Instant, String)> {
+    let client = reqwest::Client::new();
+    let mut registered = Vec::new();
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let email = format!("load-{}@example.com", uuid::Uuid::new_v4().simple());
+        let reply = client
+            .post(format!("{base}/users"))
+            .json(&json!({"name": "Load", "email": email, "password": "correct horse battery"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(reply.status(), 201);
+        registered.push((Instant::now(), email));
+    }
+    registered
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_taken_under_write_load_restores_into_a_working_instance() {
+    let dir = std::env::temp_dir().join(format!("anna-backup-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let db = format!("sqlite:{}/anna.db", dir.display());
+    let copy = dir.join("copy.db");
+    let copy_arg = copy.display().to_string();
+    let env = [("HOST", "127.0.0.1"), ("PORT", "0"), ("RATE_LIMIT_ENABLED", "false"), ("DATABASE_URL", db.as_str())];
+    let mut app = Running::start(anna(&["serve"], &env));
+    let base = format!("http://{}", app.listening_addr());
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writers: Vec<_> = (0..3).map(|_| tokio::spawn(register_until(base.clone(), stop.clone()))).collect();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    let started = Instant::now();
+    let out = anna(&["backup", &copy_arg], &[("DATABASE_URL", &db)]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("backed up the database"));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut registered = Vec::new();
+    for writer in writers {
+        registered.extend(writer.await.unwrap());
+    }
+    let before: Vec<&String> = registered.iter().filter(|(at, _)| *at < started).map(|(_, e)| e).collect();
+    assert!(before.len() >= 10 && before.len() < registered.len(), "{} of {}", before.len(), registered.len());
+    // A backup never overwrites; Postgres is refused with the way to back it up.
+    let again = anna(&["backup", &copy_arg], &[("DATABASE_URL", &db)]).output().unwrap();
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
+    let pg = anna(&["backup", &format!("{copy_arg}.pg")], &[("DATABASE_URL", "postgres://u@127.0.0.1:1/db")])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&pg.stderr).contains("pg_dump"), "{}", String::from_utf8_lossy(&pg.stderr));
+    assert!(app.terminate().success());
+
+    // Restored: a new instance on the copy has every user registered before the backup began.
+    let restored_db = format!("sqlite:{copy_arg}");
+    let restored_env = [("HOST", "127.0.0.1"), ("PORT", "0"), ("DATABASE_URL", restored_db.as_str())];
+    let mut restored = Running::start(anna(&["serve"], &restored_env));
+    let base = format!("http://{}", restored.listening_addr());
+    let client = reqwest::Client::new();
+    assert_eq!(client.get(format!("{base}/readyz")).send().await.unwrap().status(), 200);
+    for email in before {
+        let reply = client
+            .post(format!("{base}/users"))
+            .json(&json!({"name": "Again", "email": email, "password": "correct horse battery"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(reply.status(), 409, "{email} was registered before the backup but is not in it");
+    }
+    let fresh = format!("after-{}@example.com", uuid::Uuid::new_v4().simple());
+    let reply = client
+        .post(format!("{base}/users"))
+        .json(&json!({"name": "New", "email": fresh, "password": "correct horse battery"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reply.status(), 201);
+    assert!(restored.terminate().success());
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_replicas_share_their_rate_limits_through_redis() {
+    let url = anna_testkit::pg::fresh_database_url().await;
+    let out = anna(&["migrate"], &[("DATABASE_URL", &url)]).output().unwrap();
+    assert!(out.status.success());
+    let redis = anna_testkit::redis::RedisServer::start(false);
+    let redis_url = redis.url();
+    let env = [
+        ("DATABASE_URL", url.as_str()),
+        ("REDIS_URL", redis_url.as_str()),
+        ("HOST", "127.0.0.1"),
+        ("PORT", "0"),
+        ("RATE_LIMIT_PER_IP_PER_MINUTE", "4"),
+    ];
+    let mut replicas = [Running::start(anna(&["api"], &env)), Running::start(anna(&["api"], &env))];
+    let addrs: Vec<String> = replicas.iter_mut().map(Running::listening_addr).collect();
+    let http = reqwest::Client::new();
+    let mut answers = Vec::new();
+    for round in 0..10 {
+        let reply = http
+            .post(format!("http://{}/auth/login", addrs[round % 2]))
+            .json(&json!({"email": "nobody@example.com", "password": "not the password"}))
+            .send()
+            .await
+            .unwrap();
+        answers.push(reply.status().as_u16());
+    }
+    // One budget of 4 for both: the fifth login is refused, whichever replica gets it.
+    assert_eq!(answers, [401, 401, 401, 401, 429, 429, 429, 429, 429, 429], "{answers:?}");
+    for replica in &mut replicas {
+        assert!(replica.terminate().success());
+    }
 }
 
 /// A stand-in OpenTelemetry collector: counts OTLP/HTTP trace exports.

@@ -116,6 +116,8 @@ async fn spawn_roles(backend: Backend, vars: &[(&str, &str)], configured_email: 
     map.insert("EVENTS_STREAM".into(), format!("domain-events-{suffix}"));
     map.insert("EVENTS_DLQ_STREAM".into(), format!("domain-events-dlq-{suffix}"));
     map.insert("EVENTS_BLOCK_MS".into(), "500".into());
+    // And its own rate-limit budgets (tests that enable limits all come from 127.0.0.1).
+    map.insert("RATE_LIMIT_KEY_PREFIX".into(), format!("anna-test:rate:{suffix}"));
     map.insert("SESSIONS_COMMAND_STREAM".into(), format!("session-commands-{suffix}"));
     map.insert("SESSIONS_COMMAND_DLQ_STREAM".into(), format!("session-commands-dlq-{suffix}"));
     map.insert("SESSIONS_COMMAND_BLOCK_MS".into(), "500".into());

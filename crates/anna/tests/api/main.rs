@@ -5,6 +5,7 @@
 mod auth;
 mod binary;
 mod browser;
+mod deploy;
 mod edge;
 mod email;
 mod fleet;

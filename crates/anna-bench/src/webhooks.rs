@@ -49,6 +49,9 @@ pub struct WebhooksArgs {
     /// Deliver the events of each session in order (the endpoint's `ordered` option).
     #[arg(long)]
     ordered: bool,
+    /// Endpoints of the tenant, each receiving every event (deliveries = events × endpoints).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1000))]
+    endpoints: u64,
     /// Only these shapes (embedded, distributed).
     #[arg(long, value_delimiter = ',', default_value = "distributed,embedded")]
     shapes: Vec<String>,
@@ -202,21 +205,31 @@ pub async fn run(args: WebhooksArgs) -> anyhow::Result<()> {
         let tenant = Uuid::new_v4();
         let sessions: Vec<Uuid> = (0..args.sessions.max(1)).map(|_| Uuid::new_v4()).collect();
         let receiver = WebhookReceiver::start_counting().await;
-        let settings = NewEndpoint {
-            url: receiver.url("/hook"),
-            description: "bench".into(),
-            filter: EventFilter::all(),
-            enabled: true,
-            ordered: args.ordered,
-        };
         let sealer = anna_domain::webhook::secret_sealer(SECRET);
-        let (endpoint, _, _) = WebhookEndpoint::create(tenant, settings, &sealer, OffsetDateTime::now_utc())
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
         let mut uow = store.begin().await?;
-        uow.insert_webhook_endpoint(&endpoint).await?;
+        for n in 0..args.endpoints {
+            let settings = NewEndpoint {
+                url: receiver.url(&format!("/hook/{n}")),
+                description: "bench".into(),
+                filter: EventFilter::all(),
+                enabled: true,
+                ordered: args.ordered,
+            };
+            let (endpoint, _, _) = WebhookEndpoint::create(tenant, settings, &sealer, OffsetDateTime::now_utc())
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            uow.insert_webhook_endpoint(&endpoint).await?;
+        }
         uow.commit().await?;
+        let fan_out = usize::try_from(args.endpoints).unwrap_or(1);
         let commits = Commits::default();
-        let order = if args.ordered { ", ordered" } else { "" };
+        let order = match (args.ordered, args.endpoints) {
+            (false, 1) => String::new(),
+            (ordered, n) => format!(
+                "{}{}",
+                if ordered { ", ordered" } else { "" },
+                if n > 1 { format!(", {n} endpoints") } else { String::new() }
+            ),
+        };
 
         // 1. A backlog after an outage of the webhooks worker: every event already in the stream.
         let relay_pipeline = relay(&store, &stream, &stream_name);
@@ -228,14 +241,14 @@ pub async fn run(args: WebhooksArgs) -> anyhow::Result<()> {
         }
         let started = Instant::now();
         let worker = webhooks_worker(&store, &stream, &stream_name)?;
-        let complete = wait_received(&receiver, args.events, Duration::from_secs(600)).await;
+        let complete = wait_received(&receiver, args.events * fan_out, Duration::from_secs(600)).await;
         let elapsed = started.elapsed();
         let delivered = receiver.count();
         println!(
             "{}",
             Summary::from_latencies(
                 format!("{label} backlog {}{order}", args.events),
-                vec![Duration::ZERO; delivered.min(args.events)],
+                vec![Duration::ZERO; delivered.min(args.events * fan_out)],
                 usize::from(!complete),
                 elapsed
             )
@@ -261,7 +274,7 @@ pub async fn run(args: WebhooksArgs) -> anyhow::Result<()> {
             producer.await??;
         }
         let total = per_producer * args.producers.max(1);
-        let complete = wait_received(&receiver, before + total, Duration::from_secs(600)).await;
+        let complete = wait_received(&receiver, before + total * fan_out, Duration::from_secs(600)).await;
         let elapsed = started.elapsed();
         let received = receiver.counted();
         let latencies = commits.latencies(&received[before.min(received.len())..]);
@@ -290,7 +303,7 @@ pub async fn run(args: WebhooksArgs) -> anyhow::Result<()> {
         for task in in_flight {
             task.await??;
         }
-        let complete = wait_received(&receiver, before + total, Duration::from_secs(120)).await;
+        let complete = wait_received(&receiver, before + total * fan_out, Duration::from_secs(120)).await;
         let elapsed = started.elapsed();
         let received = receiver.counted();
         let latencies = commits.latencies(&received[before.min(received.len())..]);

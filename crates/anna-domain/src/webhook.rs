@@ -394,10 +394,13 @@ impl WebhookEndpoint {
     /// Whether this endpoint wants `event` (enabled, subscribed to its name, and the event is
     /// not older than the endpoint).
     pub fn wants(&self, event: &DomainEvent) -> bool {
+        // Events carry milliseconds: compared at that precision, an event of the millisecond the
+        // endpoint was created in is delivered rather than lost.
+        let created_ms = self.created_at.replace_nanosecond(u32::from(self.created_at.millisecond()) * 1_000_000);
         self.enabled
             && event.tenant_id.as_deref() == Some(self.tenant_id.to_string().as_str())
             && self.filter.matches(&event.event_name)
-            && event.occurred_on >= self.created_at
+            && created_ms.is_ok_and(|created| event.occurred_on >= created)
     }
 }
 
@@ -469,6 +472,28 @@ mod tests {
         assert_eq!(endpoint.signing_secrets(&sealer, later).expect("open"), vec![second]);
         // Another server secret cannot open them.
         assert!(endpoint.signing_secrets(&secret_sealer(b"other"), now).is_err());
+    }
+
+    #[test]
+    fn endpoints_want_events_from_the_millisecond_they_were_created_in() {
+        let tenant = Uuid::new_v4();
+        let settings = NewEndpoint {
+            url: "https://example.com/hook".into(),
+            description: String::new(),
+            filter: EventFilter::all(),
+            enabled: true,
+            ordered: false,
+        };
+        let created = time::macros::datetime!(2026-12-06 21:17:55.051_906 UTC);
+        let (endpoint, _, _) =
+            WebhookEndpoint::create(tenant, settings, &secret_sealer(b"server"), created).expect("create");
+        let event_at = |at| {
+            let mut event = DomainEvent::new(session::SESSION_CREATED, "s1", at, json!({}));
+            event.tenant_id = Some(tenant.to_string());
+            event
+        };
+        assert!(endpoint.wants(&event_at(time::macros::datetime!(2026-12-06 21:17:55.051 UTC))));
+        assert!(!endpoint.wants(&event_at(time::macros::datetime!(2026-12-06 21:17:55.050 UTC))));
     }
 
     #[test]

@@ -131,14 +131,14 @@ pub struct ClaimRules {
     pub window: usize,
     /// How long a claim holds a delivery (longer than an attempt can take).
     pub lease: Duration,
-    /// Attempts this process may have in flight per endpoint, and those it has now.
+    /// Attempts this process may have in flight per endpoint, and those it has now. An endpoint
+    /// at its limit is left out of the window (its due deliveries wait, unwritten, and do not
+    /// crowd out other endpoints'); one that reaches it during the claim is skipped.
     pub endpoint_concurrency: u32,
     pub in_flight: HashMap<Uuid, u32>,
     /// An endpoint's consecutive failures from which its circuit is open: after its open time,
     /// one delivery probes it.
     pub circuit_threshold: u32,
-    /// When a delivery of a busy endpoint is looked at again.
-    pub busy_delay: Duration,
     /// When a delivery waiting for an earlier one of its aggregate, or for its disabled
     /// endpoint, is looked at again (a finished delivery calls the next one at once).
     pub recheck_delay: Duration,
@@ -307,6 +307,23 @@ pub trait WebhookWrites: Send {
         now: OffsetDateTime,
         deadline_at: OffsetDateTime,
     ) -> Result<u64, StoreError>;
+}
+
+/// The due deliveries a claim looks at, oldest due first, with what judging them needs; `$full`
+/// leaves out the endpoints this process has no room for.
+macro_rules! claim_window {
+    ($full:literal) => {
+        concat!(
+            "SELECT d.id, d.endpoint_id, d.deadline_at, e.enabled, e.circuit_failures, e.circuit_open_until, \
+             CASE WHEN d.ordered AND EXISTS (SELECT 1 FROM webhook_deliveries p \
+                 WHERE p.endpoint_id = d.endpoint_id AND p.ordering_key = d.ordering_key \
+                 AND p.status IN ('pending', 'delivering') AND p.position < d.position) THEN 1 ELSE 0 END AS blocked \
+             FROM webhook_deliveries d JOIN webhook_endpoints e ON e.id = d.endpoint_id \
+             WHERE d.status IN ('pending', 'delivering') AND d.next_attempt_at <= $1 AND ",
+            $full,
+            " ORDER BY d.next_attempt_at LIMIT $2"
+        )
+    };
 }
 
 macro_rules! select_endpoints {
@@ -486,18 +503,20 @@ impl WebhookStore for SqlStore {
         tx.query(Sql::PerBackend { sqlite: "SELECT 1", postgres: "SELECT pg_advisory_xact_lock(7297366871935316033)" })
             .fetch_optional()
             .await?;
+        let full: Vec<Uuid> = rules
+            .in_flight
+            .iter()
+            .filter(|(_, n)| **n >= rules.endpoint_concurrency.max(1))
+            .map(|(id, _)| *id)
+            .collect();
         let rows = tx
-            .query(
-                "SELECT d.id, d.endpoint_id, d.deadline_at, e.enabled, e.circuit_failures, e.circuit_open_until, \
-                 CASE WHEN d.ordered AND EXISTS (SELECT 1 FROM webhook_deliveries p \
-                     WHERE p.endpoint_id = d.endpoint_id AND p.ordering_key = d.ordering_key \
-                     AND p.status IN ('pending', 'delivering') AND p.position < d.position) THEN 1 ELSE 0 END AS blocked \
-                 FROM webhook_deliveries d JOIN webhook_endpoints e ON e.id = d.endpoint_id \
-                 WHERE d.status IN ('pending', 'delivering') AND d.next_attempt_at <= $1 \
-                 ORDER BY d.next_attempt_at LIMIT $2",
-            )
+            .query(Sql::PerBackend {
+                sqlite: claim_window!("NOT d.endpoint_id IN (SELECT value FROM json_each($3))"),
+                postgres: claim_window!("NOT d.endpoint_id = ANY($3)"),
+            })
             .bind_time(now)
             .bind(i64::try_from(rules.window).unwrap_or(i64::MAX))
+            .bind_uuid_set(&full)
             .fetch_all()
             .await?;
         let mut picked: Vec<Uuid> = Vec::new();
@@ -531,7 +550,7 @@ impl WebhookStore for SqlStore {
                 // One probe at a time while the circuit is half open.
                 postponed.entry(lease_end).or_default().push(id);
             } else if busy >= rules.endpoint_concurrency.max(1) {
-                postponed.entry(later(rules.busy_delay)).or_default().push(id);
+                continue;
             } else {
                 if half_open {
                     probes.push(endpoint);

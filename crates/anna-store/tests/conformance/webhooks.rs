@@ -77,7 +77,6 @@ fn rules() -> ClaimRules {
         endpoint_concurrency: 10,
         in_flight: HashMap::new(),
         circuit_threshold: 2,
-        busy_delay: StdDuration::from_millis(250),
         recheck_delay: StdDuration::from_secs(60),
     }
 }
@@ -346,10 +345,19 @@ async fn busy_endpoints_and_deadlines(store: Arc<dyn Store>) -> TestResult {
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].attempts, 0);
     assert!(dead[0].last_error.as_deref().is_some_and(|e| e.contains("deadline")));
-    // The busy endpoint's others were postponed briefly, not stepped over for good.
+    // The busy endpoint's others were skipped, not postponed: due as before once there is room.
     let soon = store
-        .claim_webhook_deliveries(&ClaimRules { in_flight: HashMap::new(), ..rules }, t + Duration::seconds(3))
+        .claim_webhook_deliveries(&ClaimRules { in_flight: HashMap::new(), ..rules.clone() }, t + Duration::seconds(2))
         .await?;
     assert_eq!(soon.len(), 3);
+    // An endpoint at its limit does not crowd others out of the window: its due deliveries,
+    // oldest first, are left out of it.
+    let crowd: Vec<NewDelivery> = (10..20).map(|n| delivery(&busy, "b", n, t)).collect();
+    insert(&store, &crowd).await?;
+    let waiting = delivery(&other, "o", 20, t + Duration::milliseconds(1));
+    insert(&store, std::slice::from_ref(&waiting)).await?;
+    let narrow = ClaimRules { window: 2, batch: 2, in_flight: HashMap::from([(busy.id, 4)]), ..rules };
+    let claimed = store.claim_webhook_deliveries(&narrow, t + Duration::seconds(2)).await?;
+    assert_eq!(claimed.iter().map(|c| c.event_id).collect::<Vec<_>>(), vec![waiting.event_id]);
     Ok(())
 }

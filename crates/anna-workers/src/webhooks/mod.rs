@@ -217,7 +217,6 @@ impl WebhookDispatcher {
             endpoint_concurrency: self.config.endpoint_concurrency,
             in_flight: self.in_flight().clone(),
             circuit_threshold: self.config.circuit.threshold,
-            busy_delay: Duration::from_millis(250),
             recheck_delay: Duration::from_secs(60),
         }
     }
@@ -227,17 +226,9 @@ impl WebhookDispatcher {
         let (results, received) = mpsc::unbounded_channel();
         let recorder = tokio::spawn(self.clone().record_until_closed(received));
         let attempts = TaskTracker::new();
-        let mut metrics_at = tokio::time::Instant::now();
-        let mut purge_at = tokio::time::Instant::now();
+        // Its own task: counting and purging scan the table, and must not hold up claims.
+        let housekeeping = tokio::spawn(self.clone().keep_house(shutdown.clone()));
         while !shutdown.is_cancelled() {
-            if metrics_at.elapsed() >= Duration::from_secs(10) {
-                self.update_gauges().await;
-                if purge_at.elapsed() >= Duration::from_secs(60) {
-                    self.purge_expired().await;
-                    purge_at = tokio::time::Instant::now();
-                }
-                metrics_at = tokio::time::Instant::now();
-            }
             let busy: u32 = self.in_flight().values().sum();
             let room = self.config.concurrency.saturating_sub(busy as usize).min(self.config.batch_size);
             if room == 0 {
@@ -261,8 +252,11 @@ impl WebhookDispatcher {
                     }
                 };
             if claimed.is_empty() {
+                // Nothing due, or every due delivery waits for its endpoint's room: a finished
+                // attempt frees room, so it wakes this loop as well as new deliveries do.
                 tokio::select! {
                     _ = self.wake.notified() => {}
+                    _ = self.slot_freed.notified(), if busy > 0 => {}
                     _ = shutdown.cancelled() => {}
                     _ = tokio::time::sleep(self.config.poll) => {}
                 }
@@ -286,6 +280,23 @@ impl WebhookDispatcher {
         attempts.wait().await;
         drop(results);
         let _ = recorder.await;
+        let _ = housekeeping.await;
+    }
+
+    /// The gauges every 10 s, the retention purge every minute, until `shutdown`.
+    async fn keep_house(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut purge_at = tokio::time::Instant::now();
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(Duration::from_secs(10)) => {}
+            }
+            self.update_gauges().await;
+            if purge_at.elapsed() >= Duration::from_secs(60) {
+                self.purge_expired().await;
+                purge_at = tokio::time::Instant::now();
+            }
+        }
     }
 
     fn release(&self, endpoint_id: Uuid) {

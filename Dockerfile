@@ -15,7 +15,8 @@ FROM debian:bookworm-slim
 RUN apt-get update \
     && apt-get install -y --no-install-recommends ca-certificates curl \
     && rm -rf /var/lib/apt/lists/* \
-    && useradd --system --uid 10001 --home-dir /var/lib/anna --create-home anna
+    && useradd --system --uid 10001 --home-dir /var/lib/anna --create-home anna \
+    && install -d -o anna -g anna /var/lib/anna/data
 COPY --from=build /usr/local/bin/anna /usr/local/bin/anna
 USER anna
 WORKDIR /var/lib/anna

@@ -42,6 +42,9 @@ pub struct RealtimeConfig {
     pub client_buffer: usize,
     /// `EVENTS_STREAM`: the stream the feed tails.
     pub stream: String,
+    /// `WS_REVOCATION_CHECK_MS`: how often an open socket checks that its user has not logged
+    /// out everywhere or reset the password since it opened (it closes with 4001 then).
+    pub revocation_check: Duration,
 }
 
 impl Default for RealtimeConfig {
@@ -52,6 +55,7 @@ impl Default for RealtimeConfig {
             replay_events: 1000,
             client_buffer: 256,
             stream: "domain-events".into(),
+            revocation_check: Duration::from_secs(30),
         }
     }
 }

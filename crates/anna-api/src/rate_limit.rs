@@ -10,7 +10,7 @@ use std::num::NonZeroU32;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use anna_domain::secrets::sha256_hex;
+use anna_domain::secrets::SecretHasher;
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -79,6 +79,8 @@ const FAILURE_LOG_INTERVAL: Duration = Duration::from_secs(60);
 /// request may go, else the microseconds to wait. Microseconds since the epoch stay well under
 /// 2^53, so Lua's doubles hold them exactly.
 const GCRA_SCRIPT: &str = r"
+-- Redis before 5 refuses writes after TIME unless effects are replicated (a no-op since 7).
+redis.replicate_commands()
 local now = redis.call('TIME')
 now = tonumber(now[1]) * 1000000 + tonumber(now[2])
 local interval = tonumber(ARGV[1])
@@ -100,23 +102,31 @@ pub struct SharedBudgets {
     redis: ConnectionManager,
     script: Script,
     prefix: String,
+    /// Keyed: a plain hash of an IPv4 address or a likely e-mail is easy to reverse.
+    keys: SecretHasher,
 }
 
 impl SharedBudgets {
     /// Connects to a `redis://…` URL; fails when the server cannot be reached. Keys start
-    /// with `prefix` (`RATE_LIMIT_KEY_PREFIX`).
-    pub async fn connect(url: &str, prefix: &str) -> Result<Self, SharedBudgetsError> {
+    /// with `prefix` (`RATE_LIMIT_KEY_PREFIX`) and end with a hash keyed by `server_secret`.
+    pub async fn connect(url: &str, prefix: &str, server_secret: &[u8]) -> Result<Self, SharedBudgetsError> {
         let config = ConnectionManagerConfig::new()
             .set_response_timeout(Some(SHARED_RESPONSE_TIMEOUT))
             .set_connection_timeout(Some(SHARED_CONNECT_TIMEOUT));
         let redis = Client::open(url)?.get_connection_manager_with_config(config).await?;
-        Ok(Self { redis, script: Script::new(GCRA_SCRIPT), prefix: prefix.to_owned() })
+        Ok(Self {
+            redis,
+            script: Script::new(GCRA_SCRIPT),
+            prefix: prefix.to_owned(),
+            keys: SecretHasher::from_server_secret(server_secret),
+        })
     }
 
     /// Spends one request of `key`'s budget: `Ok(Err(wait))` when none is left.
     async fn spend(&self, budget: &Budget, key: &str) -> Result<Result<(), Duration>, redis::RedisError> {
         // Hashed: the keys hold e-mail addresses and client IPs, which Redis need not see.
-        let key = format!("{}:{}:{}", self.prefix, budget.name, &sha256_hex(key)[..32]);
+        let hashed = self.keys.hash("rate-limit", budget.name, key);
+        let key = format!("{}:{}:{}", self.prefix, budget.name, hashed.get(..32).unwrap_or(&hashed));
         let interval = u64::try_from(budget.interval.as_micros()).unwrap_or(u64::MAX);
         let mut redis = self.redis.clone();
         let wait: u64 = self.script.key(key).arg(interval).arg(budget.burst).invoke_async(&mut redis).await?;
@@ -253,7 +263,8 @@ mod tests {
 
     async fn shared(config: RateLimitConfig) -> RateLimiters {
         let url = anna_testkit::redis::shared_url();
-        let budgets = SharedBudgets::connect(&url, "anna-test:rate").await.unwrap_or_else(|e| panic!("{e}"));
+        let budgets =
+            SharedBudgets::connect(&url, "anna-test:rate", b"test-secret").await.unwrap_or_else(|e| panic!("{e}"));
         RateLimiters::shared(config, budgets)
     }
 
@@ -349,13 +360,19 @@ mod tests {
     #[tokio::test]
     async fn without_redis_each_process_limits_on_its_own() {
         let server = anna_testkit::redis::RedisServer::start(false);
-        let budgets = SharedBudgets::connect(&server.url(), "anna-test:rate").await.unwrap_or_else(|e| panic!("{e}"));
+        let budgets = SharedBudgets::connect(&server.url(), "anna-test:rate", b"test-secret")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
         let limiters = RateLimiters::shared(config(3, 100, 10), budgets);
         let ip = fresh("ip");
         assert!(limiters.check_ip(Limited::Login, &ip).await.is_ok());
         let port = server.port();
         drop(server);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+        // Bounded: another test's server could take the port once it is free.
+        for _ in 0..250 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+                break;
+            }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         // Redis is gone: the local budget (untouched so far) takes over, and still limits,

@@ -214,6 +214,10 @@ struct TicketClaims {
     exp: i64,
     /// Makes it single-use.
     nonce: Uuid,
+    /// The generation of the user's tokens it was issued under: a logout-all or a password
+    /// reset since voids it too.
+    #[serde(default)]
+    tg: i64,
 }
 
 /// A single-use ticket for `GET /ws/sessions`, so the access token never appears in a URL.
@@ -228,6 +232,7 @@ async fn issue_ticket(State(state): State<AppState>, AuthUser(caller): AuthUser)
             .unix_timestamp()
             .saturating_mul(1000),
         nonce: Uuid::new_v4(),
+        tg: caller.user.as_ref().map_or(0, |user| user.token_generation),
     };
     let body = URL_SAFE_NO_PAD.encode(json!(claims).to_string());
     let mac = state.accounts.keyed_hash("ws-ticket", "", &body);
@@ -236,7 +241,7 @@ async fn issue_ticket(State(state): State<AppState>, AuthUser(caller): AuthUser)
 
 /// Who a ticket is for, if it is genuine, unexpired and unused (the first use consumes it,
 /// on every replica: uses are recorded in the database).
-async fn redeem_ticket(state: &AppState, ticket: &str) -> Option<(Uuid, i64)> {
+async fn redeem_ticket(state: &AppState, ticket: &str) -> Option<(Uuid, i64, i64)> {
     let (body, mac) = ticket.split_once('.')?;
     if !anna_domain::secrets::hashes_equal(&state.accounts.keyed_hash("ws-ticket", "", body), mac) {
         return None;
@@ -246,8 +251,11 @@ async fn redeem_ticket(state: &AppState, ticket: &str) -> Option<(Uuid, i64)> {
     if claims.exp < now.unix_timestamp().saturating_mul(1000) {
         return None;
     }
+    if !state.accounts.accepts_token_generation(claims.sub, claims.tg).await.ok()? {
+        return None;
+    }
     let claim = state.store.claim_idempotency_key("ws-ticket", &claims.nonce.to_string(), "", now).await.ok()?;
-    matches!(claim, anna_store::IdempotencyClaim::Claimed).then_some((claims.sub, claims.tok))
+    matches!(claim, anna_store::IdempotencyClaim::Claimed).then_some((claims.sub, claims.tok, claims.tg))
 }
 
 #[derive(Debug, Deserialize)]
@@ -311,14 +319,14 @@ async fn ws_sessions(
     let caller = match (ticket, token) {
         (Some(ticket), _) => redeem_ticket(&state, &ticket).await,
         (None, Some(token)) => match state.accounts.authenticate(&token).await {
-            Ok(caller) => caller.map(|c| (c.user_id, c.expires_at)),
+            Ok(caller) => caller.map(|c| (c.user_id, c.expires_at, c.user.as_ref().map_or(0, |u| u.token_generation))),
             Err(failure) => return ApiError::from(failure).into_response(),
         },
         (None, None) => {
             return ApiError::unauthorized("missing_access_token", "missing access token").into_response();
         }
     };
-    let Some((tenant, expires_at)) = caller else {
+    let Some((tenant, expires_at, generation)) = caller else {
         return ApiError::unauthorized("invalid_access_token", "invalid access token or ticket").into_response();
     };
     let upgrade = match upgrade {
@@ -339,7 +347,7 @@ async fn ws_sessions(
     let state_for_socket = state.clone();
     upgrade.on_upgrade(move |socket| async move {
         metrics::gauge!("ws_connections").increment(1.0);
-        serve_socket(state_for_socket, socket, tenant, expires_at, since).await;
+        serve_socket(state_for_socket, socket, Feed { tenant, expires_at, generation }, since).await;
         metrics::gauge!("ws_connections").decrement(1.0);
     })
 }
@@ -353,7 +361,17 @@ async fn close(socket: &mut WebSocket, code: u16, reason: &'static str) {
     let _ = tokio::time::timeout(SEND_TIMEOUT, socket.send(Message::Close(Some(frame)))).await;
 }
 
-async fn serve_socket(state: AppState, mut socket: WebSocket, tenant: Uuid, expires_at: i64, since: Option<Uuid>) {
+/// Whose feed a socket carries, and until when.
+struct Feed {
+    tenant: Uuid,
+    /// When the access token expires (Unix seconds).
+    expires_at: i64,
+    /// The generation of the user's tokens: checked every `WS_REVOCATION_CHECK_MS`.
+    generation: i64,
+}
+
+async fn serve_socket(state: AppState, mut socket: WebSocket, feed: Feed, since: Option<Uuid>) {
+    let Feed { tenant, expires_at, generation } = feed;
     let realtime = state.realtime.clone();
     // Subscribed before the snapshot is read, so nothing falls between the two.
     let mut live = realtime.subscribe();
@@ -393,10 +411,18 @@ async fn serve_socket(state: AppState, mut socket: WebSocket, tenant: Uuid, expi
     let now = OffsetDateTime::now_utc().unix_timestamp();
     let expiry = tokio::time::sleep(Duration::from_secs(u64::try_from(expires_at - now).unwrap_or(0)));
     tokio::pin!(expiry);
+    let mut revocation_checks = tokio::time::interval(state.config.realtime.revocation_check);
+    revocation_checks.reset();
     loop {
         tokio::select! {
             () = state.shutdown.cancelled() => return close(&mut socket, 1001, "server shutting down").await,
             () = &mut expiry => return close(&mut socket, 4001, "access token expired").await,
+            _ = revocation_checks.tick() => {
+                // A database that does not answer keeps the socket open: it is checked again.
+                if matches!(state.accounts.accepts_token_generation(tenant, generation).await, Ok(false)) {
+                    return close(&mut socket, 4001, "access revoked").await;
+                }
+            }
             event = live.recv() => match event {
                 Ok(event) if event.tenant_id == tenant && event.seq > seen => {
                     if !send_text(&mut socket, event.frame.clone()).await {

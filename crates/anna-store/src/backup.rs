@@ -39,7 +39,7 @@ pub struct BackupReport {
 }
 
 /// Copies the SQLite database of `database_url` (`sqlite:…`) to `target`, a file that must
-/// not exist yet, while the database is in use. The copy is written beside the target under a
+/// not exist yet, while the database is in use. The copy is readable by its owner only. The copy is written beside the target under a
 /// temporary name, checked (`PRAGMA integrity_check`, and that it holds anna's schema), flushed
 /// to disk, and only then given its name: an interrupted backup never leaves a file that looks
 /// complete.
@@ -58,6 +58,13 @@ pub async fn backup_sqlite(database_url: &str, target: &Path) -> Result<BackupRe
     let name = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let partial = target.with_file_name(format!(".{name}.partial-{}", uuid::Uuid::new_v4().simple()));
     let result = async {
+        // Created first, readable by the owner only: the copy holds password hashes and
+        // WhatsApp device keys. VACUUM INTO fills an empty file.
+        let mut file = std::fs::OpenOptions::new();
+        file.write(true).create_new(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut file, 0o600);
+        drop(file.open(&partial)?);
         let mut source = SqliteConnection::connect_with(&options).await?;
         sqlx::query("VACUUM INTO $1").bind(partial.to_string_lossy().into_owned()).execute(&mut source).await?;
         source.close().await?;

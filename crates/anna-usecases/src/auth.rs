@@ -71,7 +71,17 @@ impl Accounts {
         };
         let now = OffsetDateTime::now_utc();
         let mut uow = self.store.begin().await?;
-        let Some(mut user) = uow.find_user_by_id(user.id).await? else { return Err(LoginError::InvalidCredentials) };
+        let checked = user;
+        let Some(mut user) = uow.find_user_by_id(checked.id).await? else { return Err(LoginError::InvalidCredentials) };
+        // The password was checked against the row as read before the lock: if a password reset
+        // or a logout-all committed since, that check no longer holds (and writing the upgraded
+        // hash would put the old password back).
+        if user.password_hash != checked.password_hash || user.token_generation != checked.token_generation {
+            return Err(LoginError::InvalidCredentials);
+        }
+        if user.status != UserStatus::Active {
+            return Err(LoginError::NotActive);
+        }
         if let Some(hash) = upgraded_hash {
             user.password_hash = hash;
         }

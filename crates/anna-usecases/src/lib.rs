@@ -181,6 +181,13 @@ impl Accounts {
         Ok(Some(Caller { user_id: token.user_id, expires_at: token.expires_at, user }))
     }
 
+    /// Whether credentials issued under `generation` still hold for the user (long-lived
+    /// connections and WebSocket tickets ask; see [`Accounts::authenticate`]).
+    pub async fn accepts_token_generation(&self, user_id: Uuid, generation: i64) -> Result<bool, Failure> {
+        let user = self.store.find_user_by_id(user_id).await?;
+        Ok(user.is_none_or(|user| user.accepts_access_token(generation)))
+    }
+
     /// A keyed hash for `purpose`, for callers that must store a fingerprint of something
     /// secret (the `Idempotency-Key` request fingerprint, which may contain a password).
     pub fn keyed_hash(&self, purpose: &str, owner: &str, value: &str) -> String {

@@ -308,10 +308,16 @@ impl Fleet {
             if let Err(error) = self.rebalance(started, ops).await {
                 tracing::warn!(%error, "sessions partitions could not be balanced");
             }
-            self.report_session_counts().await;
         };
         tokio::select! {
             () = rest => {}
+            () = sleep_until_opt(self.earliest_fence()) => self.fence_expired().await,
+        }
+        // Only a metric: bounded, and never in the way of the fence deadline.
+        let report =
+            tokio::time::timeout(self.config.renew_every().min(Duration::from_secs(2)), self.report_session_counts());
+        tokio::select! {
+            _ = report => {}
             () = sleep_until_opt(self.earliest_fence()) => self.fence_expired().await,
         }
         metrics::gauge!("sessions_partitions_held").set(self.leases.read().len() as f64);

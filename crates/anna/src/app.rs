@@ -183,7 +183,8 @@ pub async fn start(
         // API replicas of the production shape share their rate limits through Redis.
         let shared_budgets = match &config.events.backend {
             StreamBackend::Redis(url) => {
-                Some(SharedBudgets::connect(url.expose_secret(), &config.api.rate_limit_key_prefix).await?)
+                let secret = config.accounts.jwt_secret.expose_secret().as_bytes();
+                Some(SharedBudgets::connect(url.expose_secret(), &config.api.rate_limit_key_prefix, secret).await?)
             }
             StreamBackend::Embedded => None,
         };

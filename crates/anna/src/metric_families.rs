@@ -126,3 +126,40 @@ pub fn register_for(roles: Roles) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The source of every crate of the workspace but this file.
+    fn workspace_source() -> String {
+        fn walk(dir: &std::path::Path, into: &mut String) {
+            let Ok(entries) = std::fs::read_dir(dir) else { return };
+            for entry in entries.flatten() {
+                let path = entry.path();
+                if path.is_dir() {
+                    walk(&path, into);
+                } else if path.extension().is_some_and(|e| e == "rs") && !path.ends_with("metric_families.rs") {
+                    into.push_str(&std::fs::read_to_string(&path).unwrap_or_default());
+                }
+            }
+        }
+        let mut source = String::new();
+        let crates = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        for krate in std::fs::read_dir(&crates).into_iter().flatten().flatten() {
+            walk(&krate.path().join("src"), &mut source);
+        }
+        source
+    }
+
+    /// Registering a family here does not make the code report it: each one must also be
+    /// recorded somewhere, or the dashboard would show a zero forever.
+    #[test]
+    fn every_family_is_recorded_by_the_code() {
+        let source = workspace_source();
+        assert!(source.len() > 100_000, "the workspace source was not found");
+        let unrecorded: Vec<&str> =
+            FAMILIES.iter().map(|(name, ..)| *name).filter(|name| !source.contains(&format!("\"{name}\""))).collect();
+        assert!(unrecorded.is_empty(), "registered but never recorded: {unrecorded:?}");
+    }
+}

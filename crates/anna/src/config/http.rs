@@ -98,6 +98,7 @@ pub(super) fn api<F: Fn(&str) -> Option<String>>(
             replay_events: vars.parse("WS_REPLAY_EVENTS", 1000, "a number of events")?,
             client_buffer: vars.positive("WS_CLIENT_BUFFER", 256, "a positive number of events")?,
             stream: vars.string("EVENTS_STREAM", "domain-events"),
+            revocation_check: vars.millis("WS_REVOCATION_CHECK_MS", 30_000)?,
         },
         // Set from SESSIONS_PROVIDER once the sessions settings are read.
         simulator: false,

@@ -409,9 +409,9 @@ mod tests {
         read
     }
 
-    /// The variables named in the first column of the README's configuration table.
+    /// The variables named in the first column of docs/configuration.md's table.
     fn variables_documented() -> BTreeSet<String> {
-        let readme = include_str!("../../../../README.md");
+        let readme = include_str!("../../../../docs/configuration.md");
         let table = readme
             .lines()
             .skip_while(|line| !line.starts_with("| Variable |"))
@@ -430,12 +430,12 @@ mod tests {
     }
 
     #[test]
-    fn the_readme_documents_exactly_the_variables_read() {
+    fn the_configuration_doc_lists_exactly_the_variables_read() {
         let read = variables_read();
         let documented = variables_documented();
         let undocumented: Vec<_> = read.difference(&documented).collect();
         let unread: Vec<_> = documented.difference(&read).collect();
-        assert!(undocumented.is_empty(), "read but not in the README table: {undocumented:?}");
-        assert!(unread.is_empty(), "in the README table but never read: {unread:?}");
+        assert!(undocumented.is_empty(), "read but not in docs/configuration.md: {undocumented:?}");
+        assert!(unread.is_empty(), "in docs/configuration.md but never read: {unread:?}");
     }
 }

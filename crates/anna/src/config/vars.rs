@@ -1,5 +1,5 @@
 //! Reading variables: one parser per kind of value, each error naming the variable and what it
-//! expects, and a record of every name read (the README's configuration table is checked
+//! expects, and a record of every name read (docs/configuration.md is checked
 //! against it).
 
 use std::cell::RefCell;

@@ -178,15 +178,24 @@ fn metric_names_are_read_from_expressions() {
 fn queried_expressions() -> Vec<String> {
     let dashboard: Value =
         serde_json::from_str(&std::fs::read_to_string(deploy_dir().join("grafana/dashboard.json")).unwrap()).unwrap();
-    let mut exprs: Vec<String> = dashboard["panels"]
+    // Panels, and the panels of collapsed rows.
+    let panels: Vec<Value> = dashboard["panels"]
         .as_array()
         .unwrap()
+        .iter()
+        .flat_map(|panel| std::iter::once(panel.clone()).chain(panel["panels"].as_array().cloned().unwrap_or_default()))
+        .collect();
+    let mut exprs: Vec<String> = panels
         .iter()
         .flat_map(|panel| panel["targets"].as_array().cloned().unwrap_or_default())
         .filter_map(|target| target["expr"].as_str().map(str::to_owned))
         .collect();
     let rules = std::fs::read_to_string(deploy_dir().join("prometheus/alerts.yml")).unwrap();
     exprs.extend(rules.lines().filter_map(|l| l.trim().strip_prefix("expr:")).map(|e| e.trim().to_owned()));
+    // Every expression is on one line: a block scalar (`expr: |`) would be read as `|` here.
+    for expr in &exprs {
+        assert!(!expr.is_empty() && !expr.starts_with(['|', '>']), "write {expr:?} on one line");
+    }
     assert!(exprs.len() > 30, "{exprs:?}");
     exprs
 }

@@ -244,6 +244,34 @@ async fn qr_codes_run_out_and_the_session_starts_again() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logging_out_everywhere_closes_open_sockets_and_voids_tickets() {
+    let app = spawn_app_with(Backend::Sqlite, &[("WS_REVOCATION_CHECK_MS", "200")]).await;
+    let token = tenant(&app).await;
+    let ticket = app.post("/ws/ticket").bearer(&token).send().await;
+    let ticket = ticket.body["ticket"].as_str().unwrap_or_default().to_owned();
+    let mut ws = socket(&app, &format!("accessToken={token}")).await;
+    frame(&mut ws, "session.snapshot").await;
+    assert_eq!(app.post("/auth/logout-all").bearer(&token).send().await.status, 204);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let close = loop {
+        match tokio::time::timeout_at(deadline, ws.next()).await {
+            Ok(Some(Ok(Message::Close(frame)))) => break frame,
+            Ok(Some(Ok(_))) => {}
+            other => panic!("the socket did not close: {other:?}"),
+        }
+    };
+    let close = close.unwrap_or_else(|| panic!("a close frame without a code"));
+    assert_eq!((u16::from(close.code), close.reason.as_str()), (4001, "access revoked"));
+    let refused = tokio_tungstenite::connect_async(format!(
+        "{}/ws/sessions?ticket={ticket}",
+        app.base.replace("http://", "ws://")
+    ))
+    .await;
+    assert!(refused.is_err(), "a ticket issued before the logout-all opened a socket");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn limits_and_validation() {
     let app = spawn_app_with(Backend::Sqlite, &[("SESSIONS_MAX_PER_TENANT", "1")]).await;
     let token = tenant(&app).await;

@@ -565,7 +565,15 @@ async fn a_killed_webhooks_worker_loses_nothing() {
     ids.sort_unstable();
     ids.dedup();
     assert_eq!(ids.len(), 4, "every event delivered: {ids:?}");
-    let log = delivery_log(&app, &token, &id, "?status=succeeded").await;
+    // Each success is recorded just after the receiver answered: wait for the log to show all.
+    let mut log = Value::Null;
+    for _ in 0..200 {
+        log = delivery_log(&app, &token, &id, "?status=succeeded").await;
+        if log["deliveries"].as_array().map(Vec::len) == Some(4) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert_eq!(log["deliveries"].as_array().map(Vec::len), Some(4), "{log}");
     assert!(successor.terminate().success());
     app.stop().await;

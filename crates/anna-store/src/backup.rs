@@ -72,10 +72,16 @@ pub async fn backup_sqlite(database_url: &str, target: &Path) -> Result<BackupRe
         std::fs::File::open(&partial)?.sync_all()?;
         // A hard link fails when the name is taken: no copy overwrites another file, even one
         // that appeared while this one was written.
-        std::fs::hard_link(&partial, target).map_err(|error| match error.kind() {
-            std::io::ErrorKind::AlreadyExists => BackupError::TargetExists(target.to_owned()),
-            _ => error.into(),
-        })?;
+        match std::fs::hard_link(&partial, target) {
+            Ok(()) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {
+                return Err(BackupError::TargetExists(target.to_owned()));
+            }
+            // A filesystem without hard links (some network and FAT mounts): renamed instead,
+            // after checking the name is still free.
+            Err(_) if !target.exists() => std::fs::rename(&partial, target)?,
+            Err(_) => return Err(BackupError::TargetExists(target.to_owned())),
+        }
         Ok::<_, BackupError>(())
     }
     .await;

@@ -2,6 +2,7 @@
 //! OpenAPI document.
 
 pub mod auth;
+pub mod chats;
 pub mod config;
 pub mod demo;
 pub mod error;
@@ -45,6 +46,7 @@ pub use state::AppState;
         (name = "users", description = "Registration, verification, current user"),
         (name = "auth", description = "Login, refresh tokens, logout, password reset"),
         (name = "sessions", description = "WhatsApp sessions: start, pair, send, stop, log out, delete"),
+        (name = "chats", description = "Message history: chats with their last message and unread count, messages by page"),
         (name = "webhooks", description = "Webhook endpoints, signed deliveries, delivery logs and replays"),
         (name = "realtime", description = "Tickets for the session-event WebSocket /ws/sessions"),
         (name = "operations", description = "Health and readiness"),
@@ -76,6 +78,7 @@ fn api_routes() -> OpenApiRouter<AppState> {
         .merge(users::router())
         .merge(auth::router())
         .merge(sessions::router())
+        .merge(chats::router())
         .merge(webhooks::router())
         .merge(realtime::router())
         .merge(health::router())

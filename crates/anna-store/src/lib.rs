@@ -18,6 +18,7 @@ pub mod device_keys;
 pub mod events;
 pub mod fleet;
 pub mod idempotency;
+pub mod messages;
 mod outbox_wake;
 pub mod refresh_tokens;
 pub mod sessions;
@@ -32,6 +33,7 @@ pub use device_keys::{DeviceKeyStore, KeyChange};
 pub use events::{DeadLetter, EventLog, EventStat, EventWrites, OutboxRecord, OutboxStatus};
 pub use fleet::{Acquired, Fence, FenceSource, FleetStore, FleetView, Lease, WorkerInfo, WorkerRecord};
 pub use idempotency::{IdempotencyClaim, IdempotencyStore};
+pub use messages::{ChatSummary, HistoryCursor, MessageStore, MessageWrites, StoredMessage};
 pub use refresh_tokens::{RefreshTokenStore, RefreshTokenWrites};
 pub use sessions::{SessionStore, SessionWrites};
 pub use store::SqlStore;
@@ -41,8 +43,9 @@ pub use webhooks::{WebhookStore, WebhookWrites};
 /// Every store trait, for `use anna_store::prelude::*`.
 pub mod prelude {
     pub use crate::{
-        DeviceKeyStore, EventLog, EventWrites, FleetStore, IdempotencyStore, RefreshTokenStore, RefreshTokenWrites,
-        SessionStore, SessionWrites, Store, UnitOfWork, UserStore, UserWrites, WebhookStore, WebhookWrites,
+        DeviceKeyStore, EventLog, EventWrites, FleetStore, IdempotencyStore, MessageStore, MessageWrites,
+        RefreshTokenStore, RefreshTokenWrites, SessionStore, SessionWrites, Store, UnitOfWork, UserStore, UserWrites,
+        WebhookStore, WebhookWrites,
     };
 }
 
@@ -130,6 +133,7 @@ pub trait Store:
     + SessionStore
     + FleetStore
     + WebhookStore
+    + MessageStore
     + Send
     + Sync
     + 'static
@@ -157,7 +161,9 @@ pub trait Store:
 /// One transaction over every concern: an aggregate's change and its domain events commit
 /// together or not at all. Dropping it without `commit` rolls everything back.
 #[async_trait]
-pub trait UnitOfWork: UserWrites + RefreshTokenWrites + SessionWrites + EventWrites + WebhookWrites + Send {
+pub trait UnitOfWork:
+    UserWrites + RefreshTokenWrites + SessionWrites + EventWrites + WebhookWrites + MessageWrites + Send
+{
     async fn commit(self: Box<Self>) -> Result<(), StoreError>;
 }
 

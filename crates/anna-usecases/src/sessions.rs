@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use anna_domain::session::SESSION_PAIR_CODE_ISSUED;
 use anna_domain::{DomainEvent, Session, SessionStatus};
-use anna_store::{Store, StoreError};
+use anna_store::{ChatSummary, HistoryCursor, Store, StoreError, StoredMessage};
 use anna_streams::{Stream, envelope};
 use serde_json::{Value, json};
 use time::OffsetDateTime;
@@ -147,6 +147,46 @@ impl Sessions {
     /// The tenant's sessions, newest first.
     pub async fn list(&self, tenant_id: Uuid) -> Result<Vec<Session>, SessionError> {
         Ok(self.store.list_sessions(tenant_id).await?)
+    }
+
+    /// The session a chat route works on (the predecessor's rule): the requested one when it is
+    /// the tenant's; without one, the tenant's first connected session, else its newest. `None`
+    /// when there is no such session.
+    pub async fn resolve_for_chats(
+        &self,
+        tenant_id: Uuid,
+        requested: Option<Uuid>,
+    ) -> Result<Option<Session>, SessionError> {
+        if let Some(id) = requested {
+            return Ok(self.store.find_session(id).await?.filter(|session| session.tenant_id == tenant_id));
+        }
+        // Newest first: the first connected one, else the newest.
+        let sessions = self.store.list_sessions(tenant_id).await?;
+        let at = sessions.iter().position(|session| session.status == SessionStatus::Connected).unwrap_or(0);
+        Ok(sessions.into_iter().nth(at))
+    }
+
+    /// The chats of the session the caller names (or of the one the predecessor's rule picks).
+    pub async fn chats(
+        &self,
+        tenant_id: Uuid,
+        requested: Option<Uuid>,
+    ) -> Result<Option<(Uuid, Vec<ChatSummary>)>, SessionError> {
+        let Some(session) = self.resolve_for_chats(tenant_id, requested).await? else { return Ok(None) };
+        Ok(Some((session.id, self.store.list_chats(session.id).await?)))
+    }
+
+    /// A page of a chat's history, newest first, older than `before` when given.
+    pub async fn chat_messages(
+        &self,
+        tenant_id: Uuid,
+        requested: Option<Uuid>,
+        chat_jid: &str,
+        before: Option<&HistoryCursor>,
+        limit: u32,
+    ) -> Result<Option<(Uuid, Vec<StoredMessage>)>, SessionError> {
+        let Some(session) = self.resolve_for_chats(tenant_id, requested).await? else { return Ok(None) };
+        Ok(Some((session.id, self.store.list_messages(session.id, chat_jid, before, limit).await?)))
     }
 
     /// Which sessions worker holds the session's partition now, if any.

@@ -4,6 +4,7 @@
 
 pub mod email;
 pub mod fleet;
+pub mod history;
 pub mod partitions;
 pub mod sessions;
 pub mod subscribers;

@@ -786,6 +786,9 @@ impl SessionsWorker {
                 if let Some(client_id) = payload["messageId"].as_str() {
                     event.payload["clientMessageId"] = client_id.into();
                 }
+                // For the message history: the chat (the recipient as a JID) and what was sent.
+                event.payload["chat"] = Jid::parse(to).map_or_else(|_| to.to_owned(), |jid| jid.to_string()).into();
+                event.payload["text"] = payload["content"].clone();
                 event
             }
             Err(reason) => reference(key).message_failed(command.event_id, to, &reason, now),

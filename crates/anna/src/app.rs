@@ -20,6 +20,7 @@ use anna_usecases::{Accounts, Sessions, Webhooks};
 use anna_whatsapp::SessionDriver;
 use anna_workers::email::{ConsoleEmailSender, EmailSender, ResendEmailSender, SmtpEmailSender};
 use anna_workers::fleet::{Fleet, HeldLeases};
+use anna_workers::history::MessageHistory;
 use anna_workers::partitions::SessionPartitions;
 use anna_workers::sessions::SessionsWorker;
 use anna_workers::subscribers::{EventStatistics, SendPasswordResetEmail, SendVerificationEmail};
@@ -114,6 +115,7 @@ fn subscribers(config: &Config, sender: Arc<dyn EmailSender>) -> Vec<Arc<dyn Sub
         }),
         Arc::new(SendPasswordResetEmail { sender, sealer, app_base_url }),
         Arc::new(EventStatistics::all_events()),
+        Arc::new(MessageHistory),
     ]
 }
 

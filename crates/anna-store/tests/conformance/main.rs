@@ -73,6 +73,7 @@ macro_rules! conformance {
 
 mod fleet;
 mod idempotency;
+mod messages;
 mod outbox;
 mod postgres_relays;
 mod postgres_upgrade;

@@ -5,6 +5,7 @@
 mod auth;
 mod binary;
 mod browser;
+mod chats;
 mod deploy;
 mod edge;
 mod email;

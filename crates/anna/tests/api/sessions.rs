@@ -33,12 +33,12 @@ async fn frame(socket: &mut Socket, kind: &str) -> Value {
     }
 }
 
-async fn tenant(app: &TestApp) -> String {
+pub(crate) async fn tenant(app: &TestApp) -> String {
     let (_, verified) = app.active_user(&unique_email(), "correct horse battery").await;
     verified.access_token()
 }
 
-async fn session_status(app: &TestApp, token: &str, id: &str, status: &str) -> Value {
+pub(crate) async fn session_status(app: &TestApp, token: &str, id: &str, status: &str) -> Value {
     for _ in 0..200 {
         let reply = app.get(&format!("/sessions/{id}")).bearer(token).send().await;
         if reply.body["status"] == status {
@@ -341,7 +341,7 @@ async fn connected_sessions_resume_after_a_restart() {
 }
 
 /// Connects a new session of the tenant through the simulator; returns its id.
-async fn connected_session(app: &TestApp, token: &str) -> String {
+pub(crate) async fn connected_session(app: &TestApp, token: &str) -> String {
     let started = app.post("/sessions").bearer(token).send().await;
     let id = started.body["sessionId"].as_str().unwrap_or_default().to_owned();
     for _ in 0..200 {

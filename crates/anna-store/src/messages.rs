@@ -1,0 +1,294 @@
+//! Message history: the messages each session sent and received, and per chat its last
+//! message and unread count (`session_messages`, `session_chats`, the predecessor's tables).
+//! Written in a unit of work by the message-history subscriber ([`MessageWrites`]); read by the
+//! chat routes ([`MessageStore`]).
+
+use async_trait::async_trait;
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use crate::StoreError;
+use crate::sql::Row;
+use crate::store::{SqlStore, SqlUnitOfWork};
+
+/// One message of a session's history.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredMessage {
+    pub tenant_id: Uuid,
+    pub session_id: Uuid,
+    pub chat_jid: String,
+    pub message_id: String,
+    pub from_me: bool,
+    pub sender_jid: Option<String>,
+    pub timestamp: OffsetDateTime,
+    /// `text` for the messages anna handles today.
+    pub kind: String,
+    pub text: Option<String>,
+    pub status: Option<String>,
+    pub status_at: Option<OffsetDateTime>,
+}
+
+/// A chat of a session, with its latest message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChatSummary {
+    pub chat_jid: String,
+    pub chat_name: Option<String>,
+    pub last_message_id: Option<String>,
+    pub last_message_ts: Option<OffsetDateTime>,
+    pub last_message_text: Option<String>,
+    pub last_message_type: Option<String>,
+    pub unread_count: u64,
+}
+
+/// Where a page of history ends: the next page holds messages strictly older.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryCursor {
+    pub timestamp: OffsetDateTime,
+    pub message_id: String,
+}
+
+#[async_trait]
+pub trait MessageStore: Send + Sync {
+    /// The session's chats, latest message first (chats without one last).
+    async fn list_chats(&self, session_id: Uuid) -> Result<Vec<ChatSummary>, StoreError>;
+
+    /// Up to `limit` messages of a chat, newest first, older than `before` when given. Stable
+    /// under concurrent inserts: a page is defined by its cursor, not by an offset.
+    async fn list_messages(
+        &self,
+        session_id: Uuid,
+        chat_jid: &str,
+        before: Option<&HistoryCursor>,
+        limit: u32,
+    ) -> Result<Vec<StoredMessage>, StoreError>;
+}
+
+/// The message-history half of a unit of work.
+#[async_trait]
+pub trait MessageWrites: Send {
+    /// Stores a new message and moves its chat's last message forward if it is newer;
+    /// `unread`: the chat's unread count grows by one. A message already stored keeps its row
+    /// (only a newer status is taken). Nothing is written for a session that no longer exists
+    /// (a late event of a deleted session). Returns whether the message was new.
+    async fn record_message(&mut self, message: &StoredMessage, unread: bool) -> Result<bool, StoreError>;
+
+    /// Sets a stored message's delivery status, unless it has a newer one (receipts can arrive
+    /// out of order). `false` when the message is not stored or its status is newer.
+    async fn record_message_status(
+        &mut self,
+        session_id: Uuid,
+        message_id: &str,
+        status: &str,
+        at: OffsetDateTime,
+    ) -> Result<bool, StoreError>;
+
+    /// Deletes a session's history (the session was deleted).
+    async fn delete_message_history(&mut self, session_id: Uuid) -> Result<u64, StoreError>;
+}
+
+/// Whether the message being recorded comes after the chat's last one, in history order
+/// (timestamp, then message id): the last message only moves forward.
+macro_rules! newer_last_message {
+    () => {
+        "(session_chats.last_message_ts IS NULL OR excluded.last_message_ts > session_chats.last_message_ts \
+         OR (excluded.last_message_ts = session_chats.last_message_ts \
+         AND excluded.last_message_id > session_chats.last_message_id))"
+    };
+}
+
+macro_rules! select_messages {
+    ($where:literal) => {
+        concat!(
+            "SELECT tenant_id, session_id, chat_jid, message_id, from_me, sender_jid, timestamp, type, text, status, \
+             status_at FROM session_messages WHERE ",
+            $where
+        )
+    };
+}
+
+#[async_trait]
+impl MessageStore for SqlStore {
+    async fn list_chats(&self, session_id: Uuid) -> Result<Vec<ChatSummary>, StoreError> {
+        let rows = self
+            .pool
+            .query(
+                "SELECT chat_jid, chat_name, last_message_id, last_message_ts, last_message_text, last_message_type, \
+                 unread_count FROM session_chats WHERE session_id = $1 \
+                 ORDER BY last_message_ts IS NULL, last_message_ts DESC, chat_jid",
+            )
+            .bind_uuid(session_id)
+            .fetch_all()
+            .await?;
+        rows.iter().map(chat_from_row).collect()
+    }
+
+    async fn list_messages(
+        &self,
+        session_id: Uuid,
+        chat_jid: &str,
+        before: Option<&HistoryCursor>,
+        limit: u32,
+    ) -> Result<Vec<StoredMessage>, StoreError> {
+        let limit = i64::from(limit.max(1));
+        let rows = match before {
+            None => {
+                self.pool
+                    .query(select_messages!(
+                        "session_id = $1 AND chat_jid = $2 ORDER BY timestamp DESC, message_id DESC LIMIT $3"
+                    ))
+                    .bind_uuid(session_id)
+                    .bind(chat_jid)
+                    .bind(limit)
+                    .fetch_all()
+                    .await?
+            }
+            Some(cursor) => self
+                .pool
+                .query(select_messages!(
+                    "session_id = $1 AND chat_jid = $2 AND (timestamp < $3 OR (timestamp = $3 AND message_id < $4)) \
+                         ORDER BY timestamp DESC, message_id DESC LIMIT $5"
+                ))
+                .bind_uuid(session_id)
+                .bind(chat_jid)
+                .bind_time(cursor.timestamp)
+                .bind(cursor.message_id.as_str())
+                .bind(limit)
+                .fetch_all()
+                .await?,
+        };
+        rows.iter().map(message_from_row).collect()
+    }
+}
+
+#[async_trait]
+impl MessageWrites for SqlUnitOfWork {
+    async fn record_message(&mut self, message: &StoredMessage, unread: bool) -> Result<bool, StoreError> {
+        let now = OffsetDateTime::now_utc();
+        // Inserted only when new (and when its session still exists): a message reported twice
+        // must not count twice as unread.
+        let inserted = self
+            .tx
+            .query(
+                "INSERT INTO session_messages (id, tenant_id, session_id, chat_jid, message_id, from_me, sender_jid, \
+                 timestamp, type, text, status, status_at, created_at, updated_at) \
+                 SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $13 \
+                 WHERE EXISTS (SELECT 1 FROM sessions WHERE id = $3) \
+                 ON CONFLICT (session_id, message_id) DO NOTHING",
+            )
+            .bind_uuid(Uuid::now_v7())
+            .bind_uuid(message.tenant_id)
+            .bind_uuid(message.session_id)
+            .bind(message.chat_jid.as_str())
+            .bind(message.message_id.as_str())
+            .bind(message.from_me)
+            .bind(message.sender_jid.as_deref())
+            .bind_time(message.timestamp)
+            .bind(message.kind.as_str())
+            .bind(message.text.as_deref())
+            .bind(message.status.as_deref())
+            .bind_opt_time(message.status_at)
+            .bind_time(now)
+            .execute()
+            .await?;
+        if inserted == 0 {
+            if let (Some(status), Some(at)) = (message.status.as_deref(), message.status_at) {
+                self.record_message_status(message.session_id, &message.message_id, status, at).await?;
+            }
+            return Ok(false);
+        }
+        let last_text = message.text.clone().unwrap_or_else(|| format!("[{}]", message.kind));
+        self.tx
+            .query(
+                concat!(
+                    "INSERT INTO session_chats (id, tenant_id, session_id, chat_jid, last_message_id, last_message_ts, \
+                     last_message_text, last_message_type, unread_count, created_at, updated_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10) \
+                     ON CONFLICT (session_id, chat_jid) DO UPDATE SET last_message_id = CASE WHEN ",
+                    newer_last_message!(),
+                    " THEN excluded.last_message_id ELSE session_chats.last_message_id END, \
+                     last_message_text = CASE WHEN ",
+                    newer_last_message!(),
+                    " THEN excluded.last_message_text ELSE session_chats.last_message_text END, \
+                     last_message_type = CASE WHEN ",
+                    newer_last_message!(),
+                    " THEN excluded.last_message_type ELSE session_chats.last_message_type END, \
+                     last_message_ts = CASE WHEN ",
+                    newer_last_message!(),
+                    " THEN excluded.last_message_ts ELSE session_chats.last_message_ts END, \
+                     unread_count = session_chats.unread_count + excluded.unread_count, updated_at = excluded.updated_at"
+                ),
+            )
+            .bind_uuid(Uuid::now_v7())
+            .bind_uuid(message.tenant_id)
+            .bind_uuid(message.session_id)
+            .bind(message.chat_jid.as_str())
+            .bind(message.message_id.as_str())
+            .bind_time(message.timestamp)
+            .bind(last_text.as_str())
+            .bind(message.kind.as_str())
+            .bind(i32::from(unread))
+            .bind_time(now)
+            .execute()
+            .await?;
+        Ok(true)
+    }
+
+    async fn record_message_status(
+        &mut self,
+        session_id: Uuid,
+        message_id: &str,
+        status: &str,
+        at: OffsetDateTime,
+    ) -> Result<bool, StoreError> {
+        let updated = self
+            .tx
+            .query(
+                "UPDATE session_messages SET status = $3, status_at = $4, updated_at = $5 \
+                 WHERE session_id = $1 AND message_id = $2 AND (status_at IS NULL OR status_at <= $4)",
+            )
+            .bind_uuid(session_id)
+            .bind(message_id)
+            .bind(status)
+            .bind_time(at)
+            .bind_time(OffsetDateTime::now_utc())
+            .execute()
+            .await?;
+        Ok(updated > 0)
+    }
+
+    async fn delete_message_history(&mut self, session_id: Uuid) -> Result<u64, StoreError> {
+        let messages =
+            self.tx.query("DELETE FROM session_messages WHERE session_id = $1").bind_uuid(session_id).execute().await?;
+        self.tx.query("DELETE FROM session_chats WHERE session_id = $1").bind_uuid(session_id).execute().await?;
+        Ok(messages)
+    }
+}
+
+fn message_from_row(row: &Row) -> Result<StoredMessage, StoreError> {
+    Ok(StoredMessage {
+        tenant_id: row.uuid("tenant_id")?,
+        session_id: row.uuid("session_id")?,
+        chat_jid: row.get("chat_jid")?,
+        message_id: row.get("message_id")?,
+        from_me: row.get("from_me")?,
+        sender_jid: row.get("sender_jid")?,
+        timestamp: row.time("timestamp")?,
+        kind: row.get::<Option<String>>("type")?.unwrap_or_else(|| "text".into()),
+        text: row.get("text")?,
+        status: row.get("status")?,
+        status_at: row.opt_time("status_at")?,
+    })
+}
+
+fn chat_from_row(row: &Row) -> Result<ChatSummary, StoreError> {
+    let unread: i32 = row.get("unread_count")?;
+    Ok(ChatSummary {
+        chat_jid: row.get("chat_jid")?,
+        chat_name: row.get("chat_name")?,
+        last_message_id: row.get("last_message_id")?,
+        last_message_ts: row.opt_time("last_message_ts")?,
+        last_message_text: row.get("last_message_text")?,
+        last_message_type: row.get("last_message_type")?,
+        unread_count: u64::try_from(unread).unwrap_or(0),
+    })
+}

@@ -154,7 +154,9 @@ fn chat_jid(raw: &str) -> String {
 /// `{"ts": "<ISO>", "id": "<messageId>"}` in base64 (URL-safe; the standard alphabet is read
 /// too, as the predecessor wrote it).
 fn encode_cursor(message: &StoredMessage) -> String {
-    URL_SAFE_NO_PAD.encode(json!({"ts": iso(message.timestamp), "id": message.message_id}).to_string())
+    // Full precision: a cursor rounded down would step over messages of the same millisecond.
+    let ts = message.timestamp.format(&Rfc3339).unwrap_or_else(|_| iso(message.timestamp));
+    URL_SAFE_NO_PAD.encode(json!({"ts": ts, "id": message.message_id}).to_string())
 }
 
 fn decode_cursor(raw: &str) -> Result<HistoryCursor, ApiError> {
@@ -205,9 +207,10 @@ async fn list_messages(
     let requested = session_param(query.session_id.as_deref())?;
     let limit = match query.limit.as_deref() {
         None => DEFAULT_PAGE,
+        // Out of range is brought into it, as the predecessor did; not a number is refused.
         Some(raw) => raw
-            .parse::<u32>()
-            .map(|limit| limit.clamp(1, MAX_PAGE))
+            .parse::<i64>()
+            .map(|limit| u32::try_from(limit.clamp(1, i64::from(MAX_PAGE))).unwrap_or(DEFAULT_PAGE))
             .map_err(|_| ApiError::bad_request("invalid_limit", "limit must be a number (1 to 200)"))?,
     };
     let cursor = query.cursor.as_deref().filter(|c| !c.is_empty()).map(decode_cursor).transpose()?;

@@ -8,7 +8,7 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use crate::StoreError;
-use crate::sql::Row;
+use crate::sql::{Row, Sql};
 use crate::store::{SqlStore, SqlUnitOfWork};
 
 /// One message of a session's history.
@@ -72,8 +72,9 @@ pub trait MessageWrites: Send {
     /// (a late event of a deleted session). Returns whether the message was new.
     async fn record_message(&mut self, message: &StoredMessage, unread: bool) -> Result<bool, StoreError>;
 
-    /// Sets a stored message's delivery status, unless it has a newer one (receipts can arrive
-    /// out of order). `false` when the message is not stored or its status is newer.
+    /// Sets a stored message's delivery status when it is further along than the stored one
+    /// (sent, server_ack, delivered, read, played; a rejection is final): receipts arrive out of
+    /// order. `false` when the message is not stored or already as far.
     async fn record_message_status(
         &mut self,
         session_id: Uuid,
@@ -96,12 +97,60 @@ macro_rules! newer_last_message {
     };
 }
 
+/// `$where`, then `$order` and `$limit`. A predecessor's row without a timestamp shows its
+/// creation time (only on Postgres, where its tables may come from the predecessor).
 macro_rules! select_messages {
-    ($where:literal) => {
+    ($where:expr, $order:expr, $limit:literal) => {
         concat!(
-            "SELECT tenant_id, session_id, chat_jid, message_id, from_me, sender_jid, timestamp, type, text, status, \
-             status_at FROM session_messages WHERE ",
-            $where
+            "SELECT tenant_id, session_id, chat_jid, message_id, from_me, sender_jid, \
+             COALESCE(timestamp, created_at) AS timestamp, type, text, status, status_at FROM session_messages WHERE ",
+            $where,
+            $order,
+            $limit
+        )
+    };
+}
+
+/// Strictly older than the cursor `($3, $4)`; `timestamp <= $3` first, so the index range
+/// starts at the cursor instead of at the newest message.
+macro_rules! older_than_cursor {
+    () => {
+        "session_id = $1 AND chat_jid = $2 AND timestamp <= $3 \
+         AND (timestamp < $3 OR (timestamp = $3 AND message_id < $4))"
+    };
+}
+
+macro_rules! newest_first {
+    () => {
+        " ORDER BY timestamp DESC, message_id DESC"
+    };
+}
+
+/// The same order on Postgres, whose NULLs (predecessor rows only) would otherwise come first.
+macro_rules! newest_first_pg {
+    () => {
+        " ORDER BY timestamp DESC NULLS LAST, message_id DESC"
+    };
+}
+
+/// How far a message got: a status only ever moves up this scale (receipts arrive out of
+/// order, and their times come from other clocks, in whole seconds).
+macro_rules! status_rank {
+    ($status:literal) => {
+        concat!(
+            "(CASE WHEN ",
+            $status,
+            " LIKE 'rejected%' THEN 6 WHEN ",
+            $status,
+            " = 'played' THEN 5 WHEN ",
+            $status,
+            " = 'read' THEN 4 WHEN ",
+            $status,
+            " = 'delivered' THEN 3 WHEN ",
+            $status,
+            " = 'server_ack' THEN 2 WHEN ",
+            $status,
+            " = 'sent' THEN 1 ELSE 0 END)"
         )
     };
 }
@@ -133,28 +182,34 @@ impl MessageStore for SqlStore {
         let rows = match before {
             None => {
                 self.pool
-                    .query(select_messages!(
-                        "session_id = $1 AND chat_jid = $2 ORDER BY timestamp DESC, message_id DESC LIMIT $3"
-                    ))
+                    .query(Sql::PerBackend {
+                        sqlite: select_messages!("session_id = $1 AND chat_jid = $2", newest_first!(), " LIMIT $3"),
+                        postgres: select_messages!(
+                            "session_id = $1 AND chat_jid = $2",
+                            newest_first_pg!(),
+                            " LIMIT $3"
+                        ),
+                    })
                     .bind_uuid(session_id)
                     .bind(chat_jid)
                     .bind(limit)
                     .fetch_all()
                     .await?
             }
-            Some(cursor) => self
-                .pool
-                .query(select_messages!(
-                    "session_id = $1 AND chat_jid = $2 AND (timestamp < $3 OR (timestamp = $3 AND message_id < $4)) \
-                         ORDER BY timestamp DESC, message_id DESC LIMIT $5"
-                ))
-                .bind_uuid(session_id)
-                .bind(chat_jid)
-                .bind_time(cursor.timestamp)
-                .bind(cursor.message_id.as_str())
-                .bind(limit)
-                .fetch_all()
-                .await?,
+            Some(cursor) => {
+                self.pool
+                    .query(Sql::PerBackend {
+                        sqlite: select_messages!(older_than_cursor!(), newest_first!(), " LIMIT $5"),
+                        postgres: select_messages!(older_than_cursor!(), newest_first_pg!(), " LIMIT $5"),
+                    })
+                    .bind_uuid(session_id)
+                    .bind(chat_jid)
+                    .bind_time(cursor.timestamp)
+                    .bind(cursor.message_id.as_str())
+                    .bind(limit)
+                    .fetch_all()
+                    .await?
+            }
         };
         rows.iter().map(message_from_row).collect()
     }
@@ -172,7 +227,7 @@ impl MessageWrites for SqlUnitOfWork {
                 "INSERT INTO session_messages (id, tenant_id, session_id, chat_jid, message_id, from_me, sender_jid, \
                  timestamp, type, text, status, status_at, created_at, updated_at) \
                  SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $13 \
-                 WHERE EXISTS (SELECT 1 FROM sessions WHERE id = $3) \
+                 WHERE EXISTS (SELECT 1 FROM sessions WHERE id = $3 AND tenant_id = $2) \
                  ON CONFLICT (session_id, message_id) DO NOTHING",
             )
             .bind_uuid(Uuid::now_v7())
@@ -242,10 +297,14 @@ impl MessageWrites for SqlUnitOfWork {
     ) -> Result<bool, StoreError> {
         let updated = self
             .tx
-            .query(
+            .query(concat!(
                 "UPDATE session_messages SET status = $3, status_at = $4, updated_at = $5 \
-                 WHERE session_id = $1 AND message_id = $2 AND (status_at IS NULL OR status_at <= $4)",
-            )
+                 WHERE session_id = $1 AND message_id = $2 AND (status IS NULL OR ",
+                status_rank!("status"),
+                " < ",
+                status_rank!("$3"),
+                ")"
+            ))
             .bind_uuid(session_id)
             .bind(message_id)
             .bind(status)

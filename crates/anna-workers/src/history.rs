@@ -6,6 +6,7 @@
 use anna_domain::session::{SESSION_DELETED, SESSION_MESSAGE_RECEIVED, SESSION_MESSAGE_SENT, SESSION_MESSAGE_STATUS};
 use anna_store::{StoredMessage, UnitOfWork};
 use anna_streams::consumer::{Effect, HandlerError, ReceivedEvent, Subscriber};
+use anna_whatsapp::Jid;
 use serde_json::Value;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -73,12 +74,14 @@ impl Subscriber for MessageHistory {
             SESSION_MESSAGE_SENT => {
                 let (tenant_id, session_id) = ids(received)?;
                 let sent_at = time_of(payload, "sentAt")?;
-                // Events written before the chat was part of them name only the recipient.
+                // Events written before the chat was part of them name only the recipient (as the
+                // worker normalised it).
                 let chat = payload.get("chat").and_then(Value::as_str).map_or_else(|| text(payload, "to"), Ok)?;
+                let chat = Jid::parse(chat).map_or_else(|_| chat.to_owned(), |jid| jid.to_string());
                 let message = StoredMessage {
                     tenant_id,
                     session_id,
-                    chat_jid: chat.to_owned(),
+                    chat_jid: chat,
                     message_id: text(payload, "messageId")?.to_owned(),
                     from_me: true,
                     sender_jid: None,

@@ -1,14 +1,15 @@
--- See the Postgres migration of the same number.
+-- See the Postgres migration of the same number. The rows belong to their session: deleted
+-- with it (foreign keys are on in every connection), never written for a session being deleted.
 
 CREATE TABLE session_messages (
     id TEXT NOT NULL PRIMARY KEY,
     tenant_id TEXT NOT NULL,
-    session_id TEXT NOT NULL,
+    session_id TEXT NOT NULL REFERENCES sessions (id) ON DELETE CASCADE,
     chat_jid TEXT NOT NULL,
     message_id TEXT NOT NULL,
     from_me INTEGER NOT NULL,
     sender_jid TEXT,
-    timestamp INTEGER,
+    timestamp INTEGER NOT NULL,
     type TEXT,
     text TEXT,
     raw TEXT,
@@ -28,7 +29,7 @@ CREATE INDEX session_messages_chat_idx ON session_messages (session_id, chat_jid
 CREATE TABLE session_chats (
     id TEXT NOT NULL PRIMARY KEY,
     tenant_id TEXT NOT NULL,
-    session_id TEXT NOT NULL,
+    session_id TEXT NOT NULL REFERENCES sessions (id) ON DELETE CASCADE,
     chat_jid TEXT NOT NULL,
     chat_name TEXT,
     last_message_id TEXT,

@@ -66,10 +66,12 @@ async fn history_is_recorded_paged_and_deleted(store: Arc<dyn Store>) -> TestRes
     let next = store.list_messages(session.id, a, Some(&cursor), 2).await?;
     assert_eq!(next, vec![message(&session, a, "m1", t, false)]);
 
-    // Statuses move forward only.
+    // Statuses move forward only, whatever their times say (receipts come in whole seconds).
     let mut uow = store.begin().await?;
+    assert!(uow.record_message_status(session.id, "s1", "delivered", t + Duration::seconds(8)).await?);
     assert!(uow.record_message_status(session.id, "s1", "read", t + Duration::seconds(9)).await?);
-    assert!(!uow.record_message_status(session.id, "s1", "delivered", t + Duration::seconds(8)).await?, "older");
+    assert!(!uow.record_message_status(session.id, "s1", "delivered", t + Duration::seconds(10)).await?, "behind");
+    assert!(!uow.record_message_status(session.id, "s1", "read", t + Duration::seconds(11)).await?, "as far");
     assert!(!uow.record_message_status(session.id, "nope", "read", t).await?);
     uow.commit().await?;
     let sent = store.list_messages(session.id, b, None, 10).await?;
@@ -78,6 +80,14 @@ async fn history_is_recorded_paged_and_deleted(store: Arc<dyn Store>) -> TestRes
 
     let mut uow = store.begin().await?;
     assert_eq!(uow.delete_message_history(session.id).await?, 6);
+    uow.commit().await?;
+    assert!(store.list_chats(session.id).await?.is_empty());
+    assert!(store.list_messages(session.id, a, None, 10).await?.is_empty());
+
+    // The history belongs to its session: deleting the session deletes it.
+    let mut uow = store.begin().await?;
+    uow.record_message(&message(&session, a, "m9", t, false), true).await?;
+    assert!(uow.delete_session(session.id).await?);
     uow.commit().await?;
     assert!(store.list_chats(session.id).await?.is_empty());
     assert!(store.list_messages(session.id, a, None, 10).await?.is_empty());

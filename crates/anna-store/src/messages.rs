@@ -69,8 +69,14 @@ pub trait MessageWrites: Send {
     /// Stores a new message and moves its chat's last message forward if it is newer;
     /// `unread`: the chat's unread count grows by one. A message already stored keeps its row
     /// (only a newer status is taken). Nothing is written for a session that no longer exists
-    /// (a late event of a deleted session). Returns whether the message was new.
-    async fn record_message(&mut self, message: &StoredMessage, unread: bool) -> Result<bool, StoreError>;
+    /// (a late event of a deleted session). `chat_name`, when given, names the chat from now on.
+    /// Returns whether the message was new.
+    async fn record_message(
+        &mut self,
+        message: &StoredMessage,
+        unread: bool,
+        chat_name: Option<&str>,
+    ) -> Result<bool, StoreError>;
 
     /// Sets a stored message's delivery status when it is further along than the stored one
     /// (sent, server_ack, delivered, read, played; a rejection is final): receipts arrive out of
@@ -217,7 +223,12 @@ impl MessageStore for SqlStore {
 
 #[async_trait]
 impl MessageWrites for SqlUnitOfWork {
-    async fn record_message(&mut self, message: &StoredMessage, unread: bool) -> Result<bool, StoreError> {
+    async fn record_message(
+        &mut self,
+        message: &StoredMessage,
+        unread: bool,
+        chat_name: Option<&str>,
+    ) -> Result<bool, StoreError> {
         let now = OffsetDateTime::now_utc();
         // Inserted only when new (and when its session still exists): a message reported twice
         // must not count twice as unread.
@@ -256,9 +267,10 @@ impl MessageWrites for SqlUnitOfWork {
             .query(
                 concat!(
                     "INSERT INTO session_chats (id, tenant_id, session_id, chat_jid, last_message_id, last_message_ts, \
-                     last_message_text, last_message_type, unread_count, created_at, updated_at) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10) \
-                     ON CONFLICT (session_id, chat_jid) DO UPDATE SET last_message_id = CASE WHEN ",
+                     last_message_text, last_message_type, unread_count, created_at, updated_at, chat_name) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10, $11) \
+                     ON CONFLICT (session_id, chat_jid) DO UPDATE SET \
+                     chat_name = COALESCE(excluded.chat_name, session_chats.chat_name), last_message_id = CASE WHEN ",
                     newer_last_message!(),
                     " THEN excluded.last_message_id ELSE session_chats.last_message_id END, \
                      last_message_text = CASE WHEN ",
@@ -283,6 +295,7 @@ impl MessageWrites for SqlUnitOfWork {
             .bind(message.kind.as_str())
             .bind(i32::from(unread))
             .bind_time(now)
+            .bind(chat_name)
             .execute()
             .await?;
         Ok(true)

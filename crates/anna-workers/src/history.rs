@@ -68,8 +68,11 @@ impl Subscriber for MessageHistory {
                     status: None,
                     status_at: None,
                 };
-                // A message of one's own (sent from the phone) is not unread.
-                uow.record_message(&message, !from_me).await?;
+                // A message of one's own (sent from the phone) is not unread; the contact's name
+                // names a one-to-one chat (in a group it is the sender's, not the group's).
+                let name = payload.get("pushName").and_then(Value::as_str).filter(|name| !name.trim().is_empty());
+                let chat_name = name.filter(|_| !from_me && !message.chat_jid.ends_with("@g.us"));
+                uow.record_message(&message, !from_me, chat_name).await?;
             }
             SESSION_MESSAGE_SENT => {
                 let (tenant_id, session_id) = ids(received)?;
@@ -91,7 +94,7 @@ impl Subscriber for MessageHistory {
                     status: Some("sent".into()),
                     status_at: Some(sent_at),
                 };
-                uow.record_message(&message, false).await?;
+                uow.record_message(&message, false, None).await?;
             }
             SESSION_MESSAGE_STATUS => {
                 let (_, session_id) = ids(received)?;

@@ -35,17 +35,17 @@ async fn history_is_recorded_paged_and_deleted(store: Arc<dyn Store>) -> TestRes
     let (a, b) = ("491111@s.whatsapp.net", "492222@s.whatsapp.net");
 
     let mut uow = store.begin().await?;
-    assert!(uow.record_message(&message(&session, a, "m1", t, false), true).await?);
-    assert!(uow.record_message(&message(&session, a, "m3", t + Duration::seconds(1), false), true).await?);
-    assert!(uow.record_message(&message(&session, a, "m2", t + Duration::seconds(1), false), true).await?);
-    assert!(uow.record_message(&message(&session, b, "s1", t + Duration::seconds(2), true), false).await?);
+    assert!(uow.record_message(&message(&session, a, "m1", t, false), true, Some("Ann")).await?);
+    assert!(uow.record_message(&message(&session, a, "m3", t + Duration::seconds(1), false), true, None).await?);
+    assert!(uow.record_message(&message(&session, a, "m2", t + Duration::seconds(1), false), true, None).await?);
+    assert!(uow.record_message(&message(&session, b, "s1", t + Duration::seconds(2), true), false, None).await?);
     // Reported twice: stored once, counted once.
-    assert!(!uow.record_message(&message(&session, a, "m1", t, false), true).await?);
+    assert!(!uow.record_message(&message(&session, a, "m1", t, false), true, None).await?);
     // An older message arriving late does not move the chat's last message back.
-    assert!(uow.record_message(&message(&session, b, "s0", t - Duration::seconds(5), false), true).await?);
+    assert!(uow.record_message(&message(&session, b, "s0", t - Duration::seconds(5), false), true, None).await?);
     // A session that does not exist (deleted before its late events) gets nothing.
     let (gone, _) = Session::create(Uuid::new_v4(), tenant, t);
-    assert!(!uow.record_message(&message(&gone, a, "x1", t, false), true).await?);
+    assert!(!uow.record_message(&message(&gone, a, "x1", t, false), true, None).await?);
     uow.commit().await?;
 
     let chats = store.list_chats(session.id).await?;
@@ -53,6 +53,7 @@ async fn history_is_recorded_paged_and_deleted(store: Arc<dyn Store>) -> TestRes
         chats.iter().map(|c| (c.chat_jid.as_str(), c.last_message_id.as_deref(), c.unread_count)).collect();
     assert_eq!(summary, vec![(b, Some("s1"), 1), (a, Some("m3"), 3)], "latest first");
     assert_eq!(chats[0].last_message_text.as_deref(), Some("text of s1"));
+    assert_eq!((chats[0].chat_name.as_deref(), chats[1].chat_name.as_deref()), (None, Some("Ann")), "kept once known");
     assert!(store.list_chats(gone.id).await?.is_empty());
 
     // Newest first; equal timestamps by message id; a cursor continues strictly older.
@@ -61,7 +62,7 @@ async fn history_is_recorded_paged_and_deleted(store: Arc<dyn Store>) -> TestRes
     let cursor = HistoryCursor { timestamp: page[1].timestamp, message_id: page[1].message_id.clone() };
     // A message inserted meanwhile at the top does not shift the next page.
     let mut uow = store.begin().await?;
-    uow.record_message(&message(&session, a, "m4", t + Duration::seconds(3), false), true).await?;
+    uow.record_message(&message(&session, a, "m4", t + Duration::seconds(3), false), true, None).await?;
     uow.commit().await?;
     let next = store.list_messages(session.id, a, Some(&cursor), 2).await?;
     assert_eq!(next, vec![message(&session, a, "m1", t, false)]);
@@ -86,7 +87,7 @@ async fn history_is_recorded_paged_and_deleted(store: Arc<dyn Store>) -> TestRes
 
     // The history belongs to its session: deleting the session deletes it.
     let mut uow = store.begin().await?;
-    uow.record_message(&message(&session, a, "m9", t, false), true).await?;
+    uow.record_message(&message(&session, a, "m9", t, false), true, None).await?;
     assert!(uow.delete_session(session.id).await?);
     uow.commit().await?;
     assert!(store.list_chats(session.id).await?.is_empty());

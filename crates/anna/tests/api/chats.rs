@@ -46,6 +46,7 @@ async fn history_of_sent_and_received_messages(backend: Backend) {
     assert_eq!(chats["sessionId"], id.as_str());
     let chat = &chats["items"][0];
     assert_eq!(chat["chatJid"], CONTACT);
+    assert_eq!(chat["chatName"], "Simulated contact 15550100123", "named by the contact's push name");
     assert!(chat["lastMessageText"].as_str().unwrap_or_default().contains("hello history"), "{chat}");
     assert!(chat["lastMessageTs"].is_string());
     let path = format!("/chats/{CONTACT}/messages?sessionId={id}");

@@ -15,6 +15,7 @@ mod auth;
 mod backlog;
 mod events;
 mod fleet;
+mod history;
 mod process;
 mod sessions;
 mod stats;
@@ -53,6 +54,9 @@ enum Bench {
     /// Webhook delivery to a fast local receiver: a backlog after an outage, throughput, and
     /// commit → receiver latency at a steady rate, both shapes.
     Webhooks(webhooks::WebhooksArgs),
+    /// Message history at scale: storing a million messages, then pages of a chat (newest and
+    /// deep) and the chat list, both shapes.
+    History(history::HistoryArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -69,6 +73,7 @@ fn main() -> anyhow::Result<()> {
             Bench::Sessions(args) => sessions::run(args).await,
             Bench::Fleet(args) => fleet::run(args).await,
             Bench::Webhooks(args) => webhooks::run(args).await,
+            Bench::History(args) => history::run(args).await,
         }
     })
 }

@@ -136,6 +136,20 @@ pub(crate) struct Shape {
     pub(crate) stream: Arc<dyn Stream>,
 }
 
+/// The relay the benchmarks run: claims of 1,000, the stream capped at a million entries.
+pub(crate) fn relay_config(stream: &str) -> RelayConfig {
+    RelayConfig {
+        stream: stream.to_owned(),
+        batch_size: 1000,
+        idle_wait: Duration::from_millis(500),
+        lease: Duration::from_secs(30),
+        max_attempts: 10,
+        backoff: Backoff { base: Duration::from_millis(100), max: Duration::from_secs(5) },
+        stream_max_len: Some(1_000_000),
+        retention: Duration::from_secs(3600),
+    }
+}
+
 pub(crate) async fn open_shape(name: &str) -> anyhow::Result<Shape> {
     let options = ConnectOptions { max_connections: 32, ..ConnectOptions::default() };
     match name {
@@ -244,20 +258,7 @@ async fn bench_shape(shape: &Shape, args: &EventsArgs) -> anyhow::Result<Vec<Sum
     let readers = if embedded { 1 } else { args.readers.max(1) };
     let mut tasks = Vec::new();
     for n in 0..relays.max(readers) {
-        let relay = OutboxRelay::new(
-            shape.store.clone(),
-            shape.stream.clone(),
-            RelayConfig {
-                stream: stream_name.clone(),
-                batch_size: 1000,
-                idle_wait: Duration::from_millis(500),
-                lease: Duration::from_secs(30),
-                max_attempts: 10,
-                backoff: Backoff { base: Duration::from_millis(100), max: Duration::from_secs(5) },
-                stream_max_len: Some(1_000_000),
-                retention: Duration::from_secs(3600),
-            },
-        );
+        let relay = OutboxRelay::new(shape.store.clone(), shape.stream.clone(), relay_config(&stream_name));
         let consumer = Arc::new(
             EventConsumer::new(
                 shape.store.clone(),

@@ -14,9 +14,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anna_domain::DomainEvent;
 use anna_domain::webhook::{EventFilter, NewEndpoint, WebhookEndpoint};
 use anna_store::Store;
-use anna_streams::backoff::Backoff;
 use anna_streams::consumer::{ConsumerConfig, EventConsumer};
-use anna_streams::relay::{OutboxRelay, RelayConfig};
+use anna_streams::relay::OutboxRelay;
 use anna_testkit::webhook_receiver::WebhookReceiver;
 use anna_workers::webhooks::{DispatcherConfig, HttpSettings, WebhookDispatcher, WebhookFanout};
 use time::OffsetDateTime;
@@ -24,7 +23,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::events::open_shape;
+use crate::events::{open_shape, relay_config};
 use crate::stats::Summary;
 
 const SECRET: &[u8] = b"bench-server-secret-bench-server-secret";
@@ -127,20 +126,7 @@ impl Pipeline {
 
 fn relay(store: &Arc<dyn Store>, stream: &Arc<dyn anna_streams::Stream>, name: &str) -> Pipeline {
     let shutdown = CancellationToken::new();
-    let relay = OutboxRelay::new(
-        store.clone(),
-        stream.clone(),
-        RelayConfig {
-            stream: name.to_owned(),
-            batch_size: 1000,
-            idle_wait: Duration::from_millis(500),
-            lease: Duration::from_secs(30),
-            max_attempts: 10,
-            backoff: Backoff { base: Duration::from_millis(100), max: Duration::from_secs(5) },
-            stream_max_len: Some(1_000_000),
-            retention: Duration::from_secs(3600),
-        },
-    );
+    let relay = OutboxRelay::new(store.clone(), stream.clone(), relay_config(name));
     let token = shutdown.clone();
     Pipeline { shutdown, tasks: vec![tokio::spawn(async move { relay.run(token).await })] }
 }

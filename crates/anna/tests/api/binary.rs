@@ -69,10 +69,16 @@ impl Running {
         }
     }
 
-    fn listening_addr(&mut self) -> String {
-        let line = self.wait_for("\"listening\"");
-        let value: serde_json::Value = serde_json::from_str(&line).unwrap();
-        value["addr"].as_str().unwrap().to_owned()
+    /// The API's address, from its `listening` log line.
+    pub(crate) fn listening_addr(&mut self) -> String {
+        self.addr_from("\"listening\"")
+    }
+
+    /// The `addr` of the next JSON log line containing `needle`.
+    pub(crate) fn addr_from(&mut self, needle: &str) -> String {
+        let line = self.wait_for(needle);
+        let value: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        value["addr"].as_str().unwrap_or_else(|| panic!("no addr in {line}")).to_owned()
     }
 
     pub(crate) fn terminate(&mut self) -> std::process::ExitStatus {
@@ -90,6 +96,14 @@ impl Running {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
+}
+
+/// A fresh Postgres database, migrated by the binary.
+pub(crate) async fn migrated_postgres() -> String {
+    let url = anna_testkit::pg::fresh_database_url().await;
+    let out = anna(&["migrate"], &[("DATABASE_URL", &url)]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    url
 }
 
 /// A test that fails (panics) must not leave its processes running: they would keep working
@@ -253,9 +267,7 @@ async fn migrate_is_idempotent_on_postgres_and_workers_start_and_stop() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_process_against_postgres() {
-    let url = anna_testkit::pg::fresh_database_url().await;
-    let out = anna(&["migrate"], &[("DATABASE_URL", &url)]).output().unwrap();
-    assert!(out.status.success());
+    let url = migrated_postgres().await;
     // The API tails the event stream too (realtime feeds), so it needs Redis with Postgres.
     let out = anna(&["api"], &[("DATABASE_URL", &url), ("HOST", "127.0.0.1"), ("PORT", "0")]).output().unwrap();
     assert!(!out.status.success());
@@ -363,9 +375,7 @@ async fn a_backup_taken_under_write_load_restores_into_a_working_instance() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_replicas_share_their_rate_limits_through_redis() {
-    let url = anna_testkit::pg::fresh_database_url().await;
-    let out = anna(&["migrate"], &[("DATABASE_URL", &url)]).output().unwrap();
-    assert!(out.status.success());
+    let url = migrated_postgres().await;
     let redis = anna_testkit::redis::RedisServer::start(false);
     let redis_url = redis.url();
     let env = [

@@ -9,7 +9,7 @@ use std::process::Command;
 
 use serde_json::{Value, json};
 
-use crate::binary::{Running, anna};
+use crate::binary::{Running, anna, migrated_postgres};
 
 fn deploy_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy")
@@ -200,17 +200,9 @@ fn queried_expressions() -> Vec<String> {
     exprs
 }
 
-/// A JSON log line's `addr`.
-fn addr_of(line: &str) -> String {
-    let value: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
-    value["addr"].as_str().unwrap_or_else(|| panic!("no addr in {line}")).to_owned()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_metric_the_dashboard_and_the_alerts_query_exists() {
-    let url = anna_testkit::pg::fresh_database_url().await;
-    let out = anna(&["migrate"], &[("DATABASE_URL", &url)]).output().unwrap();
-    assert!(out.status.success());
+    let url = migrated_postgres().await;
     let redis = anna_testkit::redis::RedisServer::start(false);
     let redis_url = redis.url();
     let env = [
@@ -226,11 +218,11 @@ async fn every_metric_the_dashboard_and_the_alerts_query_exists() {
         [&["api"][..], &["worker", "outbox"], &["worker", "events"], &["worker", "sessions"], &["worker", "webhooks"]]
     {
         let mut process = Running::start(anna(args, &env));
-        let metrics = addr_of(&process.wait_for("metrics listening"));
+        let metrics = process.addr_from("metrics listening");
         processes.push((args.join(" "), process, metrics));
     }
     // Some traffic, so the families labelled per request exist.
-    let api = addr_of(&processes[0].1.wait_for("\"listening\""));
+    let api = processes[0].1.listening_addr();
     let http = reqwest::Client::new();
     assert_eq!(http.get(format!("http://{api}/readyz")).send().await.unwrap().status(), 200);
     let email = format!("metrics-{}@example.com", uuid::Uuid::new_v4().simple());

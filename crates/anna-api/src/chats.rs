@@ -146,9 +146,16 @@ fn session_param(raw: Option<&str>) -> Result<Option<Uuid>, ApiError> {
     raw.filter(|s| !s.is_empty()).map(|s| parse_uuid(s, "sessionId")).transpose()
 }
 
-/// The chat as given, or — for a phone number or a JID written otherwise — its JID.
-fn chat_jid(raw: &str) -> String {
-    Jid::parse(raw).map_or_else(|_| raw.to_owned(), |jid| jid.to_string())
+/// Longest chat identifier accepted (JIDs are far shorter).
+const MAX_JID_CHARS: usize = 256;
+
+/// The chat as given, or — for a phone number or a JID written otherwise — its JID. Empty,
+/// overlong or control characters (a NUL would reach the database) are refused.
+fn chat_jid(raw: &str) -> Result<String, ApiError> {
+    if raw.is_empty() || raw.chars().count() > MAX_JID_CHARS || raw.chars().any(char::is_control) {
+        return Err(ApiError::bad_request("invalid_jid", "jid must be a chat JID or a phone number"));
+    }
+    Ok(Jid::parse(raw).map_or_else(|_| raw.to_owned(), |jid| jid.to_string()))
 }
 
 /// `{"ts": "<ISO>", "id": "<messageId>"}` in base64 (URL-safe; the standard alphabet is read
@@ -165,7 +172,11 @@ fn decode_cursor(raw: &str) -> Result<HistoryCursor, ApiError> {
         URL_SAFE_NO_PAD.decode(raw.trim_end_matches('=')).or_else(|_| STANDARD.decode(raw)).map_err(|_| invalid())?;
     let value: Value = serde_json::from_slice(&bytes).map_err(|_| invalid())?;
     let timestamp = value["ts"].as_str().and_then(|ts| OffsetDateTime::parse(ts, &Rfc3339).ok()).ok_or_else(invalid)?;
-    let message_id = value["id"].as_str().filter(|id| !id.is_empty()).ok_or_else(invalid)?.to_owned();
+    let message_id = value["id"]
+        .as_str()
+        .filter(|id| !id.is_empty() && id.len() <= MAX_JID_CHARS && !id.chars().any(char::is_control))
+        .ok_or_else(invalid)?
+        .to_owned();
     Ok(HistoryCursor { timestamp, message_id })
 }
 
@@ -214,18 +225,18 @@ async fn list_messages(
             .map_err(|_| ApiError::bad_request("invalid_limit", "limit must be a number (1 to 200)"))?,
     };
     let cursor = query.cursor.as_deref().filter(|c| !c.is_empty()).map(decode_cursor).transpose()?;
-    let page =
-        match state.sessions.chat_messages(caller.user_id, requested, &chat_jid(&jid), cursor.as_ref(), limit).await? {
-            Some((session_id, messages)) => {
-                let full = messages.len() == usize::try_from(limit).unwrap_or(usize::MAX);
-                MessagePage {
-                    session_id: Some(session_id.to_string()),
-                    next_cursor: messages.last().filter(|_| full).map(encode_cursor),
-                    items: messages.iter().map(MessageView::from).collect(),
-                }
+    let chat = chat_jid(&jid)?;
+    let page = match state.sessions.chat_messages(caller.user_id, requested, &chat, cursor.as_ref(), limit).await? {
+        Some((session_id, messages)) => {
+            let full = messages.len() == usize::try_from(limit).unwrap_or(usize::MAX);
+            MessagePage {
+                session_id: Some(session_id.to_string()),
+                next_cursor: messages.last().filter(|_| full).map(encode_cursor),
+                items: messages.iter().map(MessageView::from).collect(),
             }
-            None => MessagePage { session_id: None, items: Vec::new(), next_cursor: None },
-        };
+        }
+        None => MessagePage { session_id: None, items: Vec::new(), next_cursor: None },
+    };
     Ok(axum::Json(page).into_response())
 }
 
@@ -253,7 +264,9 @@ mod tests {
         // The predecessor's standard base64, with padding.
         let standard = STANDARD.encode(r#"{"ts":"2026-12-06T21:00:00.123Z","id":"ABC"}"#);
         assert!(decode_cursor(&standard).is_ok());
-        for junk in ["", "!!!", &URL_SAFE_NO_PAD.encode("{}"), &URL_SAFE_NO_PAD.encode(r#"{"ts":"x","id":"a"}"#)] {
+        let nul = URL_SAFE_NO_PAD.encode("{\"ts\":\"2026-12-06T21:00:00Z\",\"id\":\"a\\u0000b\"}");
+        for junk in ["", "!!!", &URL_SAFE_NO_PAD.encode("{}"), &URL_SAFE_NO_PAD.encode(r#"{"ts":"x","id":"a"}"#), &nul]
+        {
             assert!(decode_cursor(junk).is_err(), "{junk:?}");
         }
     }

@@ -82,6 +82,12 @@ async fn history_of_sent_and_received_messages(backend: Backend) {
         assert_eq!((refused.status, refused.body["code"].as_str()), (400, Some(code)), "{query}");
     }
     assert_eq!(app.get(&format!("/chats/{CONTACT}/messages?limit=1000")).bearer(&token).send().await.status, 200);
+    for jid in ["a%00b", &"9".repeat(300)] {
+        let refused = app.get(&format!("/chats/{jid}/messages")).bearer(&token).send().await;
+        assert_eq!((refused.status, refused.body["code"].as_str()), (400, Some("invalid_jid")), "{jid}");
+    }
+    let odd = app.http.put(format!("{}/chats/{CONTACT}/messages", app.base)).bearer_auth(&token).send().await;
+    assert_eq!(odd.map(|r| r.status().as_u16()).ok(), Some(405));
 
     // Another tenant sees none of it, naming the session or not.
     for path in

@@ -3,11 +3,18 @@
 //! one `sessionId` names (when it is the caller's) or, without it, the caller's first connected
 //! session, else the newest (the predecessor's rule); with none, the lists are empty
 //! (`sessionId: null`).
+//!
+//! Commands on a chat — send, mark read, edit, delete for everyone, react — go to the same
+//! session; with none they answer 404 `session not found`, and a message id not in the
+//! session's history of the chat is 404 `message not found`. They are answered 202 with the
+//! `commandId`; the outcome arrives as events.
 
 use anna_domain::user::iso;
-use anna_store::{ChatSummary, HistoryCursor, StoredMessage};
+use anna_store::{ChatSummary, HistoryCursor, ReactionSummary, StoredMessage};
+use anna_usecases::SendRequest;
 use anna_whatsapp::Jid;
 use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
@@ -21,7 +28,9 @@ use utoipa_axum::routes;
 use uuid::Uuid;
 
 use crate::error::{ApiError, ErrorBody};
-use crate::extract::{ApiPath, AuthUser, parse_uuid};
+use crate::extract::{ApiJson, ApiPath, AuthUser, parse_uuid};
+use crate::idempotency;
+use crate::sessions::OptionalJson;
 use crate::state::AppState;
 
 /// Messages per page: the predecessor's default and bounds.
@@ -29,7 +38,12 @@ const DEFAULT_PAGE: u32 = 50;
 const MAX_PAGE: u32 = 200;
 
 pub fn router() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new().routes(routes!(list_chats)).routes(routes!(list_messages))
+    OpenApiRouter::new()
+        .routes(routes!(list_chats))
+        .routes(routes!(list_messages, send_to_chat))
+        .routes(routes!(mark_read))
+        .routes(routes!(edit_message, delete_message))
+        .routes(routes!(react))
 }
 
 #[derive(Debug, Deserialize)]
@@ -79,8 +93,9 @@ pub struct ChatList {
     pub items: Vec<ChatView>,
 }
 
-/// A message as the predecessor's clients read it. Edits, deletes, reactions, media, replies,
-/// forwards and mentions are not recorded yet: their fields say so (false, null, empty).
+/// A message as the predecessor's clients read it. A message deleted for everyone stays,
+/// flagged. Media, replies, forwards and mentions are not recorded yet: their fields say so
+/// (null, empty).
 #[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct MessageView {
@@ -97,8 +112,7 @@ pub struct MessageView {
     pub edited_at: Option<String>,
     pub is_deleted: bool,
     pub deleted_at: Option<String>,
-    #[schema(value_type = Vec<Object>)]
-    pub reactions: Vec<Value>,
+    pub reactions: Vec<ReactionView>,
     #[schema(value_type = Option<Object>)]
     pub media: Option<Value>,
     #[schema(value_type = Option<Object>)]
@@ -107,6 +121,36 @@ pub struct MessageView {
     pub forward: Option<Value>,
     #[schema(value_type = Vec<Object>)]
     pub mentions: Vec<Value>,
+}
+
+/// One emoji on a message: how many reacted with it, and who.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReactionView {
+    pub message_id: String,
+    pub emoji: String,
+    pub count: usize,
+    pub actors: Vec<String>,
+}
+
+impl From<&ReactionSummary> for ReactionView {
+    fn from(reaction: &ReactionSummary) -> Self {
+        Self {
+            message_id: reaction.message_id.clone(),
+            emoji: reaction.emoji.clone(),
+            count: reaction.actors.len(),
+            actors: reaction.actors.clone(),
+        }
+    }
+}
+
+impl MessageView {
+    fn new(message: &StoredMessage, reactions: &[ReactionSummary]) -> Self {
+        let mut view = Self::from(message);
+        view.reactions =
+            reactions.iter().filter(|r| r.message_id == message.message_id).map(ReactionView::from).collect();
+        view
+    }
 }
 
 impl From<&StoredMessage> for MessageView {
@@ -120,10 +164,10 @@ impl From<&StoredMessage> for MessageView {
             text: message.text.clone(),
             status: message.status.clone(),
             status_at: message.status_at.map(iso),
-            is_edited: false,
-            edited_at: None,
-            is_deleted: false,
-            deleted_at: None,
+            is_edited: message.is_edited(),
+            edited_at: message.edited_at.map(iso),
+            is_deleted: message.is_deleted(),
+            deleted_at: message.deleted_at.map(iso),
             reactions: Vec::new(),
             media: None,
             reply_to: None,
@@ -229,15 +273,340 @@ async fn list_messages(
     let page = match state.sessions.chat_messages(caller.user_id, requested, &chat, cursor.as_ref(), limit).await? {
         Some((session_id, messages)) => {
             let full = messages.len() == usize::try_from(limit).unwrap_or(usize::MAX);
+            let reactions = state.sessions.reactions_of(session_id, &messages).await?;
             MessagePage {
                 session_id: Some(session_id.to_string()),
                 next_cursor: messages.last().filter(|_| full).map(encode_cursor),
-                items: messages.iter().map(MessageView::from).collect(),
+                items: messages.iter().map(|message| MessageView::new(message, &reactions)).collect(),
             }
         }
         None => MessagePage { session_id: None, items: Vec::new(), next_cursor: None },
     };
     Ok(axum::Json(page).into_response())
+}
+
+/// A chat command accepted: its id, and the session it went to.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ChatCommandResponse {
+    pub command_id: String,
+    pub session_id: String,
+}
+
+fn chat_command(enqueued: anna_usecases::Enqueued) -> Result<idempotency::Answer, ApiError> {
+    let body = ChatCommandResponse {
+        command_id: enqueued.command_id.to_string(),
+        session_id: enqueued.session_id.to_string(),
+    };
+    Ok((StatusCode::ACCEPTED, json!(body)))
+}
+
+/// A message id from a path or body: WhatsApp ids are short; control characters (a NUL would
+/// reach the database) are refused.
+fn message_id(raw: &str, what: &str) -> Result<String, ApiError> {
+    if raw.is_empty() || raw.chars().count() > MAX_JID_CHARS || raw.chars().any(char::is_control) {
+        return Err(ApiError::bad_request(
+            "invalid_message_id",
+            format!("{what} must be 1 to {MAX_JID_CHARS} characters without control characters"),
+        ));
+    }
+    Ok(raw.to_owned())
+}
+
+/// Text as the tenant wrote it: line breaks and tabs are text, other control characters are not.
+fn text_content(content: &str) -> Result<(), ApiError> {
+    if content.chars().any(|c| c.is_control() && !matches!(c, '\n' | '\r' | '\t')) {
+        return Err(ApiError::bad_request("invalid_content", "content must not contain control characters"));
+    }
+    Ok(())
+}
+
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ChatSendRequest {
+    /// The text to send.
+    content: Option<String>,
+    /// A media message's caption.
+    caption: Option<String>,
+    /// Send audio as a voice note.
+    ptt: Option<bool>,
+    /// `{kind, url, mime?, fileName?}`: not supported yet.
+    #[schema(value_type = Option<Object>)]
+    media: Option<Value>,
+    /// Your own id for the message, carried into its events.
+    message_id: Option<String>,
+    session_id: Option<String>,
+    /// The WhatsApp id of the message this one replies to.
+    reply_to_message_id: Option<String>,
+    /// Forward this stored message: not supported yet.
+    forward_message_id: Option<String>,
+}
+
+/// Send a text into the chat (the predecessor's validation messages). 409 when the session is
+/// not connected; 429 over the session's send rate. Media and forwards are not available yet
+/// (501).
+#[utoipa::path(post, path = "/chats/{jid}/messages", tag = "chats", request_body = ChatSendRequest,
+    security(("bearer" = [])), params(("jid" = String, Path, description = "the chat's JID (or a phone number)"),
+        ("Idempotency-Key" = Option<String>, Header, description = "repeats of a request with this key get the first answer")),
+    responses((status = 202, body = ChatCommandResponse), (status = 400, body = ErrorBody),
+        (status = 404, description = "no session", body = ErrorBody),
+        (status = 409, description = "the session is not connected", body = ErrorBody),
+        (status = 429, body = ErrorBody), (status = 501, body = ErrorBody)))]
+async fn send_to_chat(
+    State(state): State<AppState>,
+    AuthUser(caller): AuthUser,
+    ApiPath(jid): ApiPath<String>,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<ChatSendRequest>,
+) -> Result<Response, ApiError> {
+    let present = |value: &Option<String>| value.as_deref().is_some_and(|v| !v.trim().is_empty());
+    if present(&body.reply_to_message_id) && present(&body.forward_message_id) {
+        return Err(ApiError::bad_request(
+            "invalid_request",
+            "replyToMessageId and forwardMessageId cannot be combined",
+        ));
+    }
+    let has_media = body.media.as_ref().is_some_and(|media| !media.is_null());
+    if has_media && present(&body.forward_message_id) {
+        return Err(ApiError::bad_request("invalid_request", "media and forwardMessageId cannot be combined"));
+    }
+    if !present(&body.content) && !has_media && !present(&body.forward_message_id) {
+        return Err(ApiError::bad_request("missing_fields", "content or media is required unless forwarding"));
+    }
+    if has_media || present(&body.forward_message_id) || body.caption.is_some() || body.ptt.is_some() {
+        return Err(ApiError::new(
+            StatusCode::NOT_IMPLEMENTED,
+            "not_implemented",
+            "sending media and forwarding are not available yet; send text with content",
+        ));
+    }
+    let content = body.content.unwrap_or_default();
+    text_content(&content)?;
+    let chat = chat_jid(&jid)?;
+    let to = Jid::parse(&chat).map_err(|e| ApiError::bad_request("invalid_jid", format!("jid {e}")))?;
+    let optional_id = |value: Option<String>, what: &str| -> Result<Option<String>, ApiError> {
+        value.filter(|v| !v.is_empty()).map(|v| message_id(&v, what)).transpose()
+    };
+    let request = SendRequest {
+        to: to.to_string(),
+        text: content,
+        reply_to: optional_id(body.reply_to_message_id, "replyToMessageId")?,
+        client_message_id: optional_id(body.message_id, "messageId")?,
+    };
+    let requested = session_param(body.session_id.as_deref())?;
+    let key = idempotency::key(&headers)?;
+    let scope = format!("POST /chats/{chat}/messages {}", caller.user_id);
+    let fingerprint =
+        json!([requested, request.to, request.text, request.reply_to, request.client_message_id]).to_string();
+    Ok(idempotency::once(&state, &scope, key, &fingerprint, || async {
+        chat_command(
+            state.sessions.send_to_chat(caller.user_id, requested, request, |id| state.limiters.check_send(id)).await?,
+        )
+    })
+    .await)
+}
+
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReadRequest {
+    /// The messages read (those in the chat's history are marked).
+    #[schema(required, nullable = false)]
+    message_ids: Option<Vec<String>>,
+    session_id: Option<String>,
+}
+
+/// Mark messages of the chat read: read receipts go to their senders and the chat's unread
+/// count drops to 0 (`session.chats.update`).
+#[utoipa::path(post, path = "/chats/{jid}/read", tag = "chats", request_body = ReadRequest,
+    security(("bearer" = [])), params(("jid" = String, Path, description = "the chat's JID (or a phone number)"),
+        ("Idempotency-Key" = Option<String>, Header, description = "repeats of a request with this key get the first answer")),
+    responses((status = 202, body = ChatCommandResponse), (status = 400, body = ErrorBody),
+        (status = 404, description = "no session, or none of the messages in the chat", body = ErrorBody),
+        (status = 409, description = "the session is not connected", body = ErrorBody)))]
+async fn mark_read(
+    State(state): State<AppState>,
+    AuthUser(caller): AuthUser,
+    ApiPath(jid): ApiPath<String>,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<ReadRequest>,
+) -> Result<Response, ApiError> {
+    let ids = body.message_ids.filter(|ids| !ids.is_empty());
+    let Some(ids) = ids else { return Err(ApiError::bad_request("missing_fields", "messageIds is required")) };
+    if ids.len() > anna_usecases::sessions::MAX_READ_IDS {
+        return Err(ApiError::bad_request(
+            "too_many_ids",
+            format!("messageIds may hold at most {} ids", anna_usecases::sessions::MAX_READ_IDS),
+        ));
+    }
+    let ids = ids.iter().map(|id| message_id(id, "messageIds")).collect::<Result<Vec<_>, _>>()?;
+    let chat = chat_jid(&jid)?;
+    let requested = session_param(body.session_id.as_deref())?;
+    let key = idempotency::key(&headers)?;
+    let scope = format!("POST /chats/{chat}/read {}", caller.user_id);
+    let fingerprint = json!([requested, ids]).to_string();
+    Ok(idempotency::once(&state, &scope, key, &fingerprint, || async {
+        chat_command(state.sessions.mark_read(caller.user_id, requested, &chat, &ids).await?)
+    })
+    .await)
+}
+
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EditRequest {
+    /// The new text.
+    #[schema(required, nullable = false)]
+    content: Option<String>,
+    session_id: Option<String>,
+}
+
+/// Edit the text of a message this account sent (`session.messages.edit`). 409 for another's
+/// message or a deleted one.
+#[utoipa::path(patch, path = "/chats/{jid}/messages/{messageId}", tag = "chats", request_body = EditRequest,
+    security(("bearer" = [])), params(("jid" = String, Path, description = "the chat's JID (or a phone number)"),
+        ("messageId" = String, Path, description = "the WhatsApp message id"),
+        ("Idempotency-Key" = Option<String>, Header, description = "repeats of a request with this key get the first answer")),
+    responses((status = 202, body = ChatCommandResponse), (status = 400, body = ErrorBody),
+        (status = 404, description = "no session, or no such message in the chat", body = ErrorBody),
+        (status = 409, body = ErrorBody), (status = 429, body = ErrorBody)))]
+async fn edit_message(
+    State(state): State<AppState>,
+    AuthUser(caller): AuthUser,
+    ApiPath((jid, id)): ApiPath<(String, String)>,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<EditRequest>,
+) -> Result<Response, ApiError> {
+    let Some(content) = body.content.filter(|content| !content.trim().is_empty()) else {
+        return Err(ApiError::bad_request("missing_fields", "content is required"));
+    };
+    text_content(&content)?;
+    let (chat, id) = (chat_jid(&jid)?, message_id(&id, "messageId")?);
+    let requested = session_param(body.session_id.as_deref())?;
+    let key = idempotency::key(&headers)?;
+    let scope = format!("PATCH /chats/{chat}/messages/{id} {}", caller.user_id);
+    let fingerprint = json!([requested, content]).to_string();
+    Ok(idempotency::once(&state, &scope, key, &fingerprint, || async {
+        chat_command(
+            state
+                .sessions
+                .edit_message(caller.user_id, requested, &chat, &id, &content, |id| state.limiters.check_send(id))
+                .await?,
+        )
+    })
+    .await)
+}
+
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DeleteRequest {
+    session_id: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SessionQuery {
+    session_id: Option<String>,
+}
+
+/// Delete a message for everyone (`session.messages.delete`): one this account sent, or in a
+/// group another member's (WhatsApp requires the account to be an admin). The session comes
+/// from the body or the query. It stays in the history, flagged.
+#[utoipa::path(delete, path = "/chats/{jid}/messages/{messageId}", tag = "chats",
+    request_body(content = DeleteRequest, description = "optional"),
+    security(("bearer" = [])), params(("jid" = String, Path, description = "the chat's JID (or a phone number)"),
+        ("messageId" = String, Path, description = "the WhatsApp message id"),
+        ("sessionId" = Option<String>, Query, description = "the session, unless given in the body"),
+        ("Idempotency-Key" = Option<String>, Header, description = "repeats of a request with this key get the first answer")),
+    responses((status = 202, body = ChatCommandResponse), (status = 400, body = ErrorBody),
+        (status = 404, description = "no session, or no such message in the chat", body = ErrorBody),
+        (status = 409, body = ErrorBody), (status = 429, body = ErrorBody)))]
+async fn delete_message(
+    State(state): State<AppState>,
+    AuthUser(caller): AuthUser,
+    ApiPath((jid, id)): ApiPath<(String, String)>,
+    query: Result<Query<SessionQuery>, axum::extract::rejection::QueryRejection>,
+    headers: HeaderMap,
+    OptionalJson(body): OptionalJson<DeleteRequest>,
+) -> Result<Response, ApiError> {
+    let Query(query) = query.map_err(|_| ApiError::bad_request("invalid_query", "the query string is not valid"))?;
+    let (chat, id) = (chat_jid(&jid)?, message_id(&id, "messageId")?);
+    let requested =
+        session_param(body.session_id.as_deref().filter(|s| !s.is_empty()).or(query.session_id.as_deref()))?;
+    let key = idempotency::key(&headers)?;
+    let scope = format!("DELETE /chats/{chat}/messages/{id} {}", caller.user_id);
+    let fingerprint = json!([requested]).to_string();
+    Ok(idempotency::once(&state, &scope, key, &fingerprint, || async {
+        chat_command(
+            state
+                .sessions
+                .delete_message(caller.user_id, requested, &chat, &id, |id| state.limiters.check_send(id))
+                .await?,
+        )
+    })
+    .await)
+}
+
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReactRequest {
+    /// The emoji; empty or null removes this account's reaction. Required (the predecessor
+    /// took a missing field as a removal).
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<String>, required)]
+    emoji: Option<Option<String>>,
+    session_id: Option<String>,
+}
+
+/// A field that is present, even as null: `Some(None)`; absent: `None` (with `default`).
+fn present<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<Option<String>>, D::Error> {
+    Option::<String>::deserialize(deserializer).map(Some)
+}
+
+/// Longest reaction accepted, in characters (an emoji with modifiers and joiners is a few).
+const MAX_EMOJI_CHARS: usize = 16;
+
+/// React to a message (`session.messages.reaction`); an empty or null `emoji` removes the
+/// reaction.
+#[utoipa::path(post, path = "/chats/{jid}/messages/{messageId}/reactions", tag = "chats", request_body = ReactRequest,
+    security(("bearer" = [])), params(("jid" = String, Path, description = "the chat's JID (or a phone number)"),
+        ("messageId" = String, Path, description = "the WhatsApp message id"),
+        ("Idempotency-Key" = Option<String>, Header, description = "repeats of a request with this key get the first answer")),
+    responses((status = 202, body = ChatCommandResponse), (status = 400, body = ErrorBody),
+        (status = 404, description = "no session, or no such message in the chat", body = ErrorBody),
+        (status = 409, body = ErrorBody), (status = 429, body = ErrorBody)))]
+async fn react(
+    State(state): State<AppState>,
+    AuthUser(caller): AuthUser,
+    ApiPath((jid, id)): ApiPath<(String, String)>,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<ReactRequest>,
+) -> Result<Response, ApiError> {
+    let Some(emoji) = body.emoji else {
+        return Err(ApiError::bad_request("missing_fields", "emoji is required (null or \"\" removes the reaction)"));
+    };
+    let emoji = emoji.as_deref().map(str::trim).filter(|emoji| !emoji.is_empty()).map(str::to_owned);
+    if let Some(emoji) = &emoji
+        && (emoji.chars().count() > MAX_EMOJI_CHARS
+            || emoji.chars().any(|c| c.is_control() || c.is_whitespace() || c.is_ascii_alphabetic()))
+    {
+        return Err(ApiError::bad_request(
+            "invalid_emoji",
+            format!("emoji must be one emoji (at most {MAX_EMOJI_CHARS} characters), or empty to remove the reaction"),
+        ));
+    }
+    let (chat, id) = (chat_jid(&jid)?, message_id(&id, "messageId")?);
+    let requested = session_param(body.session_id.as_deref())?;
+    let key = idempotency::key(&headers)?;
+    let scope = format!("POST /chats/{chat}/messages/{id}/reactions {}", caller.user_id);
+    let fingerprint = json!([requested, emoji]).to_string();
+    Ok(idempotency::once(&state, &scope, key, &fingerprint, || async {
+        chat_command(
+            state
+                .sessions
+                .react(caller.user_id, requested, &chat, &id, emoji.as_deref(), |id| state.limiters.check_send(id))
+                .await?,
+        )
+    })
+    .await)
 }
 
 #[cfg(test)]
@@ -258,6 +627,8 @@ mod tests {
             text: None,
             status: None,
             status_at: None,
+            edited_at: None,
+            deleted_at: None,
         };
         let cursor = decode_cursor(&encode_cursor(&message)).unwrap_or_else(|e| panic!("{e:?}"));
         assert_eq!((cursor.timestamp, cursor.message_id.as_str()), (message.timestamp, "ABC"));

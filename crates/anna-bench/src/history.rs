@@ -57,6 +57,8 @@ async fn fill(store: &Arc<dyn Store>, session: &Session, args: &HistoryArgs) -> 
                 text: Some(format!("message number {n} of the benchmark history")),
                 status: None,
                 status_at: None,
+                edited_at: None,
+                deleted_at: None,
             };
             uow.record_message(&message, n % 3 != 0, None).await?;
         }

@@ -30,6 +30,15 @@ pub const SESSION_MESSAGE_SENT: &str = "session.message.sent";
 pub const SESSION_MESSAGE_FAILED: &str = "session.message.failed";
 pub const SESSION_MESSAGE_RECEIVED: &str = "session.message.received";
 pub const SESSION_MESSAGE_STATUS: &str = "session.message.status";
+/// Changes to messages, by the predecessor's names and payloads (one change per event).
+pub const SESSION_MESSAGES_EDIT: &str = "session.messages.edit";
+pub const SESSION_MESSAGES_DELETE: &str = "session.messages.delete";
+pub const SESSION_MESSAGES_REACTION: &str = "session.messages.reaction";
+/// A chat changed: anna emits it when the tenant marks a chat read (its unread count is 0).
+pub const SESSION_CHATS_UPDATE: &str = "session.chats.update";
+/// A session command other than a send could not be carried out (a send has
+/// `session.message.failed`).
+pub const SESSION_COMMAND_FAILED: &str = "session.command.failed";
 
 /// Longest reason kept (reasons given by tenants when stopping, or by WhatsApp).
 pub const MAX_REASON_CHARS: usize = 200;
@@ -263,6 +272,62 @@ impl SessionRef {
         )
     }
 
+    /// `session.messages.edit`, `.delete` or `.reaction`, in the predecessor's batch shape with
+    /// one change; `command_id` when a tenant's command made it.
+    pub fn message_changed(self, change: &MessageChange, command_id: Option<Uuid>) -> DomainEvent {
+        let at = iso(change.at);
+        let (name, mut payload) = match &change.kind {
+            ChangeKind::Edited { text } => (
+                SESSION_MESSAGES_EDIT,
+                json!({"editsCount": 1, "edits": [{
+                    "messageId": change.message_id, "remoteJid": change.chat, "participant": change.actor,
+                    "fromMe": change.from_me, "type": "text", "text": text, "editedAt": at,
+                }]}),
+            ),
+            ChangeKind::Revoked => (
+                SESSION_MESSAGES_DELETE,
+                json!({"scope": "message", "chatJid": change.chat, "deletesCount": 1, "deletes": [{
+                    "messageId": change.message_id, "remoteJid": change.chat, "participant": change.actor,
+                    "fromMe": change.from_me, "deletedAt": at,
+                }]}),
+            ),
+            ChangeKind::Reaction { emoji } => (
+                SESSION_MESSAGES_REACTION,
+                json!({"reactionsCount": 1, "source": if command_id.is_some() { "command" } else { "event" },
+                    "reactions": [{
+                    "messageId": change.message_id, "chatJid": change.chat, "actorJid": change.actor,
+                    "fromMe": change.from_me, "emoji": emoji, "reactedAt": at, "removed": emoji.is_none(),
+                }]}),
+            ),
+        };
+        if let Some(command_id) = command_id {
+            payload["commandId"] = json!(command_id.to_string());
+        }
+        self.event(name, change.at, payload)
+    }
+
+    /// The tenant marked messages of a chat read: the chat has nothing unread any more.
+    pub fn chat_read(self, command_id: Uuid, chat: &str, message_ids: &[String], now: OffsetDateTime) -> DomainEvent {
+        self.event(
+            SESSION_CHATS_UPDATE,
+            now,
+            json!({
+                "source": "read", "commandId": command_id.to_string(), "messageIds": message_ids,
+                "chats": [{"id": chat, "unreadCount": 0}],
+            }),
+        )
+    }
+
+    /// A command (read, edit, delete, react) that could not be carried out, and why.
+    pub fn command_failed(self, command_id: Uuid, command: &str, reason: &str, now: OffsetDateTime) -> DomainEvent {
+        self.event(
+            SESSION_COMMAND_FAILED,
+            now,
+            json!({"commandId": command_id.to_string(), "command": command, "reason": clean_reason(reason),
+                "failedAt": iso(now)}),
+        )
+    }
+
     pub fn message_status(self, message_id: &str, chat: &str, status: &str, at: OffsetDateTime) -> DomainEvent {
         self.event(
             SESSION_MESSAGE_STATUS,
@@ -270,6 +335,31 @@ impl SessionRef {
             json!({"messageId": message_id, "chat": chat, "status": status, "at": iso(at)}),
         )
     }
+}
+
+/// A change to a message already sent or received — an edit, a deletion for everyone, a
+/// reaction — made by the other side, by the account's phone, or by a tenant's command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessageChange {
+    pub chat: String,
+    /// The message changed (or reacted to).
+    pub message_id: String,
+    /// Who made the change.
+    pub actor: String,
+    /// Made by this account.
+    pub from_me: bool,
+    pub at: OffsetDateTime,
+    pub kind: ChangeKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChangeKind {
+    /// The message's new text.
+    Edited { text: Option<String> },
+    /// Deleted for everyone.
+    Revoked,
+    /// A reaction; `None` removes the actor's reaction.
+    Reaction { emoji: Option<String> },
 }
 
 /// An incoming message (or one sent from the phone), as drivers report it and the domain

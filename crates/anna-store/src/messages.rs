@@ -3,6 +3,7 @@
 //! Written in a unit of work by the message-history subscriber ([`MessageWrites`]); read by the
 //! chat routes ([`MessageStore`]).
 
+use anna_domain::session::{ChangeKind, MessageChange};
 use async_trait::async_trait;
 use time::OffsetDateTime;
 use uuid::Uuid;
@@ -26,6 +27,28 @@ pub struct StoredMessage {
     pub text: Option<String>,
     pub status: Option<String>,
     pub status_at: Option<OffsetDateTime>,
+    pub edited_at: Option<OffsetDateTime>,
+    /// When it was deleted for everyone (it stays in the history, flagged).
+    pub deleted_at: Option<OffsetDateTime>,
+}
+
+impl StoredMessage {
+    pub fn is_edited(&self) -> bool {
+        self.edited_at.is_some()
+    }
+
+    pub fn is_deleted(&self) -> bool {
+        self.deleted_at.is_some()
+    }
+}
+
+/// One emoji on a message, with who put it there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReactionSummary {
+    pub message_id: String,
+    pub emoji: String,
+    /// The actors, in the order they reacted.
+    pub actors: Vec<String>,
 }
 
 /// A chat of a session, with its latest message.
@@ -61,6 +84,22 @@ pub trait MessageStore: Send + Sync {
         before: Option<&HistoryCursor>,
         limit: u32,
     ) -> Result<Vec<StoredMessage>, StoreError>;
+
+    /// The stored messages among `message_ids` in a chat (any order).
+    async fn find_messages(
+        &self,
+        session_id: Uuid,
+        chat_jid: &str,
+        message_ids: &[String],
+    ) -> Result<Vec<StoredMessage>, StoreError>;
+
+    /// The current reactions to the given messages, grouped by message and emoji (removed
+    /// reactions left out), in the order of their first reaction.
+    async fn list_reactions(
+        &self,
+        session_id: Uuid,
+        message_ids: &[String],
+    ) -> Result<Vec<ReactionSummary>, StoreError>;
 }
 
 /// The message-history half of a unit of work.
@@ -89,6 +128,20 @@ pub trait MessageWrites: Send {
         at: OffsetDateTime,
     ) -> Result<bool, StoreError>;
 
+    /// Applies an edit, a deletion for everyone or a reaction to a stored message. An edit
+    /// older than the stored one, an edit of a deleted message, or an actor's reaction older
+    /// than their stored one changes nothing (`false`); so do changes to messages not stored,
+    /// except reactions, which are kept for when the message arrives.
+    async fn record_message_change(
+        &mut self,
+        tenant_id: Uuid,
+        session_id: Uuid,
+        change: &MessageChange,
+    ) -> Result<bool, StoreError>;
+
+    /// The chat has been read: its unread count is 0. `false` when there is no such chat.
+    async fn mark_chat_read(&mut self, session_id: Uuid, chat_jid: &str) -> Result<bool, StoreError>;
+
     /// Deletes a session's history (the session was deleted).
     async fn delete_message_history(&mut self, session_id: Uuid) -> Result<u64, StoreError>;
 }
@@ -111,7 +164,9 @@ macro_rules! select_messages {
     ($where:expr, $order:expr, $limit:literal) => {
         concat!(
             "SELECT tenant_id, session_id, chat_jid, message_id, from_me, sender_jid, \
-             COALESCE(timestamp, created_at) AS shown_at, type, text, status, status_at FROM session_messages WHERE ",
+             COALESCE(timestamp, created_at) AS shown_at, type, text, status, status_at, \
+             CASE WHEN is_edited THEN COALESCE(edited_at, updated_at) END AS edited_at, \
+             CASE WHEN is_deleted THEN COALESCE(deleted_at, updated_at) END AS deleted_at FROM session_messages WHERE ",
             $where,
             $order,
             $limit
@@ -220,6 +275,70 @@ impl MessageStore for SqlStore {
             }
         };
         rows.iter().map(message_from_row).collect()
+    }
+
+    async fn find_messages(
+        &self,
+        session_id: Uuid,
+        chat_jid: &str,
+        message_ids: &[String],
+    ) -> Result<Vec<StoredMessage>, StoreError> {
+        if message_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows = self
+            .pool
+            .query(Sql::PerBackend {
+                sqlite: select_messages!(
+                    "session_id = $1 AND chat_jid = $2 AND message_id IN (SELECT value FROM json_each($3))",
+                    "",
+                    ""
+                ),
+                postgres: select_messages!("session_id = $1 AND chat_jid = $2 AND message_id = ANY($3)", "", ""),
+            })
+            .bind_uuid(session_id)
+            .bind(chat_jid)
+            .bind_text_set(message_ids)
+            .fetch_all()
+            .await?;
+        rows.iter().map(message_from_row).collect()
+    }
+
+    async fn list_reactions(
+        &self,
+        session_id: Uuid,
+        message_ids: &[String],
+    ) -> Result<Vec<ReactionSummary>, StoreError> {
+        if message_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows = self
+            .pool
+            .query(Sql::PerBackend {
+                sqlite: "SELECT message_id, emoji, actor_jid FROM session_message_reactions \
+                         WHERE session_id = $1 AND message_id IN (SELECT value FROM json_each($2)) \
+                         AND NOT is_removed AND emoji IS NOT NULL AND emoji <> '' \
+                         ORDER BY message_id, reacted_at, actor_jid",
+                postgres: "SELECT message_id, emoji, actor_jid FROM session_message_reactions \
+                           WHERE session_id = $1 AND message_id = ANY($2) \
+                           AND NOT is_removed AND emoji IS NOT NULL AND emoji <> '' \
+                           ORDER BY message_id, reacted_at NULLS FIRST, actor_jid",
+            })
+            .bind_uuid(session_id)
+            .bind_text_set(message_ids)
+            .fetch_all()
+            .await?;
+        let mut summaries: Vec<ReactionSummary> = Vec::new();
+        for row in &rows {
+            let message_id: String = row.get("message_id")?;
+            let emoji: String = row.get("emoji")?;
+            let actor: String = row.get("actor_jid")?;
+            match summaries.iter_mut().find(|s| s.message_id == message_id && s.emoji == emoji) {
+                Some(summary) => summary.actors.push(actor),
+                None => summaries.push(ReactionSummary { message_id, emoji, actors: vec![actor] }),
+            }
+        }
+        Ok(summaries)
     }
 }
 
@@ -330,7 +449,114 @@ impl MessageWrites for SqlUnitOfWork {
         Ok(updated > 0)
     }
 
+    async fn record_message_change(
+        &mut self,
+        tenant_id: Uuid,
+        session_id: Uuid,
+        change: &MessageChange,
+    ) -> Result<bool, StoreError> {
+        let now = OffsetDateTime::now_utc();
+        match &change.kind {
+            ChangeKind::Edited { text } => {
+                let edited = self
+                    .tx
+                    .query(
+                        "UPDATE session_messages SET text = $3, is_edited = true, edited_at = $4, updated_at = $5 \
+                         WHERE session_id = $1 AND message_id = $2 AND NOT is_deleted \
+                         AND (edited_at IS NULL OR edited_at <= $4)",
+                    )
+                    .bind_uuid(session_id)
+                    .bind(change.message_id.as_str())
+                    .bind(text.as_deref())
+                    .bind_time(change.at)
+                    .bind_time(now)
+                    .execute()
+                    .await?;
+                if edited > 0 {
+                    // The chat list shows the new text when it is the chat's last message.
+                    self.tx
+                        .query(
+                            "UPDATE session_chats SET last_message_text = COALESCE($3, '[text]'), updated_at = $4 \
+                             WHERE session_id = $1 AND last_message_id = $2",
+                        )
+                        .bind_uuid(session_id)
+                        .bind(change.message_id.as_str())
+                        .bind(text.as_deref())
+                        .bind_time(now)
+                        .execute()
+                        .await?;
+                }
+                Ok(edited > 0)
+            }
+            ChangeKind::Revoked => {
+                let deleted = self
+                    .tx
+                    .query(
+                        "UPDATE session_messages SET is_deleted = true, deleted_at = $3, updated_at = $4 \
+                         WHERE session_id = $1 AND message_id = $2 AND NOT is_deleted",
+                    )
+                    .bind_uuid(session_id)
+                    .bind(change.message_id.as_str())
+                    .bind_time(change.at)
+                    .bind_time(now)
+                    .execute()
+                    .await?;
+                Ok(deleted > 0)
+            }
+            ChangeKind::Reaction { emoji } => {
+                let emoji = emoji.as_deref().filter(|emoji| !emoji.is_empty());
+                // A reaction may come before its message (history, offline queues): kept. Only
+                // the actor's latest reaction counts; one removed stays, flagged, so an older
+                // one arriving late cannot bring it back.
+                let applied = self
+                    .tx
+                    .query(
+                        "INSERT INTO session_message_reactions (id, tenant_id, session_id, chat_jid, message_id, \
+                         actor_jid, from_me, emoji, reacted_at, is_removed, created_at, updated_at) \
+                         SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $11 \
+                         WHERE EXISTS (SELECT 1 FROM sessions WHERE id = $3 AND tenant_id = $2) \
+                         ON CONFLICT (session_id, message_id, actor_jid) DO UPDATE SET emoji = excluded.emoji, \
+                         reacted_at = excluded.reacted_at, is_removed = excluded.is_removed, \
+                         from_me = excluded.from_me, updated_at = excluded.updated_at \
+                         WHERE session_message_reactions.reacted_at IS NULL \
+                         OR session_message_reactions.reacted_at <= excluded.reacted_at",
+                    )
+                    .bind_uuid(Uuid::now_v7())
+                    .bind_uuid(tenant_id)
+                    .bind_uuid(session_id)
+                    .bind(change.chat.as_str())
+                    .bind(change.message_id.as_str())
+                    .bind(change.actor.as_str())
+                    .bind(change.from_me)
+                    .bind(emoji)
+                    .bind_time(change.at)
+                    .bind(emoji.is_none())
+                    .bind_time(now)
+                    .execute()
+                    .await?;
+                Ok(applied > 0)
+            }
+        }
+    }
+
+    async fn mark_chat_read(&mut self, session_id: Uuid, chat_jid: &str) -> Result<bool, StoreError> {
+        let updated = self
+            .tx
+            .query("UPDATE session_chats SET unread_count = 0, updated_at = $3 WHERE session_id = $1 AND chat_jid = $2")
+            .bind_uuid(session_id)
+            .bind(chat_jid)
+            .bind_time(OffsetDateTime::now_utc())
+            .execute()
+            .await?;
+        Ok(updated > 0)
+    }
+
     async fn delete_message_history(&mut self, session_id: Uuid) -> Result<u64, StoreError> {
+        self.tx
+            .query("DELETE FROM session_message_reactions WHERE session_id = $1")
+            .bind_uuid(session_id)
+            .execute()
+            .await?;
         let messages =
             self.tx.query("DELETE FROM session_messages WHERE session_id = $1").bind_uuid(session_id).execute().await?;
         self.tx.query("DELETE FROM session_chats WHERE session_id = $1").bind_uuid(session_id).execute().await?;
@@ -351,6 +577,8 @@ fn message_from_row(row: &Row) -> Result<StoredMessage, StoreError> {
         text: row.get("text")?,
         status: row.get("status")?,
         status_at: row.opt_time("status_at")?,
+        edited_at: row.opt_time("edited_at")?,
+        deleted_at: row.opt_time("deleted_at")?,
     })
 }
 

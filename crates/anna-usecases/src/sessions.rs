@@ -26,10 +26,30 @@ pub const COMMAND_PAIR_CODE: &str = "session.pairCode";
 pub const COMMAND_LOGOUT: &str = "session.logout";
 pub const COMMAND_DELETE: &str = "session.delete";
 pub const COMMAND_SIMULATE: &str = "session.simulate";
+/// Commands on stored messages, by the predecessor's names.
+pub const COMMAND_READ: &str = "session.readMessages";
+pub const COMMAND_EDIT: &str = "session.editMessage";
+pub const COMMAND_DELETE_MESSAGE: &str = "session.deleteMessage";
+pub const COMMAND_REACT: &str = "session.reactMessage";
 
 /// Every command the sessions worker handles.
-pub const COMMANDS: [&str; 7] =
-    [COMMAND_START, COMMAND_STOP, COMMAND_SEND, COMMAND_PAIR_CODE, COMMAND_LOGOUT, COMMAND_DELETE, COMMAND_SIMULATE];
+pub const COMMANDS: [&str; 11] = [
+    COMMAND_START,
+    COMMAND_STOP,
+    COMMAND_SEND,
+    COMMAND_PAIR_CODE,
+    COMMAND_LOGOUT,
+    COMMAND_DELETE,
+    COMMAND_SIMULATE,
+    COMMAND_READ,
+    COMMAND_EDIT,
+    COMMAND_DELETE_MESSAGE,
+    COMMAND_REACT,
+];
+
+/// Most message ids one read command marks (WhatsApp takes up to 256 per receipt; anna sends
+/// as many receipts as needed).
+pub const MAX_READ_IDS: usize = 1000;
 
 /// Settings of the sessions context (`SESSIONS_*`).
 #[derive(Debug, Clone)]
@@ -88,6 +108,15 @@ pub enum SessionError {
     NotConnected { id: Uuid, status: &'static str },
     #[error("{0}")]
     Invalid(String),
+    /// A chat route found no session for the caller (none named, or another tenant's).
+    #[error("session not found")]
+    NoSession,
+    /// The message is not in the session's history of that chat.
+    #[error("message not found")]
+    MessageNotFound,
+    /// The message cannot take this change (someone else's, deleted already…).
+    #[error("{0}")]
+    MessageConflict(String),
     /// Over the session's send rate; retry after this many seconds.
     #[error("too many messages: retry in {0} s")]
     RateLimited(u64),
@@ -187,6 +216,176 @@ impl Sessions {
     ) -> Result<Option<(Uuid, Vec<StoredMessage>)>, SessionError> {
         let Some(session) = self.resolve_for_chats(tenant_id, requested).await? else { return Ok(None) };
         Ok(Some((session.id, self.store.list_messages(session.id, chat_jid, before, limit).await?)))
+    }
+
+    /// The session a chat command works on: the caller's, connected.
+    async fn session_for_command(&self, tenant_id: Uuid, requested: Option<Uuid>) -> Result<Session, SessionError> {
+        let session = self.resolve_for_chats(tenant_id, requested).await?.ok_or(SessionError::NoSession)?;
+        if session.status != SessionStatus::Connected {
+            return Err(SessionError::NotConnected { id: session.id, status: session.status.as_str() });
+        }
+        Ok(session)
+    }
+
+    /// The stored message a command acts on, in the session's history of `chat_jid`.
+    async fn stored_message(
+        &self,
+        session_id: Uuid,
+        chat_jid: &str,
+        message_id: &str,
+    ) -> Result<StoredMessage, SessionError> {
+        let found = self.store.find_messages(session_id, chat_jid, &[message_id.to_owned()]).await?;
+        found.into_iter().next().ok_or(SessionError::MessageNotFound)
+    }
+
+    /// Sends a text into a chat of the session the chat routes resolve.
+    pub async fn send_to_chat<F>(
+        &self,
+        tenant_id: Uuid,
+        requested: Option<Uuid>,
+        request: SendRequest,
+        admit: impl FnOnce(Uuid) -> F,
+    ) -> Result<Enqueued, SessionError>
+    where
+        F: Future<Output = Result<(), u64>> + Send,
+    {
+        let session = self.resolve_for_chats(tenant_id, requested).await?.ok_or(SessionError::NoSession)?;
+        self.send(tenant_id, session.id, request, admit(session.id)).await
+    }
+
+    /// Marks messages of a chat read (read receipts to their senders); the chat's unread count
+    /// drops to 0. Ids not in the chat's history are left out; none there is a 404.
+    pub async fn mark_read(
+        &self,
+        tenant_id: Uuid,
+        requested: Option<Uuid>,
+        chat_jid: &str,
+        message_ids: &[String],
+    ) -> Result<Enqueued, SessionError> {
+        if message_ids.is_empty() || message_ids.len() > MAX_READ_IDS {
+            return Err(SessionError::Invalid(format!("messageIds must hold 1 to {MAX_READ_IDS} ids")));
+        }
+        let session = self.session_for_command(tenant_id, requested).await?;
+        let found = self.store.find_messages(session.id, chat_jid, message_ids).await?;
+        if found.is_empty() {
+            return Err(SessionError::MessageNotFound);
+        }
+        let ids: Vec<&str> = found.iter().map(|message| message.message_id.as_str()).collect();
+        self.enqueue(tenant_id, session.id, COMMAND_READ, json!({"chat": chat_jid, "messageIds": ids})).await
+    }
+
+    /// Replaces the text of a message this account sent.
+    pub async fn edit_message<F>(
+        &self,
+        tenant_id: Uuid,
+        requested: Option<Uuid>,
+        chat_jid: &str,
+        message_id: &str,
+        text: &str,
+        admit: impl FnOnce(Uuid) -> F,
+    ) -> Result<Enqueued, SessionError>
+    where
+        F: Future<Output = Result<(), u64>> + Send,
+    {
+        let session = self.session_for_command(tenant_id, requested).await?;
+        let chars = text.chars().count();
+        if chars == 0 || chars > self.config.max_text_chars {
+            return Err(SessionError::Invalid(format!(
+                "content must have 1 to {} characters (has {chars})",
+                self.config.max_text_chars
+            )));
+        }
+        let message = self.stored_message(session.id, chat_jid, message_id).await?;
+        if !message.from_me {
+            return Err(SessionError::MessageConflict("only messages sent by this account can be edited".into()));
+        }
+        if message.is_deleted() {
+            return Err(SessionError::MessageConflict("the message was deleted".into()));
+        }
+        admit(session.id).await.map_err(SessionError::RateLimited)?;
+        self.enqueue(
+            tenant_id,
+            session.id,
+            COMMAND_EDIT,
+            json!({"chat": chat_jid, "messageId": message_id, "content": text}),
+        )
+        .await
+    }
+
+    /// Deletes a message for everyone: one of this account's, or another member's in a group
+    /// (WhatsApp then checks that the account is an admin).
+    pub async fn delete_message<F>(
+        &self,
+        tenant_id: Uuid,
+        requested: Option<Uuid>,
+        chat_jid: &str,
+        message_id: &str,
+        admit: impl FnOnce(Uuid) -> F,
+    ) -> Result<Enqueued, SessionError>
+    where
+        F: Future<Output = Result<(), u64>> + Send,
+    {
+        let session = self.session_for_command(tenant_id, requested).await?;
+        let message = self.stored_message(session.id, chat_jid, message_id).await?;
+        if !message.from_me && !chat_jid.ends_with("@g.us") {
+            return Err(SessionError::MessageConflict(
+                "only messages sent by this account can be deleted for everyone".into(),
+            ));
+        }
+        if message.is_deleted() {
+            return Err(SessionError::MessageConflict("the message is deleted already".into()));
+        }
+        admit(session.id).await.map_err(SessionError::RateLimited)?;
+        self.enqueue(tenant_id, session.id, COMMAND_DELETE_MESSAGE, json!({"chat": chat_jid, "messageId": message_id}))
+            .await
+    }
+
+    /// Reacts to a message; `None` removes this account's reaction.
+    pub async fn react<F>(
+        &self,
+        tenant_id: Uuid,
+        requested: Option<Uuid>,
+        chat_jid: &str,
+        message_id: &str,
+        emoji: Option<&str>,
+        admit: impl FnOnce(Uuid) -> F,
+    ) -> Result<Enqueued, SessionError>
+    where
+        F: Future<Output = Result<(), u64>> + Send,
+    {
+        let session = self.session_for_command(tenant_id, requested).await?;
+        let message = self.stored_message(session.id, chat_jid, message_id).await?;
+        if message.is_deleted() {
+            return Err(SessionError::MessageConflict("the message was deleted".into()));
+        }
+        admit(session.id).await.map_err(SessionError::RateLimited)?;
+        self.enqueue(
+            tenant_id,
+            session.id,
+            COMMAND_REACT,
+            json!({"chat": chat_jid, "messageId": message_id, "emoji": emoji}),
+        )
+        .await
+    }
+
+    /// The stored messages of a chat among `message_ids`, for the worker to address them.
+    pub async fn stored_messages(
+        &self,
+        session_id: Uuid,
+        chat_jid: &str,
+        message_ids: &[String],
+    ) -> Result<Vec<StoredMessage>, SessionError> {
+        Ok(self.store.find_messages(session_id, chat_jid, message_ids).await?)
+    }
+
+    /// The reactions shown with a page of history.
+    pub async fn reactions_of(
+        &self,
+        session_id: Uuid,
+        messages: &[StoredMessage],
+    ) -> Result<Vec<anna_store::ReactionSummary>, SessionError> {
+        let ids: Vec<String> = messages.iter().map(|message| message.message_id.clone()).collect();
+        Ok(self.store.list_reactions(session_id, &ids).await?)
     }
 
     /// Which sessions worker holds the session's partition now, if any.

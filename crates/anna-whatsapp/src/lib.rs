@@ -56,6 +56,21 @@ pub struct OutgoingText {
     pub reply_to: Option<String>,
 }
 
+/// A stored message a command acts on (read, edit, delete, react): what WhatsApp needs to
+/// address it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessageTarget {
+    pub chat: Jid,
+    pub message_id: String,
+    /// Sent by this account.
+    pub from_me: bool,
+    /// Who sent it, when it came from someone else (needed in groups).
+    pub sender: Option<Jid>,
+}
+
+/// A change to a message: the domain's own type, like [`IncomingMessage`].
+pub use anna_domain::session::{ChangeKind, MessageChange};
+
 /// How far a sent message got.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReceiptStatus {
@@ -163,6 +178,8 @@ pub enum DriverEvent {
     Disconnected { reason: CloseReason, will_retry: bool },
     /// A message arrived (or was sent from the phone).
     Message(IncomingMessage),
+    /// A message was edited, deleted for everyone or reacted to.
+    Changed(MessageChange),
     /// A sent message progressed.
     Receipt { message_id: String, chat: String, status: ReceiptStatus, at: OffsetDateTime },
     /// The server refused a message that `send_text` had reported written.
@@ -216,6 +233,19 @@ pub trait LiveSession: Send + Sync {
     /// Starts pairing by phone number (digits, international format); the code arrives as
     /// [`DriverEvent::PairCode`] and is also returned.
     async fn pair_with_code(&self, phone: &str) -> Result<String, DriverError>;
+
+    /// Sends read receipts for messages of one chat.
+    async fn mark_read(&self, chat: &Jid, messages: &[MessageTarget]) -> Result<(), DriverError>;
+
+    /// Replaces the text of a message this account sent.
+    async fn edit_text(&self, target: &MessageTarget, text: &str) -> Result<(), DriverError>;
+
+    /// Deletes a message for everyone: one of this account's, or, as a group admin, another
+    /// member's.
+    async fn revoke(&self, target: &MessageTarget) -> Result<(), DriverError>;
+
+    /// Reacts to a message with `emoji`; an empty one removes this account's reaction.
+    async fn react(&self, target: &MessageTarget, emoji: &str) -> Result<(), DriverError>;
 
     /// Unlinks the device from the phone, then closes. The caller wipes the stored keys.
     async fn logout(&self) -> Result<(), DriverError>;

@@ -8,6 +8,11 @@
 //! exactly like a real one. Every valid phone number is a simulated contact: it receives
 //! messages, sends server, delivery and read receipts, and replies. Disconnects, logouts and
 //! bans can be injected.
+//!
+//! A simulated contact also follows words in the text it receives, so edits, deletions and
+//! reactions arriving from the other side can be tried: `#react` — it reacts 👍 to the message;
+//! `#edit` — it edits its reply; `#delete` — it deletes its reply for everyone (both after
+//! replying, so only with replies on).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,9 +27,27 @@ use tokio::sync::{Mutex, Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    CloseReason, DriverError, DriverEvent, IncomingMessage, LiveSession, OutgoingText, ReceiptStatus, SessionDriver,
-    SessionKey, Simulation, jid,
+    ChangeKind, CloseReason, DriverError, DriverEvent, IncomingMessage, Jid, LiveSession, MessageChange, MessageTarget,
+    OutgoingText, ReceiptStatus, SessionDriver, SessionKey, Simulation, jid,
 };
+
+/// What a simulated contact does, besides replying, when the text it receives asks for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+struct ContactScript {
+    react: bool,
+    edit_reply: bool,
+    delete_reply: bool,
+}
+
+impl ContactScript {
+    fn of(text: &str) -> Self {
+        Self {
+            react: text.contains("#react"),
+            edit_reply: text.contains("#edit"),
+            delete_reply: text.contains("#delete"),
+        }
+    }
+}
 
 /// The key of the simulated device in the credentials document.
 const DEVICE: &str = "simulatedDevice";
@@ -198,64 +221,137 @@ impl Connection {
 
     async fn contact_answers(self: Arc<Self>, message_id: String, to: String, text: String, group: bool) {
         let config = self.config.clone();
+        let script = ContactScript::of(&text);
         let mut elapsed = Duration::ZERO;
-        let mut steps = vec![(config.server_ack_delay, Some(ReceiptStatus::ServerAck))];
+        let mut steps = vec![(config.server_ack_delay, Step::Receipt(ReceiptStatus::ServerAck))];
         if !group {
-            steps.push((config.delivered_delay, Some(ReceiptStatus::Delivered)));
-            steps.push((config.read_delay, Some(ReceiptStatus::Read)));
+            steps.push((config.delivered_delay, Step::Receipt(ReceiptStatus::Delivered)));
+            steps.push((config.read_delay, Step::Receipt(ReceiptStatus::Read)));
+            if script.react {
+                steps.push((config.read_delay, Step::React));
+            }
             if let Some(reply) = config.reply_delay {
-                steps.push((reply, None));
+                steps.push((reply, Step::Reply));
+                // The contact changes its mind shortly after replying.
+                let later = reply + config.delivered_delay;
+                if script.edit_reply {
+                    steps.push((later, Step::EditReply));
+                }
+                if script.delete_reply {
+                    steps.push((later + config.server_ack_delay, Step::DeleteReply));
+                }
             }
         }
         steps.sort_by_key(|(at, _)| *at);
-        for (at, status) in steps {
+        let contact = to.clone();
+        let mut reply_id = None;
+        for (at, step) in steps {
             tokio::select! {
                 () = self.cancel.cancelled() => return,
                 () = tokio::time::sleep(at.saturating_sub(elapsed)) => {}
             }
             elapsed = elapsed.max(at);
             let now = OffsetDateTime::now_utc();
-            match status {
-                Some(status) => {
-                    self.emit(DriverEvent::Receipt {
-                        message_id: message_id.clone(),
-                        chat: to.clone(),
-                        status,
-                        at: now,
-                    })
-                    .await
+            let change = |message_id: &str, kind| {
+                DriverEvent::Changed(MessageChange {
+                    chat: to.clone(),
+                    message_id: message_id.to_owned(),
+                    actor: contact.clone(),
+                    from_me: false,
+                    at: now,
+                    kind,
+                })
+            };
+            let event = match step {
+                Step::Receipt(status) => {
+                    DriverEvent::Receipt { message_id: message_id.clone(), chat: to.clone(), status, at: now }
                 }
-                None => {
+                Step::React => change(&message_id, ChangeKind::Reaction { emoji: Some("👍".into()) }),
+                Step::Reply => {
                     let quoted: String = text.chars().take(200).collect();
-                    self.emit(DriverEvent::Message(IncomingMessage {
-                        message_id: message_id_like_whatsapp(),
+                    let id = message_id_like_whatsapp();
+                    reply_id = Some(id.clone());
+                    DriverEvent::Message(IncomingMessage {
+                        message_id: id,
                         chat: to.clone(),
                         sender: to.clone(),
                         push_name: Some(format!("Simulated contact {}", to.split('@').next().unwrap_or_default())),
                         text: Some(format!("Simulated reply to: {quoted}")),
                         from_me: false,
                         timestamp: now,
-                    }))
-                    .await
+                    })
                 }
-            }
+                Step::EditReply => {
+                    let Some(reply) = reply_id.as_deref() else { continue };
+                    change(reply, ChangeKind::Edited { text: Some("Simulated reply, edited".into()) })
+                }
+                Step::DeleteReply => {
+                    let Some(reply) = reply_id.as_deref() else { continue };
+                    change(reply, ChangeKind::Revoked)
+                }
+            };
+            self.emit(event).await;
         }
     }
+
+    /// Refuses an action on a connection that is not logged in.
+    async fn ensure_connected(&self) -> Result<(), DriverError> {
+        if !self.state.lock().await.connected || self.closed.load(Ordering::Acquire) {
+            return Err(DriverError::NotConnected);
+        }
+        Ok(())
+    }
+}
+
+/// One step of a simulated contact's answer to a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    Receipt(ReceiptStatus),
+    React,
+    Reply,
+    EditReply,
+    DeleteReply,
 }
 
 #[async_trait]
 impl LiveSession for SimulatedConnection {
     async fn send_text(&self, message: &OutgoingText) -> Result<String, DriverError> {
         let connection = &self.0;
-        if !connection.state.lock().await.connected || connection.closed.load(Ordering::Acquire) {
-            return Err(DriverError::NotConnected);
-        }
+        connection.ensure_connected().await?;
         let message_id = message_id_like_whatsapp();
         let answering = connection.clone();
         let (id, to, text, group) =
             (message_id.clone(), message.to.to_string(), message.text.clone(), message.to.is_group());
         tokio::spawn(async move { answering.contact_answers(id, to, text, group).await });
         Ok(message_id)
+    }
+
+    async fn mark_read(&self, _chat: &Jid, _messages: &[MessageTarget]) -> Result<(), DriverError> {
+        self.0.ensure_connected().await
+    }
+
+    async fn edit_text(&self, target: &MessageTarget, text: &str) -> Result<(), DriverError> {
+        self.0.ensure_connected().await?;
+        if !target.from_me {
+            return Err(DriverError::Invalid("only messages sent by this account can be edited".into()));
+        }
+        if text.is_empty() {
+            return Err(DriverError::Invalid("the text is empty".into()));
+        }
+        Ok(())
+    }
+
+    async fn revoke(&self, target: &MessageTarget) -> Result<(), DriverError> {
+        self.0.ensure_connected().await?;
+        // The simulated account is admin of every group, like the creator of a new one.
+        if !target.from_me && !target.chat.is_group() {
+            return Err(DriverError::Invalid("only messages sent by this account can be deleted for everyone".into()));
+        }
+        Ok(())
+    }
+
+    async fn react(&self, _target: &MessageTarget, _emoji: &str) -> Result<(), DriverError> {
+        self.0.ensure_connected().await
     }
 
     async fn pair_with_code(&self, phone: &str) -> Result<String, DriverError> {
@@ -356,5 +452,12 @@ mod tests {
         assert_eq!(id.len(), 20);
         assert!(id.starts_with("3EB0"));
         assert!(jid::Jid::phone(&simulated_phone_number()).is_ok());
+    }
+
+    #[test]
+    fn contacts_follow_the_words_of_the_text() {
+        assert_eq!(ContactScript::of("hello"), ContactScript::default());
+        let all = ContactScript::of("please #react, #edit and #delete");
+        assert!(all.react && all.edit_reply && all.delete_reply);
     }
 }

@@ -3,7 +3,10 @@
 //! (`session_chats`). A database subscriber: its writes commit with the applied-event record,
 //! so each event is applied once, and a redelivered one changes nothing.
 
-use anna_domain::session::{SESSION_DELETED, SESSION_MESSAGE_RECEIVED, SESSION_MESSAGE_SENT, SESSION_MESSAGE_STATUS};
+use anna_domain::session::{
+    ChangeKind, MessageChange, SESSION_CHATS_UPDATE, SESSION_DELETED, SESSION_MESSAGE_RECEIVED, SESSION_MESSAGE_SENT,
+    SESSION_MESSAGE_STATUS, SESSION_MESSAGES_DELETE, SESSION_MESSAGES_EDIT, SESSION_MESSAGES_REACTION,
+};
 use anna_store::{StoredMessage, UnitOfWork};
 use anna_streams::consumer::{Effect, HandlerError, ReceivedEvent, Subscriber};
 use anna_whatsapp::Jid;
@@ -41,7 +44,16 @@ impl Subscriber for MessageHistory {
     }
 
     fn event_names(&self) -> Vec<&'static str> {
-        vec![SESSION_MESSAGE_RECEIVED, SESSION_MESSAGE_SENT, SESSION_MESSAGE_STATUS, SESSION_DELETED]
+        vec![
+            SESSION_MESSAGE_RECEIVED,
+            SESSION_MESSAGE_SENT,
+            SESSION_MESSAGE_STATUS,
+            SESSION_MESSAGES_EDIT,
+            SESSION_MESSAGES_DELETE,
+            SESSION_MESSAGES_REACTION,
+            SESSION_CHATS_UPDATE,
+            SESSION_DELETED,
+        ]
     }
 
     fn effect(&self) -> Effect {
@@ -67,6 +79,8 @@ impl Subscriber for MessageHistory {
                     text: payload.get("text").and_then(Value::as_str).map(str::to_owned),
                     status: None,
                     status_at: None,
+                    edited_at: None,
+                    deleted_at: None,
                 };
                 // A message of one's own (sent from the phone) is not unread; the contact's name
                 // names a one-to-one chat (in a group it is the sender's, not the group's).
@@ -93,6 +107,8 @@ impl Subscriber for MessageHistory {
                     text: payload.get("text").and_then(Value::as_str).map(str::to_owned),
                     status: Some("sent".into()),
                     status_at: Some(sent_at),
+                    edited_at: None,
+                    deleted_at: None,
                 };
                 uow.record_message(&message, false, None).await?;
             }
@@ -107,6 +123,23 @@ impl Subscriber for MessageHistory {
                 )
                 .await?;
             }
+            name @ (SESSION_MESSAGES_EDIT | SESSION_MESSAGES_DELETE | SESSION_MESSAGES_REACTION) => {
+                let (tenant_id, session_id) = ids(received)?;
+                for change in changes(name, payload)? {
+                    uow.record_message_change(tenant_id, session_id, &change).await?;
+                }
+            }
+            SESSION_CHATS_UPDATE => {
+                let (_, session_id) = ids(received)?;
+                // Only reads change what the history keeps of a chat.
+                if payload.get("source").and_then(Value::as_str) == Some("read") {
+                    for chat in payload.get("chats").and_then(Value::as_array).into_iter().flatten() {
+                        if chat.get("unreadCount").and_then(Value::as_u64) == Some(0) {
+                            uow.mark_chat_read(session_id, text(chat, "id")?).await?;
+                        }
+                    }
+                }
+            }
             SESSION_DELETED => {
                 let (_, session_id) = ids(received)?;
                 uow.delete_message_history(session_id).await?;
@@ -114,5 +147,75 @@ impl Subscriber for MessageHistory {
             _ => {}
         }
         Ok(())
+    }
+}
+
+/// The changes of a `session.messages.edit|delete|reaction` event (the predecessor's batch
+/// shape: `edits`, `deletes`, `reactions`).
+fn changes(name: &str, payload: &Value) -> Result<Vec<MessageChange>, HandlerError> {
+    let (list, at_field) = match name {
+        SESSION_MESSAGES_EDIT => ("edits", "editedAt"),
+        SESSION_MESSAGES_DELETE => ("deletes", "deletedAt"),
+        _ => ("reactions", "reactedAt"),
+    };
+    let items = payload
+        .get(list)
+        .and_then(Value::as_array)
+        .ok_or_else(|| HandlerError::new(format!("payload has no {list}")))?;
+    items
+        .iter()
+        .map(|item| {
+            let optional = |field: &str| item.get(field).and_then(Value::as_str).map(str::to_owned);
+            let kind = match name {
+                SESSION_MESSAGES_EDIT => ChangeKind::Edited { text: optional("text") },
+                SESSION_MESSAGES_DELETE => ChangeKind::Revoked,
+                _ => ChangeKind::Reaction { emoji: optional("emoji").filter(|emoji| !emoji.is_empty()) },
+            };
+            let chat = optional("remoteJid")
+                .or_else(|| optional("chatJid"))
+                .ok_or_else(|| HandlerError::new("a change without its chat"))?;
+            Ok(MessageChange {
+                chat,
+                message_id: text(item, "messageId")?.to_owned(),
+                actor: optional("participant").or_else(|| optional("actorJid")).unwrap_or_default(),
+                from_me: item.get("fromMe").and_then(Value::as_bool).unwrap_or(false),
+                at: time_of(item, at_field)?,
+                kind,
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use anna_domain::SessionRef;
+    use time::OffsetDateTime;
+    use uuid::Uuid;
+
+    use super::*;
+
+    /// What the sessions worker writes is what this subscriber reads, for every kind of change.
+    #[test]
+    fn changes_round_trip_through_their_events() {
+        let session = SessionRef { id: Uuid::new_v4(), tenant_id: Uuid::new_v4() };
+        let at = OffsetDateTime::from_unix_timestamp(1_790_000_000).unwrap_or(OffsetDateTime::UNIX_EPOCH);
+        let kinds = [
+            ChangeKind::Edited { text: Some("new text".into()) },
+            ChangeKind::Revoked,
+            ChangeKind::Reaction { emoji: Some("👍".into()) },
+            ChangeKind::Reaction { emoji: None },
+        ];
+        for kind in kinds {
+            let change = MessageChange {
+                chat: "491111@s.whatsapp.net".into(),
+                message_id: "3EB0AA".into(),
+                actor: "491111@s.whatsapp.net".into(),
+                from_me: true,
+                at,
+                kind,
+            };
+            let event = session.message_changed(&change, Some(Uuid::new_v4()));
+            assert_eq!(changes(&event.event_name, &event.payload).ok(), Some(vec![change]));
+        }
     }
 }

@@ -25,16 +25,18 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::fleet::HeldLeases;
-use anna_domain::{DomainEvent, SessionRef, SessionStatus};
+use anna_domain::session::{ChangeKind, MessageChange};
+use anna_domain::{DomainEvent, Session, SessionRef, SessionStatus};
 use anna_streams::backoff::Backoff;
 use anna_streams::consumer::{Effect, HandlerError, ReceivedEvent, Subscriber};
 use anna_usecases::sessions::{
-    COMMAND_DELETE, COMMAND_LOGOUT, COMMAND_PAIR_CODE, COMMAND_SEND, COMMAND_SIMULATE, COMMAND_START, COMMAND_STOP,
-    COMMANDS,
+    COMMAND_DELETE, COMMAND_DELETE_MESSAGE, COMMAND_EDIT, COMMAND_LOGOUT, COMMAND_PAIR_CODE, COMMAND_REACT,
+    COMMAND_READ, COMMAND_SEND, COMMAND_SIMULATE, COMMAND_START, COMMAND_STOP, COMMANDS,
 };
 use anna_usecases::{SessionError, Sessions};
 use anna_whatsapp::{
-    CloseReason, DriverError, DriverEvent, Jid, LiveSession, OutgoingText, SessionDriver, SessionKey, Simulation,
+    CloseReason, DriverError, DriverEvent, Jid, LiveSession, MessageTarget, OutgoingText, SessionDriver, SessionKey,
+    Simulation,
 };
 use async_trait::async_trait;
 use time::OffsetDateTime;
@@ -560,6 +562,9 @@ impl SessionsWorker {
             DriverEvent::Message(message) => {
                 self.record(reference(key).message_received(message, now)).await?;
             }
+            DriverEvent::Changed(change) => {
+                self.record(reference(key).message_changed(change, None)).await?;
+            }
             DriverEvent::Receipt { message_id, chat, status, at } => {
                 self.record(reference(key).message_status(message_id, chat, status.as_str(), *at)).await?;
             }
@@ -724,6 +729,9 @@ impl SessionsWorker {
                 }
                 self.sessions.record_deleted(id).await.map_err(HandlerError::new)?;
             }
+            COMMAND_READ | COMMAND_EDIT | COMMAND_DELETE_MESSAGE | COMMAND_REACT => {
+                self.change_messages(key, &session, event).await?;
+            }
             COMMAND_SIMULATE => {
                 let simulation = payload["action"].as_str().and_then(Simulation::parse);
                 match (simulation, self.connection(id).await) {
@@ -757,25 +765,19 @@ impl SessionsWorker {
     ) -> Result<(), HandlerError> {
         let payload = &command.payload;
         let to = payload["to"].as_str().unwrap_or_default();
-        let outcome = match (Jid::parse(to), connection) {
-            (Err(error), _) => Err(format!("invalid recipient: {error}")),
-            (Ok(_), Err(status)) => Err(format!("the session is not connected (status: {})", status.as_str())),
-            (Ok(jid), Ok(mut connection)) => {
-                let wait = self.config.send_wait;
-                let connected = tokio::time::timeout(wait, connection.connected.wait_for(|connected| *connected))
-                    .await
-                    .is_ok_and(|connected| connected.is_ok());
-                if connected {
+        let outcome = match Jid::parse(to) {
+            Err(error) => Err(format!("invalid recipient: {error}")),
+            Ok(jid) => match self.ready(connection).await {
+                Ok(live) => {
                     let message = OutgoingText {
                         to: jid,
                         text: payload["content"].as_str().unwrap_or_default().to_owned(),
                         reply_to: payload["replyToMessageId"].as_str().map(str::to_owned),
                     };
-                    connection.session.send_text(&message).await.map_err(|e| e.to_string())
-                } else {
-                    Err(format!("the session did not connect within {} ms", wait.as_millis()))
+                    live.send_text(&message).await.map_err(|e| e.to_string())
                 }
-            }
+                Err(why) => Err(why),
+            },
         };
         let now = OffsetDateTime::now_utc();
         metrics::counter!("session_messages_total", "outcome" => if outcome.is_ok() { "sent" } else { "failed" })
@@ -793,22 +795,140 @@ impl SessionsWorker {
             }
             Err(reason) => reference(key).message_failed(command.event_id, to, &reason, now),
         };
-        // The command is recorded as applied with its outcome: a redelivery (this worker died
-        // before the ack, or lost the partition) finds it settled and sends nothing twice. The
-        // message may be out already, so the record is retried here a few times rather than
-        // the whole command by the consumer (which would send it again).
+        self.settle(key, event, command.event_id).await
+    }
+
+    /// The live connection once WhatsApp accepts it (a session reconnecting is waited for up to
+    /// `SESSIONS_SEND_WAIT_MS`), or why there is none.
+    async fn ready(&self, connection: Result<Connection, SessionStatus>) -> Result<Arc<dyn LiveSession>, String> {
+        let mut connection =
+            connection.map_err(|status| format!("the session is not connected (status: {})", status.as_str()))?;
+        let wait = self.config.send_wait;
+        let connected = tokio::time::timeout(wait, connection.connected.wait_for(|connected| *connected))
+            .await
+            .is_ok_and(|connected| connected.is_ok());
+        if connected {
+            Ok(connection.session)
+        } else {
+            Err(format!("the session did not connect within {} ms", wait.as_millis()))
+        }
+    }
+
+    /// Records a command's outcome together with the command as applied: a redelivery (this
+    /// worker died before the ack, or lost the partition) finds it settled and does nothing
+    /// twice. What the command did may be out already, so the record is retried here a few
+    /// times rather than the whole command by the consumer (which would do it again).
+    async fn settle(&self, key: SessionKey, event: DomainEvent, command_id: Uuid) -> Result<(), HandlerError> {
         let mut attempt = 0u32;
         loop {
-            match self.record_settling(event.clone(), Some(command.event_id)).await {
+            match self.record_settling(event.clone(), Some(command_id)).await {
                 Ok(()) => return Ok(()),
                 Err(error) if attempt < 5 && !error.is_fenced() && !self.shutdown.is_cancelled() => {
                     attempt += 1;
-                    tracing::warn!(session_id = %key.session_id, %error, attempt, "Recording a send's outcome failed");
+                    tracing::warn!(session_id = %key.session_id, %error, attempt, "Recording a command's outcome failed");
                     tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
                 }
                 Err(error) => return Err(HandlerError::new(error)),
             }
         }
+    }
+
+    /// Reads, edits, deletes or reacts to stored messages, then records what was done
+    /// (`session.chats.update`, `session.messages.edit|delete|reaction`) or why not
+    /// (`session.command.failed`). Never retried once WhatsApp may have been told.
+    async fn change_messages(
+        &self,
+        key: SessionKey,
+        session: &Session,
+        command: &DomainEvent,
+    ) -> Result<(), HandlerError> {
+        let payload = &command.payload;
+        let name = command.event_name.as_str();
+        let chat_text = payload["chat"].as_str().unwrap_or_default();
+        let ids: Vec<String> = match name {
+            COMMAND_READ => payload["messageIds"]
+                .as_array()
+                .map(|ids| ids.iter().filter_map(|id| id.as_str().map(str::to_owned)).collect())
+                .unwrap_or_default(),
+            _ => payload["messageId"].as_str().map(str::to_owned).into_iter().collect(),
+        };
+        // Nothing is sent yet: a store failure here is retried by the consumer.
+        let stored = self.sessions.stored_messages(key.session_id, chat_text, &ids).await.map_err(HandlerError::new)?;
+        let now = OffsetDateTime::now_utc();
+        let outcome = match Jid::parse(chat_text) {
+            Err(error) => Err(format!("invalid chat: {error}")),
+            Ok(_) if stored.is_empty() => Err(format!("message not found: {}", ids.join(", "))),
+            Ok(chat) => {
+                let targets: Vec<MessageTarget> = stored
+                    .iter()
+                    .map(|message| MessageTarget {
+                        chat: chat.clone(),
+                        message_id: message.message_id.clone(),
+                        from_me: message.from_me,
+                        sender: message.sender_jid.as_deref().and_then(|sender| Jid::parse(sender).ok()),
+                    })
+                    .collect();
+                let connection = self.connection_of(key.session_id, key.tenant_id).await.ok_or(session.status);
+                match self.ready(connection).await {
+                    Err(why) => Err(why),
+                    Ok(live) => self.carry_out(key, session, command, &live, &chat, &targets, now).await,
+                }
+            }
+        };
+        let succeeded = outcome.is_ok();
+        metrics::counter!("session_message_changes_total", "outcome" => if succeeded { "done" } else { "failed" })
+            .increment(1);
+        let event =
+            outcome.unwrap_or_else(|reason| reference(key).command_failed(command.event_id, name, &reason, now));
+        self.settle(key, event, command.event_id).await
+    }
+
+    /// The driver's part of [`Self::change_messages`], and the event that records it.
+    #[allow(clippy::too_many_arguments)]
+    async fn carry_out(
+        &self,
+        key: SessionKey,
+        session: &Session,
+        command: &DomainEvent,
+        live: &Arc<dyn LiveSession>,
+        chat: &Jid,
+        targets: &[MessageTarget],
+        now: OffsetDateTime,
+    ) -> Result<DomainEvent, String> {
+        let payload = &command.payload;
+        let failed = |error: DriverError| error.to_string();
+        let Some(target) = targets.first() else { return Err("no message to act on".into()) };
+        let own = session.phone.as_deref().and_then(|phone| Jid::parse(phone).ok()).map(|jid| jid.to_string());
+        let change = |kind| MessageChange {
+            chat: chat.to_string(),
+            message_id: target.message_id.clone(),
+            actor: own.clone().unwrap_or_default(),
+            from_me: true,
+            at: now,
+            kind,
+        };
+        let kind = match command.event_name.as_str() {
+            COMMAND_READ => {
+                live.mark_read(chat, targets).await.map_err(failed)?;
+                let ids: Vec<String> = targets.iter().map(|target| target.message_id.clone()).collect();
+                return Ok(reference(key).chat_read(command.event_id, &chat.to_string(), &ids, now));
+            }
+            COMMAND_EDIT => {
+                let text = payload["content"].as_str().unwrap_or_default();
+                live.edit_text(target, text).await.map_err(failed)?;
+                ChangeKind::Edited { text: Some(text.to_owned()) }
+            }
+            COMMAND_DELETE_MESSAGE => {
+                live.revoke(target).await.map_err(failed)?;
+                ChangeKind::Revoked
+            }
+            _ => {
+                let emoji = payload["emoji"].as_str().filter(|emoji| !emoji.is_empty());
+                live.react(target, emoji.unwrap_or_default()).await.map_err(failed)?;
+                ChangeKind::Reaction { emoji: emoji.map(str::to_owned) }
+            }
+        };
+        Ok(reference(key).message_changed(&change(kind), Some(command.event_id)))
     }
 }
 
@@ -912,6 +1032,79 @@ mod tests {
         let recorded = store.outbox_events_for_aggregate(&held_id.to_string()).await?;
         assert!(recorded.iter().any(|r| r.event.event_name == "session.message.status"));
         assert!(store.outbox_events_for_aggregate(&other_id.to_string()).await?.is_empty());
+        Ok(())
+    }
+
+    /// A command on messages that cannot be carried out is settled with
+    /// `session.command.failed` and why, never retried.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn message_commands_that_cannot_be_done_record_why() -> Result<(), Box<dyn std::error::Error>> {
+        use anna_store::StoredMessage;
+        use anna_streams::consumer::ReceivedEvent;
+
+        let sql = SqlStore::connect(&anna_testkit::sqlite::fresh_database_url(), &ConnectOptions::default()).await?;
+        sql.migrate().await?;
+        let pool = sql.sqlite_pool().ok_or("not SQLite")?;
+        let store: Arc<dyn Store> = Arc::new(sql);
+        let (tenant, id) = (Uuid::new_v4(), Uuid::new_v4());
+        let now = OffsetDateTime::now_utc();
+        let mut uow = store.begin().await?;
+        uow.insert_session(&Session::create(id, tenant, now).0).await?;
+        let stored = StoredMessage {
+            tenant_id: tenant,
+            session_id: id,
+            chat_jid: "15550100123@s.whatsapp.net".into(),
+            message_id: "3EB0MINE".into(),
+            from_me: true,
+            sender_jid: None,
+            timestamp: now,
+            kind: "text".into(),
+            text: Some("hi".into()),
+            status: None,
+            status_at: None,
+            edited_at: None,
+            deleted_at: None,
+        };
+        uow.record_message(&stored, false, None).await?;
+        uow.commit().await?;
+        store.ensure_partitions(1).await?;
+        let acquired = store.acquire_leases("w1", 1, 1, 60_000).await?;
+        let leases = HeldLeases::new("w1", 1, partition_of);
+        let lease = acquired.first().ok_or("no lease")?;
+        leases.hold(lease.partition, lease.token, tokio::time::Instant::now() + Duration::from_secs(60));
+        let fenced = store.fenced(leases.clone());
+        let stream: Arc<dyn anna_streams::Stream> = Arc::new(anna_streams::EmbeddedStream::new(pool));
+        let config = SessionsConfig { partitions: 1, ..SessionsConfig::default() };
+        let sessions = Arc::new(Sessions::new(fenced.clone(), stream, config));
+        let driver = Arc::new(anna_whatsapp::simulator::Simulator::new(fenced, Default::default()));
+        let worker = SessionsWorker::new(sessions, leases, driver, Default::default(), CancellationToken::new());
+
+        let command = |message_id: &str| {
+            let command_id = Uuid::new_v4();
+            let payload =
+                serde_json::json!({"chat": "15550100123@s.whatsapp.net", "messageId": message_id, "content": "new"});
+            let mut event = DomainEvent::new(COMMAND_EDIT, id.to_string(), now, payload);
+            event.event_id = command_id;
+            event.tenant_id = Some(tenant.to_string());
+            ReceivedEvent { event, entry_id: "1-0".into(), delivery_count: 1 }
+        };
+        // Not stored; stored but the session has no connection.
+        for (message_id, why) in
+            [("3EB0NONE", "message not found: 3EB0NONE"), ("3EB0MINE", "the session is not connected")]
+        {
+            let received = command(message_id);
+            worker.handle_command(&received).await.map_err(|e| format!("{e:?}"))?;
+            let failed = store
+                .outbox_events_for_aggregate(&id.to_string())
+                .await?
+                .into_iter()
+                .find(|r| r.event.payload["commandId"] == received.event.event_id.to_string())
+                .ok_or("no event for the command")?;
+            assert_eq!(failed.event.event_name, "session.command.failed");
+            assert_eq!(failed.event.payload["command"], COMMAND_EDIT);
+            let reason = failed.event.payload["reason"].as_str().unwrap_or_default();
+            assert!(reason.starts_with(why), "{reason}");
+        }
         Ok(())
     }
 }

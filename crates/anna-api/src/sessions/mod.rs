@@ -181,6 +181,9 @@ impl From<SessionError> for ApiError {
             SessionError::TooMany(_) => ApiError::conflict("too_many_sessions", message),
             SessionError::NotConnected { .. } => ApiError::conflict("session_not_connected", message),
             SessionError::Invalid(_) => ApiError::bad_request("invalid_request", message),
+            SessionError::NoSession => ApiError::not_found("session_not_found", message),
+            SessionError::MessageNotFound => ApiError::not_found("message_not_found", message),
+            SessionError::MessageConflict(_) => ApiError::conflict("message_conflict", message),
             SessionError::RateLimited(retry_after) => ApiError::too_many_requests(retry_after),
             SessionError::Failed(failure) => failure.into(),
         }

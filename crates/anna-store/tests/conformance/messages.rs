@@ -2,12 +2,13 @@
 //! paging by cursor.
 
 use anna_domain::Session;
-use anna_store::{HistoryCursor, StoredMessage};
+use anna_domain::session::{ChangeKind, MessageChange};
+use anna_store::{HistoryCursor, ReactionSummary, StoredMessage};
 
 use super::*;
 use crate::sessions::insert_user;
 
-conformance!(history_is_recorded_paged_and_deleted);
+conformance!(history_is_recorded_paged_and_deleted, edits_deletions_reactions_and_reads_change_the_history);
 
 fn message(session: &Session, chat: &str, id: &str, at: OffsetDateTime, from_me: bool) -> StoredMessage {
     StoredMessage {
@@ -22,6 +23,8 @@ fn message(session: &Session, chat: &str, id: &str, at: OffsetDateTime, from_me:
         text: Some(format!("text of {id}")),
         status: from_me.then(|| "sent".to_owned()),
         status_at: from_me.then_some(at),
+        edited_at: None,
+        deleted_at: None,
     }
 }
 
@@ -92,5 +95,103 @@ async fn history_is_recorded_paged_and_deleted(store: Arc<dyn Store>) -> TestRes
     uow.commit().await?;
     assert!(store.list_chats(session.id).await?.is_empty());
     assert!(store.list_messages(session.id, a, None, 10).await?.is_empty());
+    Ok(())
+}
+
+fn change(chat: &str, id: &str, actor: &str, at: OffsetDateTime, kind: ChangeKind) -> MessageChange {
+    MessageChange { chat: chat.into(), message_id: id.into(), actor: actor.into(), from_me: false, at, kind }
+}
+
+async fn edits_deletions_reactions_and_reads_change_the_history(store: Arc<dyn Store>) -> TestResult {
+    let tenant = insert_user(&store, "m2@example.com").await?;
+    let t = now();
+    let (session, _) = Session::create(Uuid::new_v4(), tenant, t);
+    let (chat, ann, bob) = ("491111@s.whatsapp.net", "491111@s.whatsapp.net", "493333@s.whatsapp.net");
+    let mut uow = store.begin().await?;
+    uow.insert_session(&session).await?;
+    uow.record_message(&message(&session, chat, "m1", t, false), true, None).await?;
+    uow.record_message(&message(&session, chat, "m2", t + Duration::seconds(1), false), true, None).await?;
+    uow.commit().await?;
+    let edit = |id, text: &str, at| change(chat, id, ann, at, ChangeKind::Edited { text: Some(text.into()) });
+    let react = |id, actor, emoji: Option<&str>, at| {
+        change(chat, id, actor, at, ChangeKind::Reaction { emoji: emoji.map(str::to_owned) })
+    };
+
+    let mut uow = store.begin().await?;
+    assert!(
+        uow.record_message_change(tenant, session.id, &edit("m2", "second, edited", t + Duration::seconds(5))).await?
+    );
+    // An older edit arriving late, and an edit of a message never stored, change nothing.
+    assert!(!uow.record_message_change(tenant, session.id, &edit("m2", "stale", t + Duration::seconds(4))).await?);
+    assert!(!uow.record_message_change(tenant, session.id, &edit("nope", "x", t)).await?);
+    assert!(
+        uow.record_message_change(
+            tenant,
+            session.id,
+            &change(chat, "m1", ann, t + Duration::seconds(6), ChangeKind::Revoked)
+        )
+        .await?
+    );
+    assert!(
+        !uow.record_message_change(tenant, session.id, &edit("m1", "after deletion", t + Duration::seconds(7))).await?
+    );
+    assert!(
+        uow.record_message_change(tenant, session.id, &react("m2", ann, Some("👍"), t + Duration::seconds(2))).await?
+    );
+    assert!(
+        uow.record_message_change(tenant, session.id, &react("m2", bob, Some("👍"), t + Duration::seconds(3))).await?
+    );
+    assert!(
+        uow.record_message_change(tenant, session.id, &react("m1", bob, Some("😂"), t + Duration::seconds(3))).await?
+    );
+    // Bob changes his mind on m1, then an older reaction of his arrives late: still removed.
+    assert!(uow.record_message_change(tenant, session.id, &react("m1", bob, None, t + Duration::seconds(8))).await?);
+    assert!(
+        !uow.record_message_change(tenant, session.id, &react("m1", bob, Some("😮"), t + Duration::seconds(4))).await?
+    );
+    // A reaction to a message not stored yet is kept for it.
+    assert!(uow.record_message_change(tenant, session.id, &react("m3", ann, Some("❤️"), t)).await?);
+    uow.commit().await?;
+
+    let page = store.list_messages(session.id, chat, None, 10).await?;
+    let (m2, m1) = (&page[0], &page[1]);
+    assert_eq!(
+        (m2.text.as_deref(), m2.edited_at, m2.is_deleted()),
+        (Some("second, edited"), Some(t + Duration::seconds(5)), false)
+    );
+    assert_eq!(
+        (m1.text.as_deref(), m1.is_edited(), m1.deleted_at),
+        (Some("text of m1"), false, Some(t + Duration::seconds(6)))
+    );
+    let chats = store.list_chats(session.id).await?;
+    assert_eq!(chats[0].last_message_text.as_deref(), Some("second, edited"), "the last message's new text");
+    assert_eq!(chats[0].unread_count, 2);
+
+    let ids: Vec<String> = ["m1", "m2", "m3"].map(str::to_owned).to_vec();
+    let reactions = store.list_reactions(session.id, &ids).await?;
+    assert_eq!(
+        reactions,
+        vec![
+            ReactionSummary { message_id: "m2".into(), emoji: "👍".into(), actors: vec![ann.into(), bob.into()] },
+            ReactionSummary { message_id: "m3".into(), emoji: "❤️".into(), actors: vec![ann.into()] },
+        ]
+    );
+    let found = store.find_messages(session.id, chat, &ids).await?;
+    let mut found: Vec<&str> = found.iter().map(|m| m.message_id.as_str()).collect();
+    found.sort_unstable();
+    assert_eq!(found, vec!["m1", "m2"]);
+    assert!(store.find_messages(session.id, "other@s.whatsapp.net", &ids).await?.is_empty(), "another chat");
+
+    let mut uow = store.begin().await?;
+    assert!(uow.mark_chat_read(session.id, chat).await?);
+    assert!(!uow.mark_chat_read(session.id, "other@s.whatsapp.net").await?);
+    uow.commit().await?;
+    assert_eq!(store.list_chats(session.id).await?[0].unread_count, 0);
+
+    // Reactions go with their session's history.
+    let mut uow = store.begin().await?;
+    uow.delete_message_history(session.id).await?;
+    uow.commit().await?;
+    assert!(store.list_reactions(session.id, &ids).await?.is_empty());
     Ok(())
 }

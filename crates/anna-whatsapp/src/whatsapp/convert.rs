@@ -47,6 +47,21 @@ pub fn build_text_message(text: &str, reply_to: Option<&str>) -> wa::Message {
     }
 }
 
+/// How WhatsApp addresses a stored message (reactions): in groups, another member's message
+/// also names its sender.
+pub fn message_key(target: &crate::MessageTarget) -> wa::MessageKey {
+    wa::MessageKey {
+        remote_jid: Some(target.chat.to_string()),
+        from_me: Some(target.from_me),
+        id: Some(target.message_id.clone()),
+        participant: target
+            .sender
+            .as_ref()
+            .filter(|_| target.chat.is_group() && !target.from_me)
+            .map(|sender| sender.to_string()),
+    }
+}
+
 /// The QR payload as text blocks for a terminal (two modules per character row).
 pub fn render_qr(code: &str) -> Result<String, WhatsAppError> {
     let qr = QrCode::new(code.as_bytes()).map_err(|e| WhatsAppError::Qr(e.to_string()))?;
@@ -63,6 +78,26 @@ pub(crate) fn to_offset(at: &DateTime<Utc>) -> OffsetDateTime {
 mod tests {
     use super::*;
     use whatsapp_rust::wacore::proto_helpers::MessageExt;
+
+    #[test]
+    fn message_keys_name_the_sender_only_for_members_of_groups() {
+        let group = Jid::parse("120363021033254949@g.us").unwrap();
+        let member = Jid::parse("15551234567@s.whatsapp.net").unwrap();
+        let target = crate::MessageTarget {
+            chat: group.clone(),
+            message_id: "3EB0AA".into(),
+            from_me: false,
+            sender: Some(member.clone()),
+        };
+        let key = message_key(&target);
+        assert_eq!(key.remote_jid.as_deref(), Some("120363021033254949@g.us"));
+        assert_eq!(key.participant.as_deref(), Some("15551234567@s.whatsapp.net"));
+        assert_eq!(key.from_me, Some(false));
+        let own = message_key(&crate::MessageTarget { from_me: true, ..target.clone() });
+        assert_eq!(own.participant, None);
+        let direct = message_key(&crate::MessageTarget { chat: member, ..target });
+        assert_eq!(direct.participant, None);
+    }
 
     #[test]
     fn jids_convert_both_ways() {

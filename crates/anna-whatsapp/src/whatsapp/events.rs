@@ -9,7 +9,7 @@ use whatsapp_rust::types::presence::ReceiptType;
 use whatsapp_rust::wacore::proto_helpers::MessageExt;
 
 use super::convert::to_offset;
-use crate::{CloseReason, DriverEvent, IncomingMessage, ReceiptStatus};
+use crate::{ChangeKind, CloseReason, DriverEvent, IncomingMessage, MessageChange, ReceiptStatus};
 
 /// What the translation needs besides the event.
 pub(crate) struct Context {
@@ -62,7 +62,9 @@ pub(crate) fn translate(event: &Event, context: &Context) -> Vec<DriverEvent> {
         }
         // With a pair-code flow running the client keeps going: only a disconnect ends it.
         Event::PairingQrCodesExhausted(exhausted) if exhausted.disconnected => vec![closed(CloseReason::QrTimeout)],
-        Event::Messages(batch) => batch.iter().map(|inbound| incoming(&inbound.message, &inbound.info)).collect(),
+        Event::Messages(batch) => {
+            batch.iter().filter_map(|inbound| incoming(&inbound.message, &inbound.info)).collect()
+        }
         Event::Receipt(receipt) => {
             // Receipts from our own devices say nothing about the recipient.
             if receipt.source.is_from_me {
@@ -98,19 +100,52 @@ fn closed(reason: CloseReason) -> DriverEvent {
     DriverEvent::Closed { reason }
 }
 
+/// A message as anna sees it: an ordinary one, or a change to an earlier one (reactions, edits
+/// and deletions travel as messages). Protocol messages of other kinds (key shares, history
+/// notifications, app-state keys) are no messages of the chat: `None`.
 fn incoming(
     message: &whatsapp_rust::waproto::whatsapp::Message,
     info: &whatsapp_rust::types::message::MessageInfo,
-) -> DriverEvent {
-    DriverEvent::Message(IncomingMessage {
+) -> Option<DriverEvent> {
+    use whatsapp_rust::waproto::whatsapp::message::protocol_message::Type as ProtocolType;
+
+    let base = message.get_base_message();
+    let chat = info.source.chat.to_non_ad().to_string();
+    let sender = info.source.sender.to_non_ad().to_string();
+    let from_me = info.source.is_from_me;
+    let at = to_offset(&info.timestamp);
+    let change = |message_id: String, kind| {
+        DriverEvent::Changed(MessageChange { chat: chat.clone(), message_id, actor: sender.clone(), from_me, at, kind })
+    };
+    if let Some(reaction) = base.reaction_message.as_option() {
+        let target = reaction.key.as_option().and_then(|key| key.id.clone())?;
+        let emoji = reaction.text.clone().filter(|emoji| !emoji.is_empty());
+        return Some(change(target, ChangeKind::Reaction { emoji }));
+    }
+    if let Some(protocol) = base.protocol_message.as_option() {
+        let target = protocol.key.as_option().and_then(|key| key.id.clone())?;
+        return match protocol.r#type {
+            Some(ProtocolType::MessageEdit) => {
+                let text = protocol
+                    .edited_message
+                    .as_option()
+                    .and_then(|edited| edited.text_content().or_else(|| edited.get_caption()))
+                    .map(str::to_owned);
+                Some(change(target, ChangeKind::Edited { text }))
+            }
+            Some(ProtocolType::Revoke) => Some(change(target, ChangeKind::Revoked)),
+            _ => None,
+        };
+    }
+    Some(DriverEvent::Message(IncomingMessage {
         message_id: info.id.to_string(),
-        chat: info.source.chat.to_non_ad().to_string(),
-        sender: info.source.sender.to_non_ad().to_string(),
+        chat: chat.clone(),
+        sender: sender.clone(),
         push_name: Some(info.push_name.clone()).filter(|name| !name.is_empty()),
-        text: message.text_content().map(str::to_owned),
-        from_me: info.source.is_from_me,
-        timestamp: to_offset(&info.timestamp),
-    })
+        text: message.text_content().or_else(|| message.get_caption()).map(str::to_owned),
+        from_me,
+        timestamp: at,
+    }))
 }
 
 /// The detail of a logout reason; empty for the plain "unlinked" case.
@@ -238,5 +273,106 @@ mod tests {
             vec![DriverEvent::SendRejected { message_id: "3EB0AA".into(), error: "463".into() }]
         );
         assert!(translate(&ack("receipt", None), &context()).is_empty());
+    }
+
+    mod messages {
+        use whatsapp_rust::Jid as WaJid;
+        use whatsapp_rust::buffa;
+        use whatsapp_rust::types::message::{MessageInfo, MessageSource};
+        use whatsapp_rust::wacore::proto_helpers::MessageBuilderExt;
+        use whatsapp_rust::waproto::whatsapp as wa;
+        use whatsapp_rust::waproto::whatsapp::message::protocol_message::Type as ProtocolType;
+
+        use super::super::incoming;
+        use crate::{ChangeKind, DriverEvent};
+
+        fn info() -> MessageInfo {
+            MessageInfo {
+                source: MessageSource {
+                    chat: WaJid::pn("15551234567"),
+                    sender: WaJid::pn("15551234567"),
+                    ..Default::default()
+                },
+                id: "3EB0NEW".into(),
+                push_name: "Ada".into(),
+                ..Default::default()
+            }
+        }
+
+        fn key(id: &str) -> wa::MessageKey {
+            wa::MessageKey {
+                id: Some(id.into()),
+                remote_jid: Some("15551234567@s.whatsapp.net".into()),
+                ..Default::default()
+            }
+        }
+
+        fn change_of(message: wa::Message) -> (String, ChangeKind) {
+            match incoming(&message, &info()) {
+                Some(DriverEvent::Changed(change)) => {
+                    assert_eq!(change.chat, "15551234567@s.whatsapp.net");
+                    assert_eq!(change.actor, "15551234567@s.whatsapp.net");
+                    (change.message_id, change.kind)
+                }
+                other => panic!("not a change: {other:?}"),
+            }
+        }
+
+        #[test]
+        fn texts_are_messages() {
+            match incoming(&wa::Message::text("hello"), &info()) {
+                Some(DriverEvent::Message(message)) => {
+                    assert_eq!(message.text.as_deref(), Some("hello"));
+                    assert_eq!(message.message_id, "3EB0NEW");
+                    assert_eq!(message.push_name.as_deref(), Some("Ada"));
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+
+        #[test]
+        fn reactions_edits_and_revokes_are_changes_of_their_target() {
+            let reaction = |emoji: &str| wa::Message {
+                reaction_message: buffa::MessageField::some(wa::message::ReactionMessage {
+                    key: buffa::MessageField::some(key("3EB0OLD")),
+                    text: Some(emoji.into()),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+            assert_eq!(
+                change_of(reaction("👍")),
+                ("3EB0OLD".into(), ChangeKind::Reaction { emoji: Some("👍".into()) })
+            );
+            assert_eq!(change_of(reaction("")), ("3EB0OLD".into(), ChangeKind::Reaction { emoji: None }));
+
+            let protocol = |kind, edited: Option<wa::Message>| wa::Message {
+                protocol_message: buffa::MessageField::some(wa::message::ProtocolMessage {
+                    key: buffa::MessageField::some(key("3EB0OLD")),
+                    r#type: Some(kind),
+                    edited_message: edited.map_or_else(buffa::MessageField::none, buffa::MessageField::some),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+            assert_eq!(
+                change_of(protocol(ProtocolType::MessageEdit, Some(wa::Message::text("fixed")))),
+                ("3EB0OLD".into(), ChangeKind::Edited { text: Some("fixed".into()) })
+            );
+            assert_eq!(change_of(protocol(ProtocolType::Revoke, None)), ("3EB0OLD".into(), ChangeKind::Revoked));
+        }
+
+        #[test]
+        fn other_protocol_messages_are_not_chat_messages() {
+            let key_share = wa::Message {
+                protocol_message: buffa::MessageField::some(wa::message::ProtocolMessage {
+                    key: buffa::MessageField::some(key("3EB0OLD")),
+                    r#type: Some(ProtocolType::AppStateSyncKeyShare),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+            assert!(incoming(&key_share, &info()).is_none());
+        }
     }
 }

@@ -9,15 +9,17 @@ use async_trait::async_trait;
 use tokio::sync::{Mutex, mpsc};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use whatsapp_rust::Client;
 use whatsapp_rust::bot::Bot;
 use whatsapp_rust::pair_code::PairCodeOptions;
 use whatsapp_rust::types::events::Event;
+use whatsapp_rust::{Client, RevokeType};
 
-use super::convert::{build_text_message, render_qr, to_wa_jid};
+use super::convert::{build_text_message, message_key, render_qr, to_wa_jid};
 use super::events::{Context, translate};
 use super::{WhatsAppError, map_send_error};
-use crate::{CloseReason, DriverError, DriverEvent, LiveSession, OutgoingText, SessionKey, Simulation};
+use crate::{
+    CloseReason, DriverError, DriverEvent, Jid, LiveSession, MessageTarget, OutgoingText, SessionKey, Simulation,
+};
 
 /// How long the run loop's end waits for the event that explains it (events go through the
 /// library's ordered mailbox, which may still hold it) before reporting a generic close.
@@ -157,6 +159,13 @@ impl WaLiveSession {
         }
     }
 
+    fn ensure_open(&self) -> Result<(), DriverError> {
+        if self.shared.closed.is_cancelled() || !self.client.is_logged_in() {
+            return Err(DriverError::NotConnected);
+        }
+        Ok(())
+    }
+
     /// Sends `Closed`, waiting a bounded time (see [`CLOSE_HANDOFF`]).
     async fn close(&self, reason: CloseReason) {
         let shared = self.shared.clone();
@@ -177,6 +186,67 @@ impl LiveSession for WaLiveSession {
         let built = build_text_message(&message.text, message.reply_to.as_deref());
         let sent = self.client.send_message(to_wa_jid(&message.to), built).await.map_err(map_send_error)?;
         Ok(sent.message_id)
+    }
+
+    async fn mark_read(&self, chat: &Jid, messages: &[MessageTarget]) -> Result<(), DriverError> {
+        self.ensure_open()?;
+        let wa_chat = to_wa_jid(chat);
+        // One receipt per sender: in a group, the receipt names whose messages were read.
+        let mut by_sender: Vec<(Option<&Jid>, Vec<&str>)> = Vec::new();
+        for message in messages.iter().filter(|message| !message.from_me) {
+            let sender = message.sender.as_ref().filter(|_| chat.is_group());
+            match by_sender.iter_mut().find(|(known, _)| *known == sender) {
+                Some((_, ids)) => ids.push(&message.message_id),
+                None => by_sender.push((sender, vec![&message.message_id])),
+            }
+        }
+        for (sender, ids) in by_sender {
+            let sender = sender.map(to_wa_jid);
+            self.client
+                .mark_as_read(&wa_chat, sender.as_ref(), &ids)
+                .await
+                .map_err(|e| DriverError::Failed(format!("read receipts failed: {e}")))?;
+        }
+        Ok(())
+    }
+
+    async fn edit_text(&self, target: &MessageTarget, text: &str) -> Result<(), DriverError> {
+        self.ensure_open()?;
+        if !target.from_me {
+            return Err(DriverError::Invalid("only messages sent by this account can be edited".into()));
+        }
+        if text.is_empty() {
+            return Err(DriverError::Invalid("the text is empty".into()));
+        }
+        self.client
+            .edit_message(to_wa_jid(&target.chat), target.message_id.clone(), build_text_message(text, None))
+            .await
+            .map_err(map_send_error)?;
+        Ok(())
+    }
+
+    async fn revoke(&self, target: &MessageTarget) -> Result<(), DriverError> {
+        self.ensure_open()?;
+        let revoke = match (&target.sender, target.from_me) {
+            (_, true) => RevokeType::Sender,
+            (Some(sender), false) if target.chat.is_group() => RevokeType::Admin { original_sender: to_wa_jid(sender) },
+            _ => {
+                return Err(DriverError::Invalid(
+                    "only messages sent by this account (or, as a group admin, a member's) can be deleted for everyone"
+                        .into(),
+                ));
+            }
+        };
+        self.client
+            .revoke_message(to_wa_jid(&target.chat), target.message_id.clone(), revoke)
+            .await
+            .map_err(map_send_error)
+    }
+
+    async fn react(&self, target: &MessageTarget, emoji: &str) -> Result<(), DriverError> {
+        self.ensure_open()?;
+        self.client.send_reaction(to_wa_jid(&target.chat), message_key(target), emoji).await.map_err(map_send_error)?;
+        Ok(())
     }
 
     async fn pair_with_code(&self, phone: &str) -> Result<String, DriverError> {

@@ -117,4 +117,173 @@ async fn history_of_sent_and_received_messages(backend: Backend) {
     app.stop().await;
 }
 
-crate::on_both_backends!(history_of_sent_and_received_messages);
+/// The items of a chat's first page.
+async fn page_until(app: &TestApp, token: &str, done: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+    let body = until(app, token, &format!("/chats/{CONTACT}/messages"), |body| {
+        body["items"].as_array().is_some_and(|items| done(items))
+    })
+    .await;
+    body["items"].as_array().cloned().unwrap_or_default()
+}
+
+fn by_id<'a>(items: &'a [Value], id: &str) -> &'a Value {
+    items.iter().find(|item| item["id"] == id).unwrap_or(&Value::Null)
+}
+
+/// Sends, edits, deletes, reacts and reads through the chat routes; the simulated contact
+/// reacts, edits and deletes its reply; all of it lands in the history, for its tenant only.
+async fn edits_deletions_reactions_and_reads(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let token = tenant(&app).await;
+    let other = tenant(&app).await;
+    let id = connected_session(&app, &token).await;
+    let phone = app.get(&format!("/sessions/{id}")).bearer(&token).send().await.body["phone"].clone();
+
+    let sent = app
+        .post(&format!("/chats/{CONTACT}/messages"))
+        .bearer(&token)
+        .json(json!({"content": "hi #react #edit #delete", "messageId": "mine-1"}))
+        .send()
+        .await;
+    assert_eq!((sent.status, sent.body["sessionId"].as_str()), (202, Some(id.as_str())), "{sent:?}");
+    assert!(sent.body["commandId"].is_string());
+
+    // The contact reacts to the message, replies, edits its reply, then deletes it.
+    let items = page_until(&app, &token, |items| {
+        items.len() == 2
+            && items[0]["isDeleted"] == true
+            && items[1]["reactions"].as_array().is_some_and(|r| !r.is_empty())
+    })
+    .await;
+    let (reply, mine) = (&items[0], &items[1]);
+    assert_eq!(mine["reactions"], json!([{"messageId": mine["id"], "emoji": "👍", "count": 1, "actors": [CONTACT]}]));
+    assert_eq!((reply["isEdited"].as_bool(), reply["text"].as_str()), (Some(true), Some("Simulated reply, edited")));
+    assert!(reply["editedAt"].is_string() && reply["deletedAt"].is_string(), "{reply}");
+    let (mine_id, reply_id) =
+        (mine["id"].as_str().unwrap_or_default().to_owned(), reply["id"].as_str().unwrap_or_default().to_owned());
+    assert_eq!(
+        until(&app, &token, "/chats", |body| body["items"][0]["unreadCount"] == 1).await["items"][0]["chatJid"],
+        CONTACT
+    );
+
+    // Reading the chat resets its unread count.
+    let read =
+        app.post(&format!("/chats/{CONTACT}/read")).bearer(&token).json(json!({"messageIds": [reply_id]})).send().await;
+    assert_eq!(read.status, 202, "{read:?}");
+    until(&app, &token, "/chats", |body| body["items"][0]["unreadCount"] == 0).await;
+
+    // Our own edit, reaction (then its removal) and deletion.
+    let edited = app
+        .patch(&format!("/chats/{CONTACT}/messages/{mine_id}"))
+        .bearer(&token)
+        .json(json!({"content": "hi, edited"}))
+        .send()
+        .await;
+    assert_eq!(edited.status, 202, "{edited:?}");
+    let items = page_until(&app, &token, |items| by_id(items, &mine_id)["text"] == "hi, edited").await;
+    assert_eq!(by_id(&items, &mine_id)["isEdited"], true);
+    let reactions = format!("/chats/{CONTACT}/messages/{reply_id}/reactions");
+    // A deleted message takes no reaction; the message we sent does.
+    let refused = app.post(&reactions).bearer(&token).json(json!({"emoji": "❤️"})).send().await;
+    assert_eq!((refused.status, refused.body["code"].as_str()), (409, Some("message_conflict")), "{refused:?}");
+    let on_mine = format!("/chats/{CONTACT}/messages/{mine_id}/reactions");
+    assert_eq!(app.post(&on_mine).bearer(&token).json(json!({"emoji": " ❤️ "})).send().await.status, 202);
+    let items =
+        page_until(&app, &token, |items| by_id(items, &mine_id)["reactions"].as_array().is_some_and(|r| r.len() == 2))
+            .await;
+    assert_eq!(
+        by_id(&items, &mine_id)["reactions"][1],
+        json!({"messageId": mine_id, "emoji": "❤️", "count": 1, "actors": [phone]})
+    );
+    assert_eq!(app.post(&on_mine).bearer(&token).json(json!({"emoji": null})).send().await.status, 202);
+    page_until(&app, &token, |items| by_id(items, &mine_id)["reactions"].as_array().is_some_and(|r| r.len() == 1))
+        .await;
+    let deleted =
+        app.delete(&format!("/chats/{CONTACT}/messages/{mine_id}?sessionId={id}")).bearer(&token).send().await;
+    assert_eq!(deleted.status, 202, "{deleted:?}");
+    page_until(&app, &token, |items| by_id(items, &mine_id)["isDeleted"] == true).await;
+
+    // Each change is a domain event for webhooks and sockets.
+    let session = uuid::Uuid::parse_str(&id).unwrap_or_default();
+    let names: Vec<String> = app
+        .store
+        .outbox_events_for_aggregate(&session.to_string())
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .map(|row| row.event.event_name)
+        .collect();
+    for name in
+        ["session.messages.edit", "session.messages.delete", "session.messages.reaction", "session.chats.update"]
+    {
+        assert!(names.iter().any(|n| n == name), "{name} in {names:?}");
+    }
+
+    // What cannot be done is refused with why.
+    let message = format!("/chats/{CONTACT}/messages/{reply_id}");
+    let cases: Vec<(Req<'_>, u16, &str)> = vec![
+        (
+            app.patch(&message).json(json!({"content": "not mine"})),
+            409,
+            "only messages sent by this account can be edited",
+        ),
+        (app.patch(&format!("/chats/{CONTACT}/messages/nope")).json(json!({"content": "x"})), 404, "message not found"),
+        (app.patch(&message).json(json!({})), 400, "content is required"),
+        (app.delete(&format!("/chats/{CONTACT}/messages/{mine_id}")), 409, "the message is deleted already"),
+        (app.post(&format!("/chats/{CONTACT}/read")).json(json!({})), 400, "messageIds is required"),
+        (app.post(&format!("/chats/{CONTACT}/read")).json(json!({"messageIds": ["nope"]})), 404, "message not found"),
+        (app.post(&on_mine).json(json!({})), 400, "emoji is required (null or \"\" removes the reaction)"),
+        (app.post(&on_mine).json(json!({"emoji": "thumbs up"})), 400, ""),
+        (
+            app.post(&format!("/chats/{CONTACT}/messages"))
+                .json(json!({"content": "x", "replyToMessageId": "a", "forwardMessageId": "b"})),
+            400,
+            "replyToMessageId and forwardMessageId cannot be combined",
+        ),
+        (
+            app.post(&format!("/chats/{CONTACT}/messages")).json(json!({})),
+            400,
+            "content or media is required unless forwarding",
+        ),
+        (
+            app.post(&format!("/chats/{CONTACT}/messages")).json(json!({"media": {"kind": "image", "url": "x"}})),
+            501,
+            "",
+        ),
+        (app.post(&format!("/chats/{CONTACT}/messages/a%00b/reactions")).json(json!({"emoji": "👍"})), 400, ""),
+    ];
+    for (request, status, text) in cases {
+        let refused = request.bearer(&token).send().await;
+        assert_eq!(refused.status, status, "{refused:?}");
+        if !text.is_empty() {
+            assert_eq!(refused.message(), text, "{refused:?}");
+        }
+    }
+
+    // Another tenant reaches none of it: no session of theirs, and naming ours is the same 404.
+    for session_id in [None, Some(id.as_str())] {
+        let query = session_id.map(|s| format!("?sessionId={s}")).unwrap_or_default();
+        let with = |body: Value| match session_id {
+            Some(s) => {
+                let mut body = body;
+                body["sessionId"] = json!(s);
+                body
+            }
+            None => body,
+        };
+        let requests = vec![
+            app.post(&format!("/chats/{CONTACT}/messages")).json(with(json!({"content": "x"}))),
+            app.post(&format!("/chats/{CONTACT}/read")).json(with(json!({"messageIds": [reply_id]}))),
+            app.patch(&format!("/chats/{CONTACT}/messages/{mine_id}")).json(with(json!({"content": "x"}))),
+            app.delete(&format!("/chats/{CONTACT}/messages/{reply_id}{query}")),
+            app.post(&format!("/chats/{CONTACT}/messages/{mine_id}/reactions")).json(with(json!({"emoji": "👍"}))),
+        ];
+        for request in requests {
+            let refused = request.bearer(&other).send().await;
+            assert_eq!((refused.status, refused.message()), (404, "session not found"), "{refused:?}");
+        }
+    }
+    app.stop().await;
+}
+
+crate::on_both_backends!(history_of_sent_and_received_messages, edits_deletions_reactions_and_reads);

@@ -10,7 +10,7 @@
 //! `commandId`; the outcome arrives as events.
 
 use anna_domain::user::iso;
-use anna_store::{ChatSummary, HistoryCursor, ReactionSummary, StoredMessage};
+use anna_store::{ChatSummary, ContactSummary, HistoryCursor, ReactionSummary, StoredMessage};
 use anna_usecases::SendRequest;
 use anna_whatsapp::Jid;
 use axum::extract::{Query, State};
@@ -44,6 +44,63 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(mark_read))
         .routes(routes!(edit_message, delete_message))
         .routes(routes!(react))
+        .routes(routes!(list_contacts))
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ContactView {
+    pub contact_jid: String,
+    pub contact_lid: Option<String>,
+    pub phone_number: Option<String>,
+    pub name: Option<String>,
+    pub notify: Option<String>,
+    pub verified_name: Option<String>,
+    pub img_url: Option<String>,
+    pub status: Option<String>,
+}
+
+impl From<&ContactSummary> for ContactView {
+    fn from(contact: &ContactSummary) -> Self {
+        Self {
+            contact_jid: contact.contact_jid.clone(),
+            contact_lid: contact.contact_lid.clone(),
+            phone_number: contact.phone_number.clone(),
+            name: contact.name.clone(),
+            notify: contact.notify.clone(),
+            verified_name: contact.verified_name.clone(),
+            img_url: contact.img_url.clone(),
+            status: contact.status.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ContactList {
+    pub session_id: Option<String>,
+    pub items: Vec<ContactView>,
+}
+
+/// The session's contacts (from the phone's history sync), by name.
+#[utoipa::path(get, path = "/contacts", tag = "chats", security(("bearer" = [])),
+    params(("sessionId" = Option<String>, Query, description = "the session; default: the first connected one, else the newest")),
+    responses((status = 200, body = ContactList), (status = 400, body = ErrorBody)))]
+async fn list_contacts(
+    State(state): State<AppState>,
+    AuthUser(caller): AuthUser,
+    query: Result<Query<ChatsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(query) = query.map_err(|_| ApiError::bad_request("invalid_query", "the query string is not valid"))?;
+    let requested = session_param(query.session_id.as_deref())?;
+    let list = match state.sessions.contacts(caller.user_id, requested).await? {
+        Some((session_id, contacts)) => ContactList {
+            session_id: Some(session_id.to_string()),
+            items: contacts.iter().map(ContactView::from).collect(),
+        },
+        None => ContactList { session_id: None, items: Vec::new() },
+    };
+    Ok(axum::Json(list).into_response())
 }
 
 #[derive(Debug, Deserialize)]
@@ -548,10 +605,10 @@ async fn delete_message(
 #[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ReactRequest {
-    /// The emoji; empty or null removes this account's reaction. Required (the predecessor
-    /// took a missing field as a removal).
+    /// The emoji; `""` removes this account's reaction (so does `null`, as the predecessor's
+    /// clients send it). Required: the predecessor took a missing field as a removal.
     #[serde(default, deserialize_with = "present")]
-    #[schema(value_type = Option<String>, required)]
+    #[schema(value_type = String, required)]
     emoji: Option<Option<String>>,
     session_id: Option<String>,
 }

@@ -16,6 +16,7 @@ mod backlog;
 mod events;
 mod fleet;
 mod history;
+mod history_sync;
 mod process;
 mod sessions;
 mod stats;
@@ -57,6 +58,9 @@ enum Bench {
     /// Message history at scale: storing a million messages, then pages of a chat (newest and
     /// deep) and the chat list, both shapes.
     History(history::HistoryArgs),
+    /// A phone's history sync (100,000 messages by default) on the simulator, in a real
+    /// `anna serve`: time, rows per second, peak RSS, both shapes.
+    HistorySync(history_sync::HistorySyncArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -74,6 +78,7 @@ fn main() -> anyhow::Result<()> {
             Bench::Fleet(args) => fleet::run(args).await,
             Bench::Webhooks(args) => webhooks::run(args).await,
             Bench::History(args) => history::run(args).await,
+            Bench::HistorySync(args) => history_sync::run(args).await,
         }
     })
 }

@@ -141,7 +141,12 @@ impl Server {
     }
 
     pub(crate) fn rss_kib(&self) -> u64 {
-        rss_kib(self.child.id())
+        status_kib(self.child.id(), "VmRSS:")
+    }
+
+    /// The most resident memory the process ever had (the kernel's high-water mark).
+    pub(crate) fn peak_rss_kib(&self) -> u64 {
+        status_kib(self.child.id(), "VmHWM:")
     }
 
     /// The verification code the console mailbox printed for `email`.
@@ -204,13 +209,13 @@ impl Drop for Server {
     }
 }
 
-fn rss_kib(pid: u32) -> u64 {
+fn status_kib(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|status| {
             status
                 .lines()
-                .find_map(|line| line.strip_prefix("VmRSS:"))
+                .find_map(|line| line.strip_prefix(field))
                 .and_then(|value| value.split_whitespace().next()?.parse().ok())
         })
         .unwrap_or(0)
@@ -253,7 +258,7 @@ pub async fn login_memory(args: LoginMemoryArgs) -> anyhow::Result<()> {
             let (peak, sampling, pid) = (peak.clone(), sampling.clone(), server.child.id());
             std::thread::spawn(move || {
                 while sampling.load(Ordering::Relaxed) {
-                    peak.fetch_max(rss_kib(pid), Ordering::Relaxed);
+                    peak.fetch_max(status_kib(pid, "VmRSS:"), Ordering::Relaxed);
                     std::thread::sleep(Duration::from_millis(20));
                 }
             })

@@ -34,6 +34,8 @@ pub const SESSION_MESSAGE_STATUS: &str = "session.message.status";
 pub const SESSION_MESSAGES_EDIT: &str = "session.messages.edit";
 pub const SESSION_MESSAGES_DELETE: &str = "session.messages.delete";
 pub const SESSION_MESSAGES_REACTION: &str = "session.messages.reaction";
+/// A piece of a history sync was stored: a summary (counts, progress), not the messages.
+pub const SESSION_HISTORY_SYNC: &str = "session.history.sync";
 /// A chat changed: anna emits it when the tenant marks a chat read (its unread count is 0).
 pub const SESSION_CHATS_UPDATE: &str = "session.chats.update";
 /// A session command other than a send could not be carried out (a send has
@@ -306,6 +308,20 @@ impl SessionRef {
         self.event(name, change.at, payload)
     }
 
+    /// A piece of a history sync was stored: its counts and the sync's progress. Tenants hear
+    /// that history arrives, not the messages themselves (they are in `GET /chats`).
+    pub fn history_synced(self, piece: &HistoryPiece, now: OffsetDateTime) -> DomainEvent {
+        self.event(
+            SESSION_HISTORY_SYNC,
+            now,
+            json!({
+                "syncType": piece.sync_type, "progress": piece.progress, "chatsCount": piece.chats.len(),
+                "contactsCount": piece.contacts.len(), "messagesCount": piece.messages.len(),
+                "messagesTruncated": false,
+            }),
+        )
+    }
+
     /// The tenant marked messages of a chat read: the chat has nothing unread any more.
     pub fn chat_read(self, command_id: Uuid, chat: &str, message_ids: &[String], now: OffsetDateTime) -> DomainEvent {
         self.event(
@@ -360,6 +376,52 @@ pub enum ChangeKind {
     Revoked,
     /// A reaction; `None` removes the actor's reaction.
     Reaction { emoji: Option<String> },
+}
+
+/// A piece of a history sync: what the phone sends a newly linked device about its chats,
+/// cut by the driver into pieces of bounded size, each stored in one transaction.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct HistoryPiece {
+    /// WhatsApp's kind of sync (`initial_bootstrap`, `recent`, `full`, `push_name`, …).
+    pub sync_type: String,
+    /// How far the whole sync is, in percent, when the phone says.
+    pub progress: Option<u32>,
+    pub chats: Vec<HistoryChat>,
+    pub messages: Vec<HistoryMessage>,
+    pub contacts: Vec<HistoryContact>,
+}
+
+impl HistoryPiece {
+    pub fn is_empty(&self) -> bool {
+        self.chats.is_empty() && self.messages.is_empty() && self.contacts.is_empty()
+    }
+}
+
+/// A chat as the phone knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryChat {
+    pub jid: String,
+    pub name: Option<String>,
+    /// Unread messages on the phone.
+    pub unread_count: Option<u32>,
+}
+
+/// A message of the history, with how far it got when it is the account's own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryMessage {
+    pub message: ReceivedMessage,
+    /// `sent`, `server_ack`, `delivered`, `read`, `played` (own messages).
+    pub status: Option<String>,
+}
+
+/// A contact's name as the account's phone knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryContact {
+    pub jid: String,
+    /// The name the contact gave themselves.
+    pub push_name: Option<String>,
+    /// The name in the phone's address book.
+    pub name: Option<String>,
 }
 
 /// An incoming message (or one sent from the phone), as drivers report it and the domain

@@ -33,7 +33,9 @@ pub use device_keys::{DeviceKeyStore, KeyChange};
 pub use events::{DeadLetter, EventLog, EventStat, EventWrites, OutboxRecord, OutboxStatus};
 pub use fleet::{Acquired, Fence, FenceSource, FleetStore, FleetView, Lease, WorkerInfo, WorkerRecord};
 pub use idempotency::{IdempotencyClaim, IdempotencyStore};
-pub use messages::{ChatSummary, HistoryCursor, MessageStore, MessageWrites, ReactionSummary, StoredMessage};
+pub use messages::{
+    ChatSummary, ContactSummary, HistoryCursor, MessageStore, MessageWrites, ReactionSummary, StoredMessage,
+};
 pub use refresh_tokens::{RefreshTokenStore, RefreshTokenWrites};
 pub use sessions::{SessionStore, SessionWrites};
 pub use store::SqlStore;

@@ -3,8 +3,9 @@
 //! Written in a unit of work by the message-history subscriber ([`MessageWrites`]); read by the
 //! chat routes ([`MessageStore`]).
 
-use anna_domain::session::{ChangeKind, MessageChange};
+use anna_domain::session::{ChangeKind, HistoryPiece, MessageChange};
 use async_trait::async_trait;
+use serde_json::json;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
@@ -51,6 +52,21 @@ pub struct ReactionSummary {
     pub actors: Vec<String>,
 }
 
+/// A contact of a session, as the predecessor's clients read it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContactSummary {
+    pub contact_jid: String,
+    pub contact_lid: Option<String>,
+    pub phone_number: Option<String>,
+    /// The name in the phone's address book.
+    pub name: Option<String>,
+    /// The name the contact gave themselves (push name).
+    pub notify: Option<String>,
+    pub verified_name: Option<String>,
+    pub img_url: Option<String>,
+    pub status: Option<String>,
+}
+
 /// A chat of a session, with its latest message.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ChatSummary {
@@ -93,6 +109,9 @@ pub trait MessageStore: Send + Sync {
         message_ids: &[String],
     ) -> Result<Vec<StoredMessage>, StoreError>;
 
+    /// The session's contacts, by name (address book, then push name), then JID.
+    async fn list_contacts(&self, session_id: Uuid) -> Result<Vec<ContactSummary>, StoreError>;
+
     /// The current reactions to the given messages, grouped by message and emoji (removed
     /// reactions left out), in the order of their first reaction.
     async fn list_reactions(
@@ -119,7 +138,8 @@ pub trait MessageWrites: Send {
 
     /// Sets a stored message's delivery status when it is further along than the stored one
     /// (sent, server_ack, delivered, read, played; a rejection is final): receipts arrive out of
-    /// order. `false` when the message is not stored or already as far.
+    /// order. `false` when the message is already as far, or not stored yet (the status is then
+    /// kept and applied when the message is stored).
     async fn record_message_status(
         &mut self,
         session_id: Uuid,
@@ -129,15 +149,29 @@ pub trait MessageWrites: Send {
     ) -> Result<bool, StoreError>;
 
     /// Applies an edit, a deletion for everyone or a reaction to a stored message. An edit
-    /// older than the stored one, an edit of a deleted message, or an actor's reaction older
-    /// than their stored one changes nothing (`false`); so do changes to messages not stored,
-    /// except reactions, which are kept for when the message arrives.
+    /// older than the stored one, or an actor's reaction older than their stored one, changes
+    /// nothing (`false`). Events are applied by several readers at once, so a change may
+    /// overtake its message: edits and deletions (like statuses, see
+    /// [`Self::record_message_status`]) of a message not stored yet are kept and applied when
+    /// it is (`false` until then); reactions are stored apart from their message anyway.
     async fn record_message_change(
         &mut self,
         tenant_id: Uuid,
         session_id: Uuid,
         change: &MessageChange,
     ) -> Result<bool, StoreError>;
+
+    /// Stores a piece of a history sync: its messages (those already stored are kept), its
+    /// chats (names, the phone's unread counts, the last message moving forward only) and its
+    /// contacts. Messages of the history are not unread by themselves: the phone's counts are
+    /// taken. Nothing is written for a session that no longer exists. Returns how many
+    /// messages were new.
+    async fn record_history(
+        &mut self,
+        tenant_id: Uuid,
+        session_id: Uuid,
+        piece: &HistoryPiece,
+    ) -> Result<u64, StoreError>;
 
     /// The chat has been read: its unread count is 0. `false` when there is no such chat.
     async fn mark_chat_read(&mut self, session_id: Uuid, chat_jid: &str) -> Result<bool, StoreError>;
@@ -277,6 +311,34 @@ impl MessageStore for SqlStore {
         rows.iter().map(message_from_row).collect()
     }
 
+    async fn list_contacts(&self, session_id: Uuid) -> Result<Vec<ContactSummary>, StoreError> {
+        let rows = self
+            .pool
+            .query(
+                "SELECT contact_jid, contact_lid, phone_number, name, notify, verified_name, img_url, status \
+                 FROM session_contacts WHERE session_id = $1 \
+                 ORDER BY COALESCE(name, notify, verified_name) IS NULL, COALESCE(name, notify, verified_name), \
+                 contact_jid",
+            )
+            .bind_uuid(session_id)
+            .fetch_all()
+            .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(ContactSummary {
+                    contact_jid: row.get("contact_jid")?,
+                    contact_lid: row.get("contact_lid")?,
+                    phone_number: row.get("phone_number")?,
+                    name: row.get("name")?,
+                    notify: row.get("notify")?,
+                    verified_name: row.get("verified_name")?,
+                    img_url: row.get("img_url")?,
+                    status: row.get("status")?,
+                })
+            })
+            .collect()
+    }
+
     async fn find_messages(
         &self,
         session_id: Uuid,
@@ -383,6 +445,8 @@ impl MessageWrites for SqlUnitOfWork {
             }
             return Ok(false);
         }
+        // Changes that overtook the message (events are applied by several readers at once).
+        self.apply_deferred(message.session_id, &message.message_id).await?;
         let last_text = message.text.clone().unwrap_or_else(|| format!("[{}]", message.kind));
         self.tx
             .query(
@@ -446,6 +510,9 @@ impl MessageWrites for SqlUnitOfWork {
             .bind_time(OffsetDateTime::now_utc())
             .execute()
             .await?;
+        if updated == 0 && !self.message_stored(session_id, message_id).await? {
+            self.defer(session_id, message_id, Deferred::Status, Some(status), at).await?;
+        }
         Ok(updated > 0)
     }
 
@@ -458,50 +525,18 @@ impl MessageWrites for SqlUnitOfWork {
         let now = OffsetDateTime::now_utc();
         match &change.kind {
             ChangeKind::Edited { text } => {
-                let edited = self
-                    .tx
-                    .query(
-                        "UPDATE session_messages SET text = $3, is_edited = true, edited_at = $4, updated_at = $5 \
-                         WHERE session_id = $1 AND message_id = $2 AND NOT is_deleted \
-                         AND (edited_at IS NULL OR edited_at <= $4)",
-                    )
-                    .bind_uuid(session_id)
-                    .bind(change.message_id.as_str())
-                    .bind(text.as_deref())
-                    .bind_time(change.at)
-                    .bind_time(now)
-                    .execute()
-                    .await?;
-                if edited > 0 {
-                    // The chat list shows the new text when it is the chat's last message.
-                    self.tx
-                        .query(
-                            "UPDATE session_chats SET last_message_text = COALESCE($3, '[text]'), updated_at = $4 \
-                             WHERE session_id = $1 AND last_message_id = $2",
-                        )
-                        .bind_uuid(session_id)
-                        .bind(change.message_id.as_str())
-                        .bind(text.as_deref())
-                        .bind_time(now)
-                        .execute()
-                        .await?;
+                let edited = self.apply_edit(session_id, &change.message_id, text.as_deref(), change.at).await?;
+                if !edited && !self.message_stored(session_id, &change.message_id).await? {
+                    self.defer(session_id, &change.message_id, Deferred::Edit, text.as_deref(), change.at).await?;
                 }
-                Ok(edited > 0)
+                Ok(edited)
             }
             ChangeKind::Revoked => {
-                let deleted = self
-                    .tx
-                    .query(
-                        "UPDATE session_messages SET is_deleted = true, deleted_at = $3, updated_at = $4 \
-                         WHERE session_id = $1 AND message_id = $2 AND NOT is_deleted",
-                    )
-                    .bind_uuid(session_id)
-                    .bind(change.message_id.as_str())
-                    .bind_time(change.at)
-                    .bind_time(now)
-                    .execute()
-                    .await?;
-                Ok(deleted > 0)
+                let deleted = self.apply_revoke(session_id, &change.message_id, change.at).await?;
+                if !deleted && !self.message_stored(session_id, &change.message_id).await? {
+                    self.defer(session_id, &change.message_id, Deferred::Delete, None, change.at).await?;
+                }
+                Ok(deleted)
             }
             ChangeKind::Reaction { emoji } => {
                 let emoji = emoji.as_deref().filter(|emoji| !emoji.is_empty());
@@ -539,6 +574,154 @@ impl MessageWrites for SqlUnitOfWork {
         }
     }
 
+    async fn record_history(
+        &mut self,
+        tenant_id: Uuid,
+        session_id: Uuid,
+        piece: &HistoryPiece,
+    ) -> Result<u64, StoreError> {
+        let now = OffsetDateTime::now_utc();
+        let exists = self
+            .tx
+            .query("SELECT 1 AS present FROM sessions WHERE id = $1 AND tenant_id = $2")
+            .bind_uuid(session_id)
+            .bind_uuid(tenant_id)
+            .fetch_optional()
+            .await?
+            .is_some();
+        if !exists {
+            return Ok(0);
+        }
+        // One statement for the piece's messages: a phone's history is large.
+        let rows: Vec<serde_json::Value> = piece
+            .messages
+            .iter()
+            .map(|history| {
+                let message = &history.message;
+                let millis = crate::sql::to_millis(message.timestamp)?;
+                Ok(json!({
+                    "rowId": Uuid::now_v7().to_string(), "chat": message.chat, "id": message.message_id,
+                    "fromMe": message.from_me, "sender": (!message.from_me).then_some(&message.sender),
+                    "ts": millis, "text": message.text, "status": history.status,
+                }))
+            })
+            .collect::<Result<_, StoreError>>()?;
+        let inserted = if rows.is_empty() {
+            0
+        } else {
+            self.tx
+                .query(Sql::PerBackend {
+                    sqlite: "INSERT INTO session_messages (id, tenant_id, session_id, chat_jid, message_id, from_me, \
+                             sender_jid, timestamp, type, text, status, status_at, created_at, updated_at) \
+                             SELECT json_extract(m.value, '$.rowId'), $1, $2, json_extract(m.value, '$.chat'), \
+                             json_extract(m.value, '$.id'), json_extract(m.value, '$.fromMe'), \
+                             json_extract(m.value, '$.sender'), json_extract(m.value, '$.ts'), 'text', \
+                             json_extract(m.value, '$.text'), json_extract(m.value, '$.status'), \
+                             CASE WHEN json_extract(m.value, '$.status') IS NOT NULL \
+                             THEN json_extract(m.value, '$.ts') END, $3, $3 \
+                             FROM json_each($4) AS m WHERE true \
+                             ON CONFLICT (session_id, message_id) DO NOTHING",
+                    postgres: "INSERT INTO session_messages (id, tenant_id, session_id, chat_jid, message_id, from_me, \
+                               sender_jid, timestamp, type, text, status, status_at, created_at, updated_at) \
+                               SELECT (m->>'rowId')::uuid, $1, $2, m->>'chat', m->>'id', (m->>'fromMe')::boolean, \
+                               m->>'sender', to_timestamp((m->>'ts')::bigint / 1000.0), 'text', m->>'text', \
+                               m->>'status', CASE WHEN m->>'status' IS NOT NULL \
+                               THEN to_timestamp((m->>'ts')::bigint / 1000.0) END, $3, $3 \
+                               FROM jsonb_array_elements($4) AS m \
+                               ON CONFLICT (session_id, message_id) DO NOTHING",
+                })
+                .bind_uuid(tenant_id)
+                .bind_uuid(session_id)
+                .bind_time(now)
+                .bind_json(&serde_json::Value::Array(rows))
+                .execute()
+                .await?
+        };
+
+        // Each chat once: its name and unread count from the phone, its latest message of the
+        // piece as the last message (if newer than the stored one).
+        let mut chats: Vec<(&str, Option<&str>, Option<u32>, Option<&anna_domain::session::ReceivedMessage>)> =
+            piece.chats.iter().map(|chat| (chat.jid.as_str(), chat.name.as_deref(), chat.unread_count, None)).collect();
+        for history in &piece.messages {
+            let message = &history.message;
+            let at = match chats.iter().position(|(jid, ..)| *jid == message.chat) {
+                Some(at) => at,
+                None => {
+                    chats.push((message.chat.as_str(), None, None, None));
+                    chats.len() - 1
+                }
+            };
+            let latest = &mut chats[at].3;
+            if latest
+                .is_none_or(|known| (known.timestamp, &known.message_id) < (message.timestamp, &message.message_id))
+            {
+                *latest = Some(message);
+            }
+        }
+        for (jid, name, unread, last) in chats {
+            let last_text = last.map(|m| m.text.clone().unwrap_or_else(|| "[text]".into()));
+            self.tx
+                .query(concat!(
+                    "INSERT INTO session_chats (id, tenant_id, session_id, chat_jid, chat_name, last_message_id, \
+                     last_message_ts, last_message_text, last_message_type, unread_count, created_at, updated_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, COALESCE($10, 0), $11, $11) \
+                     ON CONFLICT (session_id, chat_jid) DO UPDATE SET \
+                     chat_name = COALESCE(excluded.chat_name, session_chats.chat_name), \
+                     unread_count = CASE WHEN $10 IS NULL THEN session_chats.unread_count ELSE excluded.unread_count END, \
+                     last_message_id = CASE WHEN ",
+                    newer_last_message!(),
+                    " THEN excluded.last_message_id ELSE session_chats.last_message_id END, \
+                     last_message_text = CASE WHEN ",
+                    newer_last_message!(),
+                    " THEN excluded.last_message_text ELSE session_chats.last_message_text END, \
+                     last_message_type = CASE WHEN ",
+                    newer_last_message!(),
+                    " THEN excluded.last_message_type ELSE session_chats.last_message_type END, \
+                     last_message_ts = CASE WHEN ",
+                    newer_last_message!(),
+                    " THEN excluded.last_message_ts ELSE session_chats.last_message_ts END, \
+                     updated_at = excluded.updated_at"
+                ))
+                .bind_uuid(Uuid::now_v7())
+                .bind_uuid(tenant_id)
+                .bind_uuid(session_id)
+                .bind(jid)
+                .bind(name)
+                .bind(last.map(|m| m.message_id.as_str()))
+                .bind_opt_time(last.map(|m| m.timestamp))
+                .bind(last_text.as_deref())
+                .bind(last.map(|_| "text"))
+                .bind(unread.map(i64::from))
+                .bind_time(now)
+                .execute()
+                .await?;
+        }
+
+        for contact in &piece.contacts {
+            self.tx
+                .query(
+                    "INSERT INTO session_contacts (id, tenant_id, session_id, contact_jid, phone_number, name, notify, \
+                     created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8) \
+                     ON CONFLICT (session_id, contact_jid) DO UPDATE SET \
+                     name = COALESCE(excluded.name, session_contacts.name), \
+                     notify = COALESCE(excluded.notify, session_contacts.notify), \
+                     phone_number = COALESCE(excluded.phone_number, session_contacts.phone_number), \
+                     updated_at = excluded.updated_at",
+                )
+                .bind_uuid(Uuid::now_v7())
+                .bind_uuid(tenant_id)
+                .bind_uuid(session_id)
+                .bind(contact.jid.as_str())
+                .bind(phone_of(&contact.jid))
+                .bind(contact.name.as_deref())
+                .bind(contact.push_name.as_deref())
+                .bind_time(now)
+                .execute()
+                .await?;
+        }
+        Ok(inserted)
+    }
+
     async fn mark_chat_read(&mut self, session_id: Uuid, chat_jid: &str) -> Result<bool, StoreError> {
         let updated = self
             .tx
@@ -553,6 +736,12 @@ impl MessageWrites for SqlUnitOfWork {
 
     async fn delete_message_history(&mut self, session_id: Uuid) -> Result<u64, StoreError> {
         self.tx
+            .query("DELETE FROM session_message_pending WHERE session_id = $1")
+            .bind_uuid(session_id)
+            .execute()
+            .await?;
+        self.tx.query("DELETE FROM session_contacts WHERE session_id = $1").bind_uuid(session_id).execute().await?;
+        self.tx
             .query("DELETE FROM session_message_reactions WHERE session_id = $1")
             .bind_uuid(session_id)
             .execute()
@@ -562,6 +751,177 @@ impl MessageWrites for SqlUnitOfWork {
         self.tx.query("DELETE FROM session_chats WHERE session_id = $1").bind_uuid(session_id).execute().await?;
         Ok(messages)
     }
+}
+
+/// A change kept for a message not stored yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Deferred {
+    Edit,
+    Delete,
+    Status,
+}
+
+impl Deferred {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Edit => "edit",
+            Self::Delete => "delete",
+            Self::Status => "status",
+        }
+    }
+}
+
+impl SqlUnitOfWork {
+    async fn message_stored(&mut self, session_id: Uuid, message_id: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .tx
+            .query("SELECT 1 AS present FROM session_messages WHERE session_id = $1 AND message_id = $2")
+            .bind_uuid(session_id)
+            .bind(message_id)
+            .fetch_optional()
+            .await?
+            .is_some())
+    }
+
+    /// Sets a message's text by an edit, unless a later edit is stored. A deleted message
+    /// takes it too: changes arrive out of order, and the edit happened before the deletion.
+    async fn apply_edit(
+        &mut self,
+        session_id: Uuid,
+        message_id: &str,
+        text: Option<&str>,
+        at: OffsetDateTime,
+    ) -> Result<bool, StoreError> {
+        let now = OffsetDateTime::now_utc();
+        let edited = self
+            .tx
+            .query(
+                "UPDATE session_messages SET text = $3, is_edited = true, edited_at = $4, updated_at = $5 \
+                 WHERE session_id = $1 AND message_id = $2 AND (edited_at IS NULL OR edited_at <= $4)",
+            )
+            .bind_uuid(session_id)
+            .bind(message_id)
+            .bind(text)
+            .bind_time(at)
+            .bind_time(now)
+            .execute()
+            .await?;
+        if edited > 0 {
+            // The chat list shows the new text when it is the chat's last message.
+            self.tx
+                .query(
+                    "UPDATE session_chats SET last_message_text = COALESCE($3, '[text]'), updated_at = $4 \
+                     WHERE session_id = $1 AND last_message_id = $2",
+                )
+                .bind_uuid(session_id)
+                .bind(message_id)
+                .bind(text)
+                .bind_time(now)
+                .execute()
+                .await?;
+        }
+        Ok(edited > 0)
+    }
+
+    async fn apply_revoke(
+        &mut self,
+        session_id: Uuid,
+        message_id: &str,
+        at: OffsetDateTime,
+    ) -> Result<bool, StoreError> {
+        let deleted = self
+            .tx
+            .query(
+                "UPDATE session_messages SET is_deleted = true, deleted_at = $3, updated_at = $4 \
+                 WHERE session_id = $1 AND message_id = $2 AND NOT is_deleted",
+            )
+            .bind_uuid(session_id)
+            .bind(message_id)
+            .bind_time(at)
+            .bind_time(OffsetDateTime::now_utc())
+            .execute()
+            .await?;
+        Ok(deleted > 0)
+    }
+
+    /// Keeps a change of a message not stored yet (the furthest status, the latest edit), for
+    /// [`Self::apply_deferred`]. Nothing is kept for a session that no longer exists.
+    async fn defer(
+        &mut self,
+        session_id: Uuid,
+        message_id: &str,
+        kind: Deferred,
+        value: Option<&str>,
+        at: OffsetDateTime,
+    ) -> Result<(), StoreError> {
+        self.tx
+            .query(concat!(
+                "INSERT INTO session_message_pending (session_id, message_id, kind, value, at, created_at) \
+                 SELECT $1, $2, $3, $4, $5, $6 WHERE EXISTS (SELECT 1 FROM sessions WHERE id = $1) \
+                 ON CONFLICT (session_id, message_id, kind) DO UPDATE SET value = excluded.value, at = excluded.at \
+                 WHERE (excluded.kind = 'edit' AND excluded.at >= session_message_pending.at) \
+                 OR (excluded.kind = 'status' AND ",
+                status_rank!("excluded.value"),
+                " > ",
+                status_rank!("session_message_pending.value"),
+                ")"
+            ))
+            .bind_uuid(session_id)
+            .bind(message_id)
+            .bind(kind.as_str())
+            .bind(value)
+            .bind_time(at)
+            .bind_time(OffsetDateTime::now_utc())
+            .execute()
+            .await?;
+        Ok(())
+    }
+
+    /// Applies, then forgets, the changes kept for a message that is now stored.
+    async fn apply_deferred(&mut self, session_id: Uuid, message_id: &str) -> Result<(), StoreError> {
+        let rows = self
+            .tx
+            .query("SELECT kind, value, at FROM session_message_pending WHERE session_id = $1 AND message_id = $2")
+            .bind_uuid(session_id)
+            .bind(message_id)
+            .fetch_all()
+            .await?;
+        if rows.is_empty() {
+            return Ok(());
+        }
+        for row in &rows {
+            let kind: String = row.get("kind")?;
+            let value: Option<String> = row.get("value")?;
+            let at = row.time("at")?;
+            match kind.as_str() {
+                "edit" => {
+                    self.apply_edit(session_id, message_id, value.as_deref(), at).await?;
+                }
+                "delete" => {
+                    self.apply_revoke(session_id, message_id, at).await?;
+                }
+                _ => {
+                    if let Some(status) = value.as_deref() {
+                        self.record_message_status(session_id, message_id, status, at).await?;
+                    }
+                }
+            }
+        }
+        self.tx
+            .query("DELETE FROM session_message_pending WHERE session_id = $1 AND message_id = $2")
+            .bind_uuid(session_id)
+            .bind(message_id)
+            .execute()
+            .await?;
+        Ok(())
+    }
+}
+
+/// The phone number of a person's JID (`+<digits>`), none for groups and LIDs.
+fn phone_of(jid: &str) -> Option<String> {
+    let (user, server) = jid.split_once('@')?;
+    (server == "s.whatsapp.net" && !user.is_empty() && user.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| format!("+{user}"))
 }
 
 fn message_from_row(row: &Row) -> Result<StoredMessage, StoreError> {

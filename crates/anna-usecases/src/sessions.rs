@@ -9,9 +9,9 @@
 
 use std::sync::Arc;
 
-use anna_domain::session::SESSION_PAIR_CODE_ISSUED;
-use anna_domain::{DomainEvent, Session, SessionStatus};
-use anna_store::{ChatSummary, HistoryCursor, Store, StoreError, StoredMessage};
+use anna_domain::session::{HistoryPiece, SESSION_PAIR_CODE_ISSUED};
+use anna_domain::{DomainEvent, Session, SessionRef, SessionStatus};
+use anna_store::{ChatSummary, ContactSummary, HistoryCursor, Store, StoreError, StoredMessage};
 use anna_streams::{Stream, envelope};
 use serde_json::{Value, json};
 use time::OffsetDateTime;
@@ -366,6 +366,27 @@ impl Sessions {
             json!({"chat": chat_jid, "messageId": message_id, "emoji": emoji}),
         )
         .await
+    }
+
+    /// The contacts of the session the caller names (or of the one the predecessor's rule picks).
+    pub async fn contacts(
+        &self,
+        tenant_id: Uuid,
+        requested: Option<Uuid>,
+    ) -> Result<Option<(Uuid, Vec<ContactSummary>)>, SessionError> {
+        let Some(session) = self.resolve_for_chats(tenant_id, requested).await? else { return Ok(None) };
+        Ok(Some((session.id, self.store.list_contacts(session.id).await?)))
+    }
+
+    /// Stores a piece of a history sync with its summary event (`session.history.sync`) in
+    /// one unit of work. Returns how many messages were new.
+    pub async fn record_history(&self, id: Uuid, tenant_id: Uuid, piece: &HistoryPiece) -> Result<u64, SessionError> {
+        let session = SessionRef { id, tenant_id };
+        let mut uow = self.store.begin().await?;
+        let inserted = uow.record_history(tenant_id, id, piece).await?;
+        uow.append_events(&traced([session.history_synced(piece, OffsetDateTime::now_utc())])).await?;
+        uow.commit().await?;
+        Ok(inserted)
     }
 
     /// The stored messages of a chat among `message_ids`, for the worker to address them.

@@ -26,6 +26,10 @@ use uuid::Uuid;
 
 pub use jid::{Jid, JidError};
 
+/// Most messages in one [`DriverEvent::History`] piece: a phone's history (100,000 messages
+/// and more) reaches the database a piece at a time, in bounded memory.
+pub const HISTORY_PIECE_MESSAGES: usize = 500;
+
 /// Which session a connection is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct SessionKey {
@@ -69,7 +73,7 @@ pub struct MessageTarget {
 }
 
 /// A change to a message: the domain's own type, like [`IncomingMessage`].
-pub use anna_domain::session::{ChangeKind, MessageChange};
+pub use anna_domain::session::{ChangeKind, HistoryChat, HistoryContact, HistoryMessage, HistoryPiece, MessageChange};
 
 /// How far a sent message got.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -178,6 +182,9 @@ pub enum DriverEvent {
     Disconnected { reason: CloseReason, will_retry: bool },
     /// A message arrived (or was sent from the phone).
     Message(IncomingMessage),
+    /// A piece of the history the phone sends after pairing (bounded in size: a large history
+    /// comes as many pieces).
+    History(HistoryPiece),
     /// A message was edited, deleted for everyone or reacted to.
     Changed(MessageChange),
     /// A sent message progressed.

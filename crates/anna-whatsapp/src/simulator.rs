@@ -9,6 +9,10 @@
 //! messages, sends server, delivery and read receipts, and replies. Disconnects, logouts and
 //! bans can be injected.
 //!
+//! On the first connection after pairing the simulated phone sends a history sync of
+//! `history_messages` messages over `history_chats` chats (pieces of
+//! [`crate::HISTORY_PIECE_MESSAGES`]), resent whole if the connection drops before it is done.
+//!
 //! A simulated contact also follows words in the text it receives, so edits, deletions and
 //! reactions arriving from the other side can be tried: `#react` — it reacts 👍 to the message;
 //! `#edit` — it edits its reply; `#delete` — it deletes its reply for everyone (both after
@@ -27,8 +31,9 @@ use tokio::sync::{Mutex, Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    ChangeKind, CloseReason, DriverError, DriverEvent, IncomingMessage, Jid, LiveSession, MessageChange, MessageTarget,
-    OutgoingText, ReceiptStatus, SessionDriver, SessionKey, Simulation, jid,
+    ChangeKind, CloseReason, DriverError, DriverEvent, HISTORY_PIECE_MESSAGES, HistoryChat, HistoryContact,
+    HistoryMessage, HistoryPiece, IncomingMessage, Jid, LiveSession, MessageChange, MessageTarget, OutgoingText,
+    ReceiptStatus, SessionDriver, SessionKey, Simulation, jid,
 };
 
 /// What a simulated contact does, besides replying, when the text it receives asks for it.
@@ -67,6 +72,10 @@ pub struct SimulatorConfig {
     pub read_delay: Duration,
     /// Time until a contact replies; `None`: contacts never reply.
     pub reply_delay: Option<Duration>,
+    /// Messages in the history sync sent after pairing.
+    pub history_messages: u64,
+    /// Chats they are spread over (at least one when there are messages).
+    pub history_chats: u32,
 }
 
 impl Default for SimulatorConfig {
@@ -80,6 +89,8 @@ impl Default for SimulatorConfig {
             delivered_delay: Duration::from_millis(300),
             read_delay: Duration::from_millis(1200),
             reply_delay: Some(Duration::from_millis(1500)),
+            history_messages: 60,
+            history_chats: 4,
         }
     }
 }
@@ -186,6 +197,76 @@ impl Connection {
         }
         self.state.lock().await.connected = true;
         self.emit(DriverEvent::Connected { phone }).await;
+        if let Err(error) = self.send_history().await {
+            tracing::warn!(session_id = %self.session.session_id, %error, "Simulated history sync failed");
+        }
+    }
+
+    /// The history sync a phone sends its new companion: once, after pairing.
+    async fn send_history(&self) -> Result<(), DriverError> {
+        let Some(mut device) = self.store.load_creds(self.session.session_id).await? else { return Ok(()) };
+        let Some(seed) = device[DEVICE]["historySeed"].as_u64() else { return Ok(()) };
+        let total = self.config.history_messages;
+        let chats = u64::from(self.config.history_chats.max(1));
+        let listed = if total == 0 { 0 } else { chats.min(total) };
+        let contact = |chat: u64| format!("1555020{chat:04}@{}", jid::USER_SERVER);
+        let name = |chat: u64| format!("History contact {chat}");
+        let now = OffsetDateTime::now_utc();
+        let span = time::Duration::days(30);
+        let mut piece = HistoryPiece {
+            sync_type: "initial_bootstrap".into(),
+            progress: Some(0),
+            chats: (0..listed)
+                .map(|chat| HistoryChat {
+                    jid: contact(chat),
+                    name: Some(name(chat)),
+                    unread_count: Some((chat % 3) as u32),
+                })
+                .collect(),
+            contacts: (0..listed)
+                .map(|chat| HistoryContact { jid: contact(chat), push_name: Some(name(chat)), name: None })
+                .collect(),
+            messages: Vec::new(),
+        };
+        for n in 0..total {
+            let chat = contact(n % chats);
+            let from_me = n % 3 == 0;
+            let offset = i64::try_from(n).unwrap_or(i64::MAX).saturating_mul(span.whole_seconds())
+                / i64::try_from(total).unwrap_or(1).max(1);
+            piece.messages.push(HistoryMessage {
+                message: IncomingMessage {
+                    message_id: format!("3EB0{:016X}", seed.wrapping_add(n)),
+                    chat: chat.clone(),
+                    sender: chat,
+                    push_name: (!from_me).then(|| name(n % chats)),
+                    text: Some(format!("History message {n}")),
+                    from_me,
+                    timestamp: now - span + time::Duration::seconds(offset),
+                },
+                status: from_me.then(|| "read".to_owned()),
+            });
+            if piece.messages.len() >= HISTORY_PIECE_MESSAGES {
+                piece.progress = Some(u32::try_from((n + 1) * 100 / total).unwrap_or(100));
+                if self.cancel.is_cancelled() {
+                    return Ok(());
+                }
+                self.emit(DriverEvent::History(std::mem::take(&mut piece))).await;
+                piece.sync_type = "initial_bootstrap".into();
+            }
+        }
+        // Handed over whole, or sent again on the next connection.
+        if self.cancel.is_cancelled() || self.closed.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        if !piece.is_empty() {
+            piece.progress = Some(100);
+            self.emit(DriverEvent::History(piece)).await;
+        }
+        if let Some(fields) = device[DEVICE].as_object_mut() {
+            fields.remove("historySeed");
+        }
+        self.store.save_creds(self.session.session_id, self.session.tenant_id, &device).await?;
+        Ok(())
     }
 
     async fn pair(self: Arc<Self>) {
@@ -209,7 +290,12 @@ impl Connection {
             state.pair_phone.clone().unwrap_or_else(simulated_phone_number)
         };
         let phone = format!("{phone}@{}", jid::USER_SERVER);
-        let device = json!({ DEVICE: { "phone": phone, "pairedAt": OffsetDateTime::now_utc().unix_timestamp() } });
+        // The seed of the message ids of its history sync (the same if it has to be resent),
+        // removed once the history is sent.
+        let seed = rand::rng().random::<u64>() >> 8;
+        let device = json!({ DEVICE: {
+            "phone": phone, "pairedAt": OffsetDateTime::now_utc().unix_timestamp(), "historySeed": seed,
+        } });
         if let Err(error) = self.store.save_creds(self.session.session_id, self.session.tenant_id, &device).await {
             tracing::warn!(session_id = %self.session.session_id, %error, "Simulated pairing could not be stored");
             return self.close(CloseReason::Transient("device store unavailable".into())).await;

@@ -7,7 +7,8 @@ use std::time::Duration;
 use anna_store::{ConnectOptions, Store};
 use anna_whatsapp::simulator::{Simulator, SimulatorConfig};
 use anna_whatsapp::{
-    CloseReason, DriverError, DriverEvent, Jid, OutgoingText, ReceiptStatus, SessionDriver, SessionKey, Simulation,
+    ChangeKind, CloseReason, DriverError, DriverEvent, HISTORY_PIECE_MESSAGES, Jid, MessageTarget, OutgoingText,
+    ReceiptStatus, SessionDriver, SessionKey, Simulation,
 };
 use tokio::sync::mpsc;
 use uuid::Uuid;
@@ -29,7 +30,20 @@ fn fast() -> SimulatorConfig {
         delivered_delay: Duration::from_millis(10),
         read_delay: Duration::from_millis(15),
         reply_delay: Some(Duration::from_millis(20)),
+        history_messages: 0,
+        history_chats: 1,
     }
+}
+
+/// Pairs a new session by a scan; returns its phone.
+async fn paired(simulator: &Simulator, session: SessionKey) -> String {
+    let (tx, mut events) = mpsc::channel(16);
+    let live = simulator.connect(session, tx).await.unwrap_or_else(|e| panic!("{e}"));
+    assert!(matches!(next(&mut events).await, DriverEvent::Qr { .. }));
+    live.simulate(Simulation::Scan).await.unwrap_or_else(|e| panic!("{e}"));
+    let DriverEvent::Paired { phone } = next(&mut events).await else { panic!("not paired") };
+    assert_eq!(next(&mut events).await, DriverEvent::Closed { reason: CloseReason::RestartRequired });
+    phone
 }
 
 async fn next(events: &mut mpsc::Receiver<DriverEvent>) -> DriverEvent {
@@ -147,4 +161,91 @@ async fn injected_drops_logouts_and_bans_close_the_connection_with_their_reason(
         live.simulate(simulation).await.unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(next(&mut events).await, DriverEvent::Closed { reason: expected });
     }
+}
+
+#[tokio::test]
+async fn the_phone_sends_its_history_once_after_pairing_in_bounded_pieces() {
+    let store = store().await;
+    let config = SimulatorConfig { history_messages: 1234, history_chats: 3, ..fast() };
+    let simulator = Simulator::new(store.clone(), config);
+    let session = key();
+    paired(&simulator, session).await;
+
+    let (tx, mut events) = mpsc::channel(4);
+    let live = simulator.connect(session, tx).await.unwrap_or_else(|e| panic!("{e}"));
+    assert!(matches!(next(&mut events).await, DriverEvent::Connected { .. }));
+    let (mut ids, mut chats, mut contacts, mut progress) = (std::collections::HashSet::new(), 0, 0, Vec::new());
+    while progress.last() != Some(&Some(100)) {
+        let DriverEvent::History(piece) = next(&mut events).await else { panic!("not history") };
+        assert!(piece.messages.len() <= HISTORY_PIECE_MESSAGES);
+        assert_eq!(piece.sync_type, "initial_bootstrap");
+        chats += piece.chats.len();
+        contacts += piece.contacts.len();
+        for history in piece.messages {
+            assert_eq!(history.status.is_some(), history.message.from_me, "own messages carry their status");
+            assert!(ids.insert(history.message.message_id), "ids are unique");
+        }
+        progress.push(piece.progress);
+    }
+    assert_eq!((ids.len(), chats, contacts), (1234, 3, 3));
+    assert_eq!(progress, vec![Some(40), Some(81), Some(100)]);
+    // The phone notes that the history went out.
+    for _ in 0..100 {
+        let creds = store.load_creds(session.session_id).await.unwrap_or_else(|e| panic!("{e}"));
+        if creds.is_some_and(|creds| creds["simulatedDevice"].get("historySeed").is_none()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    live.stop().await;
+
+    // Sent once: the next connection brings none.
+    let (tx, mut events) = mpsc::channel(4);
+    let live = simulator.connect(session, tx).await.unwrap_or_else(|e| panic!("{e}"));
+    assert!(matches!(next(&mut events).await, DriverEvent::Connected { .. }));
+    live.stop().await;
+    assert_eq!(next(&mut events).await, DriverEvent::Closed { reason: CloseReason::Stopped });
+}
+
+#[tokio::test]
+async fn contacts_react_edit_and_delete_when_asked_and_own_changes_are_checked() {
+    let simulator = Simulator::new(store().await, fast());
+    let session = key();
+    let phone = paired(&simulator, session).await;
+    let (tx, mut events) = mpsc::channel(16);
+    let live = simulator.connect(session, tx).await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(next(&mut events).await, DriverEvent::Connected { phone });
+    let message = OutgoingText { text: "hi #react #edit #delete".into(), ..text("+1 555 0100 123") };
+    let id = live.send_text(&message).await.unwrap_or_else(|e| panic!("{e}"));
+    let (mut reply, mut changes) = (None, Vec::new());
+    while changes.len() < 3 {
+        match next(&mut events).await {
+            DriverEvent::Message(message) => reply = Some(message.message_id),
+            DriverEvent::Changed(change) => {
+                assert_eq!((change.chat.as_str(), change.from_me), ("15550100123@s.whatsapp.net", false));
+                changes.push((change.message_id, change.kind));
+            }
+            _ => {}
+        }
+    }
+    let reply = reply.unwrap_or_default();
+    assert_eq!(
+        changes,
+        vec![
+            (id.clone(), ChangeKind::Reaction { emoji: Some("👍".into()) }),
+            (reply.clone(), ChangeKind::Edited { text: Some("Simulated reply, edited".into()) }),
+            (reply.clone(), ChangeKind::Revoked),
+        ]
+    );
+
+    let chat = Jid::parse("+1 555 0100 123").unwrap_or_else(|e| panic!("{e}"));
+    let mine = MessageTarget { chat: chat.clone(), message_id: id, from_me: true, sender: None };
+    let theirs = MessageTarget { chat, message_id: reply, from_me: false, sender: None };
+    assert!(live.edit_text(&mine, "fixed").await.is_ok());
+    assert!(matches!(live.edit_text(&theirs, "fixed").await, Err(DriverError::Invalid(_))));
+    assert!(matches!(live.revoke(&theirs).await, Err(DriverError::Invalid(_))));
+    assert!(live.revoke(&mine).await.is_ok() && live.react(&theirs, "").await.is_ok());
+    assert!(live.mark_read(&theirs.chat, std::slice::from_ref(&theirs)).await.is_ok());
+    live.stop().await;
+    assert!(matches!(live.react(&mine, "👍").await, Err(DriverError::NotConnected)));
 }

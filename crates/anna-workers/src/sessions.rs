@@ -562,6 +562,13 @@ impl SessionsWorker {
             DriverEvent::Message(message) => {
                 self.record(reference(key).message_received(message, now)).await?;
             }
+            DriverEvent::History(piece) => {
+                let started = std::time::Instant::now();
+                let stored = self.sessions.record_history(key.session_id, key.tenant_id, piece).await?;
+                metrics::counter!("session_history_messages_total").increment(stored);
+                tracing::debug!(session_id = %key.session_id, messages = piece.messages.len(), new = stored,
+                    chats = piece.chats.len(), ms = started.elapsed().as_millis() as u64, "history piece stored");
+            }
             DriverEvent::Changed(change) => {
                 self.record(reference(key).message_changed(change, None)).await?;
             }

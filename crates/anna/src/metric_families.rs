@@ -75,6 +75,7 @@ const FAMILIES: &[(&str, Kind, Reporter, Option<FixedLabel>)] = &[
     ("session_reconnects_exhausted_total", Counter, Sessions, None),
     ("session_messages_total", Counter, Sessions, Some(("outcome", &["sent", "failed"]))),
     ("session_message_changes_total", Counter, Sessions, Some(("outcome", &["done", "failed"]))),
+    ("session_history_messages_total", Counter, Sessions, None),
     ("session_event_batch_size", Histogram, Sessions, None),
     ("sessions_resumed_total", Counter, Sessions, None),
     ("sessions_partition_takeovers_total", Counter, Sessions, None),

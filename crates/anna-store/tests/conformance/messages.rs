@@ -2,13 +2,19 @@
 //! paging by cursor.
 
 use anna_domain::Session;
-use anna_domain::session::{ChangeKind, MessageChange};
+use anna_domain::session::{
+    ChangeKind, HistoryChat, HistoryContact, HistoryMessage, HistoryPiece, MessageChange, ReceivedMessage,
+};
 use anna_store::{HistoryCursor, ReactionSummary, StoredMessage};
 
 use super::*;
 use crate::sessions::insert_user;
 
-conformance!(history_is_recorded_paged_and_deleted, edits_deletions_reactions_and_reads_change_the_history);
+conformance!(
+    history_is_recorded_paged_and_deleted,
+    edits_deletions_reactions_and_reads_change_the_history,
+    a_history_sync_is_stored_a_piece_at_a_time
+);
 
 fn message(session: &Session, chat: &str, id: &str, at: OffsetDateTime, from_me: bool) -> StoredMessage {
     StoredMessage {
@@ -121,9 +127,8 @@ async fn edits_deletions_reactions_and_reads_change_the_history(store: Arc<dyn S
     assert!(
         uow.record_message_change(tenant, session.id, &edit("m2", "second, edited", t + Duration::seconds(5))).await?
     );
-    // An older edit arriving late, and an edit of a message never stored, change nothing.
+    // An older edit arriving late changes nothing.
     assert!(!uow.record_message_change(tenant, session.id, &edit("m2", "stale", t + Duration::seconds(4))).await?);
-    assert!(!uow.record_message_change(tenant, session.id, &edit("nope", "x", t)).await?);
     assert!(
         uow.record_message_change(
             tenant,
@@ -133,7 +138,7 @@ async fn edits_deletions_reactions_and_reads_change_the_history(store: Arc<dyn S
         .await?
     );
     assert!(
-        !uow.record_message_change(tenant, session.id, &edit("m1", "after deletion", t + Duration::seconds(7))).await?
+        uow.record_message_change(tenant, session.id, &edit("m1", "after deletion", t + Duration::seconds(7))).await?
     );
     assert!(
         uow.record_message_change(tenant, session.id, &react("m2", ann, Some("👍"), t + Duration::seconds(2))).await?
@@ -159,13 +164,37 @@ async fn edits_deletions_reactions_and_reads_change_the_history(store: Arc<dyn S
         (m2.text.as_deref(), m2.edited_at, m2.is_deleted()),
         (Some("second, edited"), Some(t + Duration::seconds(5)), false)
     );
+    // Edited after its deletion (changes arrive out of order): both are kept.
     assert_eq!(
         (m1.text.as_deref(), m1.is_edited(), m1.deleted_at),
-        (Some("text of m1"), false, Some(t + Duration::seconds(6)))
+        (Some("after deletion"), true, Some(t + Duration::seconds(6)))
     );
     let chats = store.list_chats(session.id).await?;
     assert_eq!(chats[0].last_message_text.as_deref(), Some("second, edited"), "the last message's new text");
     assert_eq!(chats[0].unread_count, 2);
+
+    // Changes that overtake their message wait for it: the furthest status, the latest edit,
+    // the deletion.
+    let mut uow = store.begin().await?;
+    assert!(!uow.record_message_change(tenant, session.id, &edit("m5", "early edit", t + Duration::seconds(9))).await?);
+    assert!(
+        !uow.record_message_change(tenant, session.id, &edit("m5", "earlier edit", t + Duration::seconds(8))).await?
+    );
+    assert!(!uow.record_message_status(session.id, "m6", "read", t + Duration::seconds(9)).await?);
+    assert!(!uow.record_message_status(session.id, "m6", "delivered", t + Duration::seconds(10)).await?);
+    assert!(!uow.record_message_change(tenant, session.id, &change(chat, "m7", ann, t, ChangeKind::Revoked)).await?);
+    uow.commit().await?;
+    assert!(store.list_messages(session.id, chat, None, 10).await?.iter().all(|m| m.message_id.as_str() < "m5"));
+    let mut uow = store.begin().await?;
+    for id in ["m5", "m6", "m7"] {
+        uow.record_message(&message(&session, chat, id, t + Duration::seconds(2), true), false, None).await?;
+    }
+    uow.commit().await?;
+    let late = store.find_messages(session.id, chat, &["m5".into(), "m6".into(), "m7".into()]).await?;
+    let of = |id: &str| late.iter().find(|m| m.message_id == id).cloned().unwrap_or_else(|| panic!("{id} missing"));
+    assert_eq!((of("m5").text, of("m5").edited_at), (Some("early edit".into()), Some(t + Duration::seconds(9))));
+    assert_eq!((of("m6").status, of("m6").status_at), (Some("read".into()), Some(t + Duration::seconds(9))));
+    assert_eq!(of("m7").deleted_at, Some(t));
 
     let ids: Vec<String> = ["m1", "m2", "m3"].map(str::to_owned).to_vec();
     let reactions = store.list_reactions(session.id, &ids).await?;
@@ -193,5 +222,98 @@ async fn edits_deletions_reactions_and_reads_change_the_history(store: Arc<dyn S
     uow.delete_message_history(session.id).await?;
     uow.commit().await?;
     assert!(store.list_reactions(session.id, &ids).await?.is_empty());
+    Ok(())
+}
+
+async fn a_history_sync_is_stored_a_piece_at_a_time(store: Arc<dyn Store>) -> TestResult {
+    let tenant = insert_user(&store, "m3@example.com").await?;
+    let t = now();
+    let (session, _) = Session::create(Uuid::new_v4(), tenant, t);
+    let (ann, bob) = ("491111@s.whatsapp.net", "492222@s.whatsapp.net");
+    let mut uow = store.begin().await?;
+    uow.insert_session(&session).await?;
+    // A live message of Ann's, newer than the history, already counted unread.
+    uow.record_message(&message(&session, ann, "live", t + Duration::seconds(60), false), true, None).await?;
+    uow.commit().await?;
+    let history = |id: &str, chat: &str, at: OffsetDateTime, from_me: bool| HistoryMessage {
+        message: ReceivedMessage {
+            message_id: id.into(),
+            chat: chat.into(),
+            sender: chat.into(),
+            push_name: None,
+            text: Some(format!("old {id}")),
+            from_me,
+            timestamp: at,
+        },
+        status: from_me.then(|| "read".to_owned()),
+    };
+    let piece = HistoryPiece {
+        sync_type: "initial_bootstrap".into(),
+        progress: Some(50),
+        chats: vec![
+            HistoryChat { jid: ann.into(), name: Some("Ann".into()), unread_count: Some(3) },
+            HistoryChat { jid: "120363000000000001@g.us".into(), name: Some("Quiet group".into()), unread_count: None },
+        ],
+        messages: vec![
+            history("h1", ann, t, false),
+            history("h2", ann, t + Duration::seconds(1), true),
+            history("h3", bob, t + Duration::seconds(2), false),
+            history("h3", bob, t + Duration::seconds(2), false),
+        ],
+        contacts: vec![
+            HistoryContact { jid: bob.into(), push_name: Some("Bob".into()), name: None },
+            HistoryContact { jid: ann.into(), push_name: Some("Annie".into()), name: Some("Ann Smith".into()) },
+        ],
+    };
+    let mut uow = store.begin().await?;
+    assert_eq!(uow.record_history(tenant, session.id, &piece).await?, 3, "a message given twice is stored once");
+    uow.commit().await?;
+    // Sent again (a resent chunk): nothing new, nothing doubled.
+    let mut uow = store.begin().await?;
+    assert_eq!(uow.record_history(tenant, session.id, &piece).await?, 0);
+    // A session that no longer exists gets nothing.
+    let (gone, _) = Session::create(Uuid::new_v4(), tenant, t);
+    assert_eq!(uow.record_history(tenant, gone.id, &piece).await?, 0);
+    uow.commit().await?;
+
+    let chats = store.list_chats(session.id).await?;
+    let summary: Vec<(&str, Option<&str>, Option<&str>, u64)> = chats
+        .iter()
+        .map(|c| (c.chat_jid.as_str(), c.chat_name.as_deref(), c.last_message_id.as_deref(), c.unread_count))
+        .collect();
+    assert_eq!(
+        summary,
+        vec![
+            (ann, Some("Ann"), Some("live"), 3),
+            (bob, None, Some("h3"), 0),
+            ("120363000000000001@g.us", Some("Quiet group"), None, 0),
+        ],
+        "the phone's unread counts; the last message only moves forward"
+    );
+    let page = store.list_messages(session.id, ann, None, 10).await?;
+    assert_eq!(page.iter().map(|m| m.message_id.as_str()).collect::<Vec<_>>(), vec!["live", "h2", "h1"]);
+    assert_eq!(
+        (page[1].from_me, page[1].status.as_deref(), page[1].status_at),
+        (true, Some("read"), Some(t + Duration::seconds(1)))
+    );
+    assert_eq!((page[2].sender_jid.as_deref(), page[2].text.as_deref()), (Some(ann), Some("old h1")));
+    assert_eq!(page[2].timestamp, t);
+
+    let contacts = store.list_contacts(session.id).await?;
+    let names: Vec<[Option<&str>; 4]> = contacts
+        .iter()
+        .map(|c| [Some(c.contact_jid.as_str()), c.name.as_deref(), c.notify.as_deref(), c.phone_number.as_deref()])
+        .collect();
+    assert_eq!(
+        names,
+        vec![
+            [Some(ann), Some("Ann Smith"), Some("Annie"), Some("+491111")],
+            [Some(bob), None, Some("Bob"), Some("+492222")]
+        ]
+    );
+    let mut uow = store.begin().await?;
+    uow.delete_message_history(session.id).await?;
+    uow.commit().await?;
+    assert!(store.list_contacts(session.id).await?.is_empty());
     Ok(())
 }

@@ -12,6 +12,7 @@
 
 mod convert;
 mod events;
+mod history;
 mod session;
 mod store;
 

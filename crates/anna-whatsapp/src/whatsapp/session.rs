@@ -96,6 +96,14 @@ impl Shared {
                 }
             });
         }
+        if let Event::HistorySync(chunk) = &*event {
+            // Piece by piece: the next is read while the worker stores this one.
+            let mut pieces = super::history::pieces(chunk);
+            while let Some(piece) = pieces.recv().await {
+                self.emit(DriverEvent::History(piece)).await;
+            }
+            return;
+        }
         // Only `Connected` carries the account's JID, read from the client.
         let own_phone =
             if matches!(*event, Event::Connected(_)) { client.pn().map(|jid| jid.to_string()) } else { None };

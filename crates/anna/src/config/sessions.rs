@@ -108,6 +108,8 @@ pub(super) fn read<F: Fn(&str) -> Option<String>>(vars: &Vars<F>) -> Result<Sess
         next_qr_ttl: vars.millis("SESSIONS_SIMULATOR_NEXT_QR_MS", 20_000)?,
         qr_codes: vars.positive("SESSIONS_SIMULATOR_QR_CODES", 6, "a positive number of codes")?,
         reply_delay: (!reply.is_zero()).then_some(reply),
+        history_messages: vars.parse("SESSIONS_SIMULATOR_HISTORY_MESSAGES", 60u64, "a number of messages (0: none)")?,
+        history_chats: vars.positive("SESSIONS_SIMULATOR_HISTORY_CHATS", 4, "a positive number of chats")?,
         ..SimulatorConfig::default()
     };
     Ok(SessionsSettings { provider, sessions, worker, consumer, whatsapp, simulator, fleet })

@@ -286,4 +286,77 @@ async fn edits_deletions_reactions_and_reads(backend: Backend) {
     app.stop().await;
 }
 
-crate::on_both_backends!(history_of_sent_and_received_messages, edits_deletions_reactions_and_reads);
+/// After pairing, the phone's history arrives: chats with the phone's unread counts, their
+/// messages, the contacts; events tell its progress, not its messages.
+async fn the_phone_history_arrives_after_pairing(backend: Backend) {
+    let app = spawn_app_with(
+        backend,
+        &[("SESSIONS_SIMULATOR_HISTORY_MESSAGES", "1200"), ("SESSIONS_SIMULATOR_HISTORY_CHATS", "3")],
+    )
+    .await;
+    let token = tenant(&app).await;
+    let other = tenant(&app).await;
+    let id = connected_session(&app, &token).await;
+    let chats =
+        until(&app, &token, "/chats", |body| body["items"].as_array().is_some_and(|items| items.len() == 3)).await;
+    let first = "15550200000@s.whatsapp.net";
+    assert!(chats["items"].as_array().into_iter().flatten().any(|chat| chat["chatJid"] == first), "{chats}");
+    let contacts =
+        until(&app, &token, "/contacts", |body| body["items"].as_array().is_some_and(|items| items.len() == 3)).await;
+    assert_eq!(contacts["sessionId"], id.as_str());
+    assert_eq!(
+        contacts["items"][0],
+        json!({"contactJid": first, "contactLid": null, "phoneNumber": "+15550200000", "name": null,
+            "notify": "History contact 0", "verifiedName": null, "imgUrl": null, "status": null})
+    );
+
+    // Every message of the history, a page at a time: 400 in the first chat.
+    let session = uuid::Uuid::parse_str(&id).unwrap_or_default();
+    let mut seen = 0;
+    let mut cursor = String::new();
+    for _ in 0..100 {
+        let page = app.get(&format!("/chats/{first}/messages?limit=200&cursor={cursor}")).bearer(&token).send().await;
+        seen += page.body["items"].as_array().map_or(0, Vec::len);
+        match page.body["nextCursor"].as_str() {
+            Some(next) => cursor = next.to_owned(),
+            None if seen == 400 => break,
+            // Still arriving: start over.
+            None => {
+                (seen, cursor) = (0, String::new());
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    assert_eq!(seen, 400);
+
+    // Progress summaries, never the messages themselves.
+    let mut synced = 0;
+    for _ in 0..100 {
+        let events = app.store.outbox_events_for_aggregate(&session.to_string()).await.unwrap_or_default();
+        let summaries: Vec<_> = events
+            .iter()
+            .filter(|row| row.event.event_name == "session.history.sync")
+            .map(|row| &row.event.payload)
+            .collect();
+        synced = summaries.iter().map(|p| p["messagesCount"].as_u64().unwrap_or(0)).sum::<u64>();
+        if synced == 1200 {
+            assert!(summaries.iter().all(|p| p.get("messages").is_none() && p["syncType"] == "initial_bootstrap"));
+            assert_eq!(summaries.last().map(|p| p["progress"].clone()), Some(json!(100)));
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(synced, 1200);
+
+    // Another tenant's contacts are not to be seen.
+    let foreign = app.get(&format!("/contacts?sessionId={id}")).bearer(&other).send().await;
+    assert_eq!((foreign.status, &foreign.body), (200, &json!({"sessionId": null, "items": []})));
+    assert_eq!(app.get("/contacts?sessionId=nope").bearer(&token).send().await.status, 400);
+    app.stop().await;
+}
+
+crate::on_both_backends!(
+    history_of_sent_and_received_messages,
+    edits_deletions_reactions_and_reads,
+    the_phone_history_arrives_after_pairing
+);

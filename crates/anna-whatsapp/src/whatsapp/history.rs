@@ -1,0 +1,211 @@
+//! A history sync as anna's [`HistoryPiece`]s. The library hands over each chunk of the
+//! phone's history compressed; it is read one conversation at a time on a blocking thread and
+//! handed on in pieces of at most [`HISTORY_PIECE_MESSAGES`] messages through a bounded
+//! channel, so a phone with a large history never sits in memory whole.
+
+use tokio::sync::mpsc;
+use whatsapp_rust::types::events::LazyHistorySync;
+use whatsapp_rust::wacore::proto_helpers::MessageExt;
+use whatsapp_rust::waproto::whatsapp as wa;
+use whatsapp_rust::waproto::whatsapp::web_message_info::Status;
+
+use crate::{HISTORY_PIECE_MESSAGES, HistoryChat, HistoryContact, HistoryMessage, HistoryPiece, IncomingMessage, Jid};
+
+/// Pieces waiting for the worker, per history chunk.
+const PIECES_IN_FLIGHT: usize = 2;
+
+/// Reads `chunk` on a blocking thread; its pieces arrive on the returned channel, in order.
+pub(crate) fn pieces(chunk: &LazyHistorySync) -> mpsc::Receiver<HistoryPiece> {
+    let (tx, rx) = mpsc::channel(PIECES_IN_FLIGHT);
+    let chunk = chunk.clone();
+    tokio::task::spawn_blocking(move || read(&chunk, &tx));
+    rx
+}
+
+fn read(chunk: &LazyHistorySync, tx: &mpsc::Sender<HistoryPiece>) {
+    let fresh = || HistoryPiece {
+        sync_type: sync_type_name(chunk.sync_type()),
+        progress: chunk.progress(),
+        ..HistoryPiece::default()
+    };
+    let mut piece = fresh();
+    let mut stream = chunk.stream();
+    loop {
+        match stream.next_conversation() {
+            Ok(Some(conversation)) => {
+                add_conversation(&mut piece, &conversation);
+                if piece.messages.len() >= HISTORY_PIECE_MESSAGES
+                    && tx.blocking_send(std::mem::replace(&mut piece, fresh())).is_err()
+                {
+                    return;
+                }
+            }
+            Ok(None) => break,
+            Err(error) => {
+                tracing::warn!(%error, "a history sync chunk could not be read to its end");
+                break;
+            }
+        }
+    }
+    match stream.remainder() {
+        Ok(rest) => add_push_names(&mut piece, &rest.pushnames),
+        Err(error) => tracing::warn!(%error, "the push names of a history sync chunk could not be read"),
+    }
+    if !piece.is_empty() {
+        let _ = tx.blocking_send(piece);
+    }
+}
+
+/// WhatsApp's kinds of history sync, as the predecessor named them in its events.
+fn sync_type_name(kind: i32) -> String {
+    match kind {
+        0 => "initial_bootstrap",
+        1 => "initial_status_v3",
+        2 => "full",
+        3 => "recent",
+        4 => "push_name",
+        5 => "non_blocking_data",
+        6 => "on_demand",
+        _ => "unknown",
+    }
+    .into()
+}
+
+/// A JID as anna writes it (no device part), or as given when anna has no form for it.
+fn normalized(raw: &str) -> String {
+    Jid::parse(raw).map_or_else(|_| raw.to_owned(), |jid| jid.to_string())
+}
+
+/// Adds a conversation: the chat, and its messages that have content anna keeps (text or a
+/// caption, or media without one). Reactions, edits and protocol messages of the history are
+/// left out: the phone's history already shows their effect.
+fn add_conversation(piece: &mut HistoryPiece, conversation: &wa::Conversation) {
+    let chat = normalized(&conversation.id);
+    let name = conversation.name.clone().or_else(|| conversation.display_name.clone()).filter(|n| !n.is_empty());
+    piece.chats.push(HistoryChat { jid: chat.clone(), name, unread_count: conversation.unread_count });
+    for history in &conversation.messages {
+        if let Some(message) = history.message.as_option().and_then(|info| history_message(&chat, info)) {
+            piece.messages.push(message);
+        }
+    }
+}
+
+fn history_message(chat: &str, info: &wa::WebMessageInfo) -> Option<HistoryMessage> {
+    let key = info.key.as_option()?;
+    let message_id = key.id.clone().filter(|id| !id.is_empty())?;
+    let content = info.message.as_option()?;
+    let base = content.get_base_message();
+    if base.reaction_message.is_set() || base.protocol_message.is_set() {
+        return None;
+    }
+    let from_me = key.from_me.unwrap_or(false);
+    let sender = key
+        .participant
+        .as_deref()
+        .or(info.participant.as_deref())
+        .filter(|participant| !participant.is_empty())
+        .map_or_else(|| chat.to_owned(), normalized);
+    let seconds = i64::try_from(info.message_timestamp.unwrap_or(0)).unwrap_or(0);
+    let status = match info.status {
+        _ if !from_me => None,
+        Some(Status::PLAYED) => Some("played"),
+        Some(Status::READ) => Some("read"),
+        Some(Status::DELIVERY_ACK) => Some("delivered"),
+        Some(Status::SERVER_ACK) => Some("server_ack"),
+        _ => Some("sent"),
+    };
+    Some(HistoryMessage {
+        message: IncomingMessage {
+            message_id,
+            chat: chat.to_owned(),
+            sender,
+            push_name: info.push_name.clone().filter(|name| !name.is_empty()),
+            text: content.text_content().or_else(|| content.get_caption()).map(str::to_owned),
+            from_me,
+            timestamp: time::OffsetDateTime::from_unix_timestamp(seconds).unwrap_or(time::OffsetDateTime::UNIX_EPOCH),
+        },
+        status: status.map(str::to_owned),
+    })
+}
+
+fn add_push_names(piece: &mut HistoryPiece, names: &[wa::Pushname]) {
+    for entry in names {
+        let (Some(id), Some(name)) = (entry.id.as_deref(), entry.pushname.as_deref()) else { continue };
+        if !id.is_empty() && !name.is_empty() {
+            piece.contacts.push(HistoryContact { jid: normalized(id), push_name: Some(name.to_owned()), name: None });
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use whatsapp_rust::buffa;
+    use whatsapp_rust::wacore::proto_helpers::MessageBuilderExt;
+
+    use super::*;
+
+    fn info(id: &str, from_me: bool, message: wa::Message, status: Option<Status>) -> wa::HistorySyncMsg {
+        wa::HistorySyncMsg {
+            message: buffa::MessageField::some(wa::WebMessageInfo {
+                key: buffa::MessageField::some(wa::MessageKey {
+                    id: Some(id.into()),
+                    from_me: Some(from_me),
+                    remote_jid: Some("15551234567@s.whatsapp.net".into()),
+                    ..Default::default()
+                }),
+                message: buffa::MessageField::some(message),
+                message_timestamp: Some(1_790_000_000),
+                status,
+                push_name: (!from_me).then(|| "Ada".into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn conversations_become_chats_and_messages() {
+        let reaction = wa::Message {
+            reaction_message: buffa::MessageField::some(wa::message::ReactionMessage {
+                text: Some("👍".into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let conversation = wa::Conversation {
+            id: "15551234567@s.whatsapp.net".into(),
+            name: Some("Ada Lovelace".into()),
+            unread_count: Some(2),
+            messages: vec![
+                info("A1", false, wa::Message::text("hello"), None),
+                info("A2", true, wa::Message::text("hi"), Some(Status::READ)),
+                info("A3", false, reaction, None),
+            ],
+            ..Default::default()
+        };
+        let mut piece = HistoryPiece::default();
+        add_conversation(&mut piece, &conversation);
+        add_push_names(
+            &mut piece,
+            &[wa::Pushname { id: Some("15551234567@s.whatsapp.net".into()), pushname: Some("Ada".into()) }],
+        );
+        assert_eq!(
+            piece.chats,
+            vec![HistoryChat {
+                jid: "15551234567@s.whatsapp.net".into(),
+                name: Some("Ada Lovelace".into()),
+                unread_count: Some(2)
+            }]
+        );
+        assert_eq!(piece.messages.len(), 2, "the reaction is not a message");
+        let (theirs, mine) = (&piece.messages[0], &piece.messages[1]);
+        assert_eq!((theirs.message.text.as_deref(), theirs.status.as_deref()), (Some("hello"), None));
+        assert_eq!(theirs.message.sender, "15551234567@s.whatsapp.net");
+        assert_eq!(theirs.message.push_name.as_deref(), Some("Ada"));
+        assert_eq!((mine.message.from_me, mine.status.as_deref()), (true, Some("read")));
+        assert_eq!(mine.message.timestamp.unix_timestamp(), 1_790_000_000);
+        assert_eq!(piece.contacts[0].push_name.as_deref(), Some("Ada"));
+        assert_eq!(sync_type_name(0), "initial_bootstrap");
+    }
+}

@@ -12,6 +12,7 @@ pub mod idempotency;
 pub mod rate_limit;
 pub mod realtime;
 pub mod sessions;
+pub mod settings;
 pub mod state;
 pub mod telemetry;
 pub mod users;
@@ -79,6 +80,7 @@ fn api_routes() -> OpenApiRouter<AppState> {
         .merge(auth::router())
         .merge(sessions::router())
         .merge(chats::router())
+        .merge(settings::router())
         .merge(webhooks::router())
         .merge(realtime::router())
         .merge(health::router())

@@ -112,6 +112,17 @@ pub trait MessageStore: Send + Sync {
     /// The session's contacts, by name (address book, then push name), then JID.
     async fn list_contacts(&self, session_id: Uuid) -> Result<Vec<ContactSummary>, StoreError>;
 
+    /// The tenant's own message retention in days, if it set one.
+    async fn message_retention(&self, tenant_id: Uuid) -> Result<Option<u32>, StoreError>;
+
+    /// Sessions whose messages expire: each with its retention in days (its tenant's, else
+    /// `default_days`; 0 = kept forever, left out).
+    async fn sessions_with_retention(&self, default_days: u32) -> Result<Vec<(Uuid, u32)>, StoreError>;
+
+    /// Deletes up to `limit` of the session's messages older than `before` (their reactions
+    /// and chats too once nothing newer is left in them). Returns how many messages went.
+    async fn purge_messages(&self, session_id: Uuid, before: OffsetDateTime, limit: u32) -> Result<u64, StoreError>;
+
     /// The current reactions to the given messages, grouped by message and emoji (removed
     /// reactions left out), in the order of their first reaction.
     async fn list_reactions(
@@ -164,14 +175,26 @@ pub trait MessageWrites: Send {
     /// Stores a piece of a history sync: its messages (those already stored are kept), its
     /// chats (names, the phone's unread counts, the last message moving forward only) and its
     /// contacts. Messages of the history are not unread by themselves: the phone's counts are
-    /// taken. Nothing is written for a session that no longer exists. Returns how many
-    /// messages were new.
+    /// taken. Changes kept for its messages are applied. Returns how many messages were new;
+    /// `None` for a session that no longer exists (nothing is written).
     async fn record_history(
         &mut self,
         tenant_id: Uuid,
         session_id: Uuid,
         piece: &HistoryPiece,
-    ) -> Result<u64, StoreError>;
+    ) -> Result<Option<u64>, StoreError>;
+
+    /// Applies kept changes whose message has been stored since (up to `limit` messages), and
+    /// forgets those kept since before `expired_before` (their message never came). Returns
+    /// (messages changed, changes forgotten).
+    async fn settle_pending_changes(
+        &mut self,
+        limit: u32,
+        expired_before: OffsetDateTime,
+    ) -> Result<(u64, u64), StoreError>;
+
+    /// Sets (or, with `None`, clears) the tenant's message retention in days.
+    async fn set_message_retention(&mut self, tenant_id: Uuid, days: Option<u32>) -> Result<(), StoreError>;
 
     /// The chat has been read: its unread count is 0. `false` when there is no such chat.
     async fn mark_chat_read(&mut self, session_id: Uuid, chat_jid: &str) -> Result<bool, StoreError>;
@@ -309,6 +332,69 @@ impl MessageStore for SqlStore {
             }
         };
         rows.iter().map(message_from_row).collect()
+    }
+
+    async fn message_retention(&self, tenant_id: Uuid) -> Result<Option<u32>, StoreError> {
+        let row = self
+            .pool
+            .query("SELECT message_retention_days FROM tenant_settings WHERE tenant_id = $1")
+            .bind_uuid(tenant_id)
+            .fetch_optional()
+            .await?;
+        let days: Option<i32> = match row {
+            Some(row) => row.get("message_retention_days")?,
+            None => None,
+        };
+        Ok(days.and_then(|days| u32::try_from(days).ok()))
+    }
+
+    async fn sessions_with_retention(&self, default_days: u32) -> Result<Vec<(Uuid, u32)>, StoreError> {
+        let rows = self
+            .pool
+            .query(
+                "SELECT s.id AS session_id, COALESCE(t.message_retention_days, $1) AS days FROM sessions s \
+                 LEFT JOIN tenant_settings t ON t.tenant_id = s.tenant_id \
+                 WHERE COALESCE(t.message_retention_days, $1) > 0",
+            )
+            .bind(i32::try_from(default_days).unwrap_or(i32::MAX))
+            .fetch_all()
+            .await?;
+        rows.iter()
+            .map(|row| {
+                let days: i32 = row.get("days")?;
+                Ok((row.uuid("session_id")?, u32::try_from(days).unwrap_or(0)))
+            })
+            .collect()
+    }
+
+    async fn purge_messages(&self, session_id: Uuid, before: OffsetDateTime, limit: u32) -> Result<u64, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        // Oldest first through (session_id, timestamp): a batch costs its own size.
+        let purged = tx
+            .query(
+                "DELETE FROM session_messages WHERE id IN (SELECT id FROM session_messages \
+                 WHERE session_id = $1 AND timestamp < $2 ORDER BY timestamp LIMIT $3)",
+            )
+            .bind_uuid(session_id)
+            .bind_time(before)
+            .bind(i64::from(limit.max(1)))
+            .execute()
+            .await?;
+        if purged < u64::from(limit.max(1)) {
+            // The last batch: what belonged to the messages gone goes too.
+            tx.query("DELETE FROM session_message_reactions WHERE session_id = $1 AND reacted_at < $2")
+                .bind_uuid(session_id)
+                .bind_time(before)
+                .execute()
+                .await?;
+            tx.query("DELETE FROM session_chats WHERE session_id = $1 AND last_message_ts < $2")
+                .bind_uuid(session_id)
+                .bind_time(before)
+                .execute()
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(purged)
     }
 
     async fn list_contacts(&self, session_id: Uuid) -> Result<Vec<ContactSummary>, StoreError> {
@@ -511,7 +597,7 @@ impl MessageWrites for SqlUnitOfWork {
             .execute()
             .await?;
         if updated == 0 && !self.message_stored(session_id, message_id).await? {
-            self.defer(session_id, message_id, Deferred::Status, Some(status), at).await?;
+            self.defer(session_id, message_id, Deferred::Status, None, Some(status), at).await?;
         }
         Ok(updated > 0)
     }
@@ -525,16 +611,19 @@ impl MessageWrites for SqlUnitOfWork {
         let now = OffsetDateTime::now_utc();
         match &change.kind {
             ChangeKind::Edited { text } => {
-                let edited = self.apply_edit(session_id, &change.message_id, text.as_deref(), change.at).await?;
+                let who = Author::of(change);
+                let edited = self.apply_edit(session_id, &change.message_id, &who, text.as_deref(), change.at).await?;
                 if !edited && !self.message_stored(session_id, &change.message_id).await? {
-                    self.defer(session_id, &change.message_id, Deferred::Edit, text.as_deref(), change.at).await?;
+                    self.defer(session_id, &change.message_id, Deferred::Edit, Some(&who), text.as_deref(), change.at)
+                        .await?;
                 }
                 Ok(edited)
             }
             ChangeKind::Revoked => {
-                let deleted = self.apply_revoke(session_id, &change.message_id, change.at).await?;
+                let who = Author::of(change);
+                let deleted = self.apply_revoke(session_id, &change.message_id, &who, change.at).await?;
                 if !deleted && !self.message_stored(session_id, &change.message_id).await? {
-                    self.defer(session_id, &change.message_id, Deferred::Delete, None, change.at).await?;
+                    self.defer(session_id, &change.message_id, Deferred::Delete, Some(&who), None, change.at).await?;
                 }
                 Ok(deleted)
             }
@@ -579,7 +668,7 @@ impl MessageWrites for SqlUnitOfWork {
         tenant_id: Uuid,
         session_id: Uuid,
         piece: &HistoryPiece,
-    ) -> Result<u64, StoreError> {
+    ) -> Result<Option<u64>, StoreError> {
         let now = OffsetDateTime::now_utc();
         let exists = self
             .tx
@@ -590,7 +679,7 @@ impl MessageWrites for SqlUnitOfWork {
             .await?
             .is_some();
         if !exists {
-            return Ok(0);
+            return Ok(None);
         }
         // One statement for the piece's messages: a phone's history is large.
         let rows: Vec<serde_json::Value> = piece
@@ -719,7 +808,70 @@ impl MessageWrites for SqlUnitOfWork {
                 .execute()
                 .await?;
         }
-        Ok(inserted)
+        if inserted > 0 {
+            let ids: Vec<String> = piece.messages.iter().map(|m| m.message.message_id.clone()).collect();
+            let waiting = self
+                .tx
+                .query(Sql::PerBackend {
+                    sqlite: "SELECT DISTINCT message_id FROM session_message_pending \
+                             WHERE session_id = $1 AND message_id IN (SELECT value FROM json_each($2))",
+                    postgres: "SELECT DISTINCT message_id FROM session_message_pending \
+                               WHERE session_id = $1 AND message_id = ANY($2)",
+                })
+                .bind_uuid(session_id)
+                .bind_text_set(&ids)
+                .fetch_all()
+                .await?;
+            for row in &waiting {
+                let message_id: String = row.get("message_id")?;
+                self.apply_deferred(session_id, &message_id).await?;
+            }
+        }
+        Ok(Some(inserted))
+    }
+
+    async fn settle_pending_changes(
+        &mut self,
+        limit: u32,
+        expired_before: OffsetDateTime,
+    ) -> Result<(u64, u64), StoreError> {
+        let rows = self
+            .tx
+            .query(
+                "SELECT DISTINCT p.session_id, p.message_id FROM session_message_pending p \
+                 WHERE EXISTS (SELECT 1 FROM session_messages m \
+                 WHERE m.session_id = p.session_id AND m.message_id = p.message_id) LIMIT $1",
+            )
+            .bind(i64::from(limit))
+            .fetch_all()
+            .await?;
+        for row in &rows {
+            let message_id: String = row.get("message_id")?;
+            self.apply_deferred(row.uuid("session_id")?, &message_id).await?;
+        }
+        let forgotten = self
+            .tx
+            .query("DELETE FROM session_message_pending WHERE created_at < $1")
+            .bind_time(expired_before)
+            .execute()
+            .await?;
+        Ok((rows.len() as u64, forgotten))
+    }
+
+    async fn set_message_retention(&mut self, tenant_id: Uuid, days: Option<u32>) -> Result<(), StoreError> {
+        let now = OffsetDateTime::now_utc();
+        self.tx
+            .query(
+                "INSERT INTO tenant_settings (tenant_id, message_retention_days, created_at, updated_at) \
+                 VALUES ($1, $2, $3, $3) ON CONFLICT (tenant_id) DO UPDATE SET \
+                 message_retention_days = excluded.message_retention_days, updated_at = excluded.updated_at",
+            )
+            .bind_uuid(tenant_id)
+            .bind(days.map(|days| i32::try_from(days).unwrap_or(i32::MAX)))
+            .bind_time(now)
+            .execute()
+            .await?;
+        Ok(())
     }
 
     async fn mark_chat_read(&mut self, session_id: Uuid, chat_jid: &str) -> Result<bool, StoreError> {
@@ -750,6 +902,20 @@ impl MessageWrites for SqlUnitOfWork {
             self.tx.query("DELETE FROM session_messages WHERE session_id = $1").bind_uuid(session_id).execute().await?;
         self.tx.query("DELETE FROM session_chats WHERE session_id = $1").bind_uuid(session_id).execute().await?;
         Ok(messages)
+    }
+}
+
+/// Who changes a message, and in which chat: a message is changed only in its own chat, and
+/// only by whom may change it.
+struct Author<'a> {
+    chat: &'a str,
+    actor: &'a str,
+    from_me: bool,
+}
+
+impl<'a> Author<'a> {
+    fn of(change: &'a MessageChange) -> Self {
+        Self { chat: &change.chat, actor: &change.actor, from_me: change.from_me }
     }
 }
 
@@ -789,21 +955,27 @@ impl SqlUnitOfWork {
         &mut self,
         session_id: Uuid,
         message_id: &str,
+        who: &Author<'_>,
         text: Option<&str>,
         at: OffsetDateTime,
     ) -> Result<bool, StoreError> {
         let now = OffsetDateTime::now_utc();
+        // Only its sender edits a message: the account its own, a contact theirs.
         let edited = self
             .tx
             .query(
                 "UPDATE session_messages SET text = $3, is_edited = true, edited_at = $4, updated_at = $5 \
-                 WHERE session_id = $1 AND message_id = $2 AND (edited_at IS NULL OR edited_at <= $4)",
+                 WHERE session_id = $1 AND message_id = $2 AND (edited_at IS NULL OR edited_at <= $4) \
+                 AND chat_jid = $6 AND (($7 AND from_me) OR (NOT $7 AND NOT from_me AND sender_jid = $8))",
             )
             .bind_uuid(session_id)
             .bind(message_id)
             .bind(text)
             .bind_time(at)
             .bind_time(now)
+            .bind(who.chat)
+            .bind(who.from_me)
+            .bind(who.actor)
             .execute()
             .await?;
         if edited > 0 {
@@ -827,18 +999,25 @@ impl SqlUnitOfWork {
         &mut self,
         session_id: Uuid,
         message_id: &str,
+        who: &Author<'_>,
         at: OffsetDateTime,
     ) -> Result<bool, StoreError> {
+        // Its sender deletes a message for everyone; in a group an admin may delete anyone's
+        // (WhatsApp checks the admin).
         let deleted = self
             .tx
             .query(
                 "UPDATE session_messages SET is_deleted = true, deleted_at = $3, updated_at = $4 \
-                 WHERE session_id = $1 AND message_id = $2 AND NOT is_deleted",
+                 WHERE session_id = $1 AND message_id = $2 AND NOT is_deleted AND chat_jid = $5 \
+                 AND (($6 AND from_me) OR (NOT $6 AND NOT from_me AND sender_jid = $7) OR chat_jid LIKE '%@g.us')",
             )
             .bind_uuid(session_id)
             .bind(message_id)
             .bind_time(at)
             .bind_time(OffsetDateTime::now_utc())
+            .bind(who.chat)
+            .bind(who.from_me)
+            .bind(who.actor)
             .execute()
             .await?;
         Ok(deleted > 0)
@@ -851,14 +1030,17 @@ impl SqlUnitOfWork {
         session_id: Uuid,
         message_id: &str,
         kind: Deferred,
+        who: Option<&Author<'_>>,
         value: Option<&str>,
         at: OffsetDateTime,
     ) -> Result<(), StoreError> {
         self.tx
             .query(concat!(
-                "INSERT INTO session_message_pending (session_id, message_id, kind, value, at, created_at) \
-                 SELECT $1, $2, $3, $4, $5, $6 WHERE EXISTS (SELECT 1 FROM sessions WHERE id = $1) \
-                 ON CONFLICT (session_id, message_id, kind) DO UPDATE SET value = excluded.value, at = excluded.at \
+                "INSERT INTO session_message_pending (session_id, message_id, kind, value, at, created_at, \
+                 chat_jid, actor_jid, from_me) \
+                 SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9 WHERE EXISTS (SELECT 1 FROM sessions WHERE id = $1) \
+                 ON CONFLICT (session_id, message_id, kind) DO UPDATE SET value = excluded.value, at = excluded.at, \
+                 chat_jid = excluded.chat_jid, actor_jid = excluded.actor_jid, from_me = excluded.from_me \
                  WHERE (excluded.kind = 'edit' AND excluded.at >= session_message_pending.at) \
                  OR (excluded.kind = 'status' AND ",
                 status_rank!("excluded.value"),
@@ -872,6 +1054,9 @@ impl SqlUnitOfWork {
             .bind(value)
             .bind_time(at)
             .bind_time(OffsetDateTime::now_utc())
+            .bind(who.map(|who| who.chat))
+            .bind(who.map(|who| who.actor))
+            .bind(who.is_some_and(|who| who.from_me))
             .execute()
             .await?;
         Ok(())
@@ -881,7 +1066,10 @@ impl SqlUnitOfWork {
     async fn apply_deferred(&mut self, session_id: Uuid, message_id: &str) -> Result<(), StoreError> {
         let rows = self
             .tx
-            .query("SELECT kind, value, at FROM session_message_pending WHERE session_id = $1 AND message_id = $2")
+            .query(
+                "SELECT kind, value, at, chat_jid, actor_jid, from_me FROM session_message_pending \
+                 WHERE session_id = $1 AND message_id = $2",
+            )
             .bind_uuid(session_id)
             .bind(message_id)
             .fetch_all()
@@ -893,12 +1081,18 @@ impl SqlUnitOfWork {
             let kind: String = row.get("kind")?;
             let value: Option<String> = row.get("value")?;
             let at = row.time("at")?;
+            let (chat, actor): (Option<String>, Option<String>) = (row.get("chat_jid")?, row.get("actor_jid")?);
+            let who = Author {
+                chat: chat.as_deref().unwrap_or_default(),
+                actor: actor.as_deref().unwrap_or_default(),
+                from_me: row.get("from_me")?,
+            };
             match kind.as_str() {
                 "edit" => {
-                    self.apply_edit(session_id, message_id, value.as_deref(), at).await?;
+                    self.apply_edit(session_id, message_id, &who, value.as_deref(), at).await?;
                 }
                 "delete" => {
-                    self.apply_revoke(session_id, message_id, at).await?;
+                    self.apply_revoke(session_id, message_id, &who, at).await?;
                 }
                 _ => {
                     if let Some(status) = value.as_deref() {

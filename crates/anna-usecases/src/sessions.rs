@@ -47,6 +47,25 @@ pub const COMMANDS: [&str; 11] = [
     COMMAND_REACT,
 ];
 
+/// The longest message retention a tenant may choose, in days (about ten years).
+pub const MAX_RETENTION_DAYS: u32 = 3650;
+
+/// A tenant's message retention.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    /// The tenant's own choice.
+    pub days: Option<u32>,
+    /// The operator's default (0: forever).
+    pub default_days: u32,
+}
+
+impl Retention {
+    /// What applies: the tenant's choice, else the default; `None`: messages are kept forever.
+    pub fn effective_days(&self) -> Option<u32> {
+        self.days.or(Some(self.default_days)).filter(|days| *days > 0)
+    }
+}
+
 /// Most message ids one read command marks (WhatsApp takes up to 256 per receipt; anna sends
 /// as many receipts as needed).
 pub const MAX_READ_IDS: usize = 1000;
@@ -62,11 +81,19 @@ pub struct SessionsConfig {
     pub max_per_tenant: u32,
     /// `SESSIONS_MAX_TEXT_CHARS`: longest message text (WhatsApp's own limit is 65,536).
     pub max_text_chars: usize,
+    /// `MESSAGES_RETENTION_DAYS`: the message retention of tenants that chose none (0: forever).
+    pub default_retention_days: u32,
 }
 
 impl Default for SessionsConfig {
     fn default() -> Self {
-        Self { command_stream: "session-commands".into(), partitions: 64, max_per_tenant: 10, max_text_chars: 4096 }
+        Self {
+            command_stream: "session-commands".into(),
+            partitions: 64,
+            max_per_tenant: 10,
+            max_text_chars: 4096,
+            default_retention_days: 0,
+        }
     }
 }
 
@@ -379,14 +406,39 @@ impl Sessions {
     }
 
     /// Stores a piece of a history sync with its summary event (`session.history.sync`) in
-    /// one unit of work. Returns how many messages were new.
+    /// one unit of work. Returns how many messages were new (0 for a session deleted meanwhile).
     pub async fn record_history(&self, id: Uuid, tenant_id: Uuid, piece: &HistoryPiece) -> Result<u64, SessionError> {
         let session = SessionRef { id, tenant_id };
         let mut uow = self.store.begin().await?;
-        let inserted = uow.record_history(tenant_id, id, piece).await?;
+        // A session deleted meanwhile gets nothing, not even the event.
+        let Some(inserted) = uow.record_history(tenant_id, id, piece).await? else { return Ok(0) };
         uow.append_events(&traced([session.history_synced(piece, OffsetDateTime::now_utc())])).await?;
         uow.commit().await?;
         Ok(inserted)
+    }
+
+    /// The tenant's message retention: its own choice, if any, and the operator's default.
+    pub async fn retention(&self, tenant_id: Uuid) -> Result<Retention, SessionError> {
+        Ok(Retention {
+            days: self.store.message_retention(tenant_id).await?,
+            default_days: self.config.default_retention_days,
+        })
+    }
+
+    /// Sets the tenant's message retention (1 to [`MAX_RETENTION_DAYS`] days), or with `None`
+    /// goes back to the operator's default. Messages older are purged within the hour.
+    pub async fn set_retention(&self, tenant_id: Uuid, days: Option<u32>) -> Result<Retention, SessionError> {
+        if let Some(days) = days
+            && !(1..=MAX_RETENTION_DAYS).contains(&days)
+        {
+            return Err(SessionError::Invalid(format!(
+                "messageRetentionDays must be 1 to {MAX_RETENTION_DAYS}, or null for the default"
+            )));
+        }
+        let mut uow = self.store.begin().await?;
+        uow.set_message_retention(tenant_id, days).await?;
+        uow.commit().await?;
+        self.retention(tenant_id).await
     }
 
     /// The stored messages of a chat among `message_ids`, for the worker to address them.

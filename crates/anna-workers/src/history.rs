@@ -150,6 +150,99 @@ impl Subscriber for MessageHistory {
     }
 }
 
+/// Upkeep of the message history (`MESSAGES_*`): changes kept for messages that arrived late,
+/// and retention.
+#[derive(Debug, Clone)]
+pub struct HistoryUpkeepConfig {
+    /// `MESSAGES_UPKEEP_INTERVAL_MS`: how often kept changes are looked at.
+    pub interval: std::time::Duration,
+    /// `MESSAGES_PENDING_TTL_MS`: how long a change waits for a message that never comes.
+    pub pending_ttl: std::time::Duration,
+    /// `MESSAGES_RETENTION_DAYS`: the retention of tenants that set none (0: forever).
+    pub retention_days: u32,
+    /// `MESSAGES_RETENTION_INTERVAL_MS`: how often expired messages are purged.
+    pub retention_interval: std::time::Duration,
+    /// `MESSAGES_RETENTION_BATCH`: messages deleted per transaction.
+    pub retention_batch: u32,
+}
+
+impl Default for HistoryUpkeepConfig {
+    fn default() -> Self {
+        Self {
+            interval: std::time::Duration::from_secs(5),
+            pending_ttl: std::time::Duration::from_secs(7 * 24 * 3600),
+            retention_days: 0,
+            retention_interval: std::time::Duration::from_secs(3600),
+            retention_batch: 1000,
+        }
+    }
+}
+
+/// Runs the history upkeep until `shutdown`: applies changes whose message has come since
+/// (events are applied by several readers at once, and history syncs are stored apart),
+/// forgets those that waited too long, and purges messages past their tenant's retention, a
+/// batch per transaction. Several processes may run it: each step is idempotent.
+pub async fn run_upkeep(
+    store: std::sync::Arc<dyn anna_store::Store>,
+    config: HistoryUpkeepConfig,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let mut last_purge: Option<tokio::time::Instant> = None;
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(config.interval) => {}
+        }
+        if let Err(error) = settle_pending(&store, &config).await {
+            tracing::warn!(%error, "kept message changes could not be settled");
+        }
+        if last_purge.is_none_or(|at| at.elapsed() >= config.retention_interval) {
+            last_purge = Some(tokio::time::Instant::now());
+            if let Err(error) = purge_expired(&store, &config, &shutdown).await {
+                tracing::warn!(%error, "expired messages could not be purged");
+            }
+        }
+    }
+}
+
+async fn settle_pending(
+    store: &std::sync::Arc<dyn anna_store::Store>,
+    config: &HistoryUpkeepConfig,
+) -> Result<(), anna_store::StoreError> {
+    let expired_before =
+        OffsetDateTime::now_utc() - time::Duration::try_from(config.pending_ttl).unwrap_or(time::Duration::MAX);
+    let mut uow = store.begin().await?;
+    let (applied, forgotten) = uow.settle_pending_changes(500, expired_before).await?;
+    uow.commit().await?;
+    metrics::counter!("history_pending_changes_applied_total").increment(applied);
+    metrics::counter!("history_pending_changes_expired_total").increment(forgotten);
+    Ok(())
+}
+
+async fn purge_expired(
+    store: &std::sync::Arc<dyn anna_store::Store>,
+    config: &HistoryUpkeepConfig,
+    shutdown: &tokio_util::sync::CancellationToken,
+) -> Result<(), anna_store::StoreError> {
+    let now = OffsetDateTime::now_utc();
+    for (session_id, days) in store.sessions_with_retention(config.retention_days).await? {
+        let before = now - time::Duration::days(i64::from(days));
+        loop {
+            if shutdown.is_cancelled() {
+                return Ok(());
+            }
+            let purged = store.purge_messages(session_id, before, config.retention_batch).await?;
+            metrics::counter!("history_messages_purged_total").increment(purged);
+            if purged < u64::from(config.retention_batch.max(1)) {
+                break;
+            }
+            // Room for the writers between two batches.
+            tokio::task::yield_now().await;
+        }
+    }
+    Ok(())
+}
+
 /// The changes of a `session.messages.edit|delete|reaction` event (the predecessor's batch
 /// shape: `edits`, `deletes`, `reactions`).
 fn changes(name: &str, payload: &Value) -> Result<Vec<MessageChange>, HandlerError> {

@@ -695,15 +695,7 @@ impl SessionsWorker {
                 self.sessions.record_disconnected(id, reason).await.map_err(HandlerError::new)?;
             }
             COMMAND_SEND => {
-                let should_be_live = session.status == SessionStatus::Connected
-                    || (session.status == SessionStatus::Disconnected
-                        && session.disconnected_reason.as_deref().is_some_and(is_transient_reason));
-                if should_be_live && self.connection_of(id, key.tenant_id).await.is_none() {
-                    // Taken over a moment ago and still waiting for its turn to resume: a
-                    // message does not wait for the stagger.
-                    self.connect(key).await.map_err(HandlerError::new)?;
-                }
-                let connection = self.connection_of(id, key.tenant_id).await.ok_or(session.status);
+                let connection = self.connection_for_command(key, &session).await?;
                 self.send(key, event, connection).await?;
             }
             COMMAND_PAIR_CODE => {
@@ -805,6 +797,23 @@ impl SessionsWorker {
         self.settle(key, event, command.event_id).await
     }
 
+    /// The session's connection for a command that goes to WhatsApp, or its status when it has
+    /// none. A session taken over a moment ago and still waiting for its turn to resume is
+    /// connected now: a command does not wait for the stagger.
+    async fn connection_for_command(
+        self: &Arc<Self>,
+        key: SessionKey,
+        session: &Session,
+    ) -> Result<Result<Connection, SessionStatus>, HandlerError> {
+        let should_be_live = session.status == SessionStatus::Connected
+            || (session.status == SessionStatus::Disconnected
+                && session.disconnected_reason.as_deref().is_some_and(is_transient_reason));
+        if should_be_live && self.connection_of(key.session_id, key.tenant_id).await.is_none() {
+            self.connect(key).await.map_err(HandlerError::new)?;
+        }
+        Ok(self.connection_of(key.session_id, key.tenant_id).await.ok_or(session.status))
+    }
+
     /// The live connection once WhatsApp accepts it (a session reconnecting is waited for up to
     /// `SESSIONS_SEND_WAIT_MS`), or why there is none.
     async fn ready(&self, connection: Result<Connection, SessionStatus>) -> Result<Arc<dyn LiveSession>, String> {
@@ -844,7 +853,7 @@ impl SessionsWorker {
     /// (`session.chats.update`, `session.messages.edit|delete|reaction`) or why not
     /// (`session.command.failed`). Never retried once WhatsApp may have been told.
     async fn change_messages(
-        &self,
+        self: &Arc<Self>,
         key: SessionKey,
         session: &Session,
         command: &DomainEvent,
@@ -875,7 +884,7 @@ impl SessionsWorker {
                         sender: message.sender_jid.as_deref().and_then(|sender| Jid::parse(sender).ok()),
                     })
                     .collect();
-                let connection = self.connection_of(key.session_id, key.tenant_id).await.ok_or(session.status);
+                let connection = self.connection_for_command(key, session).await?;
                 match self.ready(connection).await {
                     Err(why) => Err(why),
                     Ok(live) => self.carry_out(key, session, command, &live, &chat, &targets, now).await,
@@ -906,12 +915,15 @@ impl SessionsWorker {
         let failed = |error: DriverError| error.to_string();
         let Some(target) = targets.first() else { return Err("no message to act on".into()) };
         let own = session.phone.as_deref().and_then(|phone| Jid::parse(phone).ok()).map(|jid| jid.to_string());
+        // In whole seconds, as WhatsApp stamps the changes made on the phone: a later change
+        // there must not look older than this one.
+        let at = now.replace_nanosecond(0).unwrap_or(now);
         let change = |kind| MessageChange {
             chat: chat.to_string(),
             message_id: target.message_id.clone(),
             actor: own.clone().unwrap_or_default(),
             from_me: true,
-            at: now,
+            at,
             kind,
         };
         let kind = match command.event_name.as_str() {

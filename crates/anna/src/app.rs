@@ -234,6 +234,13 @@ pub async fn start(
     }
     if roles.events {
         start_consumers(config, backends, &shutdown, &mut supervisor);
+        supervisor.spawn("message history upkeep", {
+            let (store, upkeep, token) = (backends.store.clone(), config.messages.clone(), shutdown.clone());
+            async move {
+                anna_workers::history::run_upkeep(store, upkeep, token).await;
+                Ok(())
+            }
+        });
     }
     if roles.webhooks {
         start_webhooks(config, backends, &shutdown, &mut supervisor)?;
@@ -347,7 +354,11 @@ fn start_webhooks(
 }
 
 pub fn sessions_usecases(config: &Config, backends: &Backends) -> Arc<Sessions> {
-    Arc::new(Sessions::new(backends.store.clone(), backends.stream.clone(), config.sessions.sessions.clone()))
+    let settings = anna_usecases::SessionsConfig {
+        default_retention_days: config.messages.retention_days,
+        ..config.sessions.sessions.clone()
+    };
+    Arc::new(Sessions::new(backends.store.clone(), backends.stream.clone(), settings))
 }
 
 /// The session driver `SESSIONS_PROVIDER` names, keeping device keys in `store`.

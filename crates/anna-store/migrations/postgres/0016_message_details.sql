@@ -50,6 +50,19 @@ CREATE TABLE IF NOT EXISTS session_message_pending (
     value text,
     at timestamptz NOT NULL,
     created_at timestamptz NOT NULL,
+    chat_jid text,
+    actor_jid text,
+    from_me boolean NOT NULL DEFAULT false,
     PRIMARY KEY (session_id, message_id, kind)
 );
 CREATE INDEX IF NOT EXISTS session_message_pending_created_idx ON session_message_pending (created_at);
+
+-- Retention: a session's messages are purged once older than their tenant's retention (this
+-- table; none: the operator's MESSAGES_RETENTION_DAYS), oldest first, by session.
+CREATE INDEX IF NOT EXISTS session_messages_session_time_idx ON session_messages (session_id, timestamp);
+CREATE TABLE IF NOT EXISTS tenant_settings (
+    tenant_id uuid PRIMARY KEY REFERENCES users (id) ON DELETE CASCADE,
+    message_retention_days integer,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    updated_at timestamptz NOT NULL DEFAULT now()
+);

@@ -42,6 +42,17 @@ CREATE TABLE session_message_pending (
     value TEXT,
     at INTEGER NOT NULL,
     created_at INTEGER NOT NULL,
+    chat_jid TEXT,
+    actor_jid TEXT,
+    from_me INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (session_id, message_id, kind)
 );
 CREATE INDEX session_message_pending_created_idx ON session_message_pending (created_at);
+
+CREATE INDEX session_messages_session_time_idx ON session_messages (session_id, timestamp);
+CREATE TABLE tenant_settings (
+    tenant_id TEXT NOT NULL PRIMARY KEY REFERENCES users (id) ON DELETE CASCADE,
+    message_retention_days INTEGER,
+    created_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL
+);

@@ -13,7 +13,8 @@ use crate::sessions::insert_user;
 conformance!(
     history_is_recorded_paged_and_deleted,
     edits_deletions_reactions_and_reads_change_the_history,
-    a_history_sync_is_stored_a_piece_at_a_time
+    a_history_sync_is_stored_a_piece_at_a_time,
+    messages_expire_by_their_tenants_retention
 );
 
 fn message(session: &Session, chat: &str, id: &str, at: OffsetDateTime, from_me: bool) -> StoredMessage {
@@ -173,6 +174,35 @@ async fn edits_deletions_reactions_and_reads_change_the_history(store: Arc<dyn S
     assert_eq!(chats[0].last_message_text.as_deref(), Some("second, edited"), "the last message's new text");
     assert_eq!(chats[0].unread_count, 2);
 
+    // A message is changed only in its chat, by whom may: not by another contact, not by the
+    // account (it is Ann's), not through another chat.
+    let mut uow = store.begin().await?;
+    let by = |actor: &str, from_me: bool, chat: &str, kind| MessageChange {
+        chat: chat.into(),
+        message_id: "m2".into(),
+        actor: actor.into(),
+        from_me,
+        at: t + Duration::seconds(30),
+        kind,
+    };
+    let forged = ChangeKind::Edited { text: Some("forged".into()) };
+    for change in [
+        by(bob, false, chat, forged.clone()),
+        by("", true, chat, forged.clone()),
+        by(ann, false, "other@s.whatsapp.net", forged.clone()),
+        by(bob, false, chat, ChangeKind::Revoked),
+        by("", true, chat, ChangeKind::Revoked),
+    ] {
+        assert!(!uow.record_message_change(tenant, session.id, &change).await?, "{change:?}");
+    }
+    uow.commit().await?;
+    let m2 = store.find_messages(session.id, chat, &["m2".into()]).await?;
+    assert_eq!((m2[0].text.as_deref(), m2[0].is_deleted()), (Some("second, edited"), false));
+    // Kept changes never expire while young; those of messages that never came do.
+    let mut uow = store.begin().await?;
+    assert_eq!(uow.settle_pending_changes(100, t - Duration::minutes(1)).await?, (0, 0));
+    uow.commit().await?;
+
     // Changes that overtake their message wait for it: the furthest status, the latest edit,
     // the deletion.
     let mut uow = store.begin().await?;
@@ -186,8 +216,8 @@ async fn edits_deletions_reactions_and_reads_change_the_history(store: Arc<dyn S
     uow.commit().await?;
     assert!(store.list_messages(session.id, chat, None, 10).await?.iter().all(|m| m.message_id.as_str() < "m5"));
     let mut uow = store.begin().await?;
-    for id in ["m5", "m6", "m7"] {
-        uow.record_message(&message(&session, chat, id, t + Duration::seconds(2), true), false, None).await?;
+    for (id, from_me) in [("m5", false), ("m6", true), ("m7", false)] {
+        uow.record_message(&message(&session, chat, id, t + Duration::seconds(2), from_me), false, None).await?;
     }
     uow.commit().await?;
     let late = store.find_messages(session.id, chat, &["m5".into(), "m6".into(), "m7".into()]).await?;
@@ -195,6 +225,10 @@ async fn edits_deletions_reactions_and_reads_change_the_history(store: Arc<dyn S
     assert_eq!((of("m5").text, of("m5").edited_at), (Some("early edit".into()), Some(t + Duration::seconds(9))));
     assert_eq!((of("m6").status, of("m6").status_at), (Some("read".into()), Some(t + Duration::seconds(9))));
     assert_eq!(of("m7").deleted_at, Some(t));
+    let mut uow = store.begin().await?;
+    assert!(!uow.record_message_change(tenant, session.id, &edit("never", "x", t)).await?);
+    assert_eq!(uow.settle_pending_changes(100, OffsetDateTime::now_utc() + Duration::minutes(1)).await?, (0, 1));
+    uow.commit().await?;
 
     let ids: Vec<String> = ["m1", "m2", "m3"].map(str::to_owned).to_vec();
     let reactions = store.list_reactions(session.id, &ids).await?;
@@ -266,14 +300,14 @@ async fn a_history_sync_is_stored_a_piece_at_a_time(store: Arc<dyn Store>) -> Te
         ],
     };
     let mut uow = store.begin().await?;
-    assert_eq!(uow.record_history(tenant, session.id, &piece).await?, 3, "a message given twice is stored once");
+    assert_eq!(uow.record_history(tenant, session.id, &piece).await?, Some(3), "a message given twice is stored once");
     uow.commit().await?;
     // Sent again (a resent chunk): nothing new, nothing doubled.
     let mut uow = store.begin().await?;
-    assert_eq!(uow.record_history(tenant, session.id, &piece).await?, 0);
+    assert_eq!(uow.record_history(tenant, session.id, &piece).await?, Some(0));
     // A session that no longer exists gets nothing.
     let (gone, _) = Session::create(Uuid::new_v4(), tenant, t);
-    assert_eq!(uow.record_history(tenant, gone.id, &piece).await?, 0);
+    assert_eq!(uow.record_history(tenant, gone.id, &piece).await?, None);
     uow.commit().await?;
 
     let chats = store.list_chats(session.id).await?;
@@ -315,5 +349,59 @@ async fn a_history_sync_is_stored_a_piece_at_a_time(store: Arc<dyn Store>) -> Te
     uow.delete_message_history(session.id).await?;
     uow.commit().await?;
     assert!(store.list_contacts(session.id).await?.is_empty());
+    Ok(())
+}
+
+async fn messages_expire_by_their_tenants_retention(store: Arc<dyn Store>) -> TestResult {
+    let t = now();
+    let (short, keeper) = (insert_user(&store, "m4@example.com").await?, insert_user(&store, "m5@example.com").await?);
+    let (brief, _) = Session::create(Uuid::new_v4(), short, t);
+    let (kept, _) = Session::create(Uuid::new_v4(), keeper, t);
+    let chat = "491111@s.whatsapp.net";
+    let mut uow = store.begin().await?;
+    for session in [&brief, &kept] {
+        uow.insert_session(session).await?;
+        for n in 0..5 {
+            let old = message(session, chat, &format!("old{n}"), t - Duration::days(3) + Duration::seconds(n), false);
+            uow.record_message(&old, true, None).await?;
+        }
+        uow.record_message_change(
+            session.tenant_id,
+            session.id,
+            &change(chat, "old0", chat, t - Duration::days(3), ChangeKind::Reaction { emoji: Some("👍".into()) }),
+        )
+        .await?;
+        uow.record_message(&message(session, "492222@s.whatsapp.net", "new", t, false), true, None).await?;
+    }
+    uow.set_message_retention(short, Some(2)).await?;
+    uow.commit().await?;
+    assert_eq!(store.message_retention(short).await?, Some(2));
+    assert_eq!(store.message_retention(keeper).await?, None);
+
+    // No default: only the tenant that chose a retention has expiring sessions.
+    assert_eq!(store.sessions_with_retention(0).await?, vec![(brief.id, 2)]);
+    let mut both = store.sessions_with_retention(30).await?;
+    both.sort();
+    let mut expected = vec![(brief.id, 2), (kept.id, 30)];
+    expected.sort();
+    assert_eq!(both, expected, "the operator's default for the others");
+
+    // In batches, oldest first; the chat emptied by it and its reactions go with the last one.
+    let cutoff = t - Duration::days(2);
+    assert_eq!(store.purge_messages(brief.id, cutoff, 2).await?, 2);
+    let left = store.list_messages(brief.id, chat, None, 10).await?;
+    assert_eq!(left.iter().map(|m| m.message_id.as_str()).collect::<Vec<_>>(), vec!["old4", "old3", "old2"]);
+    assert_eq!(store.purge_messages(brief.id, cutoff, 2).await?, 2);
+    assert_eq!(store.purge_messages(brief.id, cutoff, 2).await?, 1);
+    assert!(store.list_messages(brief.id, chat, None, 10).await?.is_empty());
+    let chats: Vec<String> = store.list_chats(brief.id).await?.into_iter().map(|c| c.chat_jid).collect();
+    assert_eq!(chats, vec!["492222@s.whatsapp.net".to_owned()], "the newer chat stays");
+    assert!(store.list_reactions(brief.id, &["old0".into()]).await?.is_empty());
+    assert_eq!(store.list_messages(kept.id, chat, None, 10).await?.len(), 5, "another tenant's are not touched");
+
+    let mut uow = store.begin().await?;
+    uow.set_message_retention(short, None).await?;
+    uow.commit().await?;
+    assert_eq!(store.message_retention(short).await?, None);
     Ok(())
 }

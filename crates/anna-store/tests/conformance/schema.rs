@@ -105,7 +105,11 @@ const CONTRACT: &[(&str, &[&str])] = &[
             "updated_at",
         ],
     ),
-    ("session_message_pending", &["session_id", "message_id", "kind", "value", "at", "created_at"]),
+    ("tenant_settings", &["tenant_id", "message_retention_days", "created_at", "updated_at"]),
+    (
+        "session_message_pending",
+        &["session_id", "message_id", "kind", "value", "at", "created_at", "chat_jid", "actor_jid", "from_me"],
+    ),
     (
         "session_contacts",
         &[
@@ -278,6 +282,7 @@ const SHARED_INDEXES: &[&str] = &[
     "session_message_reactions_tenant_id_idx",
     "session_contacts_contact_idx",
     "session_message_pending_created_idx",
+    "session_messages_session_time_idx",
     "session_contacts_tenant_id_idx",
     "outbox_events_status_occurred_on_idx",
     "outbox_events_aggregate_id_idx",

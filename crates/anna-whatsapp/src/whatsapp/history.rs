@@ -34,10 +34,10 @@ fn read(chunk: &LazyHistorySync, tx: &mpsc::Sender<HistoryPiece>) {
         match stream.next_conversation() {
             Ok(Some(conversation)) => {
                 add_conversation(&mut piece, &conversation);
-                if piece.messages.len() >= HISTORY_PIECE_MESSAGES
-                    && tx.blocking_send(std::mem::replace(&mut piece, fresh())).is_err()
-                {
-                    return;
+                for full in full_pieces(&mut piece, fresh) {
+                    if tx.blocking_send(full).is_err() {
+                        return;
+                    }
                 }
             }
             Ok(None) => break,
@@ -54,6 +54,20 @@ fn read(chunk: &LazyHistorySync, tx: &mpsc::Sender<HistoryPiece>) {
     if !piece.is_empty() {
         let _ = tx.blocking_send(piece);
     }
+}
+
+/// Takes the full pieces out of `piece` (a long conversation is cut too: no piece holds more
+/// than [`HISTORY_PIECE_MESSAGES`] messages); what is left stays in `piece`.
+fn full_pieces(piece: &mut HistoryPiece, fresh: impl Fn() -> HistoryPiece) -> Vec<HistoryPiece> {
+    let mut full = Vec::new();
+    while piece.messages.len() >= HISTORY_PIECE_MESSAGES {
+        let rest = piece.messages.split_off(HISTORY_PIECE_MESSAGES);
+        // The chats and contacts go with the first piece.
+        let taken = std::mem::replace(piece, fresh());
+        piece.messages = rest;
+        full.push(taken);
+    }
+    full
 }
 
 /// WhatsApp's kinds of history sync, as the predecessor named them in its events.
@@ -207,5 +221,23 @@ mod tests {
         assert_eq!(mine.message.timestamp.unix_timestamp(), 1_790_000_000);
         assert_eq!(piece.contacts[0].push_name.as_deref(), Some("Ada"));
         assert_eq!(sync_type_name(0), "initial_bootstrap");
+    }
+
+    #[test]
+    fn a_long_conversation_is_cut_into_bounded_pieces() {
+        let conversation = wa::Conversation {
+            id: "15551234567@s.whatsapp.net".into(),
+            messages: (0..1234).map(|n| info(&format!("M{n}"), n % 2 == 0, wa::Message::text("x"), None)).collect(),
+            ..Default::default()
+        };
+        let mut piece = HistoryPiece::default();
+        add_conversation(&mut piece, &conversation);
+        let full = full_pieces(&mut piece, HistoryPiece::default);
+        let sizes: Vec<usize> = full.iter().map(|p| p.messages.len()).collect();
+        assert_eq!(sizes, vec![HISTORY_PIECE_MESSAGES, HISTORY_PIECE_MESSAGES]);
+        assert_eq!(piece.messages.len(), 1234 - 2 * HISTORY_PIECE_MESSAGES);
+        assert_eq!(full[0].chats.len(), 1, "the chat goes with the first piece");
+        assert!(full[1].chats.is_empty() && piece.chats.is_empty());
+        assert_eq!(full[1].messages[0].message.message_id, format!("M{HISTORY_PIECE_MESSAGES}"));
     }
 }

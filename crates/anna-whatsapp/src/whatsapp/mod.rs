@@ -62,6 +62,9 @@ pub struct WhatsAppConfig {
     /// web.whatsapp.com when its cached one is older than a day, and a failed fetch fails that
     /// connect; a version refreshed centrally avoids both.
     pub app_version: Option<(u32, u32, u32)>,
+    /// Import the history the phone sends after pairing (`SESSIONS_HISTORY_SYNC`). Off: the
+    /// library acknowledges it without downloading it.
+    pub history_sync: bool,
 }
 
 impl Default for WhatsAppConfig {
@@ -72,6 +75,7 @@ impl Default for WhatsAppConfig {
             print_qr: false,
             qr_ttl: Duration::from_millis(60_000),
             app_version: None,
+            history_sync: true,
         }
     }
 }
@@ -160,10 +164,10 @@ impl SessionDriver for WhatsAppDriver {
             .with_device_props(self.device_props())
             // Ordered, so a message's receipts never overtake it and `Closed` comes last.
             .with_event_delivery(EventDelivery::Ordered { capacity: EVENT_MAILBOX })
-            // anna does not import chat history; skipping it avoids the post-pairing memory
-            // spike of decoding it.
-            .skip_history_sync()
             .on_event(move |event, client| handler.clone().handle(event, client));
+        if !self.config.history_sync {
+            builder = builder.skip_history_sync();
+        }
         if let Some(version) = self.config.app_version {
             builder = builder.with_version(version);
         }

@@ -48,6 +48,8 @@ pub(crate) struct Shared {
     closed: CancellationToken,
     /// Set by `stop`, `logout` and drop: they report the end themselves (or nobody listens).
     finishing: AtomicBool,
+    /// History-sync chunks are read one at a time (each decodes a conversation at a time).
+    history: Arc<tokio::sync::Semaphore>,
 }
 
 impl Shared {
@@ -58,6 +60,7 @@ impl Shared {
             events: Mutex::new(Some(events)),
             closed: CancellationToken::new(),
             finishing: AtomicBool::new(false),
+            history: Arc::new(tokio::sync::Semaphore::new(1)),
         }
     }
 
@@ -97,11 +100,19 @@ impl Shared {
             });
         }
         if let Event::HistorySync(chunk) = &*event {
-            // Piece by piece: the next is read while the worker stores this one.
-            let mut pieces = super::history::pieces(chunk);
-            while let Some(piece) = pieces.recv().await {
-                self.emit(DriverEvent::History(piece)).await;
-            }
+            // Off the library's ordered handler, which must keep delivering live events (its
+            // mailbox drops them when full): one chunk at a time per connection, piece by piece.
+            let (shared, chunk) = (self.clone(), chunk.clone());
+            tokio::spawn(async move {
+                let Ok(_one_at_a_time) = shared.history.clone().acquire_owned().await else { return };
+                let mut pieces = super::history::pieces(&chunk);
+                while let Some(piece) = pieces.recv().await {
+                    if shared.closed.is_cancelled() {
+                        return;
+                    }
+                    shared.emit(DriverEvent::History(piece)).await;
+                }
+            });
             return;
         }
         // Only `Connected` carries the account's JID, read from the client.

@@ -7,6 +7,7 @@ mod accounts;
 mod email;
 mod events;
 mod http;
+mod messages;
 mod sessions;
 mod vars;
 mod webhooks;
@@ -95,6 +96,8 @@ pub struct Config {
     pub email: EmailConfig,
     pub events: EventsConfig,
     pub sessions: SessionsSettings,
+    /// Upkeep of the message history (`MESSAGES_*`).
+    pub messages: anna_workers::history::HistoryUpkeepConfig,
     pub webhooks: WebhooksSettings,
 }
 
@@ -135,6 +138,7 @@ impl Config {
             email: email::read(vars)?,
             events,
             sessions: sessions::read(vars)?,
+            messages: messages::read(vars)?,
             webhooks,
         };
         let mut config = config;

@@ -49,6 +49,8 @@ pub(super) fn read<F: Fn(&str) -> Option<String>>(vars: &Vars<F>) -> Result<Sess
         partitions: vars.positive("SESSIONS_PARTITIONS", 64, "a positive number of partitions")?,
         max_per_tenant: vars.parse("SESSIONS_MAX_PER_TENANT", 10, "a number of sessions (0: no limit)")?,
         max_text_chars: vars.positive("SESSIONS_MAX_TEXT_CHARS", 4096, "a positive number of characters")?,
+        // Set from `MESSAGES_RETENTION_DAYS` where the use-cases are built.
+        default_retention_days: 0,
     };
     let worker = SessionsWorkerConfig {
         reconnect_backoff: Backoff {
@@ -98,6 +100,7 @@ pub(super) fn read<F: Fn(&str) -> Option<String>>(vars: &Vars<F>) -> Result<Sess
     let whatsapp = WhatsAppConfig {
         browser_name: vars.string("SESSIONS_BROWSER_NAME", "Anna"),
         mark_online: vars.boolean("SESSIONS_MARK_ONLINE", false)?,
+        history_sync: vars.boolean("SESSIONS_HISTORY_SYNC", true)?,
         print_qr: vars.boolean("SESSIONS_PRINT_QR", false)?,
         qr_ttl,
         ..WhatsAppConfig::default()

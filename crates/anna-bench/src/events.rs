@@ -134,6 +134,8 @@ pub(crate) struct Shape {
     pub(crate) label: &'static str,
     pub(crate) store: Arc<dyn Store>,
     pub(crate) stream: Arc<dyn Stream>,
+    /// The database, for an `anna` process to share.
+    pub(crate) database_url: String,
 }
 
 /// The relay the benchmarks run: claims of 1,000, the stream capped at a million entries.
@@ -154,17 +156,19 @@ pub(crate) async fn open_shape(name: &str) -> anyhow::Result<Shape> {
     let options = ConnectOptions { max_connections: 32, ..ConnectOptions::default() };
     match name {
         "embedded" => {
-            let sqlite = SqlStore::connect(&anna_testkit::sqlite::fresh_database_url(), &options).await?;
+            let database_url = anna_testkit::sqlite::fresh_database_url();
+            let sqlite = SqlStore::connect(&database_url, &options).await?;
             sqlite.migrate().await?;
             let pool = sqlite.sqlite_pool().ok_or_else(|| anyhow::anyhow!("not a SQLite store"))?;
             let stream: Arc<dyn Stream> = Arc::new(EmbeddedStream::new(pool));
-            Ok(Shape { label: "embedded (SQLite)", store: Arc::new(sqlite), stream })
+            Ok(Shape { label: "embedded (SQLite)", store: Arc::new(sqlite), stream, database_url })
         }
         "distributed" => {
-            let store = anna_store::connect(&anna_testkit::pg::fresh_database_url().await, &options).await?;
+            let database_url = anna_testkit::pg::fresh_database_url().await;
+            let store = anna_store::connect(&database_url, &options).await?;
             store.migrate().await?;
             let stream: Arc<dyn Stream> = Arc::new(RedisStream::connect(&anna_testkit::redis::shared_url()).await?);
-            Ok(Shape { label: "distributed (Postgres+Redis)", store, stream })
+            Ok(Shape { label: "distributed (Postgres+Redis)", store, stream, database_url })
         }
         other => anyhow::bail!("unknown shape {other:?}: expected embedded or distributed"),
     }

@@ -12,6 +12,7 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use crate::events::open_shape;
+use crate::process::Server;
 use crate::stats::Summary;
 
 #[derive(Debug, clap::Args)]
@@ -31,6 +32,10 @@ pub struct HistoryArgs {
     /// Only these shapes (embedded, distributed).
     #[arg(long, value_delimiter = ',', default_value = "distributed,embedded")]
     shapes: Vec<String>,
+    /// Also read the pages over HTTP, from a real `anna serve` on the same database (its
+    /// binary next to this one).
+    #[arg(long)]
+    http: bool,
 }
 
 fn chat(n: usize) -> String {
@@ -72,7 +77,27 @@ pub async fn run(args: HistoryArgs) -> anyhow::Result<()> {
     for name in &args.shapes {
         let shape = open_shape(name).await?;
         let store = shape.store.clone();
-        let (session, _) = Session::create(Uuid::new_v4(), Uuid::new_v4(), OffsetDateTime::now_utc());
+        // Over HTTP the session belongs to a registered tenant of a running anna.
+        let server = if args.http {
+            let mut vars = vec![("DATABASE_URL", shape.database_url.clone())];
+            if name == "distributed" {
+                vars.push(("REDIS_URL", anna_testkit::redis::shared_url()));
+            }
+            let server = Server::start(None, &vars)?;
+            let client = reqwest::Client::new();
+            let email = format!("bench-{}@example.com", Uuid::new_v4().simple());
+            let token = server.active_user(&client, &email, "correct horse battery").await?;
+            let me: serde_json::Value =
+                client.get(format!("{}/users/me", server.base)).bearer_auth(&token).send().await?.json().await?;
+            let id = me["id"].as_str().and_then(|id| Uuid::parse_str(id).ok());
+            Some((server, client, token, id.ok_or_else(|| anyhow::anyhow!("no user id: {me}"))?))
+        } else {
+            None
+        };
+        let tenant = server.as_ref().map_or_else(Uuid::new_v4, |(.., id)| *id);
+        let (mut session, _) = Session::create(Uuid::new_v4(), tenant, OffsetDateTime::now_utc());
+        // Not to be connected by the running anna.
+        session.status = anna_domain::SessionStatus::Disconnected;
         let mut uow = store.begin().await?;
         uow.insert_session(&session).await?;
         uow.commit().await?;
@@ -130,6 +155,9 @@ pub async fn run(args: HistoryArgs) -> anyhow::Result<()> {
             "{}",
             Summary::from_latencies(format!("{} deep page", shape.label), latencies, 0, started.elapsed()).row()
         );
+        if let Some((server, client, token, _)) = &server {
+            http_pages(server, client, token, session.id, &cursors, &args, shape.label).await?;
+        }
         let mut latencies = Vec::with_capacity(args.reads / 10);
         let started = Instant::now();
         for _ in 0..(args.reads / 10).max(1) {
@@ -143,6 +171,42 @@ pub async fn run(args: HistoryArgs) -> anyhow::Result<()> {
             Summary::from_latencies(format!("{} chat list", shape.label), latencies, 0, started.elapsed()).row()
         );
         store.close().await;
+    }
+    Ok(())
+}
+
+/// The same pages through `GET /chats/{jid}/messages` of a running anna: newest pages, and
+/// pages continued from a cursor deep in the history (the route's own cursor format).
+async fn http_pages(
+    server: &Server,
+    client: &reqwest::Client,
+    token: &str,
+    session: Uuid,
+    cursors: &[(String, HistoryCursor)],
+    args: &HistoryArgs,
+    label: &str,
+) -> anyhow::Result<()> {
+    use base64::Engine;
+    use time::format_description::well_known::Rfc3339;
+
+    for deep in [false, true] {
+        let mut latencies = Vec::with_capacity(args.reads);
+        let started = Instant::now();
+        for n in 0..args.reads {
+            let (chat, cursor) = &cursors[n % cursors.len()];
+            let mut url = format!("{}/chats/{chat}/messages?sessionId={session}&limit=50", server.base);
+            if deep {
+                let at = cursor.timestamp.format(&Rfc3339)?;
+                let raw = serde_json::json!({"ts": at, "id": cursor.message_id}).to_string();
+                url.push_str(&format!("&cursor={}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)));
+            }
+            let at = Instant::now();
+            let page: serde_json::Value = client.get(&url).bearer_auth(token).send().await?.json().await?;
+            latencies.push(at.elapsed());
+            anyhow::ensure!(page["items"].as_array().is_some_and(|items| items.len() == 50), "a full page: {page}");
+        }
+        let kind = if deep { "deep page over HTTP" } else { "first page over HTTP" };
+        println!("{}", Summary::from_latencies(format!("{label} {kind}"), latencies, 0, started.elapsed()).row());
     }
     Ok(())
 }

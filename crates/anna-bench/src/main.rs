@@ -17,6 +17,7 @@ mod events;
 mod fleet;
 mod history;
 mod history_sync;
+mod inbound;
 mod process;
 mod sessions;
 mod stats;
@@ -61,6 +62,9 @@ enum Bench {
     /// A phone's history sync (100,000 messages by default) on the simulator, in a real
     /// `anna serve`: time, rows per second, peak RSS, both shapes.
     HistorySync(history_sync::HistorySyncArgs),
+    /// Inbound messages end to end: simulated contacts' bursts until every message is in the
+    /// history, both shapes.
+    Inbound(inbound::InboundArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -79,6 +83,7 @@ fn main() -> anyhow::Result<()> {
             Bench::Webhooks(args) => webhooks::run(args).await,
             Bench::History(args) => history::run(args).await,
             Bench::HistorySync(args) => history_sync::run(args).await,
+            Bench::Inbound(args) => inbound::run(args).await,
         }
     })
 }

@@ -30,6 +30,32 @@ pub use jid::{Jid, JidError};
 /// and more) reaches the database a piece at a time, in bounded memory.
 pub const HISTORY_PIECE_MESSAGES: usize = 500;
 
+/// History pieces of one connection on their way to the database at once: the phone's
+/// history is produced no faster than it is stored.
+pub const HISTORY_PIECES_IN_FLIGHT: usize = 2;
+
+/// A history piece's place among the [`HISTORY_PIECES_IN_FLIGHT`] of its connection, given
+/// back when the event carrying it is dropped (the worker has stored the piece).
+#[derive(Debug, Clone, Default)]
+pub struct HistorySlot {
+    _held: Option<Arc<tokio::sync::OwnedSemaphorePermit>>,
+}
+
+impl HistorySlot {
+    pub fn new(permit: tokio::sync::OwnedSemaphorePermit) -> Self {
+        Self { _held: Some(Arc::new(permit)) }
+    }
+}
+
+/// Slots carry no data: two events with the same piece are equal.
+impl PartialEq for HistorySlot {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for HistorySlot {}
+
 /// Which session a connection is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct SessionKey {
@@ -184,7 +210,7 @@ pub enum DriverEvent {
     Message(IncomingMessage),
     /// A piece of the history the phone sends after pairing (bounded in size: a large history
     /// comes as many pieces).
-    History(HistoryPiece),
+    History(HistoryPiece, HistorySlot),
     /// A message was edited, deleted for everyone or reacted to.
     Changed(MessageChange),
     /// A sent message progressed.
@@ -207,6 +233,8 @@ pub enum Simulation {
     Logout,
     /// The number was banned.
     Ban,
+    /// Contacts send a burst of messages at once (load for benchmarks and tests).
+    Burst,
 }
 
 impl Simulation {
@@ -216,6 +244,7 @@ impl Simulation {
             "disconnect" => Some(Self::Disconnect),
             "logout" => Some(Self::Logout),
             "ban" => Some(Self::Ban),
+            "burst" => Some(Self::Burst),
             _ => None,
         }
     }
@@ -226,6 +255,7 @@ impl Simulation {
             Self::Disconnect => "disconnect",
             Self::Logout => "logout",
             Self::Ban => "ban",
+            Self::Burst => "burst",
         }
     }
 }

@@ -32,8 +32,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     ChangeKind, CloseReason, DriverError, DriverEvent, HISTORY_PIECE_MESSAGES, HistoryChat, HistoryContact,
-    HistoryMessage, HistoryPiece, IncomingMessage, Jid, LiveSession, MessageChange, MessageTarget, OutgoingText,
-    ReceiptStatus, SessionDriver, SessionKey, Simulation, jid,
+    HistoryMessage, HistoryPiece, HistorySlot, IncomingMessage, Jid, LiveSession, MessageChange, MessageTarget,
+    OutgoingText, ReceiptStatus, SessionDriver, SessionKey, Simulation, jid,
 };
 
 /// What a simulated contact does, besides replying, when the text it receives asks for it.
@@ -76,6 +76,8 @@ pub struct SimulatorConfig {
     pub history_messages: u64,
     /// Chats they are spread over (at least one when there are messages).
     pub history_chats: u32,
+    /// Messages of a simulated burst (`burst`), from ten contacts.
+    pub burst_messages: u64,
 }
 
 impl Default for SimulatorConfig {
@@ -91,6 +93,7 @@ impl Default for SimulatorConfig {
             reply_delay: Some(Duration::from_millis(1500)),
             history_messages: 60,
             history_chats: 4,
+            burst_messages: 100,
         }
     }
 }
@@ -133,6 +136,7 @@ impl SessionDriver for Simulator {
             closed: AtomicBool::new(false),
             scanned: Notify::new(),
             state: Mutex::new(ConnectionState { phone: phone.clone(), connected: false, pair_phone: None }),
+            history_slots: Arc::new(tokio::sync::Semaphore::new(crate::HISTORY_PIECES_IN_FLIGHT)),
         });
         let task = live.clone();
         match phone {
@@ -170,6 +174,8 @@ struct Connection {
     closed: AtomicBool,
     scanned: Notify,
     state: Mutex<ConnectionState>,
+    /// History pieces on their way to the database.
+    history_slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl Connection {
@@ -250,7 +256,8 @@ impl Connection {
                 if self.cancel.is_cancelled() {
                     return Ok(());
                 }
-                self.emit(DriverEvent::History(std::mem::take(&mut piece))).await;
+                let Some(slot) = self.history_slot().await else { return Ok(()) };
+                self.emit(DriverEvent::History(std::mem::take(&mut piece), slot)).await;
                 piece.sync_type = "initial_bootstrap".into();
             }
         }
@@ -260,7 +267,8 @@ impl Connection {
         }
         if !piece.is_empty() {
             piece.progress = Some(100);
-            self.emit(DriverEvent::History(piece)).await;
+            let Some(slot) = self.history_slot().await else { return Ok(()) };
+            self.emit(DriverEvent::History(piece, slot)).await;
         }
         if let Some(fields) = device[DEVICE].as_object_mut() {
             fields.remove("historySeed");
@@ -380,6 +388,35 @@ impl Connection {
         }
     }
 
+    /// Ten contacts send `burst_messages` messages as fast as the worker takes them.
+    async fn burst(&self) {
+        let seed = rand::rng().random::<u64>() >> 8;
+        for n in 0..self.config.burst_messages {
+            if self.cancel.is_cancelled() {
+                return;
+            }
+            let contact = format!("1555030{:04}@{}", n % 10, jid::USER_SERVER);
+            self.emit(DriverEvent::Message(IncomingMessage {
+                message_id: format!("3EB0{:016X}", seed.wrapping_add(n)),
+                chat: contact.clone(),
+                sender: contact,
+                push_name: Some(format!("Burst contact {}", n % 10)),
+                text: Some(format!("Burst message {n}")),
+                from_me: false,
+                timestamp: OffsetDateTime::now_utc(),
+            }))
+            .await;
+        }
+    }
+
+    /// A place for one more history piece on its way to the database; `None` once closed.
+    async fn history_slot(&self) -> Option<HistorySlot> {
+        tokio::select! {
+            () = self.cancel.cancelled() => None,
+            permit = self.history_slots.clone().acquire_owned() => permit.ok().map(HistorySlot::new),
+        }
+    }
+
     /// Refuses an action on a connection that is not logged in.
     async fn ensure_connected(&self) -> Result<(), DriverError> {
         if !self.state.lock().await.connected || self.closed.load(Ordering::Acquire) {
@@ -482,6 +519,12 @@ impl LiveSession for SimulatedConnection {
             Simulation::Logout if !paired => Err(DriverError::Invalid("the session is not paired".into())),
             Simulation::Logout => {
                 self.0.close(CloseReason::LoggedOut("unlinked on the simulated phone".into())).await;
+                Ok(())
+            }
+            Simulation::Burst if !connected => Err(DriverError::NotConnected),
+            Simulation::Burst => {
+                let connection = self.0.clone();
+                tokio::spawn(async move { connection.burst().await });
                 Ok(())
             }
             Simulation::Ban if !paired => Err(DriverError::Invalid("the session is not paired".into())),

@@ -32,6 +32,7 @@ fn fast() -> SimulatorConfig {
         reply_delay: Some(Duration::from_millis(20)),
         history_messages: 0,
         history_chats: 1,
+        burst_messages: 25,
     }
 }
 
@@ -150,6 +151,19 @@ async fn injected_drops_logouts_and_bans_close_the_connection_with_their_reason(
     };
     assert_eq!(paired, "4915123456789@s.whatsapp.net", "pairing by code links the given number");
 
+    // A burst: contacts send their messages at once.
+    let (tx, mut events) = mpsc::channel(16);
+    let live = simulator.connect(session, tx).await.unwrap_or_else(|e| panic!("{e}"));
+    assert!(matches!(next(&mut events).await, DriverEvent::Connected { .. }));
+    live.simulate(Simulation::Burst).await.unwrap_or_else(|e| panic!("{e}"));
+    let mut ids = std::collections::HashSet::new();
+    while ids.len() < 25 {
+        let DriverEvent::Message(message) = next(&mut events).await else { panic!("not a message") };
+        assert!(!message.from_me);
+        ids.insert(message.message_id);
+    }
+    live.stop().await;
+
     for (simulation, expected) in [
         (Simulation::Disconnect, CloseReason::Transient("simulated network drop".into())),
         (Simulation::Logout, CloseReason::LoggedOut("unlinked on the simulated phone".into())),
@@ -174,9 +188,18 @@ async fn the_phone_sends_its_history_once_after_pairing_in_bounded_pieces() {
     let (tx, mut events) = mpsc::channel(4);
     let live = simulator.connect(session, tx).await.unwrap_or_else(|e| panic!("{e}"));
     assert!(matches!(next(&mut events).await, DriverEvent::Connected { .. }));
+    // No more pieces in flight than the worker has stored: two held, the third waits.
+    let (first, second) = (next(&mut events).await, next(&mut events).await);
+    assert!(matches!((&first, &second), (DriverEvent::History(..), DriverEvent::History(..))));
+    assert!(tokio::time::timeout(Duration::from_millis(300), events.recv()).await.is_err(), "a third piece came");
+    let mut held = vec![first, second].into_iter();
     let (mut ids, mut chats, mut contacts, mut progress) = (std::collections::HashSet::new(), 0, 0, Vec::new());
     while progress.last() != Some(&Some(100)) {
-        let DriverEvent::History(piece) = next(&mut events).await else { panic!("not history") };
+        let event = match held.next() {
+            Some(event) => event,
+            None => next(&mut events).await,
+        };
+        let DriverEvent::History(piece, _slot) = event else { panic!("not history") };
         assert!(piece.messages.len() <= HISTORY_PIECE_MESSAGES);
         assert_eq!(piece.sync_type, "initial_bootstrap");
         chats += piece.chats.len();

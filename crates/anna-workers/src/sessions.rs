@@ -562,7 +562,8 @@ impl SessionsWorker {
             DriverEvent::Message(message) => {
                 self.record(reference(key).message_received(message, now)).await?;
             }
-            DriverEvent::History(piece) => {
+            // The piece's slot is given back when this event is dropped, once it is stored.
+            DriverEvent::History(piece, _slot) => {
                 let started = std::time::Instant::now();
                 let stored = self.sessions.record_history(key.session_id, key.tenant_id, piece).await?;
                 metrics::counter!("session_history_messages_total").increment(stored);

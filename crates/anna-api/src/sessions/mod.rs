@@ -456,10 +456,11 @@ async fn delete_session(
         .into_response())
 }
 
-/// Simulator only: `scan` the QR code, or inject a `disconnect`, `logout` or `ban`.
+/// Simulator only: `scan` the QR code, inject a `disconnect`, `logout` or `ban`, or have
+/// contacts send a `burst` of messages.
 #[utoipa::path(post, path = "/simulator/sessions/{id}/{action}", tag = "simulator", security(("bearer" = [])),
     params(("id" = String, Path, description = "session id"),
-        ("action" = String, Path, description = "scan, disconnect, logout or ban")),
+        ("action" = String, Path, description = "scan, disconnect, logout, ban or burst")),
     responses((status = 202, body = CommandResponse), (status = 404, body = ErrorBody)))]
 async fn simulate(
     State(state): State<AppState>,

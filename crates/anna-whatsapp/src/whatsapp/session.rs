@@ -18,7 +18,8 @@ use super::convert::{build_text_message, message_key, render_qr, to_wa_jid};
 use super::events::{Context, translate};
 use super::{WhatsAppError, map_send_error};
 use crate::{
-    CloseReason, DriverError, DriverEvent, Jid, LiveSession, MessageTarget, OutgoingText, SessionKey, Simulation,
+    CloseReason, DriverError, DriverEvent, HistorySlot, Jid, LiveSession, MessageTarget, OutgoingText, SessionKey,
+    Simulation,
 };
 
 /// How long the run loop's end waits for the event that explains it (events go through the
@@ -50,6 +51,8 @@ pub(crate) struct Shared {
     finishing: AtomicBool,
     /// History-sync chunks are read one at a time (each decodes a conversation at a time).
     history: Arc<tokio::sync::Semaphore>,
+    /// History pieces on their way to the database.
+    history_slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl Shared {
@@ -61,6 +64,7 @@ impl Shared {
             closed: CancellationToken::new(),
             finishing: AtomicBool::new(false),
             history: Arc::new(tokio::sync::Semaphore::new(1)),
+            history_slots: Arc::new(tokio::sync::Semaphore::new(crate::HISTORY_PIECES_IN_FLIGHT)),
         }
     }
 
@@ -107,10 +111,11 @@ impl Shared {
                 let Ok(_one_at_a_time) = shared.history.clone().acquire_owned().await else { return };
                 let mut pieces = super::history::pieces(&chunk);
                 while let Some(piece) = pieces.recv().await {
+                    let Ok(slot) = shared.history_slots.clone().acquire_owned().await else { return };
                     if shared.closed.is_cancelled() {
                         return;
                     }
-                    shared.emit(DriverEvent::History(piece)).await;
+                    shared.emit(DriverEvent::History(piece, HistorySlot::new(slot))).await;
                 }
             });
             return;

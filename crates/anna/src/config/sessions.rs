@@ -113,6 +113,7 @@ pub(super) fn read<F: Fn(&str) -> Option<String>>(vars: &Vars<F>) -> Result<Sess
         reply_delay: (!reply.is_zero()).then_some(reply),
         history_messages: vars.parse("SESSIONS_SIMULATOR_HISTORY_MESSAGES", 60u64, "a number of messages (0: none)")?,
         history_chats: vars.positive("SESSIONS_SIMULATOR_HISTORY_CHATS", 4, "a positive number of chats")?,
+        burst_messages: vars.parse("SESSIONS_SIMULATOR_BURST_MESSAGES", 100u64, "a number of messages")?,
         ..SimulatorConfig::default()
     };
     Ok(SessionsSettings { provider, sessions, worker, consumer, whatsapp, simulator, fleet })

@@ -26,7 +26,9 @@ pub trait SessionStore: Send + Sync {
 /// The session half of a unit of work.
 #[async_trait]
 pub trait SessionWrites: Send {
-    /// Loads a session for change (Postgres: `FOR UPDATE`).
+    /// Loads a session for change (Postgres: `FOR NO KEY UPDATE`: changes of one session wait
+    /// for each other, but not for rows that merely reference it, such as a history piece a
+    /// cut-off worker left hanging in an open transaction).
     async fn find_session(&mut self, id: Uuid) -> Result<Option<Session>, StoreError>;
 
     /// How many sessions the tenant has, counted under a lock of the tenant's user row so
@@ -54,9 +56,10 @@ macro_rules! select_session {
 }
 
 const SELECT_SESSION: &str = select_session!("id = $1");
-// Row locks on Postgres only: see users.rs.
+// Row locks on Postgres only: see users.rs. `NO KEY`: a session's id never changes, and rows
+// referencing it (messages, chats, contacts) hold key-share locks that `FOR UPDATE` would wait for.
 const LOCK_SESSION: Sql =
-    Sql::PerBackend { sqlite: SELECT_SESSION, postgres: concat!(select_session!("id = $1"), " FOR UPDATE") };
+    Sql::PerBackend { sqlite: SELECT_SESSION, postgres: concat!(select_session!("id = $1"), " FOR NO KEY UPDATE") };
 
 #[async_trait]
 impl SessionStore for SqlStore {

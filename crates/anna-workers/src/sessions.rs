@@ -259,6 +259,47 @@ impl SessionsWorker {
         self.record_settling(event, None).await
     }
 
+    /// Records several events of one session, in order, in as few commits as the committer
+    /// makes of them; those that fail are retried on their own a few times, then logged as lost.
+    async fn record_group(&self, key: SessionKey, group: Vec<DomainEvent>) {
+        let mut waiting = Vec::with_capacity(group.len());
+        for event in group {
+            let (done, committed) = oneshot::channel();
+            let traced = anna_usecases::traced([event.clone()]).remove(0);
+            if self.batch.send(Recorded { event: traced, settles: None, done }).await.is_err() {
+                tracing::error!(session_id = %key.session_id, "the batch committer stopped: session event lost");
+                return;
+            }
+            waiting.push((event, committed));
+        }
+        for (event, committed) in waiting {
+            let failed = match committed.await {
+                Ok(Ok(())) => continue,
+                Ok(Err(error)) => WorkerError::Recording(error),
+                Err(_) => WorkerError::Batch("the batch committer stopped".into()),
+            };
+            if failed.is_fenced() {
+                tracing::debug!(session_id = %key.session_id, error = %failed, "Session event of a partition given up");
+                continue;
+            }
+            let mut attempt = 0u32;
+            loop {
+                attempt += 1;
+                tracing::warn!(session_id = %key.session_id, error = %failed, attempt, "Recording a session event failed");
+                tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
+                match self.record(event.clone()).await {
+                    Ok(()) => break,
+                    Err(error) if error.is_fenced() => break,
+                    Err(error) if attempt >= 5 || self.shutdown.is_cancelled() => {
+                        tracing::error!(session_id = %key.session_id, %error, "Session event lost");
+                        break;
+                    }
+                    Err(_) => {}
+                }
+            }
+        }
+    }
+
     /// [`Self::record`], recording `command` as applied in the same commit.
     async fn record_settling(&self, event: DomainEvent, command: Option<Uuid>) -> Result<(), WorkerError> {
         let (done, committed) = oneshot::channel();
@@ -498,7 +539,32 @@ impl SessionsWorker {
     }
 
     async fn pump(self: Arc<Self>, key: SessionKey, generation: u64, mut events: mpsc::Receiver<DriverEvent>) {
-        while let Some(event) = events.recv().await {
+        let mut next = None;
+        loop {
+            let event = match next.take() {
+                Some(event) => event,
+                None => match events.recv().await {
+                    Some(event) => event,
+                    None => break,
+                },
+            };
+            // Messages, receipts and changes waiting already go to the committer together: a
+            // burst (offline messages after a reconnect) is not recorded one commit at a time.
+            if let Some(first) = plain_event(key, &event) {
+                let mut group = vec![first];
+                while group.len() < MAX_BATCH {
+                    let Ok(more) = events.try_recv() else { break };
+                    match plain_event(key, &more) {
+                        Some(recorded) => group.push(recorded),
+                        None => {
+                            next = Some(more);
+                            break;
+                        }
+                    }
+                }
+                self.record_group(key, group).await;
+                continue;
+            }
             let closed = matches!(event, DriverEvent::Closed { .. });
             // A failed record is retried a few times: losing a status change would leave the
             // tenant with a wrong picture.
@@ -559,8 +625,13 @@ impl SessionsWorker {
                 self.mark_connected(id, generation, false).await;
                 self.sessions.record_disconnected(id, &reason.label()).await?;
             }
-            DriverEvent::Message(message) => {
-                self.record(reference(key).message_received(message, now)).await?;
+            DriverEvent::Message(_)
+            | DriverEvent::Changed(_)
+            | DriverEvent::Receipt { .. }
+            | DriverEvent::SendRejected { .. } => {
+                if let Some(recorded) = plain_event(key, event) {
+                    self.record(recorded).await?;
+                }
             }
             // The piece's slot is given back when this event is dropped, once it is stored.
             DriverEvent::History(piece, _slot) => {
@@ -569,15 +640,6 @@ impl SessionsWorker {
                 metrics::counter!("session_history_messages_total").increment(stored);
                 tracing::debug!(session_id = %key.session_id, messages = piece.messages.len(), new = stored,
                     chats = piece.chats.len(), ms = started.elapsed().as_millis() as u64, "history piece stored");
-            }
-            DriverEvent::Changed(change) => {
-                self.record(reference(key).message_changed(change, None)).await?;
-            }
-            DriverEvent::Receipt { message_id, chat, status, at } => {
-                self.record(reference(key).message_status(message_id, chat, status.as_str(), *at)).await?;
-            }
-            DriverEvent::SendRejected { message_id, error } => {
-                self.record(reference(key).message_status(message_id, "", &format!("rejected: {error}"), now)).await?;
             }
             DriverEvent::Closed { reason } => {
                 if !self.forget(id, generation).await {
@@ -976,6 +1038,23 @@ impl Subscriber for SessionCommands {
     ) -> Result<(), HandlerError> {
         self.0.handle_command(event).await
     }
+}
+
+/// The event recording a driver event that changes nothing of its session (a message, a
+/// receipt, a change to a message); `None` for the others.
+fn plain_event(key: SessionKey, event: &DriverEvent) -> Option<DomainEvent> {
+    let now = OffsetDateTime::now_utc();
+    Some(match event {
+        DriverEvent::Message(message) => reference(key).message_received(message, now),
+        DriverEvent::Changed(change) => reference(key).message_changed(change, None),
+        DriverEvent::Receipt { message_id, chat, status, at } => {
+            reference(key).message_status(message_id, chat, status.as_str(), *at)
+        }
+        DriverEvent::SendRejected { message_id, error } => {
+            reference(key).message_status(message_id, "", &format!("rejected: {error}"), now)
+        }
+        _ => return None,
+    })
 }
 
 fn reference(key: SessionKey) -> SessionRef {

@@ -26,6 +26,10 @@ pub struct InboundArgs {
     /// The `anna` binary (default: next to this one).
     #[arg(long)]
     anna: Option<PathBuf>,
+    /// Print (to stderr) every 2 s where the messages are: the outbox backlog and what the
+    /// history subscriber has applied.
+    #[arg(long)]
+    stages: bool,
 }
 
 pub async fn run(args: InboundArgs) -> anyhow::Result<()> {
@@ -64,7 +68,7 @@ pub async fn run(args: InboundArgs) -> anyhow::Result<()> {
             ("SESSIONS_RESUME_STAGGER_MS", "0".to_owned()),
         ]);
         let server = Server::start(args.anna.clone(), &vars)?;
-        let (elapsed, before_kib) = burst(&server, args.sessions, total).await?;
+        let (elapsed, before_kib) = burst(&server, args.sessions, total, args.stages).await?;
         println!(
             "| {label} | {:.1} s | {:.0} | {:.1} MiB | {:.1} MiB |",
             elapsed.as_secs_f64(),
@@ -76,7 +80,7 @@ pub async fn run(args: InboundArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn burst(server: &Server, sessions: usize, total: u64) -> anyhow::Result<(Duration, u64)> {
+async fn burst(server: &Server, sessions: usize, total: u64, stages: bool) -> anyhow::Result<(Duration, u64)> {
     let client = reqwest::Client::new();
     let base = server.base.clone();
     let email = format!("bench-{}@example.com", uuid::Uuid::new_v4().simple());
@@ -99,7 +103,24 @@ async fn burst(server: &Server, sessions: usize, total: u64) -> anyhow::Result<(
         client.post(format!("{base}/simulator/sessions/{id}/burst")).header("authorization", &bearer).send().await?;
     }
     let deadline = started + Duration::from_secs(1800);
+    let mut last_stage = Instant::now();
     loop {
+        if stages && last_stage.elapsed() >= Duration::from_secs(2) {
+            last_stage = Instant::now();
+            let metrics = client.get(format!("{base}/metrics")).send().await?.text().await?;
+            let wanted = |line: &&str| {
+                line.starts_with("outbox_pending")
+                    || line.starts_with("outbox_dispatch_total")
+                    || (line.starts_with("events_processed_total") && line.contains("session.message.received"))
+                    || line.starts_with("session_event_batch_size_count")
+                    || line.starts_with("session_event_batch_size_sum")
+            };
+            eprintln!(
+                "[{:>5.1} s] {}",
+                started.elapsed().as_secs_f64(),
+                metrics.lines().filter(wanted).collect::<Vec<_>>().join(" | ")
+            );
+        }
         // Every inbound message counts once as unread in its chat.
         let unread: u64 = futures::stream::iter(ids.iter())
             .map(|id| {

@@ -34,7 +34,7 @@ pub use events::{DeadLetter, EventLog, EventStat, EventWrites, OutboxRecord, Out
 pub use fleet::{Acquired, Fence, FenceSource, FleetStore, FleetView, Lease, WorkerInfo, WorkerRecord};
 pub use idempotency::{IdempotencyClaim, IdempotencyStore};
 pub use messages::{
-    ChatSummary, ContactSummary, HistoryCursor, MessageStore, MessageWrites, ReactionSummary, StoredMessage,
+    ChatSummary, ChatTouch, ContactSummary, HistoryCursor, MessageStore, MessageWrites, ReactionSummary, StoredMessage,
 };
 pub use refresh_tokens::{RefreshTokenStore, RefreshTokenWrites};
 pub use sessions::{SessionStore, SessionWrites};

@@ -43,6 +43,59 @@ impl StoredMessage {
     }
 }
 
+/// What recording messages does to one chat, applied once per chat for a whole batch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChatTouch {
+    pub tenant_id: Uuid,
+    pub session_id: Uuid,
+    pub chat_jid: String,
+    /// Names the chat from now on.
+    pub chat_name: Option<String>,
+    /// The newest of the chat's new messages: its last message, if newer than the stored one.
+    pub last: Option<StoredMessage>,
+    /// The chat was read: the unread count becomes `unread` instead of growing by it.
+    pub read: bool,
+    /// New messages not read (since the read, when there was one).
+    pub unread: u32,
+}
+
+impl ChatTouch {
+    pub fn new(tenant_id: Uuid, session_id: Uuid, chat_jid: &str) -> Self {
+        Self {
+            tenant_id,
+            session_id,
+            chat_jid: chat_jid.to_owned(),
+            chat_name: None,
+            last: None,
+            read: false,
+            unread: 0,
+        }
+    }
+
+    /// Takes a new message of the chat into account.
+    pub fn add(&mut self, message: &StoredMessage, unread: bool, chat_name: Option<&str>) {
+        if chat_name.is_some() {
+            self.chat_name = chat_name.map(str::to_owned);
+        }
+        if unread {
+            self.unread += 1;
+        }
+        if self
+            .last
+            .as_ref()
+            .is_none_or(|last| (last.timestamp, &last.message_id) < (message.timestamp, &message.message_id))
+        {
+            self.last = Some(message.clone());
+        }
+    }
+
+    /// The chat was read: what came before no longer counts as unread.
+    pub fn mark_read(&mut self) {
+        self.read = true;
+        self.unread = 0;
+    }
+}
+
 /// One emoji on a message, with who put it there.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReactionSummary {
@@ -146,6 +199,15 @@ pub trait MessageWrites: Send {
         unread: bool,
         chat_name: Option<&str>,
     ) -> Result<bool, StoreError>;
+
+    /// Stores a new message only (no chat change; see [`Self::touch_chats`]), applying the
+    /// changes kept for it. Returns whether it was new; a known one only takes a newer status.
+    async fn insert_message(&mut self, message: &StoredMessage) -> Result<bool, StoreError>;
+
+    /// Moves each chat once: its last message forward, its unread count, its name. In the
+    /// order of (session, chat), so units of work touching the same chats never wait for each
+    /// other in a cycle.
+    async fn touch_chats(&mut self, touches: &mut [ChatTouch]) -> Result<(), StoreError>;
 
     /// Sets a stored message's delivery status when it is further along than the stored one
     /// (sent, server_ack, delivered, read, played; a rejection is final): receipts arrive out of
@@ -498,6 +560,16 @@ impl MessageWrites for SqlUnitOfWork {
         unread: bool,
         chat_name: Option<&str>,
     ) -> Result<bool, StoreError> {
+        if !self.insert_message(message).await? {
+            return Ok(false);
+        }
+        let mut touch = ChatTouch::new(message.tenant_id, message.session_id, &message.chat_jid);
+        touch.add(message, unread, chat_name);
+        self.touch_chats(std::slice::from_mut(&mut touch)).await?;
+        Ok(true)
+    }
+
+    async fn insert_message(&mut self, message: &StoredMessage) -> Result<bool, StoreError> {
         let now = OffsetDateTime::now_utc();
         // Inserted only when new (and when its session still exists): a message reported twice
         // must not count twice as unread.
@@ -533,13 +605,26 @@ impl MessageWrites for SqlUnitOfWork {
         }
         // Changes that overtook the message (events are applied by several readers at once).
         self.apply_deferred(message.session_id, &message.message_id).await?;
-        let last_text = message.text.clone().unwrap_or_else(|| format!("[{}]", message.kind));
-        self.tx
-            .query(
-                concat!(
+        Ok(true)
+    }
+
+    async fn touch_chats(&mut self, touches: &mut [ChatTouch]) -> Result<(), StoreError> {
+        touches.sort_by(|a, b| (a.session_id, &a.chat_jid).cmp(&(b.session_id, &b.chat_jid)));
+        let now = OffsetDateTime::now_utc();
+        for touch in touches.iter() {
+            let Some(last) = &touch.last else {
+                if touch.read {
+                    self.mark_chat_read(touch.session_id, &touch.chat_jid).await?;
+                }
+                continue;
+            };
+            let last_text = last.text.clone().unwrap_or_else(|| format!("[{}]", last.kind));
+            self.tx
+                .query(concat!(
                     "INSERT INTO session_chats (id, tenant_id, session_id, chat_jid, last_message_id, last_message_ts, \
                      last_message_text, last_message_type, unread_count, created_at, updated_at, chat_name) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10, $11) \
+                     SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10, $11 \
+                     WHERE EXISTS (SELECT 1 FROM sessions WHERE id = $3 AND tenant_id = $2) \
                      ON CONFLICT (session_id, chat_jid) DO UPDATE SET \
                      chat_name = COALESCE(excluded.chat_name, session_chats.chat_name), last_message_id = CASE WHEN ",
                     newer_last_message!(),
@@ -553,23 +638,25 @@ impl MessageWrites for SqlUnitOfWork {
                      last_message_ts = CASE WHEN ",
                     newer_last_message!(),
                     " THEN excluded.last_message_ts ELSE session_chats.last_message_ts END, \
-                     unread_count = session_chats.unread_count + excluded.unread_count, updated_at = excluded.updated_at"
-                ),
-            )
-            .bind_uuid(Uuid::now_v7())
-            .bind_uuid(message.tenant_id)
-            .bind_uuid(message.session_id)
-            .bind(message.chat_jid.as_str())
-            .bind(message.message_id.as_str())
-            .bind_time(message.timestamp)
-            .bind(last_text.as_str())
-            .bind(message.kind.as_str())
-            .bind(i32::from(unread))
-            .bind_time(now)
-            .bind(chat_name)
-            .execute()
-            .await?;
-        Ok(true)
+                     unread_count = CASE WHEN $12 THEN excluded.unread_count \
+                     ELSE session_chats.unread_count + excluded.unread_count END, updated_at = excluded.updated_at"
+                ))
+                .bind_uuid(Uuid::now_v7())
+                .bind_uuid(touch.tenant_id)
+                .bind_uuid(touch.session_id)
+                .bind(touch.chat_jid.as_str())
+                .bind(last.message_id.as_str())
+                .bind_time(last.timestamp)
+                .bind(last_text.as_str())
+                .bind(last.kind.as_str())
+                .bind(i32::try_from(touch.unread).unwrap_or(i32::MAX))
+                .bind_time(now)
+                .bind(touch.chat_name.as_deref())
+                .bind(touch.read)
+                .execute()
+                .await?;
+        }
+        Ok(())
     }
 
     async fn record_message_status(

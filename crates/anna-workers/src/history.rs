@@ -7,7 +7,7 @@ use anna_domain::session::{
     ChangeKind, MessageChange, SESSION_CHATS_UPDATE, SESSION_DELETED, SESSION_MESSAGE_RECEIVED, SESSION_MESSAGE_SENT,
     SESSION_MESSAGE_STATUS, SESSION_MESSAGES_DELETE, SESSION_MESSAGES_EDIT, SESSION_MESSAGES_REACTION,
 };
-use anna_store::{StoredMessage, UnitOfWork};
+use anna_store::{ChatTouch, StoredMessage, UnitOfWork};
 use anna_streams::consumer::{Effect, HandlerError, ReceivedEvent, Subscriber};
 use anna_whatsapp::Jid;
 use serde_json::Value;
@@ -60,57 +60,48 @@ impl Subscriber for MessageHistory {
         Effect::Database
     }
 
+    /// A batch in one unit of work: messages are inserted in stream order, and each chat they
+    /// (or reads) touch is moved once at the end, chats in a fixed order, so readers applying
+    /// batches of the same sessions at once neither wait in a cycle nor write a hot chat row
+    /// once per message.
+    async fn handle_batch(
+        &self,
+        events: &[&ReceivedEvent],
+        uow: &mut dyn UnitOfWork,
+    ) -> Result<(), (Option<usize>, HandlerError)> {
+        let mut touches: Vec<ChatTouch> = Vec::new();
+        for (position, received) in events.iter().enumerate() {
+            let failed = |error: HandlerError| (Some(position), error);
+            match received.event.event_name.as_str() {
+                SESSION_MESSAGE_RECEIVED | SESSION_MESSAGE_SENT => {
+                    let (message, unread, chat_name) = new_message(received).map_err(failed)?;
+                    if uow.insert_message(&message).await.map_err(|e| failed(e.into()))? {
+                        touch_of(&mut touches, message.tenant_id, message.session_id, &message.chat_jid).add(
+                            &message,
+                            unread,
+                            chat_name.as_deref(),
+                        );
+                    }
+                }
+                SESSION_CHATS_UPDATE => {
+                    let (tenant_id, session_id) = ids(received).map_err(failed)?;
+                    for chat in chats_read(&received.event.payload).map_err(failed)? {
+                        touch_of(&mut touches, tenant_id, session_id, chat).mark_read();
+                    }
+                }
+                _ => self.handle(received, Some(&mut *uow)).await.map_err(failed)?,
+            }
+        }
+        uow.touch_chats(&mut touches).await.map_err(|e| (None, e.into()))
+    }
+
     async fn handle(&self, received: &ReceivedEvent, uow: Option<&mut dyn UnitOfWork>) -> Result<(), HandlerError> {
         let uow = uow.ok_or_else(|| HandlerError::new("database subscriber called without a unit of work"))?;
         let payload = &received.event.payload;
         match received.event.event_name.as_str() {
-            SESSION_MESSAGE_RECEIVED => {
-                let (tenant_id, session_id) = ids(received)?;
-                let from_me = payload.get("fromMe").and_then(Value::as_bool).unwrap_or(false);
-                let message = StoredMessage {
-                    tenant_id,
-                    session_id,
-                    chat_jid: text(payload, "chat")?.to_owned(),
-                    message_id: text(payload, "messageId")?.to_owned(),
-                    from_me,
-                    sender_jid: payload.get("from").and_then(Value::as_str).map(str::to_owned),
-                    timestamp: time_of(payload, "timestamp")?,
-                    kind: "text".into(),
-                    text: payload.get("text").and_then(Value::as_str).map(str::to_owned),
-                    status: None,
-                    status_at: None,
-                    edited_at: None,
-                    deleted_at: None,
-                };
-                // A message of one's own (sent from the phone) is not unread; the contact's name
-                // names a one-to-one chat (in a group it is the sender's, not the group's).
-                let name = payload.get("pushName").and_then(Value::as_str).filter(|name| !name.trim().is_empty());
-                let chat_name = name.filter(|_| !from_me && !message.chat_jid.ends_with("@g.us"));
-                uow.record_message(&message, !from_me, chat_name).await?;
-            }
-            SESSION_MESSAGE_SENT => {
-                let (tenant_id, session_id) = ids(received)?;
-                let sent_at = time_of(payload, "sentAt")?;
-                // Events written before the chat was part of them name only the recipient (as the
-                // worker normalised it).
-                let chat = payload.get("chat").and_then(Value::as_str).map_or_else(|| text(payload, "to"), Ok)?;
-                let chat = Jid::parse(chat).map_or_else(|_| chat.to_owned(), |jid| jid.to_string());
-                let message = StoredMessage {
-                    tenant_id,
-                    session_id,
-                    chat_jid: chat,
-                    message_id: text(payload, "messageId")?.to_owned(),
-                    from_me: true,
-                    sender_jid: None,
-                    timestamp: sent_at,
-                    kind: "text".into(),
-                    text: payload.get("text").and_then(Value::as_str).map(str::to_owned),
-                    status: Some("sent".into()),
-                    status_at: Some(sent_at),
-                    edited_at: None,
-                    deleted_at: None,
-                };
-                uow.record_message(&message, false, None).await?;
+            SESSION_MESSAGE_RECEIVED | SESSION_MESSAGE_SENT => {
+                let (message, unread, chat_name) = new_message(received)?;
+                uow.record_message(&message, unread, chat_name.as_deref()).await?;
             }
             SESSION_MESSAGE_STATUS => {
                 let (_, session_id) = ids(received)?;
@@ -131,13 +122,8 @@ impl Subscriber for MessageHistory {
             }
             SESSION_CHATS_UPDATE => {
                 let (_, session_id) = ids(received)?;
-                // Only reads change what the history keeps of a chat.
-                if payload.get("source").and_then(Value::as_str) == Some("read") {
-                    for chat in payload.get("chats").and_then(Value::as_array).into_iter().flatten() {
-                        if chat.get("unreadCount").and_then(Value::as_u64) == Some(0) {
-                            uow.mark_chat_read(session_id, text(chat, "id")?).await?;
-                        }
-                    }
+                for chat in chats_read(payload)? {
+                    uow.mark_chat_read(session_id, chat).await?;
                 }
             }
             SESSION_DELETED => {
@@ -148,6 +134,84 @@ impl Subscriber for MessageHistory {
         }
         Ok(())
     }
+}
+
+/// The batch's change to a chat, created on first use.
+fn touch_of<'a>(touches: &'a mut Vec<ChatTouch>, tenant_id: Uuid, session_id: Uuid, chat: &str) -> &'a mut ChatTouch {
+    let at = match touches.iter().position(|t| t.session_id == session_id && t.chat_jid == chat) {
+        Some(at) => at,
+        None => {
+            touches.push(ChatTouch::new(tenant_id, session_id, chat));
+            touches.len() - 1
+        }
+    };
+    &mut touches[at]
+}
+
+/// The chats a `session.chats.update` says were read (only reads change the history's chats).
+fn chats_read(payload: &Value) -> Result<Vec<&str>, HandlerError> {
+    if payload.get("source").and_then(Value::as_str) != Some("read") {
+        return Ok(Vec::new());
+    }
+    payload
+        .get("chats")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter(|chat| chat.get("unreadCount").and_then(Value::as_u64) == Some(0))
+        .map(|chat| text(chat, "id"))
+        .collect()
+}
+
+/// The message a `session.message.received` or `.sent` records, whether it counts as unread,
+/// and the name it gives its chat.
+fn new_message(received: &ReceivedEvent) -> Result<(StoredMessage, bool, Option<String>), HandlerError> {
+    let (tenant_id, session_id) = ids(received)?;
+    let payload = &received.event.payload;
+    if received.event.event_name == SESSION_MESSAGE_SENT {
+        let sent_at = time_of(payload, "sentAt")?;
+        // Events written before the chat was part of them name only the recipient (as the
+        // worker normalised it).
+        let chat = payload.get("chat").and_then(Value::as_str).map_or_else(|| text(payload, "to"), Ok)?;
+        let chat = Jid::parse(chat).map_or_else(|_| chat.to_owned(), |jid| jid.to_string());
+        let message = StoredMessage {
+            tenant_id,
+            session_id,
+            chat_jid: chat,
+            message_id: text(payload, "messageId")?.to_owned(),
+            from_me: true,
+            sender_jid: None,
+            timestamp: sent_at,
+            kind: "text".into(),
+            text: payload.get("text").and_then(Value::as_str).map(str::to_owned),
+            status: Some("sent".into()),
+            status_at: Some(sent_at),
+            edited_at: None,
+            deleted_at: None,
+        };
+        return Ok((message, false, None));
+    }
+    let from_me = payload.get("fromMe").and_then(Value::as_bool).unwrap_or(false);
+    let message = StoredMessage {
+        tenant_id,
+        session_id,
+        chat_jid: text(payload, "chat")?.to_owned(),
+        message_id: text(payload, "messageId")?.to_owned(),
+        from_me,
+        sender_jid: payload.get("from").and_then(Value::as_str).map(str::to_owned),
+        timestamp: time_of(payload, "timestamp")?,
+        kind: "text".into(),
+        text: payload.get("text").and_then(Value::as_str).map(str::to_owned),
+        status: None,
+        status_at: None,
+        edited_at: None,
+        deleted_at: None,
+    };
+    // A message of one's own (sent from the phone) is not unread; the contact's name names a
+    // one-to-one chat (in a group it is the sender's, not the group's).
+    let name = payload.get("pushName").and_then(Value::as_str).filter(|name| !name.trim().is_empty());
+    let chat_name = name.filter(|_| !from_me && !message.chat_jid.ends_with("@g.us")).map(str::to_owned);
+    Ok((message, !from_me, chat_name))
 }
 
 /// Upkeep of the message history (`MESSAGES_*`): changes kept for messages that arrived late,
@@ -281,11 +345,69 @@ fn changes(name: &str, payload: &Value) -> Result<Vec<MessageChange>, HandlerErr
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use anna_domain::SessionRef;
     use time::OffsetDateTime;
     use uuid::Uuid;
 
     use super::*;
+
+    /// In a batch, a read resets what came before it; messages after it count; each chat is
+    /// moved once.
+    #[tokio::test]
+    async fn a_batch_counts_unread_messages_around_a_read() -> Result<(), Box<dyn std::error::Error>> {
+        use anna_domain::session::ReceivedMessage;
+        use anna_store::{ConnectOptions, SqlStore, Store};
+        use anna_streams::consumer::Subscriber;
+
+        let sql = SqlStore::connect(&anna_testkit::sqlite::fresh_database_url(), &ConnectOptions::default()).await?;
+        sql.migrate().await?;
+        let store: Arc<dyn Store> = Arc::new(sql);
+        let (tenant, id) = (Uuid::new_v4(), Uuid::new_v4());
+        let now = OffsetDateTime::now_utc();
+        let mut uow = store.begin().await?;
+        uow.insert_session(&anna_domain::Session::create(id, tenant, now).0).await?;
+        uow.commit().await?;
+        let session = SessionRef { id, tenant_id: tenant };
+        let (a, b) = ("491111@s.whatsapp.net", "492222@s.whatsapp.net");
+        let received = |message_id: &str, chat: &str, seconds: i64| {
+            let message = ReceivedMessage {
+                message_id: message_id.into(),
+                chat: chat.into(),
+                sender: chat.into(),
+                push_name: Some("Ann".into()),
+                text: Some(message_id.into()),
+                from_me: false,
+                timestamp: now + time::Duration::seconds(seconds),
+            };
+            session.message_received(&message, now)
+        };
+        let events = [
+            received("m1", a, 1),
+            received("m2", a, 2),
+            received("b1", b, 3),
+            session.chat_read(Uuid::new_v4(), a, &["m2".into()], now),
+            received("m3", a, 4),
+            received("m3", a, 4),
+        ];
+        let delivered: Vec<ReceivedEvent> = events
+            .into_iter()
+            .enumerate()
+            .map(|(n, event)| ReceivedEvent { event, entry_id: format!("{n}-0"), delivery_count: 1 })
+            .collect();
+        let batch: Vec<&ReceivedEvent> = delivered.iter().collect();
+        let mut uow = store.begin().await?;
+        MessageHistory.handle_batch(&batch, uow.as_mut()).await.map_err(|(_, e)| format!("{e}"))?;
+        uow.commit().await?;
+        let chats = store.list_chats(id).await?;
+        let summary: Vec<(&str, Option<&str>, u64, Option<&str>)> = chats
+            .iter()
+            .map(|c| (c.chat_jid.as_str(), c.last_message_id.as_deref(), c.unread_count, c.chat_name.as_deref()))
+            .collect();
+        assert_eq!(summary, vec![(a, Some("m3"), 1, Some("Ann")), (b, Some("b1"), 1, Some("Ann"))]);
+        Ok(())
+    }
 
     /// What the sessions worker writes is what this subscriber reads, for every kind of change.
     #[test]

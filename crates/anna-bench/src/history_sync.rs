@@ -33,22 +33,7 @@ pub async fn run(args: HistorySyncArgs) -> anyhow::Result<()> {
     println!("| shape | stored in | rows/s | RSS before scan | peak RSS (VmHWM) | RSS after |");
     println!("|---|---:|---:|---:|---:|---:|");
     for shape in &args.shapes {
-        let (label, mut vars) = match shape.as_str() {
-            "embedded" => {
-                ("SQLite + embedded streams", vec![("DATABASE_URL", anna_testkit::sqlite::fresh_database_url())])
-            }
-            "distributed" => {
-                let durable = std::env::var("ANNA_TEST_DATABASE_URL").is_ok();
-                (
-                    if durable { "Postgres (durable) + Redis" } else { "Postgres (throwaway) + Redis" },
-                    vec![
-                        ("DATABASE_URL", anna_testkit::pg::fresh_database_url().await),
-                        ("REDIS_URL", anna_testkit::redis::shared_url()),
-                    ],
-                )
-            }
-            other => anyhow::bail!("unknown shape {other} (embedded, distributed)"),
-        };
+        let (label, mut vars) = crate::process::serve_shape(shape).await?;
         vars.extend([
             ("SESSIONS_PROVIDER", "simulator".to_owned()),
             ("SESSIONS_SIMULATOR_REPLY_MS", "0".to_owned()),

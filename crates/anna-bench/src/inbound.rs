@@ -42,22 +42,7 @@ pub async fn run(args: InboundArgs) -> anyhow::Result<()> {
     println!("| shape | all {total} stored in | messages/s | RSS before | peak RSS (VmHWM) |");
     println!("|---|---:|---:|---:|---:|");
     for shape in &args.shapes {
-        let (label, mut vars) = match shape.as_str() {
-            "embedded" => {
-                ("SQLite + embedded streams", vec![("DATABASE_URL", anna_testkit::sqlite::fresh_database_url())])
-            }
-            "distributed" => {
-                let durable = std::env::var("ANNA_TEST_DATABASE_URL").is_ok();
-                (
-                    if durable { "Postgres (durable) + Redis" } else { "Postgres (throwaway) + Redis" },
-                    vec![
-                        ("DATABASE_URL", anna_testkit::pg::fresh_database_url().await),
-                        ("REDIS_URL", anna_testkit::redis::shared_url()),
-                    ],
-                )
-            }
-            other => anyhow::bail!("unknown shape {other} (embedded, distributed)"),
-        };
+        let (label, mut vars) = crate::process::serve_shape(shape).await?;
         vars.extend([
             ("SESSIONS_PROVIDER", "simulator".to_owned()),
             ("SESSIONS_MAX_PER_TENANT", "0".to_owned()),
@@ -91,11 +76,11 @@ async fn burst(server: &Server, sessions: usize, total: u64, stages: bool) -> an
             client.post(format!("{base}/sessions")).header("authorization", &bearer).send().await?.json().await?;
         ids.push(started["sessionId"].as_str().ok_or_else(|| anyhow::anyhow!("no session: {started}"))?.to_owned());
     }
-    wait_all(&client, &base, &bearer, sessions, |s| s["qr"].is_string()).await?;
+    crate::sessions::wait_for(&client, &base, &bearer, sessions, |s| s["qr"].is_string()).await?;
     for id in &ids {
         client.post(format!("{base}/simulator/sessions/{id}/scan")).header("authorization", &bearer).send().await?;
     }
-    wait_all(&client, &base, &bearer, sessions, |s| s["status"] == "connected").await?;
+    crate::sessions::wait_for(&client, &base, &bearer, sessions, |s| s["status"] == "connected").await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let before_kib = server.rss_kib();
     let started = Instant::now();
@@ -147,25 +132,5 @@ async fn burst(server: &Server, sessions: usize, total: u64, stages: bool) -> an
         }
         anyhow::ensure!(Instant::now() < deadline, "only {unread} of {total} stored within 30 minutes");
         tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-async fn wait_all(
-    client: &reqwest::Client,
-    base: &str,
-    bearer: &str,
-    expected: usize,
-    done: impl Fn(&Value) -> bool,
-) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let list: Value =
-            client.get(format!("{base}/sessions")).header("authorization", bearer).send().await?.json().await?;
-        let ready = list["sessions"].as_array().map_or(0, |s| s.iter().filter(|s| done(s)).count());
-        if ready >= expected {
-            return Ok(());
-        }
-        anyhow::ensure!(Instant::now() < deadline, "{ready} of {expected} sessions ready after 2 minutes");
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

@@ -221,6 +221,26 @@ fn status_kib(pid: u32, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// The database and stream of an `anna serve` in a benchmark shape: its label and variables.
+/// `embedded`: a fresh SQLite file with embedded streams; `distributed`: Postgres (the database
+/// of `ANNA_TEST_DATABASE_URL` when set, else a throwaway cluster) and Redis.
+pub(crate) async fn serve_shape(shape: &str) -> anyhow::Result<(&'static str, Vec<(&'static str, String)>)> {
+    Ok(match shape {
+        "embedded" => ("SQLite + embedded streams", vec![("DATABASE_URL", anna_testkit::sqlite::fresh_database_url())]),
+        "distributed" => {
+            let durable = std::env::var("ANNA_TEST_DATABASE_URL").is_ok();
+            (
+                if durable { "Postgres (durable) + Redis" } else { "Postgres (throwaway) + Redis" },
+                vec![
+                    ("DATABASE_URL", anna_testkit::pg::fresh_database_url().await),
+                    ("REDIS_URL", anna_testkit::redis::shared_url()),
+                ],
+            )
+        }
+        other => anyhow::bail!("unknown shape {other} (embedded, distributed)"),
+    })
+}
+
 pub(crate) fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
 }

@@ -170,7 +170,9 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-async fn wait_for(
+/// Waits until `expected` of the tenant's sessions satisfy `done` (polled every 500 ms, for at
+/// most 10 minutes).
+pub(crate) async fn wait_for(
     client: &reqwest::Client,
     base: &str,
     bearer: &str,

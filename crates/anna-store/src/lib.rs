@@ -99,11 +99,20 @@ impl Backend {
 pub struct ConnectOptions {
     pub max_connections: u32,
     pub acquire_timeout: Duration,
+    /// Postgres ends a session left idle this long inside a transaction, releasing its locks
+    /// (`idle_in_transaction_session_timeout`): a process cut off from the database mid
+    /// transaction would otherwise hold them until the server notices the dead connection,
+    /// which TCP may take hours to tell. anna's transactions never wait idle.
+    pub idle_in_transaction_timeout: Duration,
 }
 
 impl Default for ConnectOptions {
     fn default() -> Self {
-        Self { max_connections: 10, acquire_timeout: Duration::from_secs(5) }
+        Self {
+            max_connections: 10,
+            acquire_timeout: Duration::from_secs(5),
+            idle_in_transaction_timeout: Duration::from_secs(15),
+        }
     }
 }
 

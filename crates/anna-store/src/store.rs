@@ -72,7 +72,9 @@ impl SqlStore {
         // number of pending rows, so past ~10,000 of them Postgres JIT-compiled every claim
         // (about 150 ms each at 100,000 pending rows, against 1.5 ms without), and a backlog
         // drained the slower the larger it was.
-        let connect_options = PgConnectOptions::from_str(url)?.options([("jit", "off")]);
+        let idle_ms = options.idle_in_transaction_timeout.as_millis().max(1).to_string();
+        let connect_options = PgConnectOptions::from_str(url)?
+            .options([("jit", "off"), ("idle_in_transaction_session_timeout", idle_ms.as_str())]);
         let pool = PgPoolOptions::new()
             .max_connections(options.max_connections.max(1))
             .acquire_timeout(options.acquire_timeout)

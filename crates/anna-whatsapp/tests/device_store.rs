@@ -29,7 +29,7 @@ use uuid::Uuid;
 // harness
 
 fn options() -> ConnectOptions {
-    ConnectOptions { max_connections: 4, acquire_timeout: Duration::from_secs(30) }
+    ConnectOptions { max_connections: 4, acquire_timeout: Duration::from_secs(30), ..ConnectOptions::default() }
 }
 
 async fn sqlite_store() -> Arc<dyn Store> {

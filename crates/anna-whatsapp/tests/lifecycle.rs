@@ -49,7 +49,7 @@ impl HttpClient for NoHttp {
 
 async fn sqlite_store() -> Arc<dyn Store> {
     let url = anna_testkit::sqlite::fresh_database_url();
-    let options = ConnectOptions { max_connections: 4, acquire_timeout: Duration::from_secs(30) };
+    let options = ConnectOptions { max_connections: 4, acquire_timeout: Duration::from_secs(30), ..Default::default() };
     let store = anna_store::connect(&url, &options).await.unwrap();
     store.migrate().await.unwrap();
     store

@@ -54,7 +54,11 @@ impl Backends {
 }
 
 fn connect_options(config: &Config) -> ConnectOptions {
-    ConnectOptions { max_connections: config.database.max_connections, ..ConnectOptions::default() }
+    ConnectOptions {
+        max_connections: config.database.max_connections,
+        idle_in_transaction_timeout: config.database.idle_in_transaction_timeout,
+        ..ConnectOptions::default()
+    }
 }
 
 pub(crate) async fn open_sql_store(config: &Config) -> anyhow::Result<SqlStore> {

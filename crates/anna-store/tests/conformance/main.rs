@@ -20,7 +20,7 @@ type TestResult = Result<(), StoreError>;
 
 fn test_options() -> ConnectOptions {
     // Small pools: many tests run at once against one Postgres server.
-    ConnectOptions { max_connections: 4, acquire_timeout: StdDuration::from_secs(30) }
+    ConnectOptions { max_connections: 4, acquire_timeout: StdDuration::from_secs(30), ..ConnectOptions::default() }
 }
 
 async fn sqlite_store() -> Arc<dyn Store> {

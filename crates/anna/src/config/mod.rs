@@ -64,6 +64,8 @@ pub struct DatabaseConfig {
     /// `sqlite:…` or `postgres://user:password@…`.
     pub url: SecretString,
     pub max_connections: u32,
+    /// `DATABASE_IDLE_IN_TRANSACTION_TIMEOUT_MS` (Postgres).
+    pub idle_in_transaction_timeout: std::time::Duration,
 }
 
 impl DatabaseConfig {
@@ -226,6 +228,7 @@ fn database<F: Fn(&str) -> Option<String>>(vars: &Vars<F>) -> Result<DatabaseCon
     Ok(DatabaseConfig {
         url,
         max_connections: vars.positive("DATABASE_MAX_CONNECTIONS", 10, "a positive number of connections")?,
+        idle_in_transaction_timeout: vars.millis("DATABASE_IDLE_IN_TRANSACTION_TIMEOUT_MS", 15_000)?,
     })
 }
 

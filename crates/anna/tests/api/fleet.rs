@@ -400,7 +400,11 @@ async fn a_killed_worker_is_replaced_and_a_new_one_gets_its_share() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_worker_cut_off_from_its_database_stops_its_sessions_before_its_leases_expire() {
-    let vars = fleet_vars();
+    let mut vars = fleet_vars();
+    // The phones' histories are still being stored when the cable is cut: the worker leaves
+    // transactions open, holding locks, that Postgres must end for the rescue to take over.
+    vars.push(("SESSIONS_SIMULATOR_HISTORY_MESSAGES", "3000".into()));
+    vars.push(("DATABASE_IDLE_IN_TRANSACTION_TIMEOUT_MS", "5000".into()));
     let pairs: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let app = spawn_app_roles(Backend::Postgres, &pairs, ROLES).await;
     // The worker reaches Postgres through a proxy the test can cut.

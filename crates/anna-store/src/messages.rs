@@ -200,9 +200,15 @@ pub trait MessageWrites: Send {
         chat_name: Option<&str>,
     ) -> Result<bool, StoreError>;
 
-    /// Stores a new message only (no chat change; see [`Self::touch_chats`]), applying the
-    /// changes kept for it. Returns whether it was new; a known one only takes a newer status.
+    /// Stores a new message only: no chat change (see [`Self::touch_chats`]) and none of the
+    /// changes kept for it (see [`Self::apply_pending_changes`]). Returns whether it was new; a
+    /// known one only takes a newer status.
     async fn insert_message(&mut self, message: &StoredMessage) -> Result<bool, StoreError>;
+
+    /// Applies, then forgets, the changes kept for these messages of a session (edits,
+    /// deletions, statuses that overtook them), in one look for the lot. After the chats were
+    /// moved: an edit of a chat's last message also changes the chat's last text.
+    async fn apply_pending_changes(&mut self, session_id: Uuid, message_ids: &[String]) -> Result<(), StoreError>;
 
     /// Moves each chat once: its last message forward, its unread count, its name. In the
     /// order of (session, chat), so units of work touching the same chats never wait for each
@@ -566,6 +572,7 @@ impl MessageWrites for SqlUnitOfWork {
         let mut touch = ChatTouch::new(message.tenant_id, message.session_id, &message.chat_jid);
         touch.add(message, unread, chat_name);
         self.touch_chats(std::slice::from_mut(&mut touch)).await?;
+        self.apply_pending_changes(message.session_id, std::slice::from_ref(&message.message_id)).await?;
         Ok(true)
     }
 
@@ -603,9 +610,30 @@ impl MessageWrites for SqlUnitOfWork {
             }
             return Ok(false);
         }
-        // Changes that overtook the message (events are applied by several readers at once).
-        self.apply_deferred(message.session_id, &message.message_id).await?;
         Ok(true)
+    }
+
+    async fn apply_pending_changes(&mut self, session_id: Uuid, message_ids: &[String]) -> Result<(), StoreError> {
+        if message_ids.is_empty() {
+            return Ok(());
+        }
+        let waiting = self
+            .tx
+            .query(Sql::PerBackend {
+                sqlite: "SELECT DISTINCT message_id FROM session_message_pending \
+                         WHERE session_id = $1 AND message_id IN (SELECT value FROM json_each($2))",
+                postgres: "SELECT DISTINCT message_id FROM session_message_pending \
+                           WHERE session_id = $1 AND message_id = ANY($2)",
+            })
+            .bind_uuid(session_id)
+            .bind_text_set(message_ids)
+            .fetch_all()
+            .await?;
+        for row in &waiting {
+            let message_id: String = row.get("message_id")?;
+            self.apply_deferred(session_id, &message_id).await?;
+        }
+        Ok(())
     }
 
     async fn touch_chats(&mut self, touches: &mut [ChatTouch]) -> Result<(), StoreError> {
@@ -897,22 +925,7 @@ impl MessageWrites for SqlUnitOfWork {
         }
         if inserted > 0 {
             let ids: Vec<String> = piece.messages.iter().map(|m| m.message.message_id.clone()).collect();
-            let waiting = self
-                .tx
-                .query(Sql::PerBackend {
-                    sqlite: "SELECT DISTINCT message_id FROM session_message_pending \
-                             WHERE session_id = $1 AND message_id IN (SELECT value FROM json_each($2))",
-                    postgres: "SELECT DISTINCT message_id FROM session_message_pending \
-                               WHERE session_id = $1 AND message_id = ANY($2)",
-                })
-                .bind_uuid(session_id)
-                .bind_text_set(&ids)
-                .fetch_all()
-                .await?;
-            for row in &waiting {
-                let message_id: String = row.get("message_id")?;
-                self.apply_deferred(session_id, &message_id).await?;
-            }
+            self.apply_pending_changes(session_id, &ids).await?;
         }
         Ok(Some(inserted))
     }

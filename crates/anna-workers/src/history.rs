@@ -70,12 +70,14 @@ impl Subscriber for MessageHistory {
         uow: &mut dyn UnitOfWork,
     ) -> Result<(), (Option<usize>, HandlerError)> {
         let mut touches: Vec<ChatTouch> = Vec::new();
+        let mut inserted: Vec<(Uuid, String)> = Vec::new();
         for (position, received) in events.iter().enumerate() {
             let failed = |error: HandlerError| (Some(position), error);
             match received.event.event_name.as_str() {
                 SESSION_MESSAGE_RECEIVED | SESSION_MESSAGE_SENT => {
                     let (message, unread, chat_name) = new_message(received).map_err(failed)?;
                     if uow.insert_message(&message).await.map_err(|e| failed(e.into()))? {
+                        inserted.push((message.session_id, message.message_id.clone()));
                         touch_of(&mut touches, message.tenant_id, message.session_id, &message.chat_jid).add(
                             &message,
                             unread,
@@ -92,7 +94,15 @@ impl Subscriber for MessageHistory {
                 _ => self.handle(received, Some(&mut *uow)).await.map_err(failed)?,
             }
         }
-        uow.touch_chats(&mut touches).await.map_err(|e| (None, e.into()))
+        uow.touch_chats(&mut touches).await.map_err(|e| (None, e.into()))?;
+        // Changes that overtook the new messages: one look per session of the batch.
+        inserted.sort();
+        for chunk in inserted.chunk_by(|a, b| a.0 == b.0) {
+            let Some((session_id, _)) = chunk.first() else { continue };
+            let ids: Vec<String> = chunk.iter().map(|(_, id)| id.clone()).collect();
+            uow.apply_pending_changes(*session_id, &ids).await.map_err(|e| (None, e.into()))?;
+        }
+        Ok(())
     }
 
     async fn handle(&self, received: &ReceivedEvent, uow: Option<&mut dyn UnitOfWork>) -> Result<(), HandlerError> {

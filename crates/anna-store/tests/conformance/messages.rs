@@ -225,6 +225,12 @@ async fn edits_deletions_reactions_and_reads_change_the_history(store: Arc<dyn S
     assert_eq!((of("m5").text, of("m5").edited_at), (Some("early edit".into()), Some(t + Duration::seconds(9))));
     assert_eq!((of("m6").status, of("m6").status_at), (Some("read".into()), Some(t + Duration::seconds(9))));
     assert_eq!(of("m7").deleted_at, Some(t));
+    // An edit that overtook what becomes the chat's last message is the chat's last text too.
+    let mut uow = store.begin().await?;
+    uow.record_message_change(tenant, session.id, &edit("m9", "late edit", t + Duration::seconds(50))).await?;
+    uow.record_message(&message(&session, chat, "m9", t + Duration::seconds(40), false), true, None).await?;
+    uow.commit().await?;
+    assert_eq!(store.list_chats(session.id).await?[0].last_message_text.as_deref(), Some("late edit"));
     let mut uow = store.begin().await?;
     assert!(!uow.record_message_change(tenant, session.id, &edit("never", "x", t)).await?);
     assert_eq!(uow.settle_pending_changes(100, OffsetDateTime::now_utc() + Duration::minutes(1)).await?, (0, 1));

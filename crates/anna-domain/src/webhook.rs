@@ -460,13 +460,7 @@ mod tests {
         assert!(SigningSecret::parse("nope").is_err());
         let sealer = secret_sealer(b"server");
         let tenant = Uuid::new_v4();
-        let settings = NewEndpoint {
-            url: "https://example.com/hook".into(),
-            description: String::new(),
-            filter: EventFilter::all(),
-            enabled: true,
-            ordered: false,
-        };
+        let settings = endpoint_settings();
         let now = OffsetDateTime::now_utc();
         let (mut endpoint, first, created) = WebhookEndpoint::create(tenant, settings, &sealer, now).expect("create");
         assert!(!endpoint.secret_sealed.contains(&first.reveal()));
@@ -480,16 +474,20 @@ mod tests {
         assert!(endpoint.signing_secrets(&secret_sealer(b"other"), now).is_err());
     }
 
-    #[test]
-    fn endpoints_want_events_from_the_millisecond_they_were_created_in() {
-        let tenant = Uuid::new_v4();
-        let settings = NewEndpoint {
+    fn endpoint_settings() -> NewEndpoint {
+        NewEndpoint {
             url: "https://example.com/hook".into(),
             description: String::new(),
             filter: EventFilter::all(),
             enabled: true,
             ordered: false,
-        };
+        }
+    }
+
+    #[test]
+    fn endpoints_want_events_from_the_millisecond_they_were_created_in() {
+        let tenant = Uuid::new_v4();
+        let settings = endpoint_settings();
         let created = time::macros::datetime!(2026-12-06 21:17:55.051_906 UTC);
         let (endpoint, _, _) =
             WebhookEndpoint::create(tenant, settings, &secret_sealer(b"server"), created).expect("create");

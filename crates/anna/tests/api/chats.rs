@@ -88,6 +88,10 @@ async fn history_of_sent_and_received_messages(backend: Backend) {
     }
     let odd = app.http.put(format!("{}/chats/{CONTACT}/messages", app.base)).bearer_auth(&token).send().await;
     assert_eq!(odd.map(|r| r.status().as_u16()).ok(), Some(405));
+    for path in [format!("/chats/{CONTACT}/read"), "/contacts".to_owned(), "/settings/retention".to_owned()] {
+        let odd = app.http.delete(format!("{}{path}", app.base)).bearer_auth(&token).send().await;
+        assert_eq!(odd.map(|r| r.status().as_u16()).ok(), Some(405), "{path}");
+    }
 
     // Another tenant sees none of it, naming the session or not.
     for path in
@@ -249,6 +253,12 @@ async fn edits_deletions_reactions_and_reads(backend: Backend) {
             "",
         ),
         (app.post(&format!("/chats/{CONTACT}/messages/a%00b/reactions")).json(json!({"emoji": "👍"})), 400, ""),
+        (app.post(&format!("/chats/{CONTACT}/read")).json(json!({"messageIds": vec!["x"; 1001]})), 400, ""),
+        (app.patch(&format!("/chats/{CONTACT}/messages/{}", "9".repeat(300))).json(json!({"content": "x"})), 400, ""),
+        (app.post(&on_mine).json(json!({"emoji": "👍".repeat(17)})), 400, ""),
+        (app.post(&on_mine).json(json!({"emoji": "👍\u{0}"})), 400, ""),
+        (app.patch(&message).json(json!({"content": "a\u{0}b"})), 400, "content must not contain control characters"),
+        (app.post(&format!("/chats/{CONTACT}/messages")).json(json!({"content": "x".repeat(70_000)})), 413, ""),
     ];
     for (request, status, text) in cases {
         let refused = request.bearer(&token).send().await;

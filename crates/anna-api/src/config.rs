@@ -16,6 +16,9 @@ pub struct ApiConfig {
     /// Peers whose `X-Forwarded-For` is believed.
     pub trusted_proxies: Vec<IpNet>,
     pub max_body_bytes: usize,
+    /// `MEDIA_MAX_UPLOAD_BYTES`: the largest file `POST /media` takes (its body may be larger
+    /// by the multipart framing).
+    pub media_max_upload_bytes: u64,
     /// Resend-verification and password-reset answer no sooner than this, whether or not the
     /// e-mail exists, so their timing does not tell.
     pub uniform_response_time: Duration,
@@ -99,6 +102,7 @@ impl ApiConfig {
             rate_limit_key_prefix: "anna:rate".into(),
             trusted_proxies: Vec::new(),
             max_body_bytes: 64 * 1024,
+            media_max_upload_bytes: 25 * 1024 * 1024,
             uniform_response_time: Duration::from_millis(250),
             idempotency_key_ttl: Duration::from_secs(24 * 3600),
             metrics_on_api_port: true,

@@ -9,6 +9,7 @@ pub mod error;
 pub mod extract;
 pub mod health;
 pub mod idempotency;
+pub mod media;
 pub mod rate_limit;
 pub mod realtime;
 pub mod sessions;
@@ -48,6 +49,7 @@ pub use state::AppState;
         (name = "auth", description = "Login, refresh tokens, logout, password reset"),
         (name = "sessions", description = "WhatsApp sessions: start, pair, send, stop, log out, delete"),
         (name = "chats", description = "Message history: chats with their last message and unread count, messages by page"),
+        (name = "media", description = "Uploads to send, and downloads of every media object through short-lived signed URLs"),
         (name = "webhooks", description = "Webhook endpoints, signed deliveries, delivery logs and replays"),
         (name = "realtime", description = "Tickets for the session-event WebSocket /ws/sessions"),
         (name = "operations", description = "Health and readiness"),
@@ -80,6 +82,7 @@ fn api_routes() -> OpenApiRouter<AppState> {
         .merge(auth::router())
         .merge(sessions::router())
         .merge(chats::router())
+        .merge(media::router())
         .merge(settings::router())
         .merge(webhooks::router())
         .merge(realtime::router())
@@ -132,12 +135,13 @@ pub fn router(state: AppState) -> Router {
     if state.config.metrics_on_api_port {
         app = app.route("/metrics", get(health::metrics));
     }
-    let max_body = state.config.max_body_bytes;
+    let max_body = state.config.max_body_bytes as u64;
+    let max_upload = state.config.media_max_upload_bytes.saturating_add(media::MULTIPART_OVERHEAD);
     app.fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .route_layer(middleware::from_fn(telemetry::track_http_metrics))
-        .layer(DefaultBodyLimit::max(max_body))
-        .layer(middleware::from_fn(move |request, next| refuse_announced_oversize(max_body, request, next)))
+        .layer(DefaultBodyLimit::max(usize::try_from(max_body).unwrap_or(usize::MAX)))
+        .layer(middleware::from_fn(move |request, next| refuse_announced_oversize(max_body, max_upload, request, next)))
         .layer(middleware::from_fn(security_headers))
         .layer(
             ServiceBuilder::new()
@@ -165,18 +169,21 @@ async fn not_found(method: axum::http::Method) -> ApiError {
 }
 
 /// A body whose announced length is over the limit is refused at once, before any of it is
-/// read (a body without a length, or lying about it, is cut by `DefaultBodyLimit` as it is read).
+/// read (a body without a length, or lying about it, is cut by `DefaultBodyLimit` as it is
+/// read, or by the upload's own count of its file).
 async fn refuse_announced_oversize(
-    max_body: usize,
+    max_body: u64,
+    max_upload: u64,
     request: axum::extract::Request,
     next: middleware::Next,
 ) -> axum::response::Response {
+    let max_body = if media::is_upload(request.method(), request.uri().path()) { max_upload } else { max_body };
     let announced = request
         .headers()
         .get(axum::http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok());
-    if announced.is_some_and(|length| length > max_body as u64) {
+    if announced.is_some_and(|length| length > max_body) {
         return ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", "request body is too large")
             .into_response();
     }

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use anna_store::Store;
 use anna_streams::Stream;
-use anna_usecases::{Accounts, Sessions, Webhooks};
+use anna_usecases::{Accounts, Media, Sessions, Webhooks};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -26,6 +26,8 @@ pub struct Inner {
     pub sessions: Arc<Sessions>,
     /// Webhook endpoints and their delivery logs.
     pub webhooks: Arc<Webhooks>,
+    /// Uploads and downloads of media objects.
+    pub media: Arc<Media>,
     /// The session-event feed of the WebSockets.
     pub realtime: Arc<Realtime>,
     pub config: ApiConfig,
@@ -49,6 +51,7 @@ pub struct UseCases {
     pub accounts: Arc<Accounts>,
     pub sessions: Arc<Sessions>,
     pub webhooks: Arc<Webhooks>,
+    pub media: Arc<Media>,
 }
 
 impl AppState {
@@ -66,13 +69,14 @@ impl AppState {
             None => RateLimiters::new(config.rate_limit),
         };
         let realtime = Arc::new(Realtime::new(config.realtime.clone()));
-        let UseCases { accounts, sessions, webhooks } = usecases;
+        let UseCases { accounts, sessions, webhooks, media } = usecases;
         Self(Arc::new(Inner {
             store,
             stream,
             accounts,
             sessions,
             webhooks,
+            media,
             realtime,
             config,
             limiters,

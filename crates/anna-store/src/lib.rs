@@ -18,6 +18,7 @@ pub mod device_keys;
 pub mod events;
 pub mod fleet;
 pub mod idempotency;
+pub mod media;
 pub mod messages;
 mod outbox_wake;
 pub mod refresh_tokens;
@@ -33,6 +34,7 @@ pub use device_keys::{DeviceKeyStore, KeyChange};
 pub use events::{DeadLetter, EventLog, EventStat, EventWrites, OutboxRecord, OutboxStatus};
 pub use fleet::{Acquired, Fence, FenceSource, FleetStore, FleetView, Lease, WorkerInfo, WorkerRecord};
 pub use idempotency::{IdempotencyClaim, IdempotencyStore};
+pub use media::{MediaObject, MediaStore, MediaWrites, MessageMedia};
 pub use messages::{
     ChatSummary, ChatTouch, ContactSummary, HistoryCursor, MessageStore, MessageWrites, ReactionSummary, StoredMessage,
 };
@@ -45,9 +47,9 @@ pub use webhooks::{WebhookStore, WebhookWrites};
 /// Every store trait, for `use anna_store::prelude::*`.
 pub mod prelude {
     pub use crate::{
-        DeviceKeyStore, EventLog, EventWrites, FleetStore, IdempotencyStore, MessageStore, MessageWrites,
-        RefreshTokenStore, RefreshTokenWrites, SessionStore, SessionWrites, Store, UnitOfWork, UserStore, UserWrites,
-        WebhookStore, WebhookWrites,
+        DeviceKeyStore, EventLog, EventWrites, FleetStore, IdempotencyStore, MediaStore, MediaWrites, MessageStore,
+        MessageWrites, RefreshTokenStore, RefreshTokenWrites, SessionStore, SessionWrites, Store, UnitOfWork,
+        UserStore, UserWrites, WebhookStore, WebhookWrites,
     };
 }
 
@@ -145,6 +147,7 @@ pub trait Store:
     + FleetStore
     + WebhookStore
     + MessageStore
+    + MediaStore
     + Send
     + Sync
     + 'static
@@ -173,7 +176,7 @@ pub trait Store:
 /// together or not at all. Dropping it without `commit` rolls everything back.
 #[async_trait]
 pub trait UnitOfWork:
-    UserWrites + RefreshTokenWrites + SessionWrites + EventWrites + WebhookWrites + MessageWrites + Send
+    UserWrites + RefreshTokenWrites + SessionWrites + EventWrites + WebhookWrites + MessageWrites + MediaWrites + Send
 {
     async fn commit(self: Box<Self>) -> Result<(), StoreError>;
 }

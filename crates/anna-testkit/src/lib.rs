@@ -8,6 +8,7 @@ pub mod partition;
 pub mod pg;
 pub mod redis;
 pub mod resend_fake;
+pub mod s3;
 pub mod smtp;
 pub mod sqlite;
 pub mod webhook_receiver;

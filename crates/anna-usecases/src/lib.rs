@@ -23,6 +23,7 @@ macro_rules! store_failures {
 pub(crate) use store_failures;
 
 mod auth;
+pub mod media;
 mod passwords;
 pub mod sessions;
 mod tokens;
@@ -41,6 +42,7 @@ use secrecy::{ExposeSecret, SecretString};
 use uuid::Uuid;
 
 pub use auth::{LoginError, PasswordResetError, RefreshError};
+pub use media::{Media, MediaUseError, MediaView, Upload};
 pub use passwords::{PasswordError, Passwords};
 pub use sessions::{Enqueued, SendRequest, SessionError, Sessions, SessionsConfig};
 pub use tokens::{AccessClaims, AccessTokens, Authenticated, TokenError};

@@ -12,11 +12,12 @@ use anna_api::AppState;
 use anna_api::rate_limit::SharedBudgets;
 use anna_api::state::UseCases;
 use anna_domain::secrets::Sealer;
+use anna_media::MediaStorage;
 use anna_store::{ConnectOptions, SqlStore, Store};
 use anna_streams::consumer::{EventConsumer, Subscriber};
 use anna_streams::relay::OutboxRelay;
 use anna_streams::{EmbeddedStream, RedisStream, Stream};
-use anna_usecases::{Accounts, Sessions, Webhooks};
+use anna_usecases::{Accounts, Media, Sessions, Webhooks};
 use anna_whatsapp::SessionDriver;
 use anna_workers::email::{ConsoleEmailSender, EmailSender, ResendEmailSender, SmtpEmailSender};
 use anna_workers::fleet::{Fleet, HeldLeases};
@@ -40,6 +41,8 @@ pub struct Backends {
     pub store: Arc<dyn Store>,
     pub stream: Arc<dyn Stream>,
     pub email: Arc<dyn EmailSender>,
+    /// Where media objects are kept.
+    pub media: Arc<MediaStorage>,
 }
 
 impl Backends {
@@ -94,7 +97,9 @@ pub async fn open_backends(config: &Config) -> anyhow::Result<Backends> {
             "REDIS_URL is required with a Postgres DATABASE_URL (embedded streams live in a SQLite database)"
         ),
     };
-    Ok(Backends { store, stream, email: email_sender(config)? })
+    let media = MediaStorage::open(&config.media, config.accounts.jwt_secret.expose_secret().as_bytes())
+        .map_err(|e| anyhow::anyhow!("cannot open the media store: {e}"))?;
+    Ok(Backends { store, stream, email: email_sender(config)?, media: Arc::new(media) })
 }
 
 fn email_sender(config: &Config) -> anyhow::Result<Arc<dyn EmailSender>> {
@@ -201,6 +206,7 @@ pub async fn start(
                 accounts,
                 sessions: sessions_usecases(config, backends),
                 webhooks: webhooks_usecases(config, backends),
+                media: media_usecases(config, backends),
             },
             config.api.clone(),
             shared_budgets,
@@ -363,6 +369,10 @@ pub fn sessions_usecases(config: &Config, backends: &Backends) -> Arc<Sessions> 
         ..config.sessions.sessions.clone()
     };
     Arc::new(Sessions::new(backends.store.clone(), backends.stream.clone(), settings))
+}
+
+pub fn media_usecases(config: &Config, backends: &Backends) -> Arc<Media> {
+    Arc::new(Media::new(backends.store.clone(), backends.media.clone(), sessions_usecases(config, backends)))
 }
 
 /// The session driver `SESSIONS_PROVIDER` names, keeping device keys in `store`.

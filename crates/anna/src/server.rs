@@ -26,6 +26,8 @@ use tokio_util::sync::CancellationToken;
 pub struct ConnectionLimits {
     pub header_read_timeout: Duration,
     pub body_read_timeout: Duration,
+    /// The same for a media upload (`POST /media`), whose body is far larger.
+    pub upload_read_timeout: Duration,
     pub max_connections: usize,
 }
 
@@ -39,7 +41,15 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     // A deadline for the whole body, not a timeout between chunks: a byte every few seconds
     // must not keep a request open for hours.
-    let app = app.layer(tower_http::timeout::RequestBodyDeadlineLayer::new(limits.body_read_timeout));
+    let app =
+        app.layer(axum::middleware::from_fn(move |request: axum::extract::Request, next: axum::middleware::Next| {
+            let deadline = if anna_api::media::is_upload(request.method(), request.uri().path()) {
+                limits.upload_read_timeout
+            } else {
+                limits.body_read_timeout
+            };
+            next.run(request.map(|body| axum::body::Body::new(tower_http::timeout::DeadlineBody::new(deadline, body))))
+        }));
     let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let graceful = GracefulShutdown::new();
     // HTTP/1.1 only (behind a proxy, as anna runs, that is what arrives): HTTP/2 needs a

@@ -73,6 +73,7 @@ macro_rules! conformance {
 
 mod fleet;
 mod idempotency;
+mod media;
 mod messages;
 mod outbox;
 mod postgres_relays;

@@ -34,6 +34,7 @@ pub(super) fn server<F: Fn(&str) -> Option<String>>(vars: &Vars<F>) -> Result<Se
         limits: crate::server::ConnectionLimits {
             header_read_timeout: vars.millis("HTTP_HEADER_READ_TIMEOUT_MS", 10_000)?,
             body_read_timeout: vars.millis("HTTP_BODY_READ_TIMEOUT_MS", 30_000)?,
+            upload_read_timeout: vars.millis("MEDIA_UPLOAD_TIMEOUT_MS", 300_000)?,
             max_connections: vars.positive("HTTP_MAX_CONNECTIONS", 4096, "a positive number of connections")?,
         },
     })
@@ -84,6 +85,11 @@ pub(super) fn api<F: Fn(&str) -> Option<String>>(
         rate_limit_key_prefix: vars.string("RATE_LIMIT_KEY_PREFIX", &dev.rate_limit_key_prefix),
         trusted_proxies,
         max_body_bytes: vars.positive("HTTP_MAX_BODY_BYTES", dev.max_body_bytes, "a positive number of bytes")?,
+        media_max_upload_bytes: vars.positive(
+            "MEDIA_MAX_UPLOAD_BYTES",
+            super::media::DEFAULT_MAX_UPLOAD_BYTES,
+            "a positive number of bytes",
+        )?,
         uniform_response_time: vars.millis_or_zero("AUTH_UNIFORM_RESPONSE_MS", 250)?,
         idempotency_key_ttl: vars.millis("IDEMPOTENCY_KEY_TTL_MS", 86_400_000)?,
         metrics_on_api_port: server.metrics_port.is_none(),

@@ -7,6 +7,7 @@ mod accounts;
 mod email;
 mod events;
 mod http;
+mod media;
 mod messages;
 mod sessions;
 mod vars;
@@ -101,6 +102,8 @@ pub struct Config {
     /// Upkeep of the message history (`MESSAGES_*`).
     pub messages: anna_workers::history::HistoryUpkeepConfig,
     pub webhooks: WebhooksSettings,
+    /// Where media objects are kept (`MEDIA_*`, `S3_*`).
+    pub media: anna_media::StorageSettings,
 }
 
 impl Config {
@@ -142,6 +145,7 @@ impl Config {
             sessions: sessions::read(vars)?,
             messages: messages::read(vars)?,
             webhooks,
+            media: media::read(vars)?,
         };
         let mut config = config;
         config.api.simulator = config.sessions.provider == SessionsProvider::Simulator;
@@ -391,6 +395,31 @@ mod tests {
         assert!(!format!("{c:?}").contains("resend-key-value"));
     }
 
+    #[test]
+    fn media_goes_to_a_directory_or_a_complete_bucket() {
+        let local = config(&[]).unwrap_or_else(|e| panic!("{e}"));
+        assert!(matches!(&local.media.backend, anna_media::MediaBackend::Local { dir } if dir.ends_with("data/media")));
+        let bucket = config(&[
+            ("S3_BUCKET", "media"),
+            ("S3_ACCESS_KEY", "key"),
+            ("S3_SECRET_KEY", "s3-secret-value"),
+            ("S3_ENDPOINT", "http://127.0.0.1:9000"),
+        ])
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            matches!(&bucket.media.backend, anna_media::MediaBackend::S3(s3) if s3.bucket == "media" && s3.region == "us-east-1")
+        );
+        assert!(!format!("{bucket:?}").contains("s3-secret-value"), "the secret key printed");
+        for incomplete in [
+            &[("S3_BUCKET", "media")][..],
+            &[("S3_BUCKET", "media"), ("S3_ACCESS_KEY", "key")][..],
+            &[("S3_ENDPOINT", "http://127.0.0.1:9000")][..],
+            &[("S3_BUCKET", "m"), ("S3_ACCESS_KEY", "k"), ("S3_SECRET_KEY", "s"), ("S3_ENDPOINT", "ftp://x")][..],
+        ] {
+            assert!(config(incomplete).is_err(), "{incomplete:?} was accepted");
+        }
+    }
+
     /// Every variable the code reads, in every branch: each e-mail provider, both stream
     /// backends, a separate metrics port, production.
     fn variables_read() -> BTreeSet<String> {
@@ -399,6 +428,7 @@ mod tests {
             &[("SMTP_URL", "smtp://h:25")],
             &[("EMAIL_PROVIDER", "resend"), ("RESEND_API_KEY", "re_12345678"), ("RESEND_FROM", "a@b.co")],
             &[("DATABASE_URL", "postgres://u@h/d"), ("REDIS_URL", "redis://127.0.0.1:6379"), ("METRICS_PORT", "9100")],
+            &[("S3_BUCKET", "media"), ("S3_ACCESS_KEY", "key"), ("S3_SECRET_KEY", "secret")],
             &[
                 ("ANNA_ENV", "production"),
                 ("AUTH_JWT_SECRET", "a-production-secret-of-enough-bytes"),

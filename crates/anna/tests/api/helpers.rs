@@ -131,6 +131,8 @@ async fn spawn_roles(backend: Backend, vars: &[(&str, &str)], configured_email: 
     if backend == Backend::Postgres {
         map.insert("REDIS_URL".into(), anna_testkit::redis::shared_url());
     }
+    let media_dir = std::env::temp_dir().join(format!("anna-test-media-{suffix}"));
+    map.insert("MEDIA_DIR".into(), media_dir.display().to_string());
     for (k, v) in vars {
         map.insert((*k).to_owned(), (*v).to_owned());
     }

@@ -11,6 +11,7 @@ mod edge;
 mod email;
 mod fleet;
 mod helpers;
+mod media;
 mod ops;
 mod sessions;
 mod users;

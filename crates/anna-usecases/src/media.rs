@@ -1,0 +1,203 @@
+//! Media: files tenants upload to send (`POST /media`), and the download URLs of every object
+//! anna keeps (`GET /media/{id}`). The object is stored before its row is written, so a row
+//! never names an object that is not there; an object whose row could not be written is
+//! removed again.
+
+use std::sync::Arc;
+
+use anna_media::{MediaError, MediaKind, MediaStorage, ObjectKey, SignedUrl, StagedFile};
+use anna_store::{MediaObject, Store};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use crate::Failure;
+use crate::sessions::{SessionError, Sessions};
+
+#[derive(Debug, thiserror::Error)]
+pub enum MediaUseError {
+    /// No session to upload for (none named and none at all, or another tenant's).
+    #[error("session not found")]
+    NoSession,
+    /// Absent, or another tenant's.
+    #[error("media not found")]
+    NotFound,
+    /// The file is not what its kind says.
+    #[error("{0}")]
+    WrongContent(String),
+    /// The media store failed (unreachable bucket, full disk).
+    #[error("media storage is unavailable: {0}")]
+    Unavailable(String),
+    #[error(transparent)]
+    Failed(#[from] Failure),
+}
+
+crate::store_failures!(MediaUseError);
+
+impl From<SessionError> for MediaUseError {
+    fn from(error: SessionError) -> Self {
+        match error {
+            SessionError::Failed(failure) => Self::Failed(failure),
+            _ => Self::NoSession,
+        }
+    }
+}
+
+impl From<MediaError> for MediaUseError {
+    fn from(error: MediaError) -> Self {
+        match error {
+            MediaError::WrongContent { .. } => Self::WrongContent(error.to_string()),
+            MediaError::NotFound => Self::NotFound,
+            other => Self::Unavailable(other.to_string()),
+        }
+    }
+}
+
+/// A file a client sent, received whole.
+pub struct Upload {
+    pub kind: MediaKind,
+    pub file: StagedFile,
+    /// The client's file name, if it gave one.
+    pub file_name: Option<String>,
+    /// The client's content type, believed only for documents of a type anna does not
+    /// recognise.
+    pub declared_mime: Option<String>,
+}
+
+/// A stored object with a download URL.
+#[derive(Debug, Clone)]
+pub struct MediaView {
+    pub object: MediaObject,
+    pub download: SignedUrl,
+}
+
+pub struct Media {
+    store: Arc<dyn Store>,
+    storage: Arc<MediaStorage>,
+    sessions: Arc<Sessions>,
+}
+
+impl Media {
+    pub fn new(store: Arc<dyn Store>, storage: Arc<MediaStorage>, sessions: Arc<Sessions>) -> Self {
+        Self { store, storage, sessions }
+    }
+
+    pub fn storage(&self) -> &Arc<MediaStorage> {
+        &self.storage
+    }
+
+    /// Stores an uploaded file for the session the chat routes' rule picks.
+    pub async fn upload(
+        &self,
+        tenant_id: Uuid,
+        requested: Option<Uuid>,
+        upload: Upload,
+    ) -> Result<(Uuid, MediaView), MediaUseError> {
+        let session = self.sessions.resolve_for_chats(tenant_id, requested).await?.ok_or(MediaUseError::NoSession)?;
+        let mime = anna_media::inspect(upload.kind, &upload.file.head, upload.declared_mime.as_deref())?;
+        let id = Uuid::now_v7();
+        let key = ObjectKey::new(tenant_id, id, &mime);
+        let file_name = anna_media::display_file_name(upload.file_name.as_deref(), upload.kind, id, &mime);
+        self.storage.put_file(&key, upload.file.path(), &mime, &content_disposition(upload.kind, &file_name)).await?;
+        let object = MediaObject {
+            id,
+            tenant_id,
+            session_id: session.id,
+            object_key: key.as_str().to_owned(),
+            kind: upload.kind.as_str().to_owned(),
+            mime,
+            size: upload.file.size,
+            file_name,
+            sha256: upload.file.sha256.clone(),
+            source: "upload".into(),
+            created_at: OffsetDateTime::now_utc(),
+        };
+        if let Err(error) = self.record(&object).await {
+            if let Err(cleanup) = self.storage.delete(&key).await {
+                tracing::warn!(media_id = %id, error = %cleanup, "an upload whose row failed stays in the media store");
+            }
+            return Err(error.into());
+        }
+        let download = self.storage.download_url(id, &key, OffsetDateTime::now_utc()).await?;
+        Ok((session.id, MediaView { object, download }))
+    }
+
+    async fn record(&self, object: &MediaObject) -> Result<(), anna_store::StoreError> {
+        let mut uow = self.store.begin().await?;
+        uow.insert_media_object(object).await?;
+        uow.commit().await
+    }
+
+    /// One of the tenant's objects with a fresh download URL.
+    pub async fn find(&self, tenant_id: Uuid, id: Uuid) -> Result<MediaView, MediaUseError> {
+        let object = self.owned(tenant_id, id).await?;
+        let key = ObjectKey::stored(&object.object_key).ok_or(MediaUseError::NotFound)?;
+        let download = self.storage.download_url(id, &key, OffsetDateTime::now_utc()).await?;
+        Ok(MediaView { object, download })
+    }
+
+    /// The object, when it is the tenant's.
+    pub async fn owned(&self, tenant_id: Uuid, id: Uuid) -> Result<MediaObject, MediaUseError> {
+        let object = self.store.find_media_object(id).await?.ok_or(MediaUseError::NotFound)?;
+        if object.tenant_id != tenant_id {
+            return Err(MediaUseError::NotFound);
+        }
+        Ok(object)
+    }
+
+    /// The object a URL anna signed points to, when the signature holds (local storage only:
+    /// a bucket checks its own URLs).
+    pub async fn signed_download(
+        &self,
+        id: Uuid,
+        expires: i64,
+        signature: &str,
+    ) -> Result<(MediaObject, ObjectKey), MediaUseError> {
+        if !self.storage.check_download_signature(id, expires, signature, OffsetDateTime::now_utc()) {
+            return Err(MediaUseError::NotFound);
+        }
+        let object = self.store.find_media_object(id).await?.ok_or(MediaUseError::NotFound)?;
+        let key = ObjectKey::stored(&object.object_key).ok_or(MediaUseError::NotFound)?;
+        Ok((object, key))
+    }
+
+    /// Download URLs for objects shown in a page of history.
+    pub async fn download_url(&self, id: Uuid, object_key: &str) -> Result<SignedUrl, MediaUseError> {
+        let key = ObjectKey::stored(object_key).ok_or(MediaUseError::NotFound)?;
+        Ok(self.storage.download_url(id, &key, OffsetDateTime::now_utc()).await?)
+    }
+}
+
+/// `inline` for what browsers may show, `attachment` for documents, with the file name in
+/// both the plain (ASCII, quotes escaped) and the RFC 5987 form.
+pub fn content_disposition(kind: MediaKind, file_name: &str) -> String {
+    let ascii: String = file_name
+        .chars()
+        .map(|c| if c.is_ascii_graphic() && c != '"' && c != '\\' || c == ' ' { c } else { '_' })
+        .collect();
+    let encoded: String = file_name
+        .bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"!#$&+-.^_`|~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect();
+    let disposition = if kind.shown_inline() { "inline" } else { "attachment" };
+    format!("{disposition}; filename=\"{ascii}\"; filename*=UTF-8''{encoded}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dispositions_cannot_be_broken_out_of() {
+        assert_eq!(
+            content_disposition(MediaKind::Document, "a\"b\\c ü.pdf"),
+            "attachment; filename=\"a_b_c _.pdf\"; filename*=UTF-8''a%22b%5Cc%20%C3%BC.pdf"
+        );
+        assert!(content_disposition(MediaKind::Image, "x.jpg").starts_with("inline;"));
+    }
+}

@@ -9,9 +9,11 @@
 //! session's history of the chat is 404 `message not found`. They are answered 202 with the
 //! `commandId`; the outcome arrives as events.
 
+use anna_domain::media::MediaKind;
 use anna_domain::user::iso;
-use anna_store::{ChatSummary, ContactSummary, HistoryCursor, ReactionSummary, StoredMessage};
-use anna_usecases::SendRequest;
+use anna_media::SignedUrl;
+use anna_store::{ChatSummary, ContactSummary, HistoryCursor, MessageMedia, ReactionSummary, StoredMessage};
+use anna_usecases::{MediaSource, MediaToSend, SendRequest};
 use anna_whatsapp::Jid;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -151,7 +153,8 @@ pub struct ChatList {
 }
 
 /// A message as the predecessor's clients read it. A message deleted for everyone stays,
-/// flagged. Media, replies, forwards and mentions are not recorded yet: their fields say so
+/// flagged. `media` (a file sent or received) carries a signed download URL valid until
+/// `urlExpiresAt`. Replies, forwards and mentions are not recorded yet: their fields say so
 /// (null, empty).
 #[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
@@ -202,10 +205,23 @@ impl From<&ReactionSummary> for ReactionView {
 }
 
 impl MessageView {
-    fn new(message: &StoredMessage, reactions: &[ReactionSummary]) -> Self {
+    fn new(
+        message: &StoredMessage,
+        reactions: &[ReactionSummary],
+        media: &[(MessageMedia, Option<SignedUrl>)],
+    ) -> Self {
         let mut view = Self::from(message);
         view.reactions =
             reactions.iter().filter(|r| r.message_id == message.message_id).map(ReactionView::from).collect();
+        view.media = media.iter().find(|(item, _)| item.message_id == message.message_id).map(|(item, url)| {
+            json!({
+                "mediaId": item.media_id.map(|id| id.to_string()),
+                "kind": item.kind, "mime": item.mime, "size": item.size, "fileName": item.file_name,
+                "url": url.as_ref().map_or(item.url.as_str(), |url| url.url.as_str()),
+                "urlExpiresAt": url.as_ref().map(|url| iso(url.expires_at)),
+                "width": item.width, "height": item.height, "duration": item.duration, "sha256": item.sha256,
+            })
+        });
         view
     }
 }
@@ -331,10 +347,12 @@ async fn list_messages(
         Some((session_id, messages)) => {
             let full = messages.len() == usize::try_from(limit).unwrap_or(usize::MAX);
             let reactions = state.sessions.reactions_of(session_id, &messages).await?;
+            let ids: Vec<String> = messages.iter().map(|message| message.message_id.clone()).collect();
+            let media = state.media.of_messages(session_id, &ids).await?;
             MessagePage {
                 session_id: Some(session_id.to_string()),
                 next_cursor: messages.last().filter(|_| full).map(encode_cursor),
-                items: messages.iter().map(|message| MessageView::new(message, &reactions)).collect(),
+                items: messages.iter().map(|message| MessageView::new(message, &reactions, &media)).collect(),
             }
         }
         None => MessagePage { session_id: None, items: Vec::new(), next_cursor: None },
@@ -356,6 +374,52 @@ fn chat_command(enqueued: anna_usecases::Enqueued) -> Result<idempotency::Answer
         session_id: enqueued.session_id.to_string(),
     };
     Ok((StatusCode::ACCEPTED, json!(body)))
+}
+
+/// Longest media URL accepted.
+const MAX_MEDIA_URL_CHARS: usize = 2048;
+
+/// The `media` of a send request (the predecessor's `{kind, url, mime?, fileName?}`, or anna's
+/// `{kind, id}` naming an upload). A URL of one of anna's own objects (a download URL of an
+/// upload, as `POST /media` answered it) sends that object; any other URL is fetched by the
+/// worker under the address policy of webhooks. Anything else is the predecessor's 400.
+pub(crate) fn media_to_send(media: &Value, ptt: bool) -> Result<MediaToSend, ApiError> {
+    let invalid = || ApiError::bad_request("invalid_media", "invalid media payload");
+    let kind = media.get("kind").and_then(Value::as_str).and_then(MediaKind::parse).ok_or_else(invalid)?;
+    let id = media.get("id").and_then(Value::as_str).filter(|id| !id.is_empty());
+    let url = media.get("url").and_then(Value::as_str).map(str::trim).filter(|url| !url.is_empty());
+    let source = match (id, url) {
+        (Some(id), None) => MediaSource::Stored(Uuid::parse_str(id).map_err(|_| invalid())?),
+        (None, Some(url)) => match own_media_id(url) {
+            Some(id) => MediaSource::Stored(id),
+            None => {
+                let parsed = url::Url::parse(url).map_err(|_| invalid())?;
+                if url.chars().count() > MAX_MEDIA_URL_CHARS || !matches!(parsed.scheme(), "http" | "https") {
+                    return Err(ApiError::bad_request(
+                        "invalid_media",
+                        format!("media url must be an http(s) URL of at most {MAX_MEDIA_URL_CHARS} characters"),
+                    ));
+                }
+                MediaSource::Url(parsed.to_string())
+            }
+        },
+        _ => return Err(invalid()),
+    };
+    Ok(MediaToSend { kind, source, ptt: ptt && kind == MediaKind::Audio })
+}
+
+/// The media id in a download URL anna handed out: `/media/{id}/content?…` (anna's own) or
+/// `…/tenants/{tenant}/media/{id}.{ext}?…` (a bucket's).
+fn own_media_id(url: &str) -> Option<Uuid> {
+    let path = url.split(['?', '#']).next().unwrap_or_default();
+    let segments: Vec<&str> = path.split('/').collect();
+    let at = segments.iter().rposition(|segment| *segment == "media")?;
+    let next = segments.get(at + 1)?;
+    let signed = url.contains("signature=") || url.contains("X-Amz-Signature=");
+    let own = (segments.get(at + 2) == Some(&"content") && segments.len() == at + 3)
+        || (at >= 2 && segments[at - 2] == "tenants" && segments.len() == at + 2);
+    let id = next.get(..36).and_then(|id| Uuid::parse_str(id).ok())?;
+    (own && signed).then_some(id)
 }
 
 /// A message id from a path or body: WhatsApp ids are short; control characters (a NUL would
@@ -387,7 +451,8 @@ pub struct ChatSendRequest {
     caption: Option<String>,
     /// Send audio as a voice note.
     ptt: Option<bool>,
-    /// `{kind, url, mime?, fileName?}`: not supported yet.
+    /// The file to send: `{kind, id}` (an upload's id) or `{kind, url}` (a URL the worker
+    /// fetches; no private addresses); `kind` is image, video, audio, document or sticker.
     #[schema(value_type = Option<Object>)]
     media: Option<Value>,
     /// Your own id for the message, carried into its events.
@@ -395,13 +460,13 @@ pub struct ChatSendRequest {
     session_id: Option<String>,
     /// The WhatsApp id of the message this one replies to.
     reply_to_message_id: Option<String>,
-    /// Forward this stored message: not supported yet.
+    /// Forward this stored message: not available yet (501).
     forward_message_id: Option<String>,
 }
 
-/// Send a text into the chat (the predecessor's validation messages). 409 when the session is
-/// not connected; 429 over the session's send rate. Media and forwards are not available yet
-/// (501).
+/// Send a text or a file into the chat (the predecessor's validation messages). 409 when the
+/// session is not connected; 429 over the session's send rate; 404 for media that is not
+/// yours. Forwards are not available yet (501).
 #[utoipa::path(post, path = "/chats/{jid}/messages", tag = "chats", request_body = ChatSendRequest,
     security(("bearer" = [])), params(("jid" = String, Path, description = "the chat's JID (or a phone number)"),
         ("Idempotency-Key" = Option<String>, Header, description = "repeats of a request with this key get the first answer")),
@@ -430,14 +495,22 @@ async fn send_to_chat(
     if !present(&body.content) && !has_media && !present(&body.forward_message_id) {
         return Err(ApiError::bad_request("missing_fields", "content or media is required unless forwarding"));
     }
-    if has_media || present(&body.forward_message_id) || body.caption.is_some() || body.ptt.is_some() {
+    if present(&body.forward_message_id) {
         return Err(ApiError::new(
             StatusCode::NOT_IMPLEMENTED,
             "not_implemented",
-            "sending media and forwarding are not available yet; send text with content",
+            "forwarding is not available yet; send the text or the media again",
         ));
     }
-    let content = body.content.unwrap_or_default();
+    let media = match body.media.as_ref().filter(|media| !media.is_null()) {
+        Some(media) => Some(media_to_send(media, body.ptt.unwrap_or(false))?),
+        None => None,
+    };
+    // A file's caption is `caption`, else `content` (the predecessor's rule).
+    let content = match &media {
+        Some(_) => body.caption.or(body.content).unwrap_or_default(),
+        None => body.content.unwrap_or_default(),
+    };
     text_content(&content)?;
     let chat = chat_jid(&jid)?;
     let to = Jid::parse(&chat).map_err(|e| ApiError::bad_request("invalid_jid", format!("jid {e}")))?;
@@ -449,12 +522,20 @@ async fn send_to_chat(
         text: content,
         reply_to: optional_id(body.reply_to_message_id, "replyToMessageId")?,
         client_message_id: optional_id(body.message_id, "messageId")?,
+        media,
     };
     let requested = session_param(body.session_id.as_deref())?;
     let key = idempotency::key(&headers)?;
     let scope = format!("POST /chats/{chat}/messages {}", caller.user_id);
-    let fingerprint =
-        json!([requested, request.to, request.text, request.reply_to, request.client_message_id]).to_string();
+    let fingerprint = json!([
+        requested,
+        request.to,
+        request.text,
+        request.reply_to,
+        request.client_message_id,
+        format!("{:?}", request.media)
+    ])
+    .to_string();
     Ok(idempotency::once(&state, &scope, key, &fingerprint, || async {
         chat_command(
             state.sessions.send_to_chat(caller.user_id, requested, request, |id| state.limiters.check_send(id)).await?,

@@ -6,6 +6,7 @@
 
 pub mod auth;
 pub mod events;
+pub mod media;
 pub mod net;
 pub mod password;
 pub mod secrets;

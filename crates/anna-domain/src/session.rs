@@ -11,11 +11,12 @@
 //! transition carries its reason and yields its domain event; a transition to the state the
 //! session is already in yields nothing (drivers repeat themselves after reconnects).
 
-use serde_json::json;
+use serde_json::{Value, json};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
 use crate::DomainEvent;
+use crate::media::{IncomingMedia, StoredMedia};
 use crate::user::iso;
 
 pub const SESSION_CREATED: &str = "session.created";
@@ -34,6 +35,8 @@ pub const SESSION_MESSAGE_STATUS: &str = "session.message.status";
 pub const SESSION_MESSAGES_EDIT: &str = "session.messages.edit";
 pub const SESSION_MESSAGES_DELETE: &str = "session.messages.delete";
 pub const SESSION_MESSAGES_REACTION: &str = "session.messages.reaction";
+/// Media of messages was stored (received media downloaded; the predecessor's event).
+pub const SESSION_MESSAGES_MEDIA: &str = "session.messages.media";
 /// A piece of a history sync was stored: a summary (counts, progress), not the messages.
 pub const SESSION_HISTORY_SYNC: &str = "session.history.sync";
 /// A chat changed: anna emits it when the tenant marks a chat read (its unread count is 0).
@@ -270,8 +273,16 @@ impl SessionRef {
                 "text": message.text,
                 "fromMe": message.from_me,
                 "timestamp": iso(message.timestamp),
+                "type": message.media.as_ref().map_or("text", |media| media.kind.message_type()),
+                "media": message.media.as_ref().map(IncomingMedia::summary),
             }),
         )
+    }
+
+    /// Media of messages was stored (`source`: `download` for received media).
+    pub fn messages_media(self, media: &[StoredMedia], source: &str, now: OffsetDateTime) -> DomainEvent {
+        let items: Vec<Value> = media.iter().map(StoredMedia::to_json).collect();
+        self.event(SESSION_MESSAGES_MEDIA, now, json!({"mediaCount": items.len(), "media": items, "source": source}))
     }
 
     /// `session.messages.edit`, `.delete` or `.reaction`, in the predecessor's batch shape with
@@ -435,6 +446,8 @@ pub struct ReceivedMessage {
     pub text: Option<String>,
     pub from_me: bool,
     pub timestamp: OffsetDateTime,
+    /// The file it carries (its `text` is then the caption).
+    pub media: Option<IncomingMedia>,
 }
 
 #[cfg(test)]

@@ -3,89 +3,53 @@
 
 use crate::MediaError;
 
-/// The kinds of media WhatsApp messages carry (the predecessor's `kind`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum MediaKind {
-    Image,
-    Video,
-    Audio,
-    Document,
-    Sticker,
-}
+pub use anna_domain::media::MediaKind;
 
 /// How many leading bytes [`inspect`] needs to recognise every accepted format.
 pub const SNIFF_BYTES: usize = 8192;
 
-impl MediaKind {
-    pub const ALL: [MediaKind; 5] = [Self::Image, Self::Video, Self::Audio, Self::Document, Self::Sticker];
-
-    /// `image`, `video`, `audio`, `document` or `sticker`, in any case.
-    pub fn parse(value: &str) -> Option<Self> {
-        let value = value.trim();
-        Self::ALL.into_iter().find(|kind| kind.as_str().eq_ignore_ascii_case(value))
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Image => "image",
-            Self::Video => "video",
-            Self::Audio => "audio",
-            Self::Document => "document",
-            Self::Sticker => "sticker",
-        }
-    }
-
-    /// The message type WhatsApp gives a message of this kind (the history's `type`).
-    pub fn message_type(self) -> &'static str {
-        match self {
-            Self::Image => "imageMessage",
-            Self::Video => "videoMessage",
-            Self::Audio => "audioMessage",
-            Self::Document => "documentMessage",
-            Self::Sticker => "stickerMessage",
-        }
-    }
-
-    /// The kind of a WhatsApp message type, when it is a media message.
-    pub fn from_message_type(message_type: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|kind| kind.message_type() == message_type)
-    }
-
-    /// Whether the browser may show it in place (everything but documents, which are served
-    /// as attachments whatever they contain).
-    pub fn shown_inline(self) -> bool {
-        !matches!(self, Self::Document)
-    }
-
-    /// The content type a file of this kind is sent with, from its sniffed type; `None` when
-    /// WhatsApp would not take it as this kind.
-    fn accepted(self, sniffed: &str) -> Option<&'static str> {
-        match (self, sniffed) {
-            (Self::Image, "image/jpeg") => Some("image/jpeg"),
-            (Self::Image, "image/png") => Some("image/png"),
-            (Self::Image | Self::Sticker, "image/webp") => Some("image/webp"),
-            (Self::Video, "video/mp4" | "video/x-m4v") => Some("video/mp4"),
-            (Self::Audio, "audio/ogg" | "audio/opus") => Some("audio/ogg; codecs=opus"),
-            (Self::Audio, "audio/mpeg") => Some("audio/mpeg"),
-            (Self::Audio, "audio/m4a" | "video/mp4") => Some("audio/mp4"),
-            (Self::Audio, "audio/aac") => Some("audio/aac"),
-            (Self::Audio, "audio/amr") => Some("audio/amr"),
-            _ => None,
-        }
-    }
-
-    /// What WhatsApp accepts as this kind, for error messages.
-    fn accepted_list(self) -> &'static str {
-        match self {
-            Self::Image => "JPEG, PNG or WebP",
-            Self::Sticker => "WebP",
-            Self::Video => "MP4",
-            Self::Audio => "Ogg/Opus, MP3, M4A, AAC or AMR",
-            Self::Document => "any file",
-        }
+/// The content type a file of `kind` is sent with, from its sniffed type; `None` when WhatsApp
+/// would not take it as this kind.
+fn accepted(kind: MediaKind, sniffed: &str) -> Option<&'static str> {
+    match (kind, sniffed) {
+        (MediaKind::Image, "image/jpeg") => Some("image/jpeg"),
+        (MediaKind::Image, "image/png") => Some("image/png"),
+        (MediaKind::Image | MediaKind::Sticker, "image/webp") => Some("image/webp"),
+        (MediaKind::Video, "video/mp4" | "video/x-m4v") => Some("video/mp4"),
+        (MediaKind::Audio, "audio/ogg" | "audio/opus") => Some("audio/ogg; codecs=opus"),
+        (MediaKind::Audio, "audio/mpeg") => Some("audio/mpeg"),
+        (MediaKind::Audio, "audio/m4a" | "video/mp4") => Some("audio/mp4"),
+        (MediaKind::Audio, "audio/aac") => Some("audio/aac"),
+        (MediaKind::Audio, "audio/amr") => Some("audio/amr"),
+        _ => None,
     }
 }
 
+/// Whether a file already typed `mime` (by [`inspect`]) may be sent as `kind`: any file as a
+/// document, else only the formats WhatsApp takes as that kind.
+pub fn sendable_as(kind: MediaKind, mime: &str) -> bool {
+    let essence = |m: &str| m.split(';').next().unwrap_or(m).trim().to_ascii_lowercase();
+    let wanted = essence(mime);
+    let formats: &[&str] = match kind {
+        MediaKind::Document => return true,
+        MediaKind::Image => &["image/jpeg", "image/png", "image/webp"],
+        MediaKind::Sticker => &["image/webp"],
+        MediaKind::Video => &["video/mp4"],
+        MediaKind::Audio => &["audio/ogg", "audio/mpeg", "audio/mp4", "audio/aac", "audio/amr"],
+    };
+    formats.iter().any(|format| essence(format) == wanted)
+}
+
+/// What WhatsApp accepts as `kind`, for error messages.
+fn accepted_list(kind: MediaKind) -> &'static str {
+    match kind {
+        MediaKind::Image => "JPEG, PNG or WebP",
+        MediaKind::Sticker => "WebP",
+        MediaKind::Video => "MP4",
+        MediaKind::Audio => "Ogg/Opus, MP3, M4A, AAC or AMR",
+        MediaKind::Document => "any file",
+    }
+}
 /// The content type of a file of `kind` whose first bytes are `head` (at least
 /// [`SNIFF_BYTES`] of them, or the whole file). Images, videos, audio and stickers must be
 /// one of the formats WhatsApp takes as that kind; a document may be anything, typed by its
@@ -100,11 +64,11 @@ pub fn inspect(kind: MediaKind, head: &[u8], declared: Option<&str>) -> Result<S
         };
         return Ok(mime);
     }
-    match sniffed.and_then(|mime| kind.accepted(mime)) {
+    match sniffed.and_then(|mime| accepted(kind, mime)) {
         Some(mime) => Ok(mime.to_owned()),
         None => Err(MediaError::WrongContent {
             kind: kind.as_str(),
-            expected: kind.accepted_list(),
+            expected: accepted_list(kind),
             found: sniffed.unwrap_or("an unrecognised format").to_owned(),
         }),
     }
@@ -154,17 +118,6 @@ mod tests {
     const HTML: &[u8] = b"<html><script>alert(1)</script></html>";
 
     #[test]
-    fn kinds_parse_in_any_case_and_nothing_else() {
-        assert_eq!(MediaKind::parse("IMAGE"), Some(MediaKind::Image));
-        assert_eq!(MediaKind::parse(" sticker "), Some(MediaKind::Sticker));
-        assert_eq!(MediaKind::parse("gif"), None);
-        assert_eq!(MediaKind::parse(""), None);
-        for kind in MediaKind::ALL {
-            assert_eq!(MediaKind::from_message_type(kind.message_type()), Some(kind));
-        }
-    }
-
-    #[test]
     fn an_image_must_be_an_image_whatever_it_claims() {
         assert_eq!(inspect(MediaKind::Image, PNG, Some("text/html")).ok().as_deref(), Some("image/png"));
         assert_eq!(inspect(MediaKind::Image, JPEG, None).ok().as_deref(), Some("image/jpeg"));
@@ -176,6 +129,9 @@ mod tests {
             other => panic!("a PDF passed as a video: {other:?}"),
         }
         assert!(inspect(MediaKind::Sticker, PNG, None).is_err(), "stickers are WebP");
+        assert!(sendable_as(MediaKind::Image, "image/png") && sendable_as(MediaKind::Document, "image/png"));
+        assert!(!sendable_as(MediaKind::Sticker, "image/png") && !sendable_as(MediaKind::Video, "application/pdf"));
+        assert!(sendable_as(MediaKind::Audio, "audio/ogg; codecs=opus") && sendable_as(MediaKind::Audio, "audio/mp4"));
     }
 
     #[test]

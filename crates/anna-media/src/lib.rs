@@ -9,7 +9,7 @@ mod staging;
 mod storage;
 
 pub use keys::{ObjectKey, display_file_name};
-pub use kind::{MediaKind, SNIFF_BYTES, extension_for, inspect};
+pub use kind::{MediaKind, SNIFF_BYTES, extension_for, inspect, sendable_as};
 pub use staging::{StagedFile, Staging};
 pub use storage::{MediaBackend, MediaStorage, S3Settings, SignedUrl, StorageSettings};
 

@@ -47,13 +47,17 @@ pub struct MessageMedia {
     pub mime: Option<String>,
     pub size: Option<u64>,
     pub file_name: Option<String>,
-    /// The object key (anna's rows) or the predecessor's public URL.
+    /// `/media/<media_id>` (anna's rows: the route that hands out a signed URL), or the
+    /// predecessor's public URL.
     pub url: String,
     pub sha256: Option<String>,
     pub width: Option<u32>,
     pub height: Option<u32>,
     /// Seconds (audio, video).
     pub duration: Option<u32>,
+    /// Where the object is in the media store (read from `media_objects`; ignored when
+    /// writing).
+    pub object_key: Option<String>,
 }
 
 #[async_trait]
@@ -120,13 +124,15 @@ impl MediaStore for SqlStore {
         let rows = self
             .pool
             .query(Sql::PerBackend {
-                sqlite: "SELECT tenant_id, session_id, chat_jid, message_id, media_id, kind, mime, size, file_name, url, \
-                         sha256, width, height, duration FROM session_message_media \
-                         WHERE session_id = $1 AND message_id IN (SELECT value FROM json_each($2)) \
-                         ORDER BY message_id, kind",
-                postgres: "SELECT tenant_id, session_id, chat_jid, message_id, media_id, kind, mime, size, file_name, url, \
-                           sha256, width, height, duration FROM session_message_media \
-                           WHERE session_id = $1 AND message_id = ANY($2) ORDER BY message_id, kind",
+                sqlite: "SELECT m.tenant_id, m.session_id, m.chat_jid, m.message_id, m.media_id, m.kind, m.mime, m.size, \
+                         m.file_name, m.url, m.sha256, m.width, m.height, m.duration, o.object_key \
+                         FROM session_message_media m LEFT JOIN media_objects o ON o.id = m.media_id \
+                         WHERE m.session_id = $1 AND m.message_id IN (SELECT value FROM json_each($2)) \
+                         ORDER BY m.message_id, m.kind",
+                postgres: "SELECT m.tenant_id, m.session_id, m.chat_jid, m.message_id, m.media_id, m.kind, m.mime, m.size, \
+                           m.file_name, m.url, m.sha256, m.width, m.height, m.duration, o.object_key \
+                           FROM session_message_media m LEFT JOIN media_objects o ON o.id = m.media_id \
+                           WHERE m.session_id = $1 AND m.message_id = ANY($2) ORDER BY m.message_id, m.kind",
             })
             .bind_uuid(session_id)
             .bind_text_set(message_ids)
@@ -294,5 +300,6 @@ fn message_media_from_row(row: &Row) -> Result<MessageMedia, StoreError> {
         width: small("width")?,
         height: small("height")?,
         duration: small("duration")?,
+        object_key: row.get("object_key")?,
     })
 }

@@ -44,7 +44,7 @@ use uuid::Uuid;
 pub use auth::{LoginError, PasswordResetError, RefreshError};
 pub use media::{Media, MediaUseError, MediaView, Upload};
 pub use passwords::{PasswordError, Passwords};
-pub use sessions::{Enqueued, SendRequest, SessionError, Sessions, SessionsConfig};
+pub use sessions::{Enqueued, MediaSource, MediaToSend, SendRequest, SessionError, Sessions, SessionsConfig};
 pub use tokens::{AccessClaims, AccessTokens, Authenticated, TokenError};
 
 pub use users::{CurrentUserError, RegisterError, VerifyEmailError};

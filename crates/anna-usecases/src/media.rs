@@ -5,8 +5,13 @@
 
 use std::sync::Arc;
 
-use anna_media::{MediaError, MediaKind, MediaStorage, ObjectKey, SignedUrl, StagedFile};
-use anna_store::{MediaObject, Store};
+use anna_domain::SessionRef;
+use anna_domain::media::{IncomingMedia, StoredMedia};
+use anna_media::{MediaError, MediaKind, MediaStorage, ObjectKey, SNIFF_BYTES, SignedUrl, StagedFile};
+use anna_store::{MediaObject, MessageMedia, Store};
+use base64::Engine;
+use bytes::Bytes;
+use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
@@ -93,6 +98,34 @@ impl Media {
         upload: Upload,
     ) -> Result<(Uuid, MediaView), MediaUseError> {
         let session = self.sessions.resolve_for_chats(tenant_id, requested).await?.ok_or(MediaUseError::NoSession)?;
+        let object = self.keep(tenant_id, session.id, &upload, "upload").await?;
+        let (id, key) = (object.id, ObjectKey::stored(&object.object_key).ok_or(MediaUseError::NotFound)?);
+        let download = self.storage.download_url(id, &key, OffsetDateTime::now_utc()).await?;
+        Ok((session.id, MediaView { object, download }))
+    }
+
+    /// Keeps a file fetched from a URL to send it (checked like an upload), and returns it
+    /// whole for sending.
+    pub async fn store_fetched(
+        &self,
+        session: SessionRef,
+        fetched: Upload,
+    ) -> Result<(MediaObject, Bytes), MediaUseError> {
+        let object = self.keep(session.tenant_id, session.id, &fetched, "url").await?;
+        let bytes = tokio::fs::read(fetched.file.path())
+            .await
+            .map_err(|e| MediaUseError::Unavailable(format!("the fetched file: {e}")))?;
+        Ok((object, Bytes::from(bytes)))
+    }
+
+    /// Checks a received file against its kind, stores it and records its row.
+    async fn keep(
+        &self,
+        tenant_id: Uuid,
+        session_id: Uuid,
+        upload: &Upload,
+        source: &str,
+    ) -> Result<MediaObject, MediaUseError> {
         let mime = anna_media::inspect(upload.kind, &upload.file.head, upload.declared_mime.as_deref())?;
         let id = Uuid::now_v7();
         let key = ObjectKey::new(tenant_id, id, &mime);
@@ -101,24 +134,23 @@ impl Media {
         let object = MediaObject {
             id,
             tenant_id,
-            session_id: session.id,
+            session_id,
             object_key: key.as_str().to_owned(),
             kind: upload.kind.as_str().to_owned(),
             mime,
             size: upload.file.size,
             file_name,
             sha256: upload.file.sha256.clone(),
-            source: "upload".into(),
+            source: source.into(),
             created_at: OffsetDateTime::now_utc(),
         };
         if let Err(error) = self.record(&object).await {
             if let Err(cleanup) = self.storage.delete(&key).await {
-                tracing::warn!(media_id = %id, error = %cleanup, "an upload whose row failed stays in the media store");
+                tracing::warn!(media_id = %id, error = %cleanup, "a file whose row failed stays in the media store");
             }
             return Err(error.into());
         }
-        let download = self.storage.download_url(id, &key, OffsetDateTime::now_utc()).await?;
-        Ok((session.id, MediaView { object, download }))
+        Ok(object)
     }
 
     async fn record(&self, object: &MediaObject) -> Result<(), anna_store::StoreError> {
@@ -133,6 +165,110 @@ impl Media {
         let key = ObjectKey::stored(&object.object_key).ok_or(MediaUseError::NotFound)?;
         let download = self.storage.download_url(id, &key, OffsetDateTime::now_utc()).await?;
         Ok(MediaView { object, download })
+    }
+
+    /// A stored object of the tenant's, whole, to send as `kind`: refused when it is not the
+    /// tenant's, not of a format WhatsApp takes as `kind`, or larger than `limit`.
+    pub async fn load_for_send(
+        &self,
+        tenant_id: Uuid,
+        id: Uuid,
+        kind: MediaKind,
+        limit: u64,
+    ) -> Result<(MediaObject, Bytes), MediaUseError> {
+        let object = self.owned(tenant_id, id).await?;
+        if !anna_media::sendable_as(kind, &object.mime) {
+            return Err(MediaUseError::WrongContent(format!(
+                "media {id} is {}, which cannot be sent as {}",
+                object.mime,
+                kind.as_str()
+            )));
+        }
+        let key = ObjectKey::stored(&object.object_key).ok_or(MediaUseError::NotFound)?;
+        let bytes = self.storage.read(&key, limit).await.map_err(|error| match error {
+            MediaError::TooLarge { limit } => {
+                MediaUseError::WrongContent(format!("media {id} is larger than {limit} bytes"))
+            }
+            other => other.into(),
+        })?;
+        Ok((object, bytes))
+    }
+
+    /// Stores the file of a received message and records it with `session.messages.media`, in
+    /// one unit of work. A file whose content is not its kind is kept as a document (served as
+    /// an attachment). `Ok(None)`: the session is gone; nothing is kept.
+    pub async fn store_received(
+        &self,
+        session: SessionRef,
+        message_id: &str,
+        chat: &str,
+        media: &IncomingMedia,
+        bytes: Bytes,
+    ) -> Result<Option<StoredMedia>, MediaUseError> {
+        let head = &bytes[..bytes.len().min(SNIFF_BYTES)];
+        let declared = media.mime.as_deref();
+        let (served_as, mime) = match anna_media::inspect(media.kind, head, declared) {
+            Ok(mime) => (media.kind, mime),
+            Err(_) => (MediaKind::Document, anna_media::inspect(MediaKind::Document, head, declared)?),
+        };
+        let id = Uuid::now_v7();
+        let key = ObjectKey::new(session.tenant_id, id, &mime);
+        let file_name = anna_media::display_file_name(media.file_name.as_deref(), media.kind, id, &mime);
+        let sha256 = base64::engine::general_purpose::STANDARD.encode(Sha256::digest(&bytes));
+        let size = bytes.len() as u64;
+        self.storage.put_bytes(&key, bytes, &mime, &content_disposition(served_as, &file_name)).await?;
+        let now = OffsetDateTime::now_utc();
+        let object = MediaObject {
+            id,
+            tenant_id: session.tenant_id,
+            session_id: session.id,
+            object_key: key.as_str().to_owned(),
+            kind: served_as.as_str().to_owned(),
+            mime: mime.clone(),
+            size,
+            file_name: file_name.clone(),
+            sha256: sha256.clone(),
+            source: "message".into(),
+            created_at: now,
+        };
+        let stored = StoredMedia {
+            media_id: id,
+            message_id: message_id.to_owned(),
+            chat: chat.to_owned(),
+            kind: media.kind,
+            mime,
+            size,
+            file_name,
+            sha256,
+            width: media.width,
+            height: media.height,
+            duration: media.duration,
+        };
+        let recorded = self.record_received(session, &object, &stored, now).await;
+        if !matches!(recorded, Ok(true))
+            && let Err(cleanup) = self.storage.delete(&key).await
+        {
+            tracing::warn!(media_id = %id, error = %cleanup, "a received file whose row failed stays in the media store");
+        }
+        Ok(recorded?.then_some(stored))
+    }
+
+    async fn record_received(
+        &self,
+        session: SessionRef,
+        object: &MediaObject,
+        stored: &StoredMedia,
+        now: OffsetDateTime,
+    ) -> Result<bool, anna_store::StoreError> {
+        let mut uow = self.store.begin().await?;
+        if uow.find_session(session.id).await?.is_none() {
+            return Ok(false);
+        }
+        uow.insert_media_object(object).await?;
+        let event = session.messages_media(std::slice::from_ref(stored), "download", now);
+        uow.append_events(&crate::traced([event])).await?;
+        uow.commit().await?;
+        Ok(true)
     }
 
     /// The object, when it is the tenant's.
@@ -160,10 +296,29 @@ impl Media {
         Ok((object, key))
     }
 
-    /// Download URLs for objects shown in a page of history.
-    pub async fn download_url(&self, id: Uuid, object_key: &str) -> Result<SignedUrl, MediaUseError> {
-        let key = ObjectKey::stored(object_key).ok_or(MediaUseError::NotFound)?;
-        Ok(self.storage.download_url(id, &key, OffsetDateTime::now_utc()).await?)
+    /// The media of a page of messages, each of anna's objects with a fresh download URL (the
+    /// predecessor's rows keep their own URL).
+    pub async fn of_messages(
+        &self,
+        session_id: Uuid,
+        message_ids: &[String],
+    ) -> Result<Vec<(MessageMedia, Option<SignedUrl>)>, MediaUseError> {
+        let media = self.store.list_message_media(session_id, message_ids).await?;
+        let now = OffsetDateTime::now_utc();
+        let mut shown = Vec::with_capacity(media.len());
+        for item in media {
+            let key = item.object_key.as_deref().and_then(ObjectKey::stored);
+            let url = match (item.media_id, key) {
+                (Some(id), Some(key)) => Some(self.storage.download_url(id, &key, now).await?),
+                _ => None,
+            };
+            // A row whose object was purged meanwhile is not shown.
+            if item.media_id.is_some() && url.is_none() {
+                continue;
+            }
+            shown.push((item, url));
+        }
+        Ok(shown)
     }
 }
 

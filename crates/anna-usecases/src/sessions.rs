@@ -9,6 +9,7 @@
 
 use std::sync::Arc;
 
+use anna_domain::media::MediaKind;
 use anna_domain::session::{HistoryPiece, SESSION_PAIR_CODE_ISSUED};
 use anna_domain::{DomainEvent, Session, SessionRef, SessionStatus};
 use anna_store::{ChatSummary, ContactSummary, HistoryCursor, Store, StoreError, StoredMessage};
@@ -141,6 +142,9 @@ pub enum SessionError {
     /// The message is not in the session's history of that chat.
     #[error("message not found")]
     MessageNotFound,
+    /// The media to send is not the tenant's (or does not exist).
+    #[error("media not found")]
+    MediaNotFound,
     /// The message cannot take this change (someone else's, deleted already…).
     #[error("{0}")]
     MessageConflict(String),
@@ -174,7 +178,8 @@ pub struct Enqueued {
     pub command_id: Uuid,
 }
 
-/// The text message a tenant asked to send, already validated.
+/// The message a tenant asked to send, already validated: a text, or a file with an optional
+/// caption (`text`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SendRequest {
     /// A normalised JID.
@@ -183,6 +188,25 @@ pub struct SendRequest {
     pub reply_to: Option<String>,
     /// The tenant's own id for the message, carried through to the events.
     pub client_message_id: Option<String>,
+    pub media: Option<MediaToSend>,
+}
+
+/// A file to send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MediaToSend {
+    pub kind: MediaKind,
+    pub source: MediaSource,
+    /// Audio as a voice note.
+    pub ptt: bool,
+}
+
+/// Where the file to send is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MediaSource {
+    /// An object uploaded through `POST /media` (or any media object of the tenant's).
+    Stored(Uuid),
+    /// A URL the worker fetches (with the address policy of webhooks: no private addresses).
+    Url(String),
 }
 
 pub struct Sessions {
@@ -529,15 +553,35 @@ impl Sessions {
         if session.status != SessionStatus::Connected {
             return Err(SessionError::NotConnected { id, status: session.status.as_str() });
         }
-        admit.await.map_err(SessionError::RateLimited)?;
         let chars = request.text.chars().count();
-        if chars == 0 || chars > self.config.max_text_chars {
+        let least = if request.media.is_some() { 0 } else { 1 };
+        if chars < least || chars > self.config.max_text_chars {
             return Err(SessionError::Invalid(format!(
-                "content must have 1 to {} characters (has {chars})",
+                "{} must have {least} to {} characters (has {chars})",
+                if request.media.is_some() { "caption" } else { "content" },
                 self.config.max_text_chars
             )));
         }
+        if let Some(MediaToSend { kind, source: MediaSource::Stored(media_id), .. }) = &request.media {
+            let object = self.store.find_media_object(*media_id).await?.filter(|object| object.tenant_id == tenant_id);
+            let object = object.ok_or(SessionError::MediaNotFound)?;
+            if !anna_media::sendable_as(*kind, &object.mime) {
+                return Err(SessionError::Invalid(format!(
+                    "media {media_id} is {}, which cannot be sent as {}",
+                    object.mime,
+                    kind.as_str()
+                )));
+            }
+        }
+        admit.await.map_err(SessionError::RateLimited)?;
         let mut fields = json!({"to": request.to, "content": request.text});
+        if let Some(media) = &request.media {
+            fields["media"] = match &media.source {
+                MediaSource::Stored(id) => json!({"kind": media.kind.as_str(), "mediaId": id.to_string()}),
+                MediaSource::Url(url) => json!({"kind": media.kind.as_str(), "url": url}),
+            };
+            fields["ptt"] = json!(media.ptt);
+        }
         if let Some(reply_to) = request.reply_to {
             fields["replyToMessageId"] = json!(reply_to);
         }

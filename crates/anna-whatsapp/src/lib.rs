@@ -86,6 +86,23 @@ pub struct OutgoingText {
     pub reply_to: Option<String>,
 }
 
+/// A file to send. The bytes are whole: WhatsApp encrypts a file with a key of its own before
+/// uploading it, and the largest file anna sends is bounded (`MEDIA_MAX_UPLOAD_BYTES`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutgoingMedia {
+    pub to: Jid,
+    pub kind: MediaKind,
+    pub bytes: bytes::Bytes,
+    /// Its content type, found from the content.
+    pub mime: String,
+    /// Shown for documents.
+    pub file_name: String,
+    pub caption: Option<String>,
+    /// An audio file sent as a voice note.
+    pub ptt: bool,
+    pub reply_to: Option<String>,
+}
+
 /// A stored message a command acts on (read, edit, delete, react): what WhatsApp needs to
 /// address it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -99,6 +116,7 @@ pub struct MessageTarget {
 }
 
 /// A change to a message: the domain's own type, like [`IncomingMessage`].
+pub use anna_domain::media::{IncomingMedia, MediaKind};
 pub use anna_domain::session::{ChangeKind, HistoryChat, HistoryContact, HistoryMessage, HistoryPiece, MessageChange};
 
 /// How far a sent message got.
@@ -266,6 +284,12 @@ pub trait LiveSession: Send + Sync {
     /// Sends a text; returns the WhatsApp message id. `Ok` means written to the connection,
     /// not accepted: acceptance arrives as a `Receipt` (or a `SendRejected`).
     async fn send_text(&self, message: &OutgoingText) -> Result<String, DriverError>;
+
+    /// Uploads a file to WhatsApp and sends it; returns the message id, like `send_text`.
+    async fn send_media(&self, message: &OutgoingMedia) -> Result<String, DriverError>;
+
+    /// Fetches the file of a received message; refused when it is larger than `limit` bytes.
+    async fn download_media(&self, media: &IncomingMedia, limit: u64) -> Result<bytes::Bytes, DriverError>;
 
     /// Starts pairing by phone number (digits, international format); the code arrives as
     /// [`DriverEvent::PairCode`] and is also returned.

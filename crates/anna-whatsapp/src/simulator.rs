@@ -16,7 +16,10 @@
 //! A simulated contact also follows words in the text it receives, so edits, deletions and
 //! reactions arriving from the other side can be tried: `#react` — it reacts 👍 to the message;
 //! `#edit` — it edits its reply; `#delete` — it deletes its reply for everyone (both after
-//! replying, so only with replies on).
+//! replying, so only with replies on); `#image`, `#video`, `#audio`, `#document`, `#sticker` —
+//! its reply carries a small file of that kind; `#echo` (in the caption of a file sent to it) —
+//! it sends the same file back. Files travel through a simulated media server of the
+//! connection (the last [`SIMULATED_FILES_KEPT`] files), from which `download_media` fetches them.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -32,8 +35,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     ChangeKind, CloseReason, DriverError, DriverEvent, HISTORY_PIECE_MESSAGES, HistoryChat, HistoryContact,
-    HistoryMessage, HistoryPiece, HistorySlot, IncomingMessage, Jid, LiveSession, MessageChange, MessageTarget,
-    OutgoingText, ReceiptStatus, SessionDriver, SessionKey, Simulation, jid,
+    HistoryMessage, HistoryPiece, HistorySlot, IncomingMedia, IncomingMessage, Jid, LiveSession, MediaKind,
+    MessageChange, MessageTarget, OutgoingMedia, OutgoingText, ReceiptStatus, SessionDriver, SessionKey, Simulation,
+    jid,
 };
 
 /// What a simulated contact does, besides replying, when the text it receives asks for it.
@@ -42,6 +46,10 @@ struct ContactScript {
     react: bool,
     edit_reply: bool,
     delete_reply: bool,
+    /// The reply carries a file of this kind.
+    send_media: Option<MediaKind>,
+    /// The reply carries the file received.
+    echo: bool,
 }
 
 impl ContactScript {
@@ -50,9 +58,61 @@ impl ContactScript {
             react: text.contains("#react"),
             edit_reply: text.contains("#edit"),
             delete_reply: text.contains("#delete"),
+            send_media: MediaKind::ALL.into_iter().find(|kind| text.contains(&format!("#{}", kind.as_str()))),
+            echo: text.contains("#echo"),
         }
     }
 }
+
+/// Files the simulated media server of a connection keeps (uploads and contacts' files).
+pub const SIMULATED_FILES_KEPT: usize = 32;
+
+/// A file on the simulated media server.
+#[derive(Debug, Clone)]
+struct SimulatedFile {
+    path: String,
+    kind: MediaKind,
+    mime: String,
+    file_name: Option<String>,
+    bytes: bytes::Bytes,
+}
+
+impl SimulatedFile {
+    /// What a message carrying it tells: the path to fetch it from, never the bytes.
+    fn as_incoming(&self) -> IncomingMedia {
+        IncomingMedia {
+            kind: self.kind,
+            mime: Some(self.mime.clone()),
+            file_name: self.file_name.clone(),
+            size: Some(self.bytes.len() as u64),
+            width: matches!(self.kind, MediaKind::Image | MediaKind::Sticker).then_some(1),
+            height: matches!(self.kind, MediaKind::Image | MediaKind::Sticker).then_some(1),
+            duration: matches!(self.kind, MediaKind::Audio | MediaKind::Video).then_some(1),
+            download: json!({"simulatedPath": self.path}),
+        }
+    }
+
+    /// A small file of `kind` whose first bytes are those of the real format.
+    fn sample(kind: MediaKind) -> Self {
+        let (mime, name, bytes): (&str, &str, &[u8]) = match kind {
+            MediaKind::Image => ("image/png", "photo.png", SAMPLE_PNG),
+            MediaKind::Sticker => ("image/webp", "sticker.webp", b"RIFF\x1a\0\0\0WEBPVP8L\x0d\0\0\0\x2f\0\0\0\x10\x07\x10\x11\x11\x88\x88\xfe\x07\0"),
+            MediaKind::Video => ("video/mp4", "clip.mp4", b"\0\0\0\x18ftypmp42\0\0\0\0mp42isom\0\0\0\x08free"),
+            MediaKind::Audio => ("audio/ogg; codecs=opus", "voice.ogg", b"OggS\0\x02\0\0\0\0\0\0\0\0\x01\0\0\0\0\0\0\0\0\0\0\0\x01\x13OpusHead\x01\x01\x38\x01\x80\xbb\0\0\0\0\0"),
+            MediaKind::Document => ("application/pdf", "report.pdf", b"%PDF-1.4\n%simulated\n1 0 obj<<>>endobj\ntrailer<<>>\n%%EOF\n"),
+        };
+        Self {
+            path: format!("/simulated/{}", message_id_like_whatsapp()),
+            kind,
+            mime: mime.to_owned(),
+            file_name: (kind == MediaKind::Document).then(|| name.to_owned()),
+            bytes: bytes::Bytes::from_static(bytes),
+        }
+    }
+}
+
+/// A 1×1 PNG.
+const SAMPLE_PNG: &[u8] = b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR\0\0\0\x01\0\0\0\x01\x08\x06\0\0\0\x1f\x15\xc4\x89\0\0\0\rIDATx\x9cc\xf8\xff\xff?\0\x05\xfe\x02\xfe\xa7\x35\x81\x84\0\0\0\0IEND\xaeB`\x82";
 
 /// The key of the simulated device in the credentials document.
 const DEVICE: &str = "simulatedDevice";
@@ -137,6 +197,7 @@ impl SessionDriver for Simulator {
             scanned: Notify::new(),
             state: Mutex::new(ConnectionState { phone: phone.clone(), connected: false, pair_phone: None }),
             history_slots: Arc::new(tokio::sync::Semaphore::new(crate::HISTORY_PIECES_IN_FLIGHT)),
+            files: Mutex::new(std::collections::VecDeque::new()),
         });
         let task = live.clone();
         match phone {
@@ -176,6 +237,8 @@ struct Connection {
     state: Mutex<ConnectionState>,
     /// History pieces on their way to the database.
     history_slots: Arc<tokio::sync::Semaphore>,
+    /// The simulated media server: the last files uploaded or sent by contacts.
+    files: Mutex<std::collections::VecDeque<SimulatedFile>>,
 }
 
 impl Connection {
@@ -248,6 +311,7 @@ impl Connection {
                     text: Some(format!("History message {n}")),
                     from_me,
                     timestamp: now - span + time::Duration::seconds(offset),
+                    media: None,
                 },
                 status: from_me.then(|| "read".to_owned()),
             });
@@ -313,7 +377,25 @@ impl Connection {
         self.close(CloseReason::RestartRequired).await;
     }
 
-    async fn contact_answers(self: Arc<Self>, message_id: String, to: String, text: String, group: bool) {
+    /// Puts a file on the simulated media server.
+    async fn keep_file(&self, file: SimulatedFile) -> IncomingMedia {
+        let incoming = file.as_incoming();
+        let mut files = self.files.lock().await;
+        if files.len() >= SIMULATED_FILES_KEPT {
+            files.pop_front();
+        }
+        files.push_back(file);
+        incoming
+    }
+
+    async fn contact_answers(
+        self: Arc<Self>,
+        message_id: String,
+        to: String,
+        text: String,
+        group: bool,
+        received: Option<SimulatedFile>,
+    ) {
         let config = self.config.clone();
         let script = ContactScript::of(&text);
         let mut elapsed = Duration::ZERO;
@@ -365,6 +447,18 @@ impl Connection {
                     let quoted: String = text.chars().take(200).collect();
                     let id = message_id_like_whatsapp();
                     reply_id = Some(id.clone());
+                    let file = match (script.echo, &received, script.send_media) {
+                        (true, Some(received), _) => Some(SimulatedFile {
+                            path: format!("/simulated/{}", message_id_like_whatsapp()),
+                            ..received.clone()
+                        }),
+                        (_, _, Some(kind)) => Some(SimulatedFile::sample(kind)),
+                        _ => None,
+                    };
+                    let media = match file {
+                        Some(file) => Some(self.keep_file(file).await),
+                        None => None,
+                    };
                     DriverEvent::Message(IncomingMessage {
                         message_id: id,
                         chat: to.clone(),
@@ -373,6 +467,7 @@ impl Connection {
                         text: Some(format!("Simulated reply to: {quoted}")),
                         from_me: false,
                         timestamp: now,
+                        media,
                     })
                 }
                 Step::EditReply => {
@@ -404,6 +499,7 @@ impl Connection {
                 text: Some(format!("Burst message {n}")),
                 from_me: false,
                 timestamp: OffsetDateTime::now_utc(),
+                media: None,
             }))
             .await;
         }
@@ -445,8 +541,44 @@ impl LiveSession for SimulatedConnection {
         let answering = connection.clone();
         let (id, to, text, group) =
             (message_id.clone(), message.to.to_string(), message.text.clone(), message.to.is_group());
-        tokio::spawn(async move { answering.contact_answers(id, to, text, group).await });
+        tokio::spawn(async move { answering.contact_answers(id, to, text, group, None).await });
         Ok(message_id)
+    }
+
+    async fn send_media(&self, message: &OutgoingMedia) -> Result<String, DriverError> {
+        let connection = &self.0;
+        connection.ensure_connected().await?;
+        if message.bytes.is_empty() {
+            return Err(DriverError::Invalid("the file is empty".into()));
+        }
+        // The simulated upload: the file is on the media server, as WhatsApp's would be.
+        let file = SimulatedFile {
+            path: format!("/simulated/{}", message_id_like_whatsapp()),
+            kind: message.kind,
+            mime: message.mime.clone(),
+            file_name: Some(message.file_name.clone()),
+            bytes: message.bytes.clone(),
+        };
+        connection.keep_file(file.clone()).await;
+        let message_id = message_id_like_whatsapp();
+        let answering = connection.clone();
+        let text = message.caption.clone().unwrap_or_else(|| format!("[{}]", message.kind.as_str()));
+        let (id, to, group) = (message_id.clone(), message.to.to_string(), message.to.is_group());
+        tokio::spawn(async move { answering.contact_answers(id, to, text, group, Some(file)).await });
+        Ok(message_id)
+    }
+
+    async fn download_media(&self, media: &IncomingMedia, limit: u64) -> Result<bytes::Bytes, DriverError> {
+        let path = media.download.get("simulatedPath").and_then(|p| p.as_str()).unwrap_or_default();
+        let files = self.0.files.lock().await;
+        let file = files
+            .iter()
+            .find(|file| file.path == path)
+            .ok_or_else(|| DriverError::Failed(format!("the simulated media server has no file {path:?}")))?;
+        if file.bytes.len() as u64 > limit {
+            return Err(DriverError::Invalid(format!("the file is larger than {limit} bytes")));
+        }
+        Ok(file.bytes.clone())
     }
 
     async fn mark_read(&self, _chat: &Jid, _messages: &[MessageTarget]) -> Result<(), DriverError> {
@@ -588,5 +720,16 @@ mod tests {
         assert_eq!(ContactScript::of("hello"), ContactScript::default());
         let all = ContactScript::of("please #react, #edit and #delete");
         assert!(all.react && all.edit_reply && all.delete_reply);
+        assert_eq!(ContactScript::of("a #document please").send_media, Some(MediaKind::Document));
+        assert!(ContactScript::of("#echo").echo);
+    }
+
+    #[test]
+    fn sample_files_are_what_they_say() {
+        for kind in MediaKind::ALL {
+            let file = SimulatedFile::sample(kind);
+            let found = infer::get(&file.bytes).map(|t| t.mime_type());
+            assert!(found.is_some(), "the {} sample is not recognised", kind.as_str());
+        }
     }
 }

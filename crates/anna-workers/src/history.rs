@@ -5,9 +5,10 @@
 
 use anna_domain::session::{
     ChangeKind, MessageChange, SESSION_CHATS_UPDATE, SESSION_DELETED, SESSION_MESSAGE_RECEIVED, SESSION_MESSAGE_SENT,
-    SESSION_MESSAGE_STATUS, SESSION_MESSAGES_DELETE, SESSION_MESSAGES_EDIT, SESSION_MESSAGES_REACTION,
+    SESSION_MESSAGE_STATUS, SESSION_MESSAGES_DELETE, SESSION_MESSAGES_EDIT, SESSION_MESSAGES_MEDIA,
+    SESSION_MESSAGES_REACTION,
 };
-use anna_store::{ChatTouch, StoredMessage, UnitOfWork};
+use anna_store::{ChatTouch, MessageMedia, StoredMessage, UnitOfWork};
 use anna_streams::consumer::{Effect, HandlerError, ReceivedEvent, Subscriber};
 use anna_whatsapp::Jid;
 use serde_json::Value;
@@ -51,6 +52,7 @@ impl Subscriber for MessageHistory {
             SESSION_MESSAGES_EDIT,
             SESSION_MESSAGES_DELETE,
             SESSION_MESSAGES_REACTION,
+            SESSION_MESSAGES_MEDIA,
             SESSION_CHATS_UPDATE,
             SESSION_DELETED,
         ]
@@ -76,6 +78,8 @@ impl Subscriber for MessageHistory {
             match received.event.event_name.as_str() {
                 SESSION_MESSAGE_RECEIVED | SESSION_MESSAGE_SENT => {
                     let (message, unread, chat_name) = new_message(received).map_err(failed)?;
+                    let media = sent_media(received).map_err(failed)?;
+                    uow.link_message_media(&media).await.map_err(|e| failed(e.into()))?;
                     if uow.insert_message(&message).await.map_err(|e| failed(e.into()))? {
                         inserted.push((message.session_id, message.message_id.clone()));
                         touch_of(&mut touches, message.tenant_id, message.session_id, &message.chat_jid).add(
@@ -111,7 +115,15 @@ impl Subscriber for MessageHistory {
         match received.event.event_name.as_str() {
             SESSION_MESSAGE_RECEIVED | SESSION_MESSAGE_SENT => {
                 let (message, unread, chat_name) = new_message(received)?;
+                uow.link_message_media(&sent_media(received)?).await?;
                 uow.record_message(&message, unread, chat_name.as_deref()).await?;
+            }
+            SESSION_MESSAGES_MEDIA => {
+                let (tenant_id, session_id) = ids(received)?;
+                let items = payload.get("media").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
+                let media: Vec<MessageMedia> =
+                    items.iter().map(|item| media_item(tenant_id, session_id, item)).collect::<Result<_, _>>()?;
+                uow.link_message_media(&media).await?;
             }
             SESSION_MESSAGE_STATUS => {
                 let (_, session_id) = ids(received)?;
@@ -173,6 +185,44 @@ fn chats_read(payload: &Value) -> Result<Vec<&str>, HandlerError> {
         .collect()
 }
 
+/// The media a `session.message.sent` carried (none for received messages: their files are
+/// downloaded later and arrive as `session.messages.media`).
+fn sent_media(received: &ReceivedEvent) -> Result<Vec<MessageMedia>, HandlerError> {
+    let payload = &received.event.payload;
+    match payload.get("media").filter(|media| received.event.event_name == SESSION_MESSAGE_SENT && media.is_object()) {
+        Some(item) => {
+            let (tenant_id, session_id) = ids(received)?;
+            Ok(vec![media_item(tenant_id, session_id, item)?])
+        }
+        None => Ok(Vec::new()),
+    }
+}
+
+/// One item of the predecessor's media list (`session.messages.media`, a sent message's media).
+fn media_item(tenant_id: Uuid, session_id: Uuid, item: &Value) -> Result<MessageMedia, HandlerError> {
+    let number = |name: &str| item.get(name).and_then(Value::as_u64);
+    let small = |name: &str| number(name).and_then(|n| u32::try_from(n).ok());
+    let optional = |name: &str| item.get(name).and_then(Value::as_str).map(str::to_owned);
+    let media_id = text(item, "mediaId")?;
+    Ok(MessageMedia {
+        tenant_id,
+        session_id,
+        chat_jid: text(item, "chatJid")?.to_owned(),
+        message_id: text(item, "messageId")?.to_owned(),
+        media_id: Some(Uuid::parse_str(media_id).map_err(|e| HandlerError::new(format!("mediaId: {e}")))?),
+        kind: text(item, "kind")?.to_owned(),
+        mime: optional("mime"),
+        size: number("size"),
+        file_name: optional("fileName"),
+        url: format!("/media/{media_id}"),
+        sha256: optional("sha256"),
+        width: small("width"),
+        height: small("height"),
+        duration: small("duration"),
+        object_key: None,
+    })
+}
+
 /// The message a `session.message.received` or `.sent` records, whether it counts as unread,
 /// and the name it gives its chat.
 fn new_message(received: &ReceivedEvent) -> Result<(StoredMessage, bool, Option<String>), HandlerError> {
@@ -192,7 +242,7 @@ fn new_message(received: &ReceivedEvent) -> Result<(StoredMessage, bool, Option<
             from_me: true,
             sender_jid: None,
             timestamp: sent_at,
-            kind: "text".into(),
+            kind: payload.get("type").and_then(Value::as_str).unwrap_or("text").to_owned(),
             text: payload.get("text").and_then(Value::as_str).map(str::to_owned),
             status: Some("sent".into()),
             status_at: Some(sent_at),
@@ -210,7 +260,7 @@ fn new_message(received: &ReceivedEvent) -> Result<(StoredMessage, bool, Option<
         from_me,
         sender_jid: payload.get("from").and_then(Value::as_str).map(str::to_owned),
         timestamp: time_of(payload, "timestamp")?,
-        kind: "text".into(),
+        kind: payload.get("type").and_then(Value::as_str).unwrap_or("text").to_owned(),
         text: payload.get("text").and_then(Value::as_str).map(str::to_owned),
         status: None,
         status_at: None,
@@ -390,6 +440,7 @@ mod tests {
                 text: Some(message_id.into()),
                 from_me: false,
                 timestamp: now + time::Duration::seconds(seconds),
+                media: None,
             };
             session.message_received(&message, now)
         };

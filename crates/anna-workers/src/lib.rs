@@ -5,6 +5,7 @@
 pub mod email;
 pub mod fleet;
 pub mod history;
+pub mod media_fetch;
 pub mod partitions;
 pub mod sessions;
 pub mod subscribers;

@@ -25,6 +25,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::fleet::HeldLeases;
+use anna_domain::media::{IncomingMedia, MediaKind, StoredMedia};
 use anna_domain::session::{ChangeKind, MessageChange};
 use anna_domain::{DomainEvent, Session, SessionRef, SessionStatus};
 use anna_streams::backoff::Backoff;
@@ -33,10 +34,10 @@ use anna_usecases::sessions::{
     COMMAND_DELETE, COMMAND_DELETE_MESSAGE, COMMAND_EDIT, COMMAND_LOGOUT, COMMAND_PAIR_CODE, COMMAND_REACT,
     COMMAND_READ, COMMAND_SEND, COMMAND_SIMULATE, COMMAND_START, COMMAND_STOP, COMMANDS,
 };
-use anna_usecases::{SessionError, Sessions};
+use anna_usecases::{Media, SessionError, Sessions, Upload};
 use anna_whatsapp::{
-    CloseReason, DriverError, DriverEvent, Jid, LiveSession, MessageTarget, OutgoingText, SessionDriver, SessionKey,
-    Simulation,
+    CloseReason, DriverError, DriverEvent, Jid, LiveSession, MessageTarget, OutgoingMedia, OutgoingText, SessionDriver,
+    SessionKey, Simulation,
 };
 use async_trait::async_trait;
 use time::OffsetDateTime;
@@ -61,6 +62,14 @@ pub struct SessionsWorkerConfig {
     /// `SESSIONS_SEND_WAIT_MS`: how long a message for a session that is (re)connecting waits
     /// for the connection before it is recorded as failed.
     pub send_wait: Duration,
+    /// `MEDIA_MAX_UPLOAD_BYTES`: the largest file sent (an upload, or a file at a URL).
+    pub media_send_max_bytes: u64,
+    /// `MEDIA_DOWNLOAD_MAX_BYTES`: received files larger than this are not downloaded.
+    pub media_download_max_bytes: u64,
+    /// `MEDIA_DOWNLOAD_CONCURRENCY`: received files downloaded at once by this process.
+    pub media_download_concurrency: usize,
+    /// How files at URLs are fetched (`MEDIA_FETCH_*`).
+    pub media_fetch: crate::media_fetch::FetchSettings,
 }
 
 impl Default for SessionsWorkerConfig {
@@ -72,6 +81,10 @@ impl Default for SessionsWorkerConfig {
             qr_ttl: Duration::from_secs(60),
             event_buffer: 256,
             send_wait: Duration::from_secs(15),
+            media_send_max_bytes: 25 * 1024 * 1024,
+            media_download_max_bytes: 100 * 1024 * 1024,
+            media_download_concurrency: 4,
+            media_fetch: crate::media_fetch::FetchSettings::default(),
         }
     }
 }
@@ -94,6 +107,12 @@ struct Connection {
 
 pub struct SessionsWorker {
     sessions: Arc<Sessions>,
+    /// Files: those sent (uploads, URLs), and those of received messages.
+    media: Arc<Media>,
+    /// Received files downloading at once.
+    downloads: Arc<tokio::sync::Semaphore>,
+    /// Fetches files at URLs, under the address policy.
+    fetcher: crate::media_fetch::Fetcher,
     /// The partitions this process serves.
     leases: Arc<HeldLeases>,
     driver: Arc<dyn SessionDriver>,
@@ -146,6 +165,8 @@ pub enum WorkerError {
     Recording(Arc<SessionError>),
     #[error("the session {0} belongs to a partition this worker does not hold")]
     NotHeld(Uuid),
+    #[error("media: {0}")]
+    Media(String),
 }
 
 impl WorkerError {
@@ -215,16 +236,22 @@ impl SessionsWorker {
     /// `sessions` must write through a store fenced by `leases`.
     pub fn new(
         sessions: Arc<Sessions>,
+        media: Arc<Media>,
         leases: Arc<HeldLeases>,
         driver: Arc<dyn SessionDriver>,
         config: SessionsWorkerConfig,
         shutdown: CancellationToken,
-    ) -> Arc<Self> {
+    ) -> Result<Arc<Self>, WorkerError> {
+        let fetcher = crate::media_fetch::Fetcher::new(config.media_fetch.clone())
+            .map_err(|e| WorkerError::Media(format!("the media fetch client: {e}")))?;
         let (reconnect, reconnect_requests) = mpsc::unbounded_channel();
         let (resume, resume_requests) = mpsc::unbounded_channel();
         let (batch, batches) = mpsc::channel(BATCH_QUEUE);
         tokio::spawn(commit_batches(sessions.clone(), batches));
-        Arc::new(Self {
+        Ok(Arc::new(Self {
+            downloads: Arc::new(tokio::sync::Semaphore::new(config.media_download_concurrency.max(1))),
+            media,
+            fetcher,
             batch,
             reconnect,
             reconnect_requests: Mutex::new(Some(reconnect_requests)),
@@ -241,7 +268,7 @@ impl SessionsWorker {
             generations: AtomicU64::new(0),
             tasks: TaskTracker::new(),
             shutdown,
-        })
+        }))
     }
 
     pub fn driver_name(&self) -> &'static str {
@@ -551,11 +578,15 @@ impl SessionsWorker {
             // Messages, receipts and changes waiting already go to the committer together: a
             // burst (offline messages after a reconnect) is not recorded one commit at a time.
             if let Some(first) = plain_event(key, &event) {
+                self.download_media_of(key, &event);
                 let mut group = vec![first];
                 while group.len() < MAX_BATCH {
                     let Ok(more) = events.try_recv() else { break };
                     match plain_event(key, &more) {
-                        Some(recorded) => group.push(recorded),
+                        Some(recorded) => {
+                            self.download_media_of(key, &more);
+                            group.push(recorded);
+                        }
                         None => {
                             next = Some(more);
                             break;
@@ -830,14 +861,17 @@ impl SessionsWorker {
         let outcome = match Jid::parse(to) {
             Err(error) => Err(format!("invalid recipient: {error}")),
             Ok(jid) => match self.ready(connection).await {
-                Ok(live) => {
-                    let message = OutgoingText {
-                        to: jid,
-                        text: payload["content"].as_str().unwrap_or_default().to_owned(),
-                        reply_to: payload["replyToMessageId"].as_str().map(str::to_owned),
-                    };
-                    live.send_text(&message).await.map_err(|e| e.to_string())
-                }
+                Ok(live) => match payload.get("media").filter(|media| media.is_object()) {
+                    None => {
+                        let message = OutgoingText {
+                            to: jid,
+                            text: payload["content"].as_str().unwrap_or_default().to_owned(),
+                            reply_to: payload["replyToMessageId"].as_str().map(str::to_owned),
+                        };
+                        live.send_text(&message).await.map(|id| (id, None)).map_err(|e| e.to_string())
+                    }
+                    Some(media) => self.send_media(key, live.as_ref(), jid, payload, media).await,
+                },
                 Err(why) => Err(why),
             },
         };
@@ -845,19 +879,124 @@ impl SessionsWorker {
         metrics::counter!("session_messages_total", "outcome" => if outcome.is_ok() { "sent" } else { "failed" })
             .increment(1);
         let event = match outcome {
-            Ok(message_id) => {
+            Ok((message_id, media)) => {
                 let mut event = reference(key).message_sent(command.event_id, &message_id, to, now);
                 if let Some(client_id) = payload["messageId"].as_str() {
                     event.payload["clientMessageId"] = client_id.into();
                 }
                 // For the message history: the chat (the recipient as a JID) and what was sent.
-                event.payload["chat"] = Jid::parse(to).map_or_else(|_| to.to_owned(), |jid| jid.to_string()).into();
+                let chat = Jid::parse(to).map_or_else(|_| to.to_owned(), |jid| jid.to_string());
+                event.payload["chat"] = chat.clone().into();
                 event.payload["text"] = payload["content"].clone();
+                if let Some(mut media) = media {
+                    media.message_id = message_id.clone();
+                    media.chat = chat;
+                    event.payload["type"] = media.kind.message_type().into();
+                    event.payload["media"] = media.to_json();
+                }
                 event
             }
             Err(reason) => reference(key).message_failed(command.event_id, to, &reason, now),
         };
         self.settle(key, event, command.event_id).await
+    }
+
+    /// Sends the file a send command names (an upload, or a file at a URL, fetched and kept
+    /// first); returns the message id and what was sent.
+    async fn send_media(
+        &self,
+        key: SessionKey,
+        live: &dyn LiveSession,
+        to: Jid,
+        payload: &serde_json::Value,
+        media: &serde_json::Value,
+    ) -> Result<(String, Option<StoredMedia>), String> {
+        let kind = media["kind"].as_str().and_then(MediaKind::parse).ok_or("invalid media: no kind")?;
+        let limit = self.config.media_send_max_bytes;
+        let (object, bytes) = match (media["mediaId"].as_str(), media["url"].as_str()) {
+            (Some(id), _) => {
+                let id = Uuid::parse_str(id).map_err(|_| "invalid media id".to_owned())?;
+                self.media.load_for_send(key.tenant_id, id, kind, limit).await.map_err(|e| e.to_string())?
+            }
+            (None, Some(url)) => {
+                let fetched = self.fetcher.fetch(url, limit).await.map_err(|e| e.to_string())?;
+                let upload = Upload {
+                    kind,
+                    file: fetched.file,
+                    file_name: media["fileName"].as_str().map(str::to_owned).or(fetched.file_name),
+                    declared_mime: fetched.declared_mime,
+                };
+                let session = SessionRef { id: key.session_id, tenant_id: key.tenant_id };
+                self.media.store_fetched(session, upload).await.map_err(|e| e.to_string())?
+            }
+            (None, None) => return Err("invalid media: neither mediaId nor url".into()),
+        };
+        let caption = payload["content"].as_str().filter(|text| !text.is_empty()).map(str::to_owned);
+        let outgoing = OutgoingMedia {
+            to,
+            kind,
+            bytes,
+            mime: object.mime.clone(),
+            file_name: object.file_name.clone(),
+            caption,
+            ptt: payload["ptt"].as_bool().unwrap_or(false) && kind == MediaKind::Audio,
+            reply_to: payload["replyToMessageId"].as_str().map(str::to_owned),
+        };
+        let message_id = live.send_media(&outgoing).await.map_err(|e| e.to_string())?;
+        let sent = StoredMedia {
+            media_id: object.id,
+            message_id: message_id.clone(),
+            chat: String::new(),
+            kind,
+            mime: object.mime,
+            size: object.size,
+            file_name: object.file_name,
+            sha256: object.sha256,
+            width: None,
+            height: None,
+            duration: None,
+        };
+        Ok((message_id, Some(sent)))
+    }
+
+    /// Downloads the file of a received message in the background (at most
+    /// `MEDIA_DOWNLOAD_CONCURRENCY` at once), stores it and records `session.messages.media`.
+    /// A file that cannot be fetched is logged and counted; its message stays, without media.
+    fn download_media_of(self: &Arc<Self>, key: SessionKey, event: &DriverEvent) {
+        let DriverEvent::Message(message) = event else { return };
+        let Some(media) = message.media.clone() else { return };
+        let (worker, message_id, chat) = (self.clone(), message.message_id.clone(), message.chat.clone());
+        self.tasks.spawn(async move {
+            let outcome = worker.download(key, &message_id, &chat, &media).await;
+            let label = if outcome.is_ok() { "stored" } else { "failed" };
+            metrics::counter!("session_media_downloads_total", "outcome" => label).increment(1);
+            if let Err(error) = outcome {
+                tracing::warn!(session_id = %key.session_id, %message_id, kind = media.kind.as_str(), %error,
+                    "the file of a received message was not stored");
+            }
+        });
+    }
+
+    async fn download(
+        &self,
+        key: SessionKey,
+        message_id: &str,
+        chat: &str,
+        media: &IncomingMedia,
+    ) -> Result<(), String> {
+        let limit = self.config.media_download_max_bytes;
+        if media.size.is_some_and(|size| size > limit) {
+            return Err(format!("larger than MEDIA_DOWNLOAD_MAX_BYTES ({limit})"));
+        }
+        let _turn = tokio::select! {
+            () = self.shutdown.cancelled() => return Err("shutting down".into()),
+            permit = self.downloads.clone().acquire_owned() => permit.map_err(|e| e.to_string())?,
+        };
+        let live = self.connection(key.session_id).await.ok_or("the connection closed")?;
+        let bytes = live.download_media(media, limit).await.map_err(|e| e.to_string())?;
+        let session = SessionRef { id: key.session_id, tenant_id: key.tenant_id };
+        self.media.store_received(session, message_id, chat, media, bytes).await.map_err(|e| e.to_string())?;
+        Ok(())
     }
 
     /// The session's connection for a command that goes to WhatsApp, or its status when it has
@@ -1084,6 +1223,21 @@ fn phone_suffix(phone: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    /// Media kept in a directory of its own.
+    fn test_media(
+        store: &Arc<dyn anna_store::Store>,
+        sessions: &Arc<Sessions>,
+    ) -> Result<Arc<Media>, Box<dyn std::error::Error>> {
+        let dir = std::env::temp_dir().join(format!("anna-test-media-{}", Uuid::new_v4()));
+        let settings = anna_media::StorageSettings {
+            backend: anna_media::MediaBackend::Local { dir },
+            url_ttl: Duration::from_secs(60),
+            base_url: String::new(),
+        };
+        let storage = Arc::new(anna_media::MediaStorage::open(&settings, b"test-secret")?);
+        Ok(Arc::new(Media::new(store.clone(), storage, sessions.clone())))
+    }
+
     use anna_domain::Session;
     use anna_store::{ConnectOptions, SqlStore, Store};
     use anna_usecases::SessionsConfig;
@@ -1121,8 +1275,10 @@ mod tests {
         let fenced = store.fenced(leases.clone());
         let stream: Arc<dyn anna_streams::Stream> = Arc::new(anna_streams::EmbeddedStream::new(pool));
         let sessions = Arc::new(Sessions::new(fenced.clone(), stream, config));
+        let media = test_media(&fenced, &sessions)?;
         let driver = Arc::new(anna_whatsapp::simulator::Simulator::new(fenced, Default::default()));
-        let worker = SessionsWorker::new(sessions, leases, driver, Default::default(), CancellationToken::new());
+        let worker =
+            SessionsWorker::new(sessions, media, leases, driver, Default::default(), CancellationToken::new())?;
         let now = OffsetDateTime::now_utc();
         let event = |id| SessionRef { id, tenant_id: tenant }.message_status("m1", "c@s.whatsapp.net", "read", now);
         let (held, other) = tokio::join!(worker.record(event(held_id)), worker.record(event(other_id)));
@@ -1175,8 +1331,10 @@ mod tests {
         let stream: Arc<dyn anna_streams::Stream> = Arc::new(anna_streams::EmbeddedStream::new(pool));
         let config = SessionsConfig { partitions: 1, ..SessionsConfig::default() };
         let sessions = Arc::new(Sessions::new(fenced.clone(), stream, config));
+        let media = test_media(&fenced, &sessions)?;
         let driver = Arc::new(anna_whatsapp::simulator::Simulator::new(fenced, Default::default()));
-        let worker = SessionsWorker::new(sessions, leases, driver, Default::default(), CancellationToken::new());
+        let worker =
+            SessionsWorker::new(sessions, media, leases, driver, Default::default(), CancellationToken::new())?;
 
         let command = |message_id: &str| {
             let command_id = Uuid::new_v4();

@@ -260,7 +260,7 @@ pub async fn start(
         // never miss a renewal waiting for the pool, or it would fence itself.
         let options = ConnectOptions { max_connections: 2, ..connect_options(config) };
         let leases_store: Arc<dyn Store> = Arc::new(open_sql_store_with(config, options).await?);
-        start_sessions_worker(config, backends, leases_store, &shutdown, &mut supervisor);
+        start_sessions_worker(config, backends, leases_store, &shutdown, &mut supervisor)?;
     }
     Ok(Running { addr, metrics_addr, state: api_state, supervisor })
 }
@@ -400,19 +400,22 @@ fn start_sessions_worker(
     leases_store: Arc<dyn Store>,
     shutdown: &CancellationToken,
     supervisor: &mut Supervisor,
-) {
+) -> anyhow::Result<()> {
     let settings = &config.sessions;
     let leases =
         HeldLeases::new(&settings.fleet.worker_id, settings.sessions.partitions, anna_usecases::sessions::partition_of);
     let fenced = backends.store.fenced(leases.clone());
     let worker_token = CancellationToken::new();
+    let sessions = Arc::new(Sessions::new(fenced.clone(), backends.stream.clone(), settings.sessions.clone()));
+    let media = Arc::new(Media::new(fenced.clone(), backends.media.clone(), sessions.clone()));
     let worker = SessionsWorker::new(
-        Arc::new(Sessions::new(fenced.clone(), backends.stream.clone(), settings.sessions.clone())),
+        sessions,
+        media,
         leases.clone(),
         session_driver(config, fenced),
         settings.worker.clone(),
         worker_token.clone(),
-    );
+    )?;
     let partitions = Arc::new(SessionPartitions::new(
         worker.clone(),
         backends.store.clone(),
@@ -437,6 +440,7 @@ fn start_sessions_worker(
         tracing::info!("sessions worker stopped");
         Ok(())
     });
+    Ok(())
 }
 
 /// The `METRICS_PORT` listener: `/metrics`, and `/healthz` so a supervisor can check a worker

@@ -74,6 +74,7 @@ const FAMILIES: &[(&str, Kind, Reporter, Option<FixedLabel>)] = &[
     ("session_closes_total", Counter, Sessions, None),
     ("session_reconnects_exhausted_total", Counter, Sessions, None),
     ("session_messages_total", Counter, Sessions, Some(("outcome", &["sent", "failed"]))),
+    ("session_media_downloads_total", Counter, Sessions, Some(("outcome", &["stored", "failed"]))),
     ("session_message_changes_total", Counter, Sessions, Some(("outcome", &["done", "failed"]))),
     ("session_history_messages_total", Counter, Sessions, None),
     ("history_pending_changes_applied_total", Counter, Consumer, None),

@@ -183,6 +183,7 @@ impl From<SessionError> for ApiError {
             SessionError::Invalid(_) => ApiError::bad_request("invalid_request", message),
             SessionError::NoSession => ApiError::not_found("session_not_found", message),
             SessionError::MessageNotFound => ApiError::not_found("message_not_found", message),
+            SessionError::MediaNotFound => ApiError::not_found("media_not_found", message),
             SessionError::MessageConflict(_) => ApiError::conflict("message_conflict", message),
             SessionError::RateLimited(retry_after) => ApiError::too_many_requests(retry_after),
             SessionError::Failed(failure) => failure.into(),
@@ -300,15 +301,23 @@ pub struct SendMessageRequest {
     /// A phone number in international format (`+49 151 2345 6789`) or a WhatsApp JID.
     #[schema(required, nullable = false)]
     to: Option<String>,
-    #[schema(required, nullable = false)]
+    /// The text; with `media`, its caption (unless `caption` is given).
     content: Option<String>,
+    /// A file's caption.
+    caption: Option<String>,
+    /// Send audio as a voice note.
+    ptt: Option<bool>,
+    /// The file to send: `{kind, id}` (an upload's id) or `{kind, url}`.
+    #[schema(value_type = Option<Object>)]
+    media: Option<serde_json::Value>,
     /// Your own id for the message, carried into its events.
     message_id: Option<String>,
     /// The WhatsApp id of the message this one replies to.
     reply_to_message_id: Option<String>,
 }
 
-/// Send a text message. 409 when the session is not connected; 429 over the session's send rate.
+/// Send a text message, or a file (`media`). 409 when the session is not connected; 429 over the
+/// session's send rate.
 #[utoipa::path(post, path = "/sessions/{id}/messages", tag = "sessions", request_body = SendMessageRequest,
     security(("bearer" = [])), params(("id" = String, Path, description = "session id"),
         ("Idempotency-Key" = Option<String>, Header, description = "repeats of a request with this key get the first answer")),
@@ -323,8 +332,15 @@ async fn send_message(
     ApiJson(body): ApiJson<SendMessageRequest>,
 ) -> Result<Response, ApiError> {
     let id = session_id(&id)?;
-    let (Some(to), Some(content)) = (body.to.filter(|v| !v.trim().is_empty()), body.content.filter(|v| !v.is_empty()))
-    else {
+    let media = match body.media.as_ref().filter(|media| !media.is_null()) {
+        Some(media) => Some(crate::chats::media_to_send(media, body.ptt.unwrap_or(false))?),
+        None => None,
+    };
+    let content = match &media {
+        Some(_) => Some(body.caption.or(body.content).unwrap_or_default()),
+        None => body.content.filter(|v| !v.is_empty()),
+    };
+    let (Some(to), Some(content)) = (body.to.filter(|v| !v.trim().is_empty()), content) else {
         return Err(ApiError::bad_request("missing_fields", "to and content are required"));
     };
     let to = Jid::parse(&to).map_err(|e| ApiError::bad_request("invalid_recipient", format!("to {e}")))?;
@@ -346,10 +362,13 @@ async fn send_message(
         text: content,
         reply_to: short(body.reply_to_message_id, "replyToMessageId")?,
         client_message_id: short(body.message_id, "messageId")?,
+        media,
     };
     let key = idempotency::key(&headers)?;
     let scope = format!("POST /sessions/{id}/messages {}", caller.user_id);
-    let fingerprint = json!([request.to, request.text, request.reply_to, request.client_message_id]).to_string();
+    let fingerprint =
+        json!([request.to, request.text, request.reply_to, request.client_message_id, format!("{:?}", request.media)])
+            .to_string();
     Ok(idempotency::once(&state, &scope, key, &fingerprint, || async {
         command(state.sessions.send(caller.user_id, id, request, state.limiters.check_send(id)).await?)
     })

@@ -23,8 +23,8 @@ CREATE INDEX media_objects_tenant_id_idx ON media_objects (tenant_id);
 CREATE INDEX media_objects_session_time_idx ON media_objects (session_id, created_at);
 
 -- The media of a message, by the predecessor's table name. A predecessor's database may hold
--- it already (its url was a public bucket URL); anna's rows name their object by media_id and
--- keep its key in url.
+-- it already (its url was a public bucket URL); anna's rows name their object by media_id, and
+-- their url is the API route that hands out a signed download URL (/media/<media_id>).
 CREATE TABLE IF NOT EXISTS session_message_media (
     id uuid PRIMARY KEY,
     tenant_id uuid NOT NULL,

@@ -36,11 +36,12 @@ fn message_media(object: &MediaObject, message_id: &str) -> MessageMedia {
         mime: Some(object.mime.clone()),
         size: Some(object.size),
         file_name: Some(object.file_name.clone()),
-        url: object.object_key.clone(),
+        url: format!("/media/{}", object.id),
         sha256: Some(object.sha256.clone()),
         width: Some(1280),
         height: Some(720),
         duration: None,
+        object_key: Some(object.object_key.clone()),
     }
 }
 

@@ -284,6 +284,7 @@ async fn a_history_sync_is_stored_a_piece_at_a_time(store: Arc<dyn Store>) -> Te
             text: Some(format!("old {id}")),
             from_me,
             timestamp: at,
+            media: None,
         },
         status: from_me.then(|| "read".to_owned()),
     };

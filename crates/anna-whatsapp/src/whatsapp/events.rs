@@ -145,6 +145,7 @@ fn incoming(
         text: message.text_content().or_else(|| message.get_caption()).map(str::to_owned),
         from_me,
         timestamp: at,
+        media: super::media::incoming_media(message),
     }))
 }
 

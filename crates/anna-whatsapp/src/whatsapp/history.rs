@@ -137,6 +137,7 @@ fn history_message(chat: &str, info: &wa::WebMessageInfo) -> Option<HistoryMessa
             text: content.text_content().or_else(|| content.get_caption()).map(str::to_owned),
             from_me,
             timestamp: time::OffsetDateTime::from_unix_timestamp(seconds).unwrap_or(time::OffsetDateTime::UNIX_EPOCH),
+            media: None,
         },
         status: status.map(str::to_owned),
     })

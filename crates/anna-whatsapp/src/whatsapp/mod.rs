@@ -13,6 +13,7 @@
 mod convert;
 mod events;
 mod history;
+mod media;
 mod session;
 mod store;
 

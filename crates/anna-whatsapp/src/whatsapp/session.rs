@@ -12,14 +12,15 @@ use tokio_util::sync::CancellationToken;
 use whatsapp_rust::bot::Bot;
 use whatsapp_rust::pair_code::PairCodeOptions;
 use whatsapp_rust::types::events::Event;
+use whatsapp_rust::upload::UploadOptions;
 use whatsapp_rust::{Client, RevokeType};
 
 use super::convert::{build_text_message, message_key, render_qr, to_wa_jid};
 use super::events::{Context, translate};
 use super::{WhatsAppError, map_send_error};
 use crate::{
-    CloseReason, DriverError, DriverEvent, HistorySlot, Jid, LiveSession, MessageTarget, OutgoingText, SessionKey,
-    Simulation,
+    CloseReason, DriverError, DriverEvent, HistorySlot, IncomingMedia, Jid, LiveSession, MessageTarget, OutgoingMedia,
+    OutgoingText, SessionKey, Simulation,
 };
 
 /// How long the run loop's end waits for the event that explains it (events go through the
@@ -210,6 +211,39 @@ impl LiveSession for WaLiveSession {
         let built = build_text_message(&message.text, message.reply_to.as_deref());
         let sent = self.client.send_message(to_wa_jid(&message.to), built).await.map_err(map_send_error)?;
         Ok(sent.message_id)
+    }
+
+    async fn send_media(&self, message: &OutgoingMedia) -> Result<String, DriverError> {
+        self.ensure_open()?;
+        if message.bytes.is_empty() {
+            return Err(DriverError::Invalid("the file is empty".into()));
+        }
+        let uploaded = self
+            .client
+            .upload(message.bytes.to_vec(), super::media::media_type(message.kind), UploadOptions::default())
+            .await
+            .map_err(|e| DriverError::Failed(format!("the upload to WhatsApp failed: {e}")))?;
+        let built = super::media::media_message(uploaded, message);
+        let sent = self.client.send_message(to_wa_jid(&message.to), built).await.map_err(map_send_error)?;
+        Ok(sent.message_id)
+    }
+
+    async fn download_media(&self, media: &IncomingMedia, limit: u64) -> Result<bytes::Bytes, DriverError> {
+        self.ensure_open()?;
+        let params = super::media::download_params(media)
+            .ok_or_else(|| DriverError::Invalid("the message does not say where its file is".into()))?;
+        if params.file_length > limit {
+            return Err(DriverError::Invalid(format!("the file is larger than {limit} bytes")));
+        }
+        let bytes = self
+            .client
+            .download_from_params(&params)
+            .await
+            .map_err(|e| DriverError::Failed(format!("the download from WhatsApp failed: {e}")))?;
+        if bytes.len() as u64 > limit {
+            return Err(DriverError::Invalid(format!("the file is larger than {limit} bytes")));
+        }
+        Ok(bytes::Bytes::from(bytes))
     }
 
     async fn mark_read(&self, chat: &Jid, messages: &[MessageTarget]) -> Result<(), DriverError> {

@@ -49,17 +49,24 @@ pub fn refused_address(ip: IpAddr, allow_private: bool) -> Option<&'static str> 
 #[derive(Debug, Clone)]
 pub struct GuardedResolver {
     allow_private: bool,
+    /// Who calls, for the refusals' messages (`webhooks`, `media URLs`).
+    caller: &'static str,
 }
 
 impl GuardedResolver {
     pub fn new(allow_private: bool) -> Self {
-        Self { allow_private }
+        Self::calling_for(allow_private, "webhooks")
+    }
+
+    /// A resolver whose refusals name `caller`.
+    pub fn calling_for(allow_private: bool, caller: &'static str) -> Self {
+        Self { allow_private, caller }
     }
 
     /// The addresses of `resolved` that may be called, or why none may.
     pub fn admit(&self, host: &str, resolved: Vec<SocketAddr>) -> Result<Vec<SocketAddr>, String> {
         if !self.allow_private && net::is_local_name(host) {
-            return Err(format!("{host} names this machine, which webhooks may not call"));
+            return Err(format!("{host} names this machine, which {} may not call", self.caller));
         }
         let mut refused = None;
         let admitted: Vec<SocketAddr> = resolved
@@ -73,7 +80,7 @@ impl GuardedResolver {
             })
             .collect();
         match (admitted.is_empty(), refused) {
-            (true, Some(reason)) => Err(format!("{host} resolves to {reason}, which webhooks may not call")),
+            (true, Some(reason)) => Err(format!("{host} resolves to {reason}, which {} may not call", self.caller)),
             (true, None) => Err(format!("{host} has no address")),
             (false, _) => Ok(admitted),
         }

@@ -62,6 +62,22 @@ pub(super) fn read<F: Fn(&str) -> Option<String>>(vars: &Vars<F>) -> Result<Sess
         qr_ttl,
         event_buffer: 256,
         send_wait: vars.millis("SESSIONS_SEND_WAIT_MS", 15_000)?,
+        media_send_max_bytes: vars.positive(
+            "MEDIA_MAX_UPLOAD_BYTES",
+            super::media::DEFAULT_MAX_UPLOAD_BYTES,
+            "a positive number of bytes",
+        )?,
+        media_download_max_bytes: vars.positive(
+            "MEDIA_DOWNLOAD_MAX_BYTES",
+            100 * 1024 * 1024,
+            "a positive number of bytes",
+        )?,
+        media_download_concurrency: vars.positive("MEDIA_DOWNLOAD_CONCURRENCY", 4, "a positive number of downloads")?,
+        media_fetch: anna_workers::media_fetch::FetchSettings {
+            allow_private: vars.boolean("MEDIA_FETCH_ALLOW_PRIVATE", false)?,
+            connect_timeout: std::time::Duration::from_secs(5),
+            timeout: vars.millis("MEDIA_FETCH_TIMEOUT_MS", 30_000)?,
+        },
     };
     let host = vars.string("HOSTNAME", "anna");
     let failover = vars.millis("SESSIONS_FAILOVER_MS", 15_000)?;

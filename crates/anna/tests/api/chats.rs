@@ -11,7 +11,7 @@ use crate::sessions::{connected_session, tenant};
 const CONTACT: &str = "15550100123@s.whatsapp.net";
 
 /// Polls `path` until `done` holds for its body; returns it.
-async fn until(app: &TestApp, token: &str, path: &str, done: impl Fn(&Value) -> bool) -> Value {
+pub(crate) async fn until(app: &TestApp, token: &str, path: &str, done: impl Fn(&Value) -> bool) -> Value {
     let mut body = Value::Null;
     for _ in 0..300 {
         let reply = app.get(path).bearer(token).send().await;

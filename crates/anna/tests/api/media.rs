@@ -226,4 +226,216 @@ async fn uploads_are_checked_stored_and_downloaded_by_their_tenant_only(backend:
     app.stop().await;
 }
 
-crate::on_both_backends!(uploads_are_checked_stored_and_downloaded_by_their_tenant_only);
+const CONTACT: &str = "15550100123@s.whatsapp.net";
+
+/// The first page of the contact's chat, once `done` holds for its items.
+async fn chat_until(app: &TestApp, token: &str, done: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+    let path = format!("/chats/{CONTACT}/messages");
+    let page =
+        crate::chats::until(app, token, &path, |body| body["items"].as_array().is_some_and(|items| done(items))).await;
+    page["items"].as_array().cloned().unwrap_or_default()
+}
+
+/// Downloads a page item's media through the signed URL the page gave.
+async fn fetch_shown(app: &TestApp, item: &Value) -> Vec<u8> {
+    let url = item["media"]["url"].as_str().unwrap_or_default();
+    let url = if url.starts_with('/') { format!("{}{url}", app.base) } else { url.to_owned() };
+    let answer = reqwest::get(&url).await.unwrap();
+    assert_eq!(answer.status(), 200, "{url}");
+    answer.bytes().await.unwrap().to_vec()
+}
+
+/// Upload → send → the contact sends it back → download; a contact's own document; the
+/// events name the media without the keys to fetch it.
+async fn media_is_sent_received_and_downloaded(backend: Backend) {
+    let (app, _bucket) = media_app(backend, &[]).await;
+    let token = tenant(&app).await;
+    let other = tenant(&app).await;
+    let session = connected_session(&app, &token).await;
+    let uploaded = upload(&app, &token, &[("kind", None, None, b"image"), ("file", Some("dot.png"), None, PNG)]).await;
+    assert_eq!(uploaded.status, 201, "{uploaded:?}");
+    let media_id = uploaded.body["media"]["id"].as_str().unwrap_or_default().to_owned();
+
+    // Sent by id, with a caption; the simulated contact sends the same file back (#echo).
+    let sent = app
+        .post(&format!("/chats/{CONTACT}/messages"))
+        .bearer(&token)
+        .json(json!({"media": {"kind": "image", "id": media_id}, "caption": "look #echo"}))
+        .send()
+        .await;
+    assert_eq!(sent.status, 202, "{sent:?}");
+    let items =
+        chat_until(&app, &token, |items| items.len() == 2 && items.iter().all(|item| item["media"].is_object())).await;
+    let (echo, mine) = (&items[0], &items[1]);
+    assert_eq!(
+        (mine["fromMe"].as_bool(), mine["type"].as_str(), mine["text"].as_str()),
+        (Some(true), Some("imageMessage"), Some("look #echo"))
+    );
+    assert_eq!(mine["media"]["mediaId"], media_id.as_str(), "the upload is the sent message's media");
+    assert_eq!((mine["media"]["kind"].as_str(), mine["media"]["mime"].as_str()), (Some("image"), Some("image/png")));
+    assert_eq!(echo["fromMe"], false);
+    assert_eq!(echo["type"], "imageMessage");
+    assert_ne!(echo["media"]["mediaId"], media_id.as_str(), "the received file is an object of its own");
+    assert_eq!(echo["media"]["size"], PNG.len());
+    assert!(fetch_shown(&app, mine).await == PNG && fetch_shown(&app, echo).await == PNG, "a file changed on the way");
+    let received_id = echo["media"]["mediaId"].as_str().unwrap_or_default().to_owned();
+    assert_eq!(download(&app, &token, &received_id).await.0, 200);
+    assert_eq!(download(&app, &other, &received_id).await.0, 404, "another tenant's media");
+
+    // The events: the download's `session.messages.media`, and no download keys anywhere.
+    let events = app.store.outbox_events_for_aggregate(&session).await.unwrap();
+    let stored: Vec<&Value> =
+        events.iter().filter(|r| r.event.event_name == "session.messages.media").map(|r| &r.event.payload).collect();
+    assert_eq!(stored.len(), 1, "{stored:?}");
+    assert_eq!(stored[0]["media"][0]["mediaId"], received_id.as_str());
+    assert_eq!(stored[0]["media"][0]["url"], format!("/media/{received_id}"));
+    for record in &events {
+        let text = record.event.payload.to_string();
+        assert!(!text.contains("simulatedPath") && !text.contains("mediaKey"), "{text}");
+    }
+
+    // A contact's own file: a document, shown with its name.
+    let asked = app
+        .post(&format!("/chats/{CONTACT}/messages"))
+        .bearer(&token)
+        .json(json!({"content": "a #document please"}))
+        .send()
+        .await;
+    assert_eq!(asked.status, 202);
+    let items = chat_until(&app, &token, |items| {
+        items.first().is_some_and(|item| item["type"] == "documentMessage" && item["media"].is_object())
+    })
+    .await;
+    assert_eq!(
+        (items[0]["media"]["fileName"].as_str(), items[0]["media"]["mime"].as_str()),
+        (Some("report.pdf"), Some("application/pdf"))
+    );
+    assert!(fetch_shown(&app, &items[0]).await.starts_with(b"%PDF"));
+
+    // What cannot be sent is refused before anything is enqueued.
+    let foreign = app
+        .post(&format!("/chats/{CONTACT}/messages"))
+        .bearer(&other)
+        .json(json!({"media": {"kind": "image", "id": media_id}}))
+        .send()
+        .await;
+    assert_eq!(foreign.status, 404, "{foreign:?}");
+    let pdf_id = items[0]["media"]["mediaId"].as_str().unwrap_or_default();
+    let as_image = app
+        .post(&format!("/chats/{CONTACT}/messages"))
+        .bearer(&token)
+        .json(json!({"media": {"kind": "image", "id": pdf_id}}))
+        .send()
+        .await;
+    assert_eq!(as_image.status, 400, "a PDF sent as an image: {as_image:?}");
+    for media in [
+        json!({"kind": "gif", "id": media_id}),
+        json!({"kind": "image"}),
+        json!({"kind": "image", "id": "x"}),
+        json!("image"),
+        json!({"kind": "image", "url": "ftp://example.com/a.png"}),
+    ] {
+        let refused =
+            app.post(&format!("/chats/{CONTACT}/messages")).bearer(&token).json(json!({"media": media})).send().await;
+        assert_eq!(refused.status, 400, "{media}: {refused:?}");
+    }
+    let combined = app
+        .post(&format!("/chats/{CONTACT}/messages"))
+        .bearer(&token)
+        .json(json!({"media": {"kind": "image", "id": media_id}, "forwardMessageId": "x"}))
+        .send()
+        .await;
+    assert_eq!((combined.status, combined.message()), (400, "media and forwardMessageId cannot be combined"));
+    // The download URL `POST /media` answered names the upload too (the predecessor's two steps).
+    let by_url = app
+        .post(&format!("/sessions/{session}/messages"))
+        .bearer(&token)
+        .json(json!({"to": CONTACT, "media": {"kind": "image", "url": uploaded.body["media"]["url"]}}))
+        .send()
+        .await;
+    assert_eq!(by_url.status, 202, "{by_url:?}");
+    chat_until(&app, &token, |items| {
+        items.iter().filter(|i| i["fromMe"] == true && i["media"]["mediaId"] == media_id.as_str()).count() == 2
+    })
+    .await;
+    app.stop().await;
+}
+
+/// A file server on loopback that counts its requests.
+async fn file_server(body: &'static [u8]) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let hits = std::sync::Arc::new(AtomicUsize::new(0));
+    let counted = hits.clone();
+    let router = axum::Router::new().route(
+        "/{*path}",
+        axum::routing::get(move || {
+            counted.fetch_add(1, Ordering::SeqCst);
+            async move { ([("content-type", "image/png")], body) }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    (format!("http://{addr}"), hits)
+}
+
+/// A file at a URL is fetched by the worker — unless the URL points to this machine or a private
+/// network, which is refused before any connection.
+async fn media_at_urls_are_fetched_under_the_address_policy(backend: Backend) {
+    use std::sync::atomic::Ordering;
+    let (server, hits) = file_server(PNG).await;
+    let (guarded, _bucket) = media_app(backend, &[]).await;
+    let token = tenant(&guarded).await;
+    let session = connected_session(&guarded, &token).await;
+    for url in [format!("{server}/dot.png"), server.replace("127.0.0.1", "localhost") + "/dot.png"] {
+        let sent = guarded
+            .post(&format!("/chats/{CONTACT}/messages"))
+            .bearer(&token)
+            .json(json!({"media": {"kind": "image", "url": url}}))
+            .send()
+            .await;
+        assert_eq!(sent.status, 202, "{sent:?}");
+    }
+    let mut reasons = Vec::new();
+    for _ in 0..200 {
+        let events = guarded.store.outbox_events_for_aggregate(&session).await.unwrap();
+        reasons = events
+            .iter()
+            .filter(|r| r.event.event_name == "session.message.failed")
+            .map(|r| r.event.payload["reason"].as_str().unwrap_or_default().to_owned())
+            .collect();
+        if reasons.len() == 2 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(reasons.len(), 2, "{reasons:?}");
+    assert!(reasons.iter().all(|reason| reason.contains("may not reach")), "{reasons:?}");
+    guarded.stop().await;
+    assert_eq!(hits.load(Ordering::SeqCst), 0, "the guarded app reached the loopback server");
+
+    // Allowed by the operator's setting: fetched, kept as the tenant's media, sent.
+    let (open, _bucket) = media_app(backend, &[("MEDIA_FETCH_ALLOW_PRIVATE", "true")]).await;
+    let token = tenant(&open).await;
+    connected_session(&open, &token).await;
+    let sent = open
+        .post(&format!("/chats/{CONTACT}/messages"))
+        .bearer(&token)
+        .json(json!({"media": {"kind": "image", "url": format!("{server}/photos/dot.png")}, "caption": "from a URL"}))
+        .send()
+        .await;
+    assert_eq!(sent.status, 202, "{sent:?}");
+    let items =
+        chat_until(&open, &token, |items| items.iter().any(|i| i["fromMe"] == true && i["media"].is_object())).await;
+    let mine = items.iter().find(|i| i["fromMe"] == true).unwrap();
+    assert_eq!((mine["media"]["fileName"].as_str(), mine["text"].as_str()), (Some("dot.png"), Some("from a URL")));
+    assert!(fetch_shown(&open, mine).await == PNG);
+    assert_eq!(hits.load(Ordering::SeqCst), 1);
+    open.stop().await;
+}
+
+crate::on_both_backends!(
+    uploads_are_checked_stored_and_downloaded_by_their_tenant_only,
+    media_is_sent_received_and_downloaded,
+    media_at_urls_are_fetched_under_the_address_policy
+);

@@ -8,6 +8,7 @@ use anna_domain::session::{
     SESSION_MESSAGE_STATUS, SESSION_MESSAGES_DELETE, SESSION_MESSAGES_EDIT, SESSION_MESSAGES_MEDIA,
     SESSION_MESSAGES_REACTION,
 };
+use anna_media::{MediaStorage, ObjectKey};
 use anna_store::{ChatTouch, MessageMedia, StoredMessage, UnitOfWork};
 use anna_streams::consumer::{Effect, HandlerError, ReceivedEvent, Subscriber};
 use anna_whatsapp::Jid;
@@ -308,6 +309,7 @@ impl Default for HistoryUpkeepConfig {
 /// batch per transaction. Several processes may run it: each step is idempotent.
 pub async fn run_upkeep(
     store: std::sync::Arc<dyn anna_store::Store>,
+    media: std::sync::Arc<MediaStorage>,
     config: HistoryUpkeepConfig,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
@@ -322,8 +324,11 @@ pub async fn run_upkeep(
         }
         if last_purge.is_none_or(|at| at.elapsed() >= config.retention_interval) {
             last_purge = Some(tokio::time::Instant::now());
-            if let Err(error) = purge_expired(&store, &config, &shutdown).await {
+            if let Err(error) = purge_expired(&store, &media, &config, &shutdown).await {
                 tracing::warn!(%error, "expired messages could not be purged");
+            }
+            if let Err(error) = purge_orphaned_media(&store, &media, &config, &shutdown).await {
+                tracing::warn!(%error, "media of deleted sessions could not be purged");
             }
         }
     }
@@ -345,12 +350,24 @@ async fn settle_pending(
 
 async fn purge_expired(
     store: &std::sync::Arc<dyn anna_store::Store>,
+    media: &MediaStorage,
     config: &HistoryUpkeepConfig,
     shutdown: &tokio_util::sync::CancellationToken,
-) -> Result<(), anna_store::StoreError> {
+) -> Result<(), UpkeepError> {
     let now = OffsetDateTime::now_utc();
     for (session_id, days) in store.sessions_with_retention(config.retention_days).await? {
         let before = now - time::Duration::days(i64::from(days));
+        loop {
+            if shutdown.is_cancelled() {
+                return Ok(());
+            }
+            let expired = store.media_older_than(session_id, before, config.retention_batch).await?;
+            let purged = remove_media(store, media, &expired).await?;
+            metrics::counter!("media_objects_purged_total").increment(purged);
+            if expired.len() < config.retention_batch.max(1) as usize {
+                break;
+            }
+        }
         loop {
             if shutdown.is_cancelled() {
                 return Ok(());
@@ -365,6 +382,53 @@ async fn purge_expired(
         }
     }
     Ok(())
+}
+
+/// Objects of sessions deleted since the last round: removed from the store, then forgotten.
+async fn purge_orphaned_media(
+    store: &std::sync::Arc<dyn anna_store::Store>,
+    media: &MediaStorage,
+    config: &HistoryUpkeepConfig,
+    shutdown: &tokio_util::sync::CancellationToken,
+) -> Result<(), UpkeepError> {
+    while !shutdown.is_cancelled() {
+        let orphans = store.orphaned_media(config.retention_batch).await?;
+        let purged = remove_media(store, media, &orphans).await?;
+        metrics::counter!("media_objects_purged_total").increment(purged);
+        if orphans.len() < config.retention_batch.max(1) as usize {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// Removes objects from the media store, then their rows (a row is never left naming a
+/// removed object; an object whose removal failed keeps its row and is tried again).
+async fn remove_media(
+    store: &std::sync::Arc<dyn anna_store::Store>,
+    media: &MediaStorage,
+    objects: &[anna_store::MediaObject],
+) -> Result<u64, UpkeepError> {
+    let mut removed = Vec::with_capacity(objects.len());
+    for object in objects {
+        match ObjectKey::stored(&object.object_key) {
+            Some(key) => media.delete(&key).await?,
+            None => tracing::warn!(media_id = %object.id, "a media row names no object of anna's; the row is dropped"),
+        }
+        removed.push(object.id);
+    }
+    let mut uow = store.begin().await?;
+    let deleted = uow.delete_media_objects(&removed).await?;
+    uow.commit().await?;
+    Ok(deleted)
+}
+
+#[derive(Debug, thiserror::Error)]
+enum UpkeepError {
+    #[error(transparent)]
+    Store(#[from] anna_store::StoreError),
+    #[error(transparent)]
+    Media(#[from] anna_media::MediaError),
 }
 
 /// The changes of a `session.messages.edit|delete|reaction` event (the predecessor's batch

@@ -246,8 +246,9 @@ pub async fn start(
         start_consumers(config, backends, &shutdown, &mut supervisor);
         supervisor.spawn("message history upkeep", {
             let (store, upkeep, token) = (backends.store.clone(), config.messages.clone(), shutdown.clone());
+            let media = backends.media.clone();
             async move {
-                anna_workers::history::run_upkeep(store, upkeep, token).await;
+                anna_workers::history::run_upkeep(store, media, upkeep, token).await;
                 Ok(())
             }
         });

@@ -434,8 +434,103 @@ async fn media_at_urls_are_fetched_under_the_address_policy(backend: Backend) {
     open.stop().await;
 }
 
+/// The media store the app uses, opened a second time by the test.
+fn storage_of(app: &TestApp) -> anna_media::MediaStorage {
+    let config = anna::config::Config::from_vars(&anna::config::Vars::new(|k: &str| app.env.get(k).cloned())).unwrap();
+    anna_media::MediaStorage::open(&config.media, b"integration-test-secret-integration-test").unwrap()
+}
+
+/// An object of `days` ago in the session's store, with its row.
+async fn old_object(
+    app: &TestApp,
+    storage: &anna_media::MediaStorage,
+    tenant: uuid::Uuid,
+    session: uuid::Uuid,
+    days: i64,
+) -> anna_store::MediaObject {
+    let id = uuid::Uuid::now_v7();
+    let key = anna_media::ObjectKey::new(tenant, id, "image/png");
+    storage.put_bytes(&key, bytes::Bytes::from_static(PNG), "image/png", "inline").await.unwrap();
+    let object = anna_store::MediaObject {
+        id,
+        tenant_id: tenant,
+        session_id: session,
+        object_key: key.as_str().to_owned(),
+        kind: "image".into(),
+        mime: "image/png".into(),
+        size: PNG.len() as u64,
+        file_name: "old.png".into(),
+        sha256: "x".into(),
+        source: "message".into(),
+        created_at: time::OffsetDateTime::now_utc() - time::Duration::days(days),
+    };
+    let mut uow = app.store.begin().await.unwrap();
+    uow.insert_media_object(&object).await.unwrap();
+    uow.commit().await.unwrap();
+    object
+}
+
+async fn gone(app: &TestApp, storage: &anna_media::MediaStorage, object: &anna_store::MediaObject) -> bool {
+    let key = anna_media::ObjectKey::stored(&object.object_key).unwrap();
+    for _ in 0..200 {
+        let row = app.store.find_media_object(object.id).await.unwrap();
+        let file = storage.read(&key, u64::MAX).await;
+        if row.is_none() && matches!(file, Err(anna_media::MediaError::NotFound)) {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    false
+}
+
+/// Media older than the tenant's retention goes, object and row; a deleted session's media goes
+/// with it; another tenant's stays.
+async fn media_goes_with_retention_and_with_its_session(backend: Backend) {
+    let upkeep = [
+        ("MESSAGES_UPKEEP_INTERVAL_MS", "100"),
+        ("MESSAGES_RETENTION_INTERVAL_MS", "200"),
+        ("MESSAGES_RETENTION_BATCH", "2"),
+    ];
+    let (app, _bucket) = media_app(backend, &upkeep).await;
+    let storage = storage_of(&app);
+    let (token, other) = (tenant(&app).await, tenant(&app).await);
+    let (mine, theirs) = (connected_session(&app, &token).await, connected_session(&app, &other).await);
+    let me = app.get("/users/me").bearer(&token).send().await.body["id"].as_str().unwrap().parse().unwrap();
+    let them = app.get("/users/me").bearer(&other).send().await.body["id"].as_str().unwrap().parse().unwrap();
+    let (mine, theirs): (uuid::Uuid, uuid::Uuid) = (mine.parse().unwrap(), theirs.parse().unwrap());
+    let set = app
+        .http
+        .put(format!("{}/settings/retention", app.base))
+        .bearer_auth(&token)
+        .json(&json!({"messageRetentionDays": 10}))
+        .send()
+        .await;
+    assert_eq!(set.map(|r| r.status().as_u16()).ok(), Some(200));
+
+    let mut expired = Vec::new();
+    for _ in 0..5 {
+        expired.push(old_object(&app, &storage, me, mine, 40).await);
+    }
+    let kept_recent = old_object(&app, &storage, me, mine, 2).await;
+    let kept_theirs = old_object(&app, &storage, them, theirs, 40).await;
+    for object in &expired {
+        assert!(gone(&app, &storage, object).await, "expired media stayed: {}", object.id);
+    }
+    let key = |o: &anna_store::MediaObject| anna_media::ObjectKey::stored(&o.object_key).unwrap();
+    assert!(app.store.find_media_object(kept_recent.id).await.unwrap().is_some());
+    assert!(storage.read(&key(&kept_theirs), u64::MAX).await.is_ok(), "another tenant's media was purged");
+
+    // Deleting the session deletes its media from the store.
+    let deleted = app.http.delete(format!("{}/sessions/{mine}", app.base)).bearer_auth(&token).send().await;
+    assert_eq!(deleted.map(|r| r.status().as_u16()).ok(), Some(202));
+    assert!(gone(&app, &storage, &kept_recent).await, "a deleted session's media stayed");
+    assert!(app.store.find_media_object(kept_theirs.id).await.unwrap().is_some());
+    app.stop().await;
+}
+
 crate::on_both_backends!(
     uploads_are_checked_stored_and_downloaded_by_their_tenant_only,
     media_is_sent_received_and_downloaded,
-    media_at_urls_are_fetched_under_the_address_policy
+    media_at_urls_are_fetched_under_the_address_policy,
+    media_goes_with_retention_and_with_its_session
 );

@@ -390,36 +390,26 @@ pub(crate) fn media_to_send(media: &Value, ptt: bool) -> Result<MediaToSend, Api
     let url = media.get("url").and_then(Value::as_str).map(str::trim).filter(|url| !url.is_empty());
     let source = match (id, url) {
         (Some(id), None) => MediaSource::Stored(Uuid::parse_str(id).map_err(|_| invalid())?),
-        (None, Some(url)) => match own_media_id(url) {
-            Some(id) => MediaSource::Stored(id),
-            None => {
-                let parsed = url::Url::parse(url).map_err(|_| invalid())?;
-                if url.chars().count() > MAX_MEDIA_URL_CHARS || !matches!(parsed.scheme(), "http" | "https") {
+        (None, Some(url)) => {
+            let parsed = url::Url::parse(url).ok().filter(|_| url.chars().count() <= MAX_MEDIA_URL_CHARS);
+            // A relative URL can only be one of anna's own (`/media/{id}/content?…`).
+            let own = url.starts_with('/').then(|| anna_usecases::media::own_media_id(url)).flatten();
+            match (parsed, own) {
+                (_, Some(id)) => MediaSource::Stored(id),
+                (Some(parsed), None) if matches!(parsed.scheme(), "http" | "https") => {
+                    MediaSource::Url(parsed.to_string())
+                }
+                _ => {
                     return Err(ApiError::bad_request(
                         "invalid_media",
                         format!("media url must be an http(s) URL of at most {MAX_MEDIA_URL_CHARS} characters"),
                     ));
                 }
-                MediaSource::Url(parsed.to_string())
             }
-        },
+        }
         _ => return Err(invalid()),
     };
     Ok(MediaToSend { kind, source, ptt: ptt && kind == MediaKind::Audio })
-}
-
-/// The media id in a download URL anna handed out: `/media/{id}/content?…` (anna's own) or
-/// `…/tenants/{tenant}/media/{id}.{ext}?…` (a bucket's).
-fn own_media_id(url: &str) -> Option<Uuid> {
-    let path = url.split(['?', '#']).next().unwrap_or_default();
-    let segments: Vec<&str> = path.split('/').collect();
-    let at = segments.iter().rposition(|segment| *segment == "media")?;
-    let next = segments.get(at + 1)?;
-    let signed = url.contains("signature=") || url.contains("X-Amz-Signature=");
-    let own = (segments.get(at + 2) == Some(&"content") && segments.len() == at + 3)
-        || (at >= 2 && segments[at - 2] == "tenants" && segments.len() == at + 2);
-    let id = next.get(..36).and_then(|id| Uuid::parse_str(id).ok())?;
-    (own && signed).then_some(id)
 }
 
 /// A message id from a path or body: WhatsApp ids are short; control characters (a NUL would

@@ -19,6 +19,9 @@ pub struct ApiConfig {
     /// `MEDIA_MAX_UPLOAD_BYTES`: the largest file `POST /media` takes (its body may be larger
     /// by the multipart framing).
     pub media_max_upload_bytes: u64,
+    /// `MEDIA_UPLOAD_CONCURRENCY`: uploads one API process receives at once (each is staged to
+    /// a temporary file); more are answered 503 with `Retry-After`.
+    pub media_upload_concurrency: usize,
     /// Resend-verification and password-reset answer no sooner than this, whether or not the
     /// e-mail exists, so their timing does not tell.
     pub uniform_response_time: Duration,
@@ -103,6 +106,7 @@ impl ApiConfig {
             trusted_proxies: Vec::new(),
             max_body_bytes: 64 * 1024,
             media_max_upload_bytes: 25 * 1024 * 1024,
+            media_upload_concurrency: 16,
             uniform_response_time: Duration::from_millis(250),
             idempotency_key_ttl: Duration::from_secs(24 * 3600),
             metrics_on_api_port: true,

@@ -177,7 +177,8 @@ async fn refuse_announced_oversize(
     request: axum::extract::Request,
     next: middleware::Next,
 ) -> axum::response::Response {
-    let max_body = if media::is_upload(request.method(), request.uri().path()) { max_upload } else { max_body };
+    let upload = media::is_upload(request.method(), request.uri().path());
+    let max_body = if upload { max_upload } else { max_body };
     let announced = request
         .headers()
         .get(axum::http::header::CONTENT_LENGTH)
@@ -187,6 +188,13 @@ async fn refuse_announced_oversize(
         return ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", "request body is too large")
             .into_response();
     }
+    // The upload route lifts the API's body limit for its own: a body of any framing (chunked,
+    // or parts that never end) is cut at it while it is read.
+    let request = if upload {
+        request.map(|body| axum::body::Body::new(http_body_util::Limited::new(body, max_body as usize)))
+    } else {
+        request
+    };
     next.run(request).await
 }
 

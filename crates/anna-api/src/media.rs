@@ -161,6 +161,12 @@ async fn upload(
             "the body must be multipart/form-data",
         )
     })?;
+    let Ok(_receiving) = state.uploads.clone().try_acquire_owned() else {
+        let mut busy =
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "busy", "too many uploads at once; retry in a moment");
+        busy.retry_after_secs = Some(1);
+        return Err(busy);
+    };
     let limit = state.config.media_max_upload_bytes;
     let (mut kind, mut session, mut file) = (None, query.session_id, None);
     let mut fields = 0;

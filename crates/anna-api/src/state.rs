@@ -28,6 +28,8 @@ pub struct Inner {
     pub webhooks: Arc<Webhooks>,
     /// Uploads and downloads of media objects.
     pub media: Arc<Media>,
+    /// Uploads being received now (`MEDIA_UPLOAD_CONCURRENCY`).
+    pub uploads: Arc<tokio::sync::Semaphore>,
     /// The session-event feed of the WebSockets.
     pub realtime: Arc<Realtime>,
     pub config: ApiConfig,
@@ -77,6 +79,7 @@ impl AppState {
             sessions,
             webhooks,
             media,
+            uploads: Arc::new(tokio::sync::Semaphore::new(config.media_upload_concurrency.max(1))),
             realtime,
             config,
             limiters,

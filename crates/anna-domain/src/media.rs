@@ -57,7 +57,7 @@ impl MediaKind {
 }
 
 /// The media a received message carries, as the driver reports it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct IncomingMedia {
     pub kind: MediaKind,
     /// The type the sender declared.
@@ -72,6 +72,18 @@ pub struct IncomingMedia {
     /// What the driver needs to fetch it — for WhatsApp the CDN path and the file's key. It
     /// stays in the worker's memory: it is never written into an event.
     pub download: Value,
+}
+
+/// Without the download handle (WhatsApp's key to the file), so no log line shows it.
+impl std::fmt::Debug for IncomingMedia {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IncomingMedia")
+            .field("kind", &self.kind)
+            .field("mime", &self.mime)
+            .field("file_name", &self.file_name)
+            .field("size", &self.size)
+            .finish_non_exhaustive()
+    }
 }
 
 impl IncomingMedia {
@@ -142,5 +154,6 @@ mod tests {
             download: json!({"mediaKey": "secret-key"}),
         };
         assert!(!media.summary().to_string().contains("secret-key"));
+        assert!(!format!("{media:?}").contains("secret-key"), "a log line would show the key");
     }
 }

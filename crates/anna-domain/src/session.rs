@@ -35,6 +35,8 @@ pub const SESSION_MESSAGE_STATUS: &str = "session.message.status";
 pub const SESSION_MESSAGES_EDIT: &str = "session.messages.edit";
 pub const SESSION_MESSAGES_DELETE: &str = "session.messages.delete";
 pub const SESSION_MESSAGES_REACTION: &str = "session.messages.reaction";
+/// Someone in a chat came online or went offline, started or stopped typing or recording.
+pub const SESSION_PRESENCE_UPDATE: &str = "session.presence.update";
 /// Media of messages was stored (received media downloaded; the predecessor's event).
 pub const SESSION_MESSAGES_MEDIA: &str = "session.messages.media";
 /// A piece of a history sync was stored: a summary (counts, progress), not the messages.
@@ -279,6 +281,17 @@ impl SessionRef {
         )
     }
 
+    /// Someone's presence in a chat changed (the predecessor's batch shape, one update).
+    pub fn presence_updated(self, change: &PresenceChange, now: OffsetDateTime) -> DomainEvent {
+        self.event(
+            SESSION_PRESENCE_UPDATE,
+            now,
+            json!({"chatJid": change.chat, "updatesCount": 1, "updates": [{
+                "jid": change.jid, "presence": change.presence.as_str(), "lastSeen": change.last_seen.map(iso),
+            }]}),
+        )
+    }
+
     /// Media of messages was stored (`source`: `download` for received media).
     pub fn messages_media(self, media: &[StoredMedia], source: &str, now: OffsetDateTime) -> DomainEvent {
         let items: Vec<Value> = media.iter().map(StoredMedia::to_json).collect();
@@ -362,6 +375,39 @@ impl SessionRef {
             json!({"messageId": message_id, "chat": chat, "status": status, "at": iso(at)}),
         )
     }
+}
+
+/// What someone is doing, as WhatsApp tells it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Presence {
+    Available,
+    Unavailable,
+    Composing,
+    Recording,
+    Paused,
+}
+
+impl Presence {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Available => "available",
+            Self::Unavailable => "unavailable",
+            Self::Composing => "composing",
+            Self::Recording => "recording",
+            Self::Paused => "paused",
+        }
+    }
+}
+
+/// A presence in a chat: a contact online or not (`chat` is the contact), or typing,
+/// recording or pausing in a chat (in a group, `jid` is the member).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PresenceChange {
+    pub chat: String,
+    pub jid: String,
+    pub presence: Presence,
+    /// When last seen online, when the contact shares it.
+    pub last_seen: Option<OffsetDateTime>,
 }
 
 /// A change to a message already sent or received — an edit, a deletion for everyone, a

@@ -49,6 +49,7 @@ pub const DELIVERABLE_EVENTS: &[&str] = &[
     session::SESSION_MESSAGES_DELETE,
     session::SESSION_MESSAGES_REACTION,
     session::SESSION_MESSAGES_MEDIA,
+    session::SESSION_PRESENCE_UPDATE,
     session::SESSION_CHATS_UPDATE,
     session::SESSION_HISTORY_SYNC,
     session::SESSION_COMMAND_FAILED,

@@ -50,7 +50,10 @@ pub fn display_file_name(given: Option<&str>, kind: MediaKind, id: Uuid, mime: &
         .unwrap_or_default()
         .chars()
         .map(|c| if c == '/' || c == '\\' { '_' } else { c })
-        .filter(|c| !c.is_control())
+        // Control characters, and the direction overrides that make `exe.pdf` read `fdp.exe`.
+        .filter(|c| {
+            !c.is_control() && !matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+        })
         .take(255)
         .collect();
     let cleaned = cleaned.trim();
@@ -89,6 +92,7 @@ mod tests {
             "Rechnung März.pdf"
         );
         assert_eq!(display_file_name(Some("a/b\\c\r\n.txt"), MediaKind::Document, id, "text/plain"), "a_b_c.txt");
+        assert_eq!(display_file_name(Some("invoice\u{202e}fdp.exe"), MediaKind::Document, id, "x/y"), "invoicefdp.exe");
         assert_eq!(
             display_file_name(None, MediaKind::Image, id, "image/jpeg"),
             "image-00000000-0000-0000-0000-000000000000.jpg"

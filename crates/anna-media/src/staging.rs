@@ -68,6 +68,28 @@ impl StagedFile {
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// A file written whole by someone else (a driver's download): measured, hashed and its
+    /// first bytes kept, reading it a chunk at a time.
+    pub async fn from_written(path: tempfile::TempPath) -> Result<Self, MediaError> {
+        use tokio::io::AsyncReadExt;
+        let unreadable = |e: std::io::Error| MediaError::Storage(format!("temporary file: {e}"));
+        let mut file = tokio::fs::File::open(&path).await.map_err(unreadable)?;
+        let (mut size, mut hash, mut head) = (0u64, Sha256::new(), Vec::new());
+        let mut chunk = vec![0u8; 64 * 1024];
+        loop {
+            let read = file.read(&mut chunk).await.map_err(unreadable)?;
+            if read == 0 {
+                break;
+            }
+            if head.len() < SNIFF_BYTES {
+                head.extend_from_slice(&chunk[..(SNIFF_BYTES - head.len()).min(read)]);
+            }
+            hash.update(&chunk[..read]);
+            size += read as u64;
+        }
+        Ok(Self { path, size, sha256: base64::engine::general_purpose::STANDARD.encode(hash.finalize()), head })
+    }
 }
 
 #[cfg(test)]
@@ -89,6 +111,16 @@ mod tests {
         let path = staged.path().to_owned();
         drop(staged);
         assert!(!path.exists(), "the temporary file outlived the upload");
+    }
+
+    #[tokio::test]
+    async fn a_file_written_elsewhere_is_measured_the_same_way() {
+        let file = tempfile::NamedTempFile::new().unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(file.path(), vec![7u8; 12_000]).unwrap_or_else(|e| panic!("{e}"));
+        let staged = StagedFile::from_written(file.into_temp_path()).await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((staged.size, staged.head.len()), (12_000, SNIFF_BYTES));
+        let expected = base64::engine::general_purpose::STANDARD.encode(Sha256::digest(vec![7u8; 12_000]));
+        assert_eq!(staged.sha256, expected);
     }
 
     #[tokio::test]

@@ -7,11 +7,9 @@ use std::sync::Arc;
 
 use anna_domain::SessionRef;
 use anna_domain::media::{IncomingMedia, StoredMedia};
-use anna_media::{MediaError, MediaKind, MediaStorage, ObjectKey, SNIFF_BYTES, SignedUrl, StagedFile};
+use anna_media::{MediaError, MediaKind, MediaStorage, ObjectKey, SignedUrl, StagedFile};
 use anna_store::{MediaObject, MessageMedia, Store};
-use base64::Engine;
 use bytes::Bytes;
-use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
@@ -194,6 +192,11 @@ impl Media {
         Ok((object, bytes))
     }
 
+    /// Whether a message of the session has its media stored already.
+    pub async fn has_media(&self, session: SessionRef, message_id: &str) -> Result<bool, MediaUseError> {
+        Ok(!self.store.list_message_media(session.id, &[message_id.to_owned()]).await?.is_empty())
+    }
+
     /// Stores the file of a received message and records it with `session.messages.media`, in
     /// one unit of work. A file whose content is not its kind is kept as a document (served as
     /// an attachment). `Ok(None)`: the session is gone; nothing is kept.
@@ -203,20 +206,17 @@ impl Media {
         message_id: &str,
         chat: &str,
         media: &IncomingMedia,
-        bytes: Bytes,
+        file: StagedFile,
     ) -> Result<Option<StoredMedia>, MediaUseError> {
-        let head = &bytes[..bytes.len().min(SNIFF_BYTES)];
         let declared = media.mime.as_deref();
-        let (served_as, mime) = match anna_media::inspect(media.kind, head, declared) {
+        let (served_as, mime) = match anna_media::inspect(media.kind, &file.head, declared) {
             Ok(mime) => (media.kind, mime),
-            Err(_) => (MediaKind::Document, anna_media::inspect(MediaKind::Document, head, declared)?),
+            Err(_) => (MediaKind::Document, anna_media::inspect(MediaKind::Document, &file.head, declared)?),
         };
         let id = Uuid::now_v7();
         let key = ObjectKey::new(session.tenant_id, id, &mime);
         let file_name = anna_media::display_file_name(media.file_name.as_deref(), media.kind, id, &mime);
-        let sha256 = base64::engine::general_purpose::STANDARD.encode(Sha256::digest(&bytes));
-        let size = bytes.len() as u64;
-        self.storage.put_bytes(&key, bytes, &mime, &content_disposition(served_as, &file_name)).await?;
+        self.storage.put_file(&key, file.path(), &mime, &content_disposition(served_as, &file_name)).await?;
         let now = OffsetDateTime::now_utc();
         let object = MediaObject {
             id,
@@ -225,9 +225,9 @@ impl Media {
             object_key: key.as_str().to_owned(),
             kind: served_as.as_str().to_owned(),
             mime: mime.clone(),
-            size,
+            size: file.size,
             file_name: file_name.clone(),
-            sha256: sha256.clone(),
+            sha256: file.sha256.clone(),
             source: "message".into(),
             created_at: now,
         };
@@ -237,9 +237,9 @@ impl Media {
             chat: chat.to_owned(),
             kind: media.kind,
             mime,
-            size,
+            size: file.size,
             file_name,
-            sha256,
+            sha256: file.sha256.clone(),
             width: media.width,
             height: media.height,
             duration: media.duration,
@@ -322,6 +322,22 @@ impl Media {
     }
 }
 
+/// The media id in a download URL anna handed out — `/media/{id}/content?…` (signed by anna)
+/// or `…/tenants/{tenant}/media/{id}.{ext}?…` (presigned by a bucket) — so a client that sends
+/// the URL `POST /media` answered sends that upload (the predecessor's two steps). Only a
+/// candidate: the caller checks that the object is the tenant's, and fetches the URL otherwise.
+pub fn own_media_id(url: &str) -> Option<Uuid> {
+    let path = url.split(['?', '#']).next().unwrap_or_default();
+    let segments: Vec<&str> = path.split('/').collect();
+    let at = segments.iter().rposition(|segment| *segment == "media")?;
+    let next = segments.get(at + 1)?;
+    let signed = url.contains("signature=") || url.contains("X-Amz-Signature=");
+    let own = (segments.get(at + 2) == Some(&"content") && segments.len() == at + 3)
+        || (at >= 2 && segments[at - 2] == "tenants" && segments.len() == at + 2);
+    let id = next.get(..36).and_then(|id| Uuid::parse_str(id).ok())?;
+    (own && signed).then_some(id)
+}
+
 /// `inline` for what browsers may show, `attachment` for documents, with the file name in
 /// both the plain (ASCII, quotes escaped) and the RFC 5987 form.
 pub fn content_disposition(kind: MediaKind, file_name: &str) -> String {
@@ -346,6 +362,27 @@ pub fn content_disposition(kind: MediaKind, file_name: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn anna_recognises_its_own_download_urls() {
+        let id = Uuid::now_v7();
+        let tenant = Uuid::new_v4();
+        for url in [
+            format!("/media/{id}/content?expires=1&signature=ab"),
+            format!("https://api.example.com/media/{id}/content?expires=1&signature=ab"),
+            format!("http://127.0.0.1:9000/media/tenants/{tenant}/media/{id}.png?X-Amz-Signature=ab&X-Amz-Date=1"),
+        ] {
+            assert_eq!(own_media_id(&url), Some(id), "{url}");
+        }
+        for url in [
+            format!("/media/{id}/content"),
+            format!("https://cdn.example.com/media/{id}.png"),
+            format!("https://example.com/media/{id}/other?signature=ab"),
+            "https://example.com/photo.png".to_owned(),
+        ] {
+            assert_eq!(own_media_id(&url), None, "{url}");
+        }
+    }
 
     #[test]
     fn dispositions_cannot_be_broken_out_of() {

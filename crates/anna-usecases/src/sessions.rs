@@ -546,7 +546,7 @@ impl Sessions {
         &self,
         tenant_id: Uuid,
         id: Uuid,
-        request: SendRequest,
+        mut request: SendRequest,
         admit: impl Future<Output = Result<(), u64>> + Send,
     ) -> Result<Enqueued, SessionError> {
         let session = self.get(tenant_id, id).await?;
@@ -561,6 +561,14 @@ impl Sessions {
                 if request.media.is_some() { "caption" } else { "content" },
                 self.config.max_text_chars
             )));
+        }
+        // A download URL of one of the tenant's own objects sends that object.
+        if let Some(media) = request.media.as_mut()
+            && let MediaSource::Url(url) = &media.source
+            && let Some(id) = crate::media::own_media_id(url)
+            && self.store.find_media_object(id).await?.is_some_and(|object| object.tenant_id == tenant_id)
+        {
+            media.source = MediaSource::Stored(id);
         }
         if let Some(MediaToSend { kind, source: MediaSource::Stored(media_id), .. }) = &request.media {
             let object = self.store.find_media_object(*media_id).await?.filter(|object| object.tenant_id == tenant_id);

@@ -118,6 +118,7 @@ pub struct MessageTarget {
 /// A change to a message: the domain's own type, like [`IncomingMessage`].
 pub use anna_domain::media::{IncomingMedia, MediaKind};
 pub use anna_domain::session::{ChangeKind, HistoryChat, HistoryContact, HistoryMessage, HistoryPiece, MessageChange};
+pub use anna_domain::session::{Presence, PresenceChange};
 
 /// How far a sent message got.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -231,6 +232,8 @@ pub enum DriverEvent {
     History(HistoryPiece, HistorySlot),
     /// A message was edited, deleted for everyone or reacted to.
     Changed(MessageChange),
+    /// Someone came online or went offline, or typed, recorded or paused in a chat.
+    Presence(PresenceChange),
     /// A sent message progressed.
     Receipt { message_id: String, chat: String, status: ReceiptStatus, at: OffsetDateTime },
     /// The server refused a message that `send_text` had reported written.
@@ -288,8 +291,9 @@ pub trait LiveSession: Send + Sync {
     /// Uploads a file to WhatsApp and sends it; returns the message id, like `send_text`.
     async fn send_media(&self, message: &OutgoingMedia) -> Result<String, DriverError>;
 
-    /// Fetches the file of a received message; refused when it is larger than `limit` bytes.
-    async fn download_media(&self, media: &IncomingMedia, limit: u64) -> Result<bytes::Bytes, DriverError>;
+    /// Fetches the file of a received message into `into` (a new, empty file), never writing
+    /// more than `limit` bytes: a larger file fails. Returns its size.
+    async fn download_media(&self, media: &IncomingMedia, limit: u64, into: std::fs::File) -> Result<u64, DriverError>;
 
     /// Starts pairing by phone number (digits, international format); the code arrives as
     /// [`DriverEvent::PairCode`] and is also returned.

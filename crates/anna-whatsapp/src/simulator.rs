@@ -6,8 +6,8 @@
 //! scan like the real server, and keeps its simulated device in the same device-key store as
 //! the real client, so a paired simulated session resumes after a restart or on another worker
 //! exactly like a real one. Every valid phone number is a simulated contact: it receives
-//! messages, sends server, delivery and read receipts, and replies. Disconnects, logouts and
-//! bans can be injected.
+//! messages, sends server, delivery and read receipts, comes online, types, replies and goes
+//! offline again (presence). Disconnects, logouts and bans can be injected.
 //!
 //! On the first connection after pairing the simulated phone sends a history sync of
 //! `history_messages` messages over `history_chats` chats (pieces of
@@ -36,8 +36,8 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     ChangeKind, CloseReason, DriverError, DriverEvent, HISTORY_PIECE_MESSAGES, HistoryChat, HistoryContact,
     HistoryMessage, HistoryPiece, HistorySlot, IncomingMedia, IncomingMessage, Jid, LiveSession, MediaKind,
-    MessageChange, MessageTarget, OutgoingMedia, OutgoingText, ReceiptStatus, SessionDriver, SessionKey, Simulation,
-    jid,
+    MessageChange, MessageTarget, OutgoingMedia, OutgoingText, Presence, PresenceChange, ReceiptStatus, SessionDriver,
+    SessionKey, Simulation, jid,
 };
 
 /// What a simulated contact does, besides replying, when the text it receives asks for it.
@@ -407,7 +407,13 @@ impl Connection {
                 steps.push((config.read_delay, Step::React));
             }
             if let Some(reply) = config.reply_delay {
+                // Online while reading (or just before replying, if that comes first), typing
+                // just before the reply, offline after it.
+                let typing = reply.saturating_sub(config.server_ack_delay);
+                steps.push((config.read_delay.min(typing), Step::Presence(Presence::Available)));
+                steps.push((typing, Step::Presence(Presence::Composing)));
                 steps.push((reply, Step::Reply));
+                steps.push((reply + config.server_ack_delay, Step::Presence(Presence::Unavailable)));
                 // The contact changes its mind shortly after replying.
                 let later = reply + config.delivered_delay;
                 if script.edit_reply {
@@ -443,6 +449,12 @@ impl Connection {
                     DriverEvent::Receipt { message_id: message_id.clone(), chat: to.clone(), status, at: now }
                 }
                 Step::React => change(&message_id, ChangeKind::Reaction { emoji: Some("👍".into()) }),
+                Step::Presence(presence) => DriverEvent::Presence(PresenceChange {
+                    chat: to.clone(),
+                    jid: contact.clone(),
+                    presence,
+                    last_seen: (presence == Presence::Unavailable).then_some(now),
+                }),
                 Step::Reply => {
                     let quoted: String = text.chars().take(200).collect();
                     let id = message_id_like_whatsapp();
@@ -526,6 +538,7 @@ impl Connection {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Step {
     Receipt(ReceiptStatus),
+    Presence(Presence),
     React,
     Reply,
     EditReply,
@@ -568,17 +581,28 @@ impl LiveSession for SimulatedConnection {
         Ok(message_id)
     }
 
-    async fn download_media(&self, media: &IncomingMedia, limit: u64) -> Result<bytes::Bytes, DriverError> {
+    async fn download_media(
+        &self,
+        media: &IncomingMedia,
+        limit: u64,
+        mut into: std::fs::File,
+    ) -> Result<u64, DriverError> {
         let path = media.download.get("simulatedPath").and_then(|p| p.as_str()).unwrap_or_default();
-        let files = self.0.files.lock().await;
-        let file = files
-            .iter()
-            .find(|file| file.path == path)
-            .ok_or_else(|| DriverError::Failed(format!("the simulated media server has no file {path:?}")))?;
-        if file.bytes.len() as u64 > limit {
+        let bytes = {
+            let files = self.0.files.lock().await;
+            let file = files
+                .iter()
+                .find(|file| file.path == path)
+                .ok_or_else(|| DriverError::Failed(format!("the simulated media server has no file {path:?}")))?;
+            file.bytes.clone()
+        };
+        if bytes.len() as u64 > limit {
             return Err(DriverError::Invalid(format!("the file is larger than {limit} bytes")));
         }
-        Ok(file.bytes.clone())
+        tokio::task::spawn_blocking(move || std::io::Write::write_all(&mut into, &bytes).map(|()| bytes.len() as u64))
+            .await
+            .map_err(|e| DriverError::Failed(e.to_string()))?
+            .map_err(|e| DriverError::Failed(format!("writing the file: {e}")))
     }
 
     async fn mark_read(&self, _chat: &Jid, _messages: &[MessageTarget]) -> Result<(), DriverError> {

@@ -364,7 +364,9 @@ async fn purge_expired(
             let expired = store.media_older_than(session_id, before, config.retention_batch).await?;
             let purged = remove_media(store, media, &expired).await?;
             metrics::counter!("media_objects_purged_total").increment(purged);
-            if expired.len() < config.retention_batch.max(1) as usize {
+            // A full batch of which nothing went (the store refuses): the rest waits for the
+            // next round, and the messages are purged meanwhile.
+            if expired.len() < config.retention_batch.max(1) as usize || purged == 0 {
                 break;
             }
         }
@@ -395,7 +397,7 @@ async fn purge_orphaned_media(
         let orphans = store.orphaned_media(config.retention_batch).await?;
         let purged = remove_media(store, media, &orphans).await?;
         metrics::counter!("media_objects_purged_total").increment(purged);
-        if orphans.len() < config.retention_batch.max(1) as usize {
+        if orphans.len() < config.retention_batch.max(1) as usize || purged == 0 {
             break;
         }
     }
@@ -403,7 +405,8 @@ async fn purge_orphaned_media(
 }
 
 /// Removes objects from the media store, then their rows (a row is never left naming a
-/// removed object; an object whose removal failed keeps its row and is tried again).
+/// removed object). An object whose removal fails keeps its row, is logged and counted, and is
+/// tried again next round; the others go on. Returns how many went.
 async fn remove_media(
     store: &std::sync::Arc<dyn anna_store::Store>,
     media: &MediaStorage,
@@ -412,7 +415,13 @@ async fn remove_media(
     let mut removed = Vec::with_capacity(objects.len());
     for object in objects {
         match ObjectKey::stored(&object.object_key) {
-            Some(key) => media.delete(&key).await?,
+            Some(key) => {
+                if let Err(error) = media.delete(&key).await {
+                    tracing::warn!(media_id = %object.id, %error, "a media object could not be removed; tried again later");
+                    metrics::counter!("media_objects_purge_failures_total").increment(1);
+                    continue;
+                }
+            }
             None => tracing::warn!(media_id = %object.id, "a media row names no object of anna's; the row is dropped"),
         }
         removed.push(object.id);
@@ -427,8 +436,6 @@ async fn remove_media(
 enum UpkeepError {
     #[error(transparent)]
     Store(#[from] anna_store::StoreError),
-    #[error(transparent)]
-    Media(#[from] anna_media::MediaError),
 }
 
 /// The changes of a `session.messages.edit|delete|reaction` event (the predecessor's batch

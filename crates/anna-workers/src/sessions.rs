@@ -68,6 +68,13 @@ pub struct SessionsWorkerConfig {
     pub media_download_max_bytes: u64,
     /// `MEDIA_DOWNLOAD_CONCURRENCY`: received files downloaded at once by this process.
     pub media_download_concurrency: usize,
+    /// `MEDIA_DOWNLOAD_TIMEOUT_MS`: longest download of one received file.
+    pub media_download_timeout: Duration,
+    /// `MEDIA_SEND_TIMEOUT_MS`: longest send of a file (its fetch, when by URL, and its upload
+    /// to WhatsApp), so one slow file cannot hold its partition's commands for long.
+    pub media_send_timeout: Duration,
+    /// `MEDIA_SEND_CONCURRENCY`: files this process sends at once (each is held whole in memory).
+    pub media_send_concurrency: usize,
     /// How files at URLs are fetched (`MEDIA_FETCH_*`).
     pub media_fetch: crate::media_fetch::FetchSettings,
 }
@@ -84,6 +91,9 @@ impl Default for SessionsWorkerConfig {
             media_send_max_bytes: 25 * 1024 * 1024,
             media_download_max_bytes: 100 * 1024 * 1024,
             media_download_concurrency: 4,
+            media_download_timeout: Duration::from_secs(300),
+            media_send_timeout: Duration::from_secs(120),
+            media_send_concurrency: 4,
             media_fetch: crate::media_fetch::FetchSettings::default(),
         }
     }
@@ -111,6 +121,8 @@ pub struct SessionsWorker {
     media: Arc<Media>,
     /// Received files downloading at once.
     downloads: Arc<tokio::sync::Semaphore>,
+    /// Files being sent at once.
+    sends: Arc<tokio::sync::Semaphore>,
     /// Fetches files at URLs, under the address policy.
     fetcher: crate::media_fetch::Fetcher,
     /// The partitions this process serves.
@@ -250,6 +262,7 @@ impl SessionsWorker {
         tokio::spawn(commit_batches(sessions.clone(), batches));
         Ok(Arc::new(Self {
             downloads: Arc::new(tokio::sync::Semaphore::new(config.media_download_concurrency.max(1))),
+            sends: Arc::new(tokio::sync::Semaphore::new(config.media_send_concurrency.max(1))),
             media,
             fetcher,
             batch,
@@ -658,6 +671,7 @@ impl SessionsWorker {
             }
             DriverEvent::Message(_)
             | DriverEvent::Changed(_)
+            | DriverEvent::Presence(_)
             | DriverEvent::Receipt { .. }
             | DriverEvent::SendRejected { .. } => {
                 if let Some(recorded) = plain_event(key, event) {
@@ -870,7 +884,19 @@ impl SessionsWorker {
                         };
                         live.send_text(&message).await.map(|id| (id, None)).map_err(|e| e.to_string())
                     }
-                    Some(media) => self.send_media(key, live.as_ref(), jid, payload, media).await,
+                    Some(media) => {
+                        let timeout = self.config.media_send_timeout;
+                        let sending = async {
+                            let _turn = self.sends.clone().acquire_owned().await.map_err(|e| e.to_string())?;
+                            self.send_media(key, live.as_ref(), jid, payload, media).await
+                        };
+                        tokio::time::timeout(timeout, sending).await.unwrap_or_else(|_| {
+                            Err(format!(
+                                "the file was not sent within MEDIA_SEND_TIMEOUT_MS ({} ms)",
+                                timeout.as_millis()
+                            ))
+                        })
+                    }
                 },
                 Err(why) => Err(why),
             },
@@ -988,14 +1014,24 @@ impl SessionsWorker {
         if media.size.is_some_and(|size| size > limit) {
             return Err(format!("larger than MEDIA_DOWNLOAD_MAX_BYTES ({limit})"));
         }
+        let session = SessionRef { id: key.session_id, tenant_id: key.tenant_id };
+        // A message reported again (a reconnect, a redelivery) already has its file.
+        if self.media.has_media(session, message_id).await.map_err(|e| e.to_string())? {
+            return Ok(());
+        }
         let _turn = tokio::select! {
             () = self.shutdown.cancelled() => return Err("shutting down".into()),
             permit = self.downloads.clone().acquire_owned() => permit.map_err(|e| e.to_string())?,
         };
         let live = self.connection(key.session_id).await.ok_or("the connection closed")?;
-        let bytes = live.download_media(media, limit).await.map_err(|e| e.to_string())?;
-        let session = SessionRef { id: key.session_id, tenant_id: key.tenant_id };
-        self.media.store_received(session, message_id, chat, media, bytes).await.map_err(|e| e.to_string())?;
+        let (file, path) = tempfile::NamedTempFile::new().map_err(|e| format!("temporary file: {e}"))?.into_parts();
+        let timeout = self.config.media_download_timeout;
+        match tokio::time::timeout(timeout, live.download_media(media, limit, file)).await {
+            Ok(downloaded) => downloaded.map_err(|e| e.to_string())?,
+            Err(_) => return Err(format!("no file within MEDIA_DOWNLOAD_TIMEOUT_MS ({} ms)", timeout.as_millis())),
+        };
+        let staged = anna_media::StagedFile::from_written(path).await.map_err(|e| e.to_string())?;
+        self.media.store_received(session, message_id, chat, media, staged).await.map_err(|e| e.to_string())?;
         Ok(())
     }
 
@@ -1186,6 +1222,7 @@ fn plain_event(key: SessionKey, event: &DriverEvent) -> Option<DomainEvent> {
     Some(match event {
         DriverEvent::Message(message) => reference(key).message_received(message, now),
         DriverEvent::Changed(change) => reference(key).message_changed(change, None),
+        DriverEvent::Presence(change) => reference(key).presence_updated(change, now),
         DriverEvent::Receipt { message_id, chat, status, at } => {
             reference(key).message_status(message_id, chat, status.as_str(), *at)
         }

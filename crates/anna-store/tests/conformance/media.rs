@@ -98,8 +98,10 @@ async fn media_of_deleted_sessions_and_old_media_are_found(store: Arc<dyn Store>
     let older = object(&kept, t - Duration::days(41), "upload");
     let recent = object(&kept, t - Duration::days(1), "message");
     let orphan = object(&deleted, t, "upload");
+    let neighbour = session_of(&store, "media4@example.com").await?;
+    let neighbours_old = object(&neighbour, t - Duration::days(50), "message");
     let mut uow = store.begin().await?;
-    for item in [&old, &older, &recent, &orphan] {
+    for item in [&old, &older, &recent, &orphan, &neighbours_old] {
         uow.insert_media_object(item).await?;
     }
     uow.commit().await?;

@@ -5,11 +5,13 @@ use std::time::Duration;
 
 use time::OffsetDateTime;
 use whatsapp_rust::types::events::{ConnectFailureReason, Event};
-use whatsapp_rust::types::presence::ReceiptType;
+use whatsapp_rust::types::presence::{ChatPresence, ChatPresenceMedia, ReceiptType};
 use whatsapp_rust::wacore::proto_helpers::MessageExt;
 
 use super::convert::to_offset;
-use crate::{ChangeKind, CloseReason, DriverEvent, IncomingMessage, MessageChange, ReceiptStatus};
+use crate::{
+    ChangeKind, CloseReason, DriverEvent, IncomingMessage, MessageChange, Presence, PresenceChange, ReceiptStatus,
+};
 
 /// What the translation needs besides the event.
 pub(crate) struct Context {
@@ -82,6 +84,28 @@ pub(crate) fn translate(event: &Event, context: &Context) -> Vec<DriverEvent> {
                 .iter()
                 .map(|id| DriverEvent::Receipt { message_id: id.to_string(), chat: chat.clone(), status, at })
                 .collect()
+        }
+        Event::Presence(update) => {
+            let contact = update.from.to_non_ad().to_string();
+            vec![DriverEvent::Presence(PresenceChange {
+                chat: contact.clone(),
+                jid: contact,
+                presence: if update.unavailable { Presence::Unavailable } else { Presence::Available },
+                last_seen: update.last_seen.as_ref().map(to_offset),
+            })]
+        }
+        Event::ChatPresence(update) => {
+            let presence = match (update.state, update.media) {
+                (ChatPresence::Composing, ChatPresenceMedia::Audio) => Presence::Recording,
+                (ChatPresence::Composing, _) => Presence::Composing,
+                (ChatPresence::Paused, _) => Presence::Paused,
+            };
+            vec![DriverEvent::Presence(PresenceChange {
+                chat: update.source.chat.to_non_ad().to_string(),
+                jid: update.source.sender.to_non_ad().to_string(),
+                presence,
+                last_seen: None,
+            })]
         }
         Event::ServerAck(ack) if ack.class.as_deref() == Some("message") => match &ack.error {
             Some(error) => vec![DriverEvent::SendRejected { message_id: ack.id.clone(), error: error.clone() }],
@@ -177,6 +201,38 @@ mod tests {
 
     fn context() -> Context {
         Context { qr_ttl: Duration::from_secs(30), own_phone: Some("15551234567:7@s.whatsapp.net".into()) }
+    }
+
+    #[test]
+    fn presence_says_who_is_online_typing_or_recording() {
+        use whatsapp_rust::Jid as WaJid;
+        use whatsapp_rust::types::events::{ChatPresenceUpdate, PresenceUpdate};
+        use whatsapp_rust::types::message::MessageSource;
+
+        let offline =
+            Event::Presence(PresenceUpdate::builder().from(WaJid::pn("15550001111")).unavailable(true).build());
+        let translated = translate(&offline, &context());
+        let [DriverEvent::Presence(change)] = translated.as_slice() else { panic!("no presence") };
+        assert_eq!((change.chat.as_str(), change.presence), ("15550001111@s.whatsapp.net", Presence::Unavailable));
+        let group = MessageSource {
+            chat: WaJid::group("120363000000000001"),
+            sender: WaJid::pn("15550002222"),
+            is_group: true,
+            ..Default::default()
+        };
+        for (state, media, expected) in [
+            (ChatPresence::Composing, ChatPresenceMedia::Text, Presence::Composing),
+            (ChatPresence::Composing, ChatPresenceMedia::Audio, Presence::Recording),
+            (ChatPresence::Paused, ChatPresenceMedia::Text, Presence::Paused),
+        ] {
+            let typing = Event::ChatPresence(
+                ChatPresenceUpdate::builder().source(group.clone()).state(state).media(media).build(),
+            );
+            let translated = translate(&typing, &context());
+            let [DriverEvent::Presence(change)] = translated.as_slice() else { panic!("no chat presence") };
+            assert_eq!(change.chat, "120363000000000001@g.us");
+            assert_eq!((change.jid.as_str(), change.presence), ("15550002222@s.whatsapp.net", expected));
+        }
     }
 
     #[test]

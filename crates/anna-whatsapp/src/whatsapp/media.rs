@@ -14,6 +14,57 @@ use whatsapp_rust::waproto::whatsapp as wa;
 
 use crate::{IncomingMedia, MediaKind, OutgoingMedia};
 
+/// A file that refuses to grow past a limit: where a download is written, so a sender who
+/// declared a small file cannot make anna store a large one.
+pub struct LimitedFile {
+    file: std::fs::File,
+    limit: u64,
+    /// The furthest byte written.
+    len: u64,
+}
+
+impl LimitedFile {
+    pub fn new(file: std::fs::File, limit: u64) -> Self {
+        Self { file, limit, len: 0 }
+    }
+
+    /// Bytes written.
+    pub fn written(&self) -> u64 {
+        self.len
+    }
+}
+
+impl std::io::Write for LimitedFile {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        use std::io::Seek;
+        let at = self.file.stream_position()?;
+        if at + buf.len() as u64 > self.limit {
+            return Err(std::io::Error::other(format!("the file is larger than {} bytes", self.limit)));
+        }
+        let written = self.file.write(buf)?;
+        self.len = self.len.max(at + written as u64);
+        Ok(written)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
+}
+
+impl std::io::Seek for LimitedFile {
+    fn seek(&mut self, position: std::io::SeekFrom) -> std::io::Result<u64> {
+        self.file.seek(position)
+    }
+}
+
+impl whatsapp_rust::download::DownloadWriter for LimitedFile {
+    fn truncate(&mut self, len: u64) -> std::io::Result<()> {
+        self.file.set_len(len)?;
+        self.len = self.len.min(len);
+        Ok(())
+    }
+}
+
 /// The library's media type of a kind.
 pub fn media_type(kind: MediaKind) -> MediaType {
     match kind {
@@ -254,6 +305,20 @@ mod tests {
         assert_eq!(params.direct_path, "/v/t62/abc");
         assert_eq!(params.media_key.as_deref(), Some([1u8; 32].as_slice()));
         assert_eq!(params.file_length, 1234);
+    }
+
+    #[test]
+    fn a_limited_file_refuses_to_grow_past_its_limit() {
+        use std::io::{Seek, Write};
+        use whatsapp_rust::download::DownloadWriter;
+        let file = tempfile::tempfile().unwrap_or_else(|e| panic!("{e}"));
+        let mut limited = LimitedFile::new(file, 10);
+        assert!(limited.write_all(b"0123456789").is_ok());
+        assert!(limited.write_all(b"x").is_err(), "past the limit");
+        assert!(limited.truncate(0).is_ok() && limited.rewind().is_ok());
+        assert_eq!(limited.written(), 0);
+        assert!(limited.write_all(b"again").is_ok(), "a retry starts over");
+        assert_eq!(limited.written(), 5);
     }
 
     #[test]

@@ -228,22 +228,21 @@ impl LiveSession for WaLiveSession {
         Ok(sent.message_id)
     }
 
-    async fn download_media(&self, media: &IncomingMedia, limit: u64) -> Result<bytes::Bytes, DriverError> {
+    async fn download_media(&self, media: &IncomingMedia, limit: u64, into: std::fs::File) -> Result<u64, DriverError> {
         self.ensure_open()?;
         let params = super::media::download_params(media)
             .ok_or_else(|| DriverError::Invalid("the message does not say where its file is".into()))?;
         if params.file_length > limit {
             return Err(DriverError::Invalid(format!("the file is larger than {limit} bytes")));
         }
-        let bytes = self
+        // The declared length is the sender's word: the writer itself refuses to grow past the
+        // limit, whatever arrives.
+        let written = self
             .client
-            .download_from_params(&params)
+            .download_from_params_to_writer(&params, super::media::LimitedFile::new(into, limit))
             .await
             .map_err(|e| DriverError::Failed(format!("the download from WhatsApp failed: {e}")))?;
-        if bytes.len() as u64 > limit {
-            return Err(DriverError::Invalid(format!("the file is larger than {limit} bytes")));
-        }
-        Ok(bytes::Bytes::from(bytes))
+        Ok(written.written())
     }
 
     async fn mark_read(&self, chat: &Jid, messages: &[MessageTarget]) -> Result<(), DriverError> {

@@ -90,6 +90,11 @@ pub(super) fn api<F: Fn(&str) -> Option<String>>(
             super::media::DEFAULT_MAX_UPLOAD_BYTES,
             "a positive number of bytes",
         )?,
+        media_upload_concurrency: vars.positive(
+            "MEDIA_UPLOAD_CONCURRENCY",
+            dev.media_upload_concurrency,
+            "a positive number of uploads",
+        )?,
         uniform_response_time: vars.millis_or_zero("AUTH_UNIFORM_RESPONSE_MS", 250)?,
         idempotency_key_ttl: vars.millis("IDEMPOTENCY_KEY_TTL_MS", 86_400_000)?,
         metrics_on_api_port: server.metrics_port.is_none(),

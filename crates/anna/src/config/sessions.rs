@@ -73,6 +73,9 @@ pub(super) fn read<F: Fn(&str) -> Option<String>>(vars: &Vars<F>) -> Result<Sess
             "a positive number of bytes",
         )?,
         media_download_concurrency: vars.positive("MEDIA_DOWNLOAD_CONCURRENCY", 4, "a positive number of downloads")?,
+        media_download_timeout: vars.millis("MEDIA_DOWNLOAD_TIMEOUT_MS", 300_000)?,
+        media_send_timeout: vars.millis("MEDIA_SEND_TIMEOUT_MS", 120_000)?,
+        media_send_concurrency: vars.positive("MEDIA_SEND_CONCURRENCY", 4, "a positive number of files")?,
         media_fetch: anna_workers::media_fetch::FetchSettings {
             allow_private: vars.boolean("MEDIA_FETCH_ALLOW_PRIVATE", false)?,
             connect_timeout: std::time::Duration::from_secs(5),

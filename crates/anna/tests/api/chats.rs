@@ -62,6 +62,26 @@ async fn history_of_sent_and_received_messages(backend: Backend) {
     assert_eq!(reply["senderJid"], CONTACT);
     assert_eq!((reply["isDeleted"].as_bool(), reply["reactions"].clone()), (Some(false), json!([])));
     assert_eq!(page["nextCursor"], Value::Null, "a page that is not full is the last");
+    // The contact came online and typed before replying (`session.presence.update`).
+    let mut presences: Vec<String> = Vec::new();
+    for _ in 0..200 {
+        let events = app.store.outbox_events_for_aggregate(&id).await.unwrap_or_default();
+        let mut found: Vec<_> = events
+            .iter()
+            .filter(|r| r.event.event_name == "session.presence.update")
+            .filter(|r| r.event.payload["chatJid"] == CONTACT && r.event.payload["updates"][0]["jid"] == CONTACT)
+            .map(|r| {
+                (r.event.occurred_on, r.event.payload["updates"][0]["presence"].as_str().unwrap_or_default().to_owned())
+            })
+            .collect();
+        found.sort_by_key(|(at, _)| *at);
+        presences = found.into_iter().map(|(_, presence)| presence).collect();
+        if presences.len() >= 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(presences, ["available", "composing", "unavailable"]);
 
     // A page at a time; the phone number names the same chat.
     let first = app.get("/chats/+15550100123/messages?limit=1").bearer(&token).send().await;
@@ -249,8 +269,8 @@ async fn edits_deletions_reactions_and_reads(backend: Backend) {
         ),
         (
             app.post(&format!("/chats/{CONTACT}/messages")).json(json!({"media": {"kind": "image", "url": "x"}})),
-            501,
-            "",
+            400,
+            "media url must be an http(s) URL of at most 2048 characters",
         ),
         (app.post(&format!("/chats/{CONTACT}/messages/a%00b/reactions")).json(json!({"emoji": "👍"})), 400, ""),
         (app.post(&format!("/chats/{CONTACT}/read")).json(json!({"messageIds": vec!["x"; 1001]})), 400, ""),

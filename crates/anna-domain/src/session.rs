@@ -276,6 +276,7 @@ impl SessionRef {
                 "fromMe": message.from_me,
                 "timestamp": iso(message.timestamp),
                 "type": message.media.as_ref().map_or("text", |media| media.kind.message_type()),
+                "chatAlt": message.chat_alt,
                 "media": message.media.as_ref().map(IncomingMedia::summary),
             }),
         )
@@ -458,6 +459,8 @@ impl HistoryPiece {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HistoryChat {
     pub jid: String,
+    /// The chat's other address (phone JID or LID), when the phone tells it.
+    pub alt: Option<String>,
     pub name: Option<String>,
     /// Unread messages on the phone.
     pub unread_count: Option<u32>,
@@ -494,6 +497,9 @@ pub struct ReceivedMessage {
     pub timestamp: OffsetDateTime,
     /// The file it carries (its `text` is then the caption).
     pub media: Option<IncomingMedia>,
+    /// The chat's other address, when WhatsApp tells it: the phone JID of a chat addressed by
+    /// its LID, or the LID of one addressed by phone (one-to-one chats).
+    pub chat_alt: Option<String>,
 }
 
 #[cfg(test)]

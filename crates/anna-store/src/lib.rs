@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
+pub mod aliases;
 pub mod backup;
 pub mod device_keys;
 pub mod events;
@@ -29,6 +30,7 @@ mod tcp_nodelay;
 pub mod users;
 pub mod webhooks;
 
+pub use aliases::{ChatAliasStore, ChatAliasWrites};
 pub use backup::{BackupError, BackupReport};
 pub use device_keys::{DeviceKeyStore, KeyChange};
 pub use events::{DeadLetter, EventLog, EventStat, EventWrites, OutboxRecord, OutboxStatus};
@@ -47,9 +49,9 @@ pub use webhooks::{WebhookStore, WebhookWrites};
 /// Every store trait, for `use anna_store::prelude::*`.
 pub mod prelude {
     pub use crate::{
-        DeviceKeyStore, EventLog, EventWrites, FleetStore, IdempotencyStore, MediaStore, MediaWrites, MessageStore,
-        MessageWrites, RefreshTokenStore, RefreshTokenWrites, SessionStore, SessionWrites, Store, UnitOfWork,
-        UserStore, UserWrites, WebhookStore, WebhookWrites,
+        ChatAliasStore, ChatAliasWrites, DeviceKeyStore, EventLog, EventWrites, FleetStore, IdempotencyStore,
+        MediaStore, MediaWrites, MessageStore, MessageWrites, RefreshTokenStore, RefreshTokenWrites, SessionStore,
+        SessionWrites, Store, UnitOfWork, UserStore, UserWrites, WebhookStore, WebhookWrites,
     };
 }
 
@@ -148,6 +150,7 @@ pub trait Store:
     + WebhookStore
     + MessageStore
     + MediaStore
+    + ChatAliasStore
     + Send
     + Sync
     + 'static
@@ -176,7 +179,15 @@ pub trait Store:
 /// together or not at all. Dropping it without `commit` rolls everything back.
 #[async_trait]
 pub trait UnitOfWork:
-    UserWrites + RefreshTokenWrites + SessionWrites + EventWrites + WebhookWrites + MessageWrites + MediaWrites + Send
+    UserWrites
+    + RefreshTokenWrites
+    + SessionWrites
+    + EventWrites
+    + WebhookWrites
+    + MessageWrites
+    + MediaWrites
+    + ChatAliasWrites
+    + Send
 {
     async fn commit(self: Box<Self>) -> Result<(), StoreError>;
 }

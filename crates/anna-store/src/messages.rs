@@ -927,6 +927,11 @@ impl MessageWrites for SqlUnitOfWork {
             let ids: Vec<String> = piece.messages.iter().map(|m| m.message.message_id.clone()).collect();
             self.apply_pending_changes(session_id, &ids).await?;
         }
+        let aliases: Vec<(String, String)> =
+            piece.chats.iter().filter_map(|chat| Some((chat.jid.clone(), chat.alt.clone()?))).collect();
+        if !aliases.is_empty() {
+            crate::ChatAliasWrites::link_chat_aliases(self, tenant_id, session_id, &aliases).await?;
+        }
         Ok(Some(inserted))
     }
 

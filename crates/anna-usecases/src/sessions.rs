@@ -253,7 +253,9 @@ impl Sessions {
         requested: Option<Uuid>,
     ) -> Result<Option<(Uuid, Vec<ChatSummary>)>, SessionError> {
         let Some(session) = self.resolve_for_chats(tenant_id, requested).await? else { return Ok(None) };
-        Ok(Some((session.id, self.store.list_chats(session.id).await?)))
+        let chats = self.store.list_chats(session.id).await?;
+        let aliases = self.store.list_chat_aliases(session.id).await?;
+        Ok(Some((session.id, merge_aliased_chats(chats, &aliases))))
     }
 
     /// A page of a chat's history, newest first, older than `before` when given.
@@ -266,7 +268,19 @@ impl Sessions {
         limit: u32,
     ) -> Result<Option<(Uuid, Vec<StoredMessage>)>, SessionError> {
         let Some(session) = self.resolve_for_chats(tenant_id, requested).await? else { return Ok(None) };
-        Ok(Some((session.id, self.store.list_messages(session.id, chat_jid, before, limit).await?)))
+        let addresses = self.store.chat_addresses(session.id, chat_jid).await?;
+        if let [only] = addresses.as_slice() {
+            return Ok(Some((session.id, self.store.list_messages(session.id, only, before, limit).await?)));
+        }
+        // A page of each address, merged: each holds the newest `limit` of its own older than
+        // the cursor, so the merge holds the newest `limit` of the chat.
+        let mut page = Vec::new();
+        for address in &addresses {
+            page.extend(self.store.list_messages(session.id, address, before, limit).await?);
+        }
+        page.sort_by(|a, b| (b.timestamp, &b.message_id).cmp(&(a.timestamp, &a.message_id)));
+        page.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+        Ok(Some((session.id, page)))
     }
 
     /// The session a chat command works on: the caller's, connected.
@@ -285,7 +299,7 @@ impl Sessions {
         chat_jid: &str,
         message_id: &str,
     ) -> Result<StoredMessage, SessionError> {
-        let found = self.store.find_messages(session_id, chat_jid, &[message_id.to_owned()]).await?;
+        let found = self.find_in_chat(session_id, chat_jid, &[message_id.to_owned()]).await?;
         found.into_iter().next().ok_or(SessionError::MessageNotFound)
     }
 
@@ -301,6 +315,11 @@ impl Sessions {
         F: Future<Output = Result<(), u64>> + Send,
     {
         let session = self.resolve_for_chats(tenant_id, requested).await?.ok_or(SessionError::NoSession)?;
+        // A chat known by its LID and its phone JID is sent to by phone (the predecessor's rule).
+        let mut request = request;
+        if let Some(first) = self.store.chat_addresses(session.id, &request.to).await?.into_iter().next() {
+            request.to = first;
+        }
         self.send(tenant_id, session.id, request, admit(session.id)).await
     }
 
@@ -317,12 +336,21 @@ impl Sessions {
             return Err(SessionError::Invalid(format!("messageIds must hold 1 to {MAX_READ_IDS} ids")));
         }
         let session = self.session_for_command(tenant_id, requested).await?;
-        let found = self.store.find_messages(session.id, chat_jid, message_ids).await?;
+        let mut found = self.find_in_chat(session.id, chat_jid, message_ids).await?;
         if found.is_empty() {
             return Err(SessionError::MessageNotFound);
         }
-        let ids: Vec<&str> = found.iter().map(|message| message.message_id.as_str()).collect();
-        self.enqueue(tenant_id, session.id, COMMAND_READ, json!({"chat": chat_jid, "messageIds": ids})).await
+        // Receipts go to the address each message came from (a chat may have two).
+        found.sort_by(|a, b| a.chat_jid.cmp(&b.chat_jid));
+        let mut first = None;
+        for group in found.chunk_by(|a, b| a.chat_jid == b.chat_jid) {
+            let ids: Vec<&str> = group.iter().map(|message| message.message_id.as_str()).collect();
+            let chat = group.first().map(|message| message.chat_jid.as_str()).unwrap_or(chat_jid);
+            let enqueued =
+                self.enqueue(tenant_id, session.id, COMMAND_READ, json!({"chat": chat, "messageIds": ids})).await?;
+            first.get_or_insert(enqueued);
+        }
+        first.ok_or(SessionError::MessageNotFound)
     }
 
     /// Replaces the text of a message this account sent.
@@ -358,7 +386,7 @@ impl Sessions {
             tenant_id,
             session.id,
             COMMAND_EDIT,
-            json!({"chat": chat_jid, "messageId": message_id, "content": text}),
+            json!({"chat": message.chat_jid, "messageId": message_id, "content": text}),
         )
         .await
     }
@@ -378,7 +406,7 @@ impl Sessions {
     {
         let session = self.session_for_command(tenant_id, requested).await?;
         let message = self.stored_message(session.id, chat_jid, message_id).await?;
-        if !message.from_me && !chat_jid.ends_with("@g.us") {
+        if !message.from_me && !message.chat_jid.ends_with("@g.us") {
             return Err(SessionError::MessageConflict(
                 "only messages sent by this account can be deleted for everyone".into(),
             ));
@@ -387,8 +415,13 @@ impl Sessions {
             return Err(SessionError::MessageConflict("the message is deleted already".into()));
         }
         admit(session.id).await.map_err(SessionError::RateLimited)?;
-        self.enqueue(tenant_id, session.id, COMMAND_DELETE_MESSAGE, json!({"chat": chat_jid, "messageId": message_id}))
-            .await
+        self.enqueue(
+            tenant_id,
+            session.id,
+            COMMAND_DELETE_MESSAGE,
+            json!({"chat": message.chat_jid, "messageId": message_id}),
+        )
+        .await
     }
 
     /// Reacts to a message; `None` removes this account's reaction.
@@ -414,7 +447,7 @@ impl Sessions {
             tenant_id,
             session.id,
             COMMAND_REACT,
-            json!({"chat": chat_jid, "messageId": message_id, "emoji": emoji}),
+            json!({"chat": message.chat_jid, "messageId": message_id, "emoji": emoji}),
         )
         .await
     }
@@ -472,7 +505,21 @@ impl Sessions {
         chat_jid: &str,
         message_ids: &[String],
     ) -> Result<Vec<StoredMessage>, SessionError> {
-        Ok(self.store.find_messages(session_id, chat_jid, message_ids).await?)
+        self.find_in_chat(session_id, chat_jid, message_ids).await
+    }
+
+    /// Messages of a chat under any of its addresses (phone JID and LID).
+    async fn find_in_chat(
+        &self,
+        session_id: Uuid,
+        chat_jid: &str,
+        message_ids: &[String],
+    ) -> Result<Vec<StoredMessage>, SessionError> {
+        let mut found = Vec::new();
+        for address in self.store.chat_addresses(session_id, chat_jid).await? {
+            found.extend(self.store.find_messages(session_id, &address, message_ids).await?);
+        }
+        Ok(found)
     }
 
     /// The reactions shown with a page of history.
@@ -759,9 +806,75 @@ impl Sessions {
     }
 }
 
+/// The chats of a session with the rows of one chat's addresses merged (the predecessor's
+/// rule): named by the preferred address, the first name found (the preferred row's first),
+/// the latest last message, the unread counts summed; latest first.
+pub fn merge_aliased_chats(chats: Vec<ChatSummary>, aliases: &[(String, String)]) -> Vec<ChatSummary> {
+    let key_of = |jid: &str| -> String {
+        aliases.iter().find(|(alias, _)| alias == jid).map_or_else(|| jid.to_owned(), |(_, key)| key.clone())
+    };
+    let mut groups: Vec<(String, Vec<ChatSummary>)> = Vec::new();
+    for chat in chats {
+        let key = key_of(&chat.chat_jid);
+        match groups.iter_mut().find(|(known, _)| *known == key) {
+            Some((_, members)) => members.push(chat),
+            None => groups.push((key, vec![chat])),
+        }
+    }
+    let mut merged: Vec<ChatSummary> = groups
+        .into_iter()
+        .filter_map(|(_, mut members)| {
+            let first = anna_store::aliases::preferred(members.iter().map(|c| c.chat_jid.as_str()))?.to_owned();
+            members.sort_by_key(|chat| chat.chat_jid != first);
+            let name = members.iter().find_map(|chat| chat.chat_name.clone());
+            let unread = members.iter().map(|chat| chat.unread_count).sum();
+            let latest = members
+                .iter()
+                .max_by(|a, b| (a.last_message_ts, &a.last_message_id).cmp(&(b.last_message_ts, &b.last_message_id)))?
+                .clone();
+            Some(ChatSummary { chat_jid: first, chat_name: name, unread_count: unread, ..latest })
+        })
+        .collect();
+    merged.sort_by(|a, b| match (a.last_message_ts, b.last_message_ts) {
+        (Some(a_ts), Some(b_ts)) => b_ts.cmp(&a_ts).then_with(|| a.chat_jid.cmp(&b.chat_jid)),
+        (Some(_), None) => std::cmp::Ordering::Less,
+        (None, Some(_)) => std::cmp::Ordering::Greater,
+        (None, None) => a.chat_jid.cmp(&b.chat_jid),
+    });
+    merged
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_chats_addresses_are_listed_as_one_chat() {
+        let at = |seconds| Some(OffsetDateTime::UNIX_EPOCH + time::Duration::seconds(seconds));
+        let chat = |jid: &str, name: Option<&str>, last: Option<OffsetDateTime>, unread| ChatSummary {
+            chat_jid: jid.into(),
+            chat_name: name.map(str::to_owned),
+            last_message_id: last.map(|_| format!("m-{jid}")),
+            last_message_ts: last,
+            last_message_text: last.map(|_| format!("text of {jid}")),
+            last_message_type: Some("text".into()),
+            unread_count: unread,
+        };
+        let (phone, lid) = ("1555@s.whatsapp.net", "2001555@lid");
+        let chats = vec![
+            chat(phone, None, at(10), 1),
+            chat("other@s.whatsapp.net", Some("Other"), at(15), 0),
+            chat(lid, Some("Ann"), at(20), 2),
+            chat("quiet@g.us", None, None, 0),
+        ];
+        let aliases = vec![(phone.to_owned(), phone.to_owned()), (lid.to_owned(), phone.to_owned())];
+        let merged = merge_aliased_chats(chats, &aliases);
+        let jids: Vec<&str> = merged.iter().map(|c| c.chat_jid.as_str()).collect();
+        assert_eq!(jids, [phone, "other@s.whatsapp.net", "quiet@g.us"], "latest first, nulls last");
+        let ann = &merged[0];
+        assert_eq!((ann.chat_name.as_deref(), ann.unread_count), (Some("Ann"), 3));
+        assert_eq!(ann.last_message_text.as_deref(), Some("text of 2001555@lid"), "the latest of the two");
+    }
 
     #[test]
     fn partitions_are_stable_and_spread() {

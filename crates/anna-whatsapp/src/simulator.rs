@@ -18,7 +18,8 @@
 //! `#edit` — it edits its reply; `#delete` — it deletes its reply for everyone (both after
 //! replying, so only with replies on); `#image`, `#video`, `#audio`, `#document`, `#sticker` —
 //! its reply carries a small file of that kind; `#echo` (in the caption of a file sent to it) —
-//! it sends the same file back. Files travel through a simulated media server of the
+//! it sends the same file back; `#lid` — its reply comes addressed by its LID, with its phone
+//! JID as the alternative address, as WhatsApp addresses more and more chats. Files travel through a simulated media server of the
 //! connection (the last [`SIMULATED_FILES_KEPT`] files), from which `download_media` fetches them.
 
 use std::sync::Arc;
@@ -50,6 +51,9 @@ struct ContactScript {
     send_media: Option<MediaKind>,
     /// The reply carries the file received.
     echo: bool,
+    /// The reply comes addressed by the contact's LID (with its phone JID as the alternative),
+    /// as WhatsApp addresses more and more chats.
+    by_lid: bool,
 }
 
 impl ContactScript {
@@ -60,6 +64,7 @@ impl ContactScript {
             delete_reply: text.contains("#delete"),
             send_media: MediaKind::ALL.into_iter().find(|kind| text.contains(&format!("#{}", kind.as_str()))),
             echo: text.contains("#echo"),
+            by_lid: text.contains("#lid"),
         }
     }
 }
@@ -288,6 +293,7 @@ impl Connection {
             chats: (0..listed)
                 .map(|chat| HistoryChat {
                     jid: contact(chat),
+                    alt: None,
                     name: Some(name(chat)),
                     unread_count: Some((chat % 3) as u32),
                 })
@@ -312,6 +318,7 @@ impl Connection {
                     from_me,
                     timestamp: now - span + time::Duration::seconds(offset),
                     media: None,
+                    chat_alt: None,
                 },
                 status: from_me.then(|| "read".to_owned()),
             });
@@ -471,15 +478,18 @@ impl Connection {
                         Some(file) => Some(self.keep_file(file).await),
                         None => None,
                     };
+                    let (chat, chat_alt) =
+                        if script.by_lid { (lid_of(&to), Some(to.clone())) } else { (to.clone(), None) };
                     DriverEvent::Message(IncomingMessage {
                         message_id: id,
-                        chat: to.clone(),
-                        sender: to.clone(),
+                        chat: chat.clone(),
+                        sender: chat,
                         push_name: Some(format!("Simulated contact {}", to.split('@').next().unwrap_or_default())),
                         text: Some(format!("Simulated reply to: {quoted}")),
                         from_me: false,
                         timestamp: now,
                         media,
+                        chat_alt,
                     })
                 }
                 Step::EditReply => {
@@ -512,6 +522,7 @@ impl Connection {
                 from_me: false,
                 timestamp: OffsetDateTime::now_utc(),
                 media: None,
+                chat_alt: None,
             }))
             .await;
         }
@@ -710,6 +721,13 @@ fn pair_code() -> String {
     (0..8).map(|_| char::from(ALPHABET[rng.random_range(0..ALPHABET.len())])).collect()
 }
 
+/// The simulated LID of a contact's phone JID: a number of WhatsApp's LID length, derived from
+/// the phone number so a contact keeps its LID.
+pub fn lid_of(phone_jid: &str) -> String {
+    let digits: u64 = phone_jid.split('@').next().and_then(|user| user.parse().ok()).unwrap_or_default();
+    format!("{}@{}", 200_000_000_000_000 + digits % 100_000_000_000_000, jid::LID_SERVER)
+}
+
 /// WhatsApp Web message ids: `3EB0` and 16 upper-case hex digits.
 fn message_id_like_whatsapp() -> String {
     format!("3EB0{:016X}", rand::rng().random::<u64>())
@@ -745,7 +763,9 @@ mod tests {
         let all = ContactScript::of("please #react, #edit and #delete");
         assert!(all.react && all.edit_reply && all.delete_reply);
         assert_eq!(ContactScript::of("a #document please").send_media, Some(MediaKind::Document));
-        assert!(ContactScript::of("#echo").echo);
+        assert!(ContactScript::of("#echo").echo && ContactScript::of("#lid").by_lid);
+        assert_eq!(lid_of("15550100123@s.whatsapp.net"), "200015550100123@lid");
+        assert!(jid::Jid::parse(&lid_of("15550100123@s.whatsapp.net")).is_ok());
     }
 
     #[test]

@@ -8,7 +8,7 @@ use anna_store::{ConnectOptions, Store};
 use anna_whatsapp::simulator::{Simulator, SimulatorConfig};
 use anna_whatsapp::{
     ChangeKind, CloseReason, DriverError, DriverEvent, HISTORY_PIECE_MESSAGES, Jid, MessageTarget, OutgoingText,
-    ReceiptStatus, SessionDriver, SessionKey, Simulation,
+    Presence, ReceiptStatus, SessionDriver, SessionKey, Simulation,
 };
 use tokio::sync::mpsc;
 use uuid::Uuid;
@@ -106,10 +106,17 @@ async fn a_scan_pairs_restarts_and_the_device_resumes_from_the_store() {
     assert_eq!(next(&mut events).await, DriverEvent::Connected { phone: phone.clone() });
 
     let id = live.send_text(&text("+1 555 0100 123")).await.unwrap_or_else(|e| panic!("{e}"));
-    let mut statuses = Vec::new();
+    let (mut statuses, mut presences) = (Vec::new(), Vec::new());
     let mut replied = false;
-    while statuses.len() < 3 || !replied {
+    while statuses.len() < 3 || !replied || !presences.contains(&Presence::Unavailable) {
         match next(&mut events).await {
+            DriverEvent::Presence(change) => {
+                assert_eq!(
+                    (change.chat.as_str(), change.jid.as_str()),
+                    ("15550100123@s.whatsapp.net", "15550100123@s.whatsapp.net")
+                );
+                presences.push(change.presence);
+            }
             DriverEvent::Receipt { message_id, status, chat, .. } => {
                 assert_eq!(message_id, id);
                 assert_eq!(chat, "15550100123@s.whatsapp.net");
@@ -124,6 +131,7 @@ async fn a_scan_pairs_restarts_and_the_device_resumes_from_the_store() {
         }
     }
     assert_eq!(statuses, vec![ReceiptStatus::ServerAck, ReceiptStatus::Delivered, ReceiptStatus::Read]);
+    assert_eq!(presences, [Presence::Available, Presence::Composing, Presence::Unavailable], "online, typing, gone");
 
     live.stop().await;
     assert_eq!(next(&mut events).await, DriverEvent::Closed { reason: CloseReason::Stopped });

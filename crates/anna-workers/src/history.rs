@@ -81,6 +81,11 @@ impl Subscriber for MessageHistory {
                     let (message, unread, chat_name) = new_message(received).map_err(failed)?;
                     let media = sent_media(received).map_err(failed)?;
                     uow.link_message_media(&media).await.map_err(|e| failed(e.into()))?;
+                    if let Some(alias) = chat_alias(received) {
+                        uow.link_chat_aliases(message.tenant_id, message.session_id, &[alias])
+                            .await
+                            .map_err(|e| failed(e.into()))?;
+                    }
                     if uow.insert_message(&message).await.map_err(|e| failed(e.into()))? {
                         inserted.push((message.session_id, message.message_id.clone()));
                         touch_of(&mut touches, message.tenant_id, message.session_id, &message.chat_jid).add(
@@ -117,6 +122,9 @@ impl Subscriber for MessageHistory {
             SESSION_MESSAGE_RECEIVED | SESSION_MESSAGE_SENT => {
                 let (message, unread, chat_name) = new_message(received)?;
                 uow.link_message_media(&sent_media(received)?).await?;
+                if let Some(alias) = chat_alias(received) {
+                    uow.link_chat_aliases(message.tenant_id, message.session_id, &[alias]).await?;
+                }
                 uow.record_message(&message, unread, chat_name.as_deref()).await?;
             }
             SESSION_MESSAGES_MEDIA => {
@@ -184,6 +192,14 @@ fn chats_read(payload: &Value) -> Result<Vec<&str>, HandlerError> {
         .filter(|chat| chat.get("unreadCount").and_then(Value::as_u64) == Some(0))
         .map(|chat| text(chat, "id"))
         .collect()
+}
+
+/// The chat's two addresses, when a received message names its other one (`chatAlt`).
+fn chat_alias(received: &ReceivedEvent) -> Option<(String, String)> {
+    let payload = &received.event.payload;
+    let chat = payload.get("chat").and_then(Value::as_str)?;
+    let alt = payload.get("chatAlt").and_then(Value::as_str).filter(|alt| !alt.is_empty() && *alt != chat)?;
+    Some((chat.to_owned(), alt.to_owned()))
 }
 
 /// The media a `session.message.sent` carried (none for received messages: their files are
@@ -512,6 +528,7 @@ mod tests {
                 from_me: false,
                 timestamp: now + time::Duration::seconds(seconds),
                 media: None,
+                chat_alt: None,
             };
             session.message_received(&message, now)
         };

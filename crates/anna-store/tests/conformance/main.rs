@@ -71,6 +71,7 @@ macro_rules! conformance {
     };
 }
 
+mod aliases;
 mod fleet;
 mod idempotency;
 mod media;

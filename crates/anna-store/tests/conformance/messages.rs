@@ -285,6 +285,7 @@ async fn a_history_sync_is_stored_a_piece_at_a_time(store: Arc<dyn Store>) -> Te
             from_me,
             timestamp: at,
             media: None,
+            chat_alt: None,
         },
         status: from_me.then(|| "read".to_owned()),
     };
@@ -292,8 +293,13 @@ async fn a_history_sync_is_stored_a_piece_at_a_time(store: Arc<dyn Store>) -> Te
         sync_type: "initial_bootstrap".into(),
         progress: Some(50),
         chats: vec![
-            HistoryChat { jid: ann.into(), name: Some("Ann".into()), unread_count: Some(3) },
-            HistoryChat { jid: "120363000000000001@g.us".into(), name: Some("Quiet group".into()), unread_count: None },
+            HistoryChat { jid: ann.into(), alt: None, name: Some("Ann".into()), unread_count: Some(3) },
+            HistoryChat {
+                jid: "120363000000000001@g.us".into(),
+                alt: None,
+                name: Some("Quiet group".into()),
+                unread_count: None,
+            },
         ],
         messages: vec![
             history("h1", ann, t, false),

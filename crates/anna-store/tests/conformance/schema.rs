@@ -111,6 +111,10 @@ const CONTRACT: &[(&str, &[&str])] = &[
         &["session_id", "message_id", "kind", "value", "at", "created_at", "chat_jid", "actor_jid", "from_me"],
     ),
     (
+        "session_chat_aliases",
+        &["id", "tenant_id", "session_id", "chat_key", "alias", "alias_type", "created_at", "updated_at"],
+    ),
+    (
         "media_objects",
         &[
             "id",
@@ -322,6 +326,8 @@ const SHARED_INDEXES: &[&str] = &[
     "session_message_pending_created_idx",
     "session_messages_session_time_idx",
     "session_contacts_tenant_id_idx",
+    "session_chat_aliases_alias_idx",
+    "session_chat_aliases_key_idx",
     "media_objects_object_key_idx",
     "media_objects_tenant_id_idx",
     "media_objects_session_time_idx",

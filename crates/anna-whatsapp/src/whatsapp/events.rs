@@ -161,6 +161,11 @@ fn incoming(
             _ => None,
         };
     }
+    // A one-to-one chat's other address: the sender's (or, for the account's own messages, the
+    // recipient's) phone JID or LID, whichever the chat is not addressed by.
+    let alt = if from_me { info.source.recipient_alt.as_ref() } else { info.source.sender_alt.as_ref() };
+    let chat_alt =
+        alt.filter(|_| !info.source.is_group).map(|alt| alt.to_non_ad().to_string()).filter(|alt| *alt != chat);
     Some(DriverEvent::Message(IncomingMessage {
         message_id: info.id.to_string(),
         chat: chat.clone(),
@@ -170,6 +175,7 @@ fn incoming(
         from_me,
         timestamp: at,
         media: super::media::incoming_media(message),
+        chat_alt,
     }))
 }
 
@@ -385,6 +391,23 @@ mod tests {
                 }
                 other => panic!("{other:?}"),
             }
+        }
+
+        #[test]
+        fn a_chat_addressed_by_lid_names_its_phone_jid() {
+            let mut by_lid = info();
+            by_lid.source.chat = WaJid::lid("200015551234567");
+            by_lid.source.sender = WaJid::lid("200015551234567");
+            by_lid.source.sender_alt = Some(WaJid::pn("15551234567"));
+            let Some(DriverEvent::Message(message)) = incoming(&wa::Message::text("hi"), &by_lid) else {
+                panic!("not a message")
+            };
+            assert_eq!(message.chat, "200015551234567@lid");
+            assert_eq!(message.chat_alt.as_deref(), Some("15551234567@s.whatsapp.net"));
+            let Some(DriverEvent::Message(plain)) = incoming(&wa::Message::text("hi"), &info()) else {
+                panic!("not a message")
+            };
+            assert_eq!(plain.chat_alt, None);
         }
 
         #[test]

@@ -96,7 +96,11 @@ fn normalized(raw: &str) -> String {
 fn add_conversation(piece: &mut HistoryPiece, conversation: &wa::Conversation) {
     let chat = normalized(&conversation.id);
     let name = conversation.name.clone().or_else(|| conversation.display_name.clone()).filter(|n| !n.is_empty());
-    piece.chats.push(HistoryChat { jid: chat.clone(), name, unread_count: conversation.unread_count });
+    // The other address of a one-to-one chat: its phone JID when it is kept by LID, its LID
+    // when kept by phone.
+    let alt = if chat.ends_with("@lid") { conversation.pn_jid.clone() } else { conversation.lid_jid.clone() };
+    let alt = alt.filter(|alt| !alt.is_empty() && *alt != chat && !chat.ends_with("@g.us"));
+    piece.chats.push(HistoryChat { jid: chat.clone(), alt, name, unread_count: conversation.unread_count });
     for history in &conversation.messages {
         if let Some(message) = history.message.as_option().and_then(|info| history_message(&chat, info)) {
             piece.messages.push(message);
@@ -138,6 +142,7 @@ fn history_message(chat: &str, info: &wa::WebMessageInfo) -> Option<HistoryMessa
             from_me,
             timestamp: time::OffsetDateTime::from_unix_timestamp(seconds).unwrap_or(time::OffsetDateTime::UNIX_EPOCH),
             media: None,
+            chat_alt: None,
         },
         status: status.map(str::to_owned),
     })
@@ -209,6 +214,7 @@ mod tests {
             piece.chats,
             vec![HistoryChat {
                 jid: "15551234567@s.whatsapp.net".into(),
+                alt: None,
                 name: Some("Ada Lovelace".into()),
                 unread_count: Some(2)
             }]

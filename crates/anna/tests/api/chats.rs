@@ -462,7 +462,79 @@ async fn messages_past_the_tenants_retention_are_purged(backend: Backend) {
     app.stop().await;
 }
 
+/// A contact that answers by its LID (`#lid`) is still one chat: listed once under its phone
+/// JID, paged, read, reacted to and sent to under either address.
+async fn a_chat_known_by_phone_and_lid_is_one_chat(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let token = tenant(&app).await;
+    let id = connected_session(&app, &token).await;
+    let lid = anna_whatsapp::simulator::lid_of(CONTACT);
+    let sent =
+        app.post(&format!("/chats/{CONTACT}/messages")).bearer(&token).json(json!({"content": "hi #lid"})).send().await;
+    assert_eq!(sent.status, 202, "{sent:?}");
+    let chats = until(&app, &token, "/chats", |body| body["items"][0]["unreadCount"] == 1).await;
+    let items = chats["items"].as_array().cloned().unwrap_or_default();
+    let of_contact =
+        |items: &[Value]| items.iter().filter(|i| i["chatJid"] == CONTACT || i["chatJid"] == lid.as_str()).count();
+    assert_eq!(of_contact(&items), 1, "one chat, not one per address: {chats}");
+    assert_eq!(items[0]["chatJid"], CONTACT, "named by its phone JID");
+    assert!(items[0]["lastMessageText"].as_str().unwrap_or_default().starts_with("Simulated reply"), "{chats}");
+    assert_eq!(items[0]["chatName"], "Simulated contact 15550100123");
+
+    let by_lid = until(&app, &token, &format!("/chats/{lid}/messages"), |body| {
+        body["items"].as_array().is_some_and(|i| i.len() == 2)
+    })
+    .await;
+    let by_phone = app.get(&format!("/chats/{CONTACT}/messages")).bearer(&token).send().await;
+    assert_eq!(by_lid["items"], by_phone.body["items"], "both addresses page the same chat");
+    let reply = by_lid["items"][0]["id"].as_str().unwrap_or_default().to_owned();
+    assert_eq!(by_lid["items"][0]["fromMe"], false);
+    let paged = app.get(&format!("/chats/{lid}/messages?limit=1")).bearer(&token).send().await;
+    let cursor = paged.body["nextCursor"].as_str().unwrap_or_default().to_owned();
+    let older = app.get(&format!("/chats/{CONTACT}/messages?limit=1&cursor={cursor}")).bearer(&token).send().await;
+    assert_eq!(older.body["items"][0]["text"], "hi #lid", "a cursor of one address pages the other");
+
+    // Commands find the message under either address; a send to the LID goes to the phone JID.
+    let reacted = app
+        .post(&format!("/chats/{CONTACT}/messages/{reply}/reactions"))
+        .bearer(&token)
+        .json(json!({"emoji": "👍"}))
+        .send()
+        .await;
+    assert_eq!(reacted.status, 202, "{reacted:?}");
+    let read =
+        app.post(&format!("/chats/{CONTACT}/read")).bearer(&token).json(json!({"messageIds": [reply]})).send().await;
+    assert_eq!(read.status, 202, "{read:?}");
+    until(&app, &token, "/chats", |body| body["items"][0]["unreadCount"] == 0).await;
+    let again =
+        app.post(&format!("/chats/{lid}/messages")).bearer(&token).json(json!({"content": "to the lid"})).send().await;
+    assert_eq!(again.status, 202, "{again:?}");
+    let mut sent_to = Vec::new();
+    for _ in 0..200 {
+        let events = app.store.outbox_events_for_aggregate(&id).await.unwrap_or_default();
+        sent_to = events
+            .iter()
+            .filter(|r| r.event.event_name == "session.message.sent")
+            .map(|r| r.event.payload["chat"].as_str().unwrap_or_default().to_owned())
+            .collect();
+        if sent_to.len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(sent_to, [CONTACT, CONTACT]);
+    let chats = until(&app, &token, "/chats", |body| {
+        body["items"][0]["lastMessageText"]
+            .as_str()
+            .is_some_and(|t| t.contains("to the lid") || t.starts_with("Simulated reply to: to the lid"))
+    })
+    .await;
+    assert_eq!(of_contact(chats["items"].as_array().map(Vec::as_slice).unwrap_or_default()), 1, "{chats}");
+    app.stop().await;
+}
+
 crate::on_both_backends!(
+    a_chat_known_by_phone_and_lid_is_one_chat,
     messages_past_the_tenants_retention_are_purged,
     history_of_sent_and_received_messages,
     edits_deletions_reactions_and_reads,

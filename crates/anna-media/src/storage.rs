@@ -224,6 +224,35 @@ impl MediaStorage {
         }
     }
 
+    /// Up to `limit` objects anna made (`tenants/<tenant>/media/<id>.<ext>`) last written
+    /// before `before`, with their media ids, in the store's listing order: the candidates of a
+    /// sweep for objects whose row was never written (a crash between the two).
+    pub async fn objects_written_before(
+        &self,
+        before: OffsetDateTime,
+        limit: usize,
+    ) -> Result<Vec<(ObjectKey, Uuid)>, MediaError> {
+        let mut listing = self.objects.list(Some(&Path::from("tenants")));
+        let mut found = Vec::new();
+        while let Some(meta) = listing.next().await {
+            let meta = meta?;
+            let written = OffsetDateTime::from_unix_timestamp(meta.last_modified.timestamp()).unwrap_or(before);
+            if written >= before {
+                continue;
+            }
+            let Some(key) = ObjectKey::stored(meta.location.as_ref()) else { continue };
+            let id =
+                key.as_str().rsplit('/').next().and_then(|name| name.get(..36)).and_then(|id| Uuid::parse_str(id).ok());
+            if let Some(id) = id {
+                found.push((key, id));
+                if found.len() >= limit {
+                    break;
+                }
+            }
+        }
+        Ok(found)
+    }
+
     /// A URL that downloads the object for [`StorageSettings::url_ttl`] and no longer.
     /// Expiry is rounded up to the minute, so pages read within a minute get the same URLs
     /// (and browsers their cached copies) from anna's signer.

@@ -3,8 +3,9 @@
 //! addresses. Each address is an alias of a chat key; aliases with one key are one chat, which
 //! the chat routes list, page and send to as one.
 //!
-//! The key is the chat's preferred address (a phone or group JID rather than a LID), never a
-//! random one, so two units of work linking the same pair at once write the same rows.
+//! Only a phone JID and a LID make a pair, and the key is the phone JID, never a random one:
+//! two units of work linking the same pair at once write the same rows, and a phone number has
+//! one LID at a time (a recycled number's new owner does not inherit the former owner's chat).
 
 use async_trait::async_trait;
 use time::OffsetDateTime;
@@ -39,8 +40,9 @@ pub trait ChatAliasStore: Send + Sync {
 
 #[async_trait]
 pub trait ChatAliasWrites: Send {
-    /// Records that each pair's two addresses name one chat (merging the chats they named
-    /// before). Nothing is written for a session that no longer exists.
+    /// Records that each pair's phone JID and LID name one chat (pairs of anything else are
+    /// ignored); a LID the phone JID had before is detached. Rows already right are not
+    /// written. Nothing is written for a session that no longer exists.
     async fn link_chat_aliases(
         &mut self,
         tenant_id: Uuid,
@@ -91,13 +93,30 @@ impl ChatAliasWrites for SqlUnitOfWork {
         pairs: &[(String, String)],
     ) -> Result<(), StoreError> {
         let now = OffsetDateTime::now_utc();
-        for (a, b) in pairs.iter().filter(|(a, b)| a != b && !a.is_empty() && !b.is_empty()) {
-            let Some(first) = preferred([a.as_str(), b.as_str()]) else { continue };
-            let other = if first == a { b } else { a };
-            // The chat keeps the key its preferred address has; the other address's chat joins it.
-            let key = self.chat_key(session_id, first).await?.unwrap_or_else(|| first.to_owned());
-            let joining = self.chat_key(session_id, other).await?;
-            for address in [first, other.as_str()] {
+        // Only a phone JID with a LID is a pair; sorted and once each, so units of work linking
+        // the same pairs lock their rows in the same order.
+        let mut links: Vec<(&str, &str)> = pairs.iter().filter_map(|(a, b)| phone_and_lid(a, b)).collect();
+        links.sort_unstable();
+        links.dedup();
+        for (phone, lid) in links {
+            let (phone_key, lid_key) = (self.chat_key(session_id, phone).await?, self.chat_key(session_id, lid).await?);
+            if phone_key.as_deref() == Some(phone) && lid_key.as_deref() == Some(phone) {
+                continue;
+            }
+            // A number has one LID at a time: a LID it had before (a recycled number's former
+            // owner) becomes a chat of its own again.
+            self.tx
+                .query(
+                    "UPDATE session_chat_aliases SET chat_key = alias, updated_at = $4 \
+                     WHERE session_id = $1 AND chat_key = $2 AND alias_type = 'lid' AND alias <> $3",
+                )
+                .bind_uuid(session_id)
+                .bind(phone)
+                .bind(lid)
+                .bind_time(now)
+                .execute()
+                .await?;
+            for address in [phone, lid] {
                 self.tx
                     .query(
                         "INSERT INTO session_chat_aliases (id, tenant_id, session_id, chat_key, alias, alias_type, \
@@ -109,28 +128,26 @@ impl ChatAliasWrites for SqlUnitOfWork {
                     .bind_uuid(Uuid::now_v7())
                     .bind_uuid(tenant_id)
                     .bind_uuid(session_id)
-                    .bind(key.as_str())
+                    .bind(phone)
                     .bind(address)
                     .bind(alias_type(address))
                     .bind_time(now)
                     .execute()
                     .await?;
             }
-            if let Some(joining) = joining.filter(|joining| *joining != key) {
-                self.tx
-                    .query(
-                        "UPDATE session_chat_aliases SET chat_key = $3, updated_at = $4 \
-                         WHERE session_id = $1 AND chat_key = $2",
-                    )
-                    .bind_uuid(session_id)
-                    .bind(joining.as_str())
-                    .bind(key.as_str())
-                    .bind_time(now)
-                    .execute()
-                    .await?;
-            }
         }
         Ok(())
+    }
+}
+
+/// `(phone JID, LID)` when the two addresses are one of each.
+fn phone_and_lid<'a>(a: &'a str, b: &'a str) -> Option<(&'a str, &'a str)> {
+    let is_phone = |address: &str| address.ends_with("@s.whatsapp.net") && address.len() > "@s.whatsapp.net".len();
+    let is_lid = |address: &str| address.ends_with("@lid") && address.len() > "@lid".len();
+    match (is_phone(a), is_lid(b), is_phone(b), is_lid(a)) {
+        (true, true, _, _) => Some((a, b)),
+        (_, _, true, true) => Some((b, a)),
+        _ => None,
     }
 }
 
@@ -160,5 +177,9 @@ mod tests {
         assert_eq!(preferred(["b@lid", "a@lid"]), Some("a@lid"));
         assert_eq!(preferred(["x@other", "b@lid"]), Some("b@lid"));
         assert_eq!((alias_type("1@g.us"), alias_type("1@lid"), alias_type("1@newsletter")), ("jid", "lid", "waid"));
+        assert_eq!(phone_and_lid("2@lid", "1@s.whatsapp.net"), Some(("1@s.whatsapp.net", "2@lid")));
+        assert_eq!(phone_and_lid("1@s.whatsapp.net", "2@s.whatsapp.net"), None, "two numbers are two people");
+        assert_eq!(phone_and_lid("1@g.us", "2@lid"), None);
+        assert_eq!(phone_and_lid("@s.whatsapp.net", "2@lid"), None);
     }
 }

@@ -38,7 +38,8 @@ pub use fleet::{Acquired, Fence, FenceSource, FleetStore, FleetView, Lease, Work
 pub use idempotency::{IdempotencyClaim, IdempotencyStore};
 pub use media::{MediaObject, MediaStore, MediaWrites, MessageMedia};
 pub use messages::{
-    ChatSummary, ChatTouch, ContactSummary, HistoryCursor, MessageStore, MessageWrites, ReactionSummary, StoredMessage,
+    ChatSummary, ChatTouch, ContactSighting, ContactSummary, HistoryCursor, MessageStore, MessageWrites,
+    ReactionSummary, StoredMessage,
 };
 pub use refresh_tokens::{RefreshTokenStore, RefreshTokenWrites};
 pub use sessions::{SessionStore, SessionWrites};

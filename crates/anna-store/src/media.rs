@@ -71,6 +71,9 @@ pub trait MediaStore: Send + Sync {
         message_ids: &[String],
     ) -> Result<Vec<MessageMedia>, StoreError>;
 
+    /// Which of these objects have a row.
+    async fn existing_media_ids(&self, ids: &[Uuid]) -> Result<Vec<Uuid>, StoreError>;
+
     /// Objects of sessions that no longer exist (deleted sessions), oldest first.
     async fn orphaned_media(&self, limit: u32) -> Result<Vec<MediaObject>, StoreError>;
 
@@ -139,6 +142,22 @@ impl MediaStore for SqlStore {
             .fetch_all()
             .await?;
         rows.iter().map(message_media_from_row).collect()
+    }
+
+    async fn existing_media_ids(&self, ids: &[Uuid]) -> Result<Vec<Uuid>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows = self
+            .pool
+            .query(Sql::PerBackend {
+                sqlite: "SELECT id FROM media_objects WHERE id IN (SELECT value FROM json_each($1))",
+                postgres: "SELECT id FROM media_objects WHERE id = ANY($1)",
+            })
+            .bind_uuid_set(ids)
+            .fetch_all()
+            .await?;
+        rows.iter().map(|row| row.uuid("id")).collect()
     }
 
     async fn orphaned_media(&self, limit: u32) -> Result<Vec<MediaObject>, StoreError> {

@@ -105,6 +105,18 @@ pub struct ReactionSummary {
     pub actors: Vec<String>,
 }
 
+/// A contact as a message or the phone's history shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContactSighting {
+    /// The contact's address (its phone JID when known).
+    pub jid: String,
+    pub lid: Option<String>,
+    /// The name in the phone's address book.
+    pub name: Option<String>,
+    /// The name the contact gave themselves (push name).
+    pub notify: Option<String>,
+}
+
 /// A contact of a session, as the predecessor's clients read it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ContactSummary {
@@ -260,6 +272,16 @@ pub trait MessageWrites: Send {
         limit: u32,
         expired_before: OffsetDateTime,
     ) -> Result<(u64, u64), StoreError>;
+
+    /// Records contacts seen in live messages (their push names, their LIDs); a contact's
+    /// address-book name is never replaced by a push name. Sorted by JID first, so units of
+    /// work recording the same contacts at once never wait for each other in a cycle.
+    async fn record_contacts(
+        &mut self,
+        tenant_id: Uuid,
+        session_id: Uuid,
+        contacts: &mut [ContactSighting],
+    ) -> Result<(), StoreError>;
 
     /// Sets (or, with `None`, clears) the tenant's message retention in days.
     async fn set_message_retention(&mut self, tenant_id: Uuid, days: Option<u32>) -> Result<(), StoreError>;
@@ -901,28 +923,17 @@ impl MessageWrites for SqlUnitOfWork {
                 .await?;
         }
 
-        for contact in &piece.contacts {
-            self.tx
-                .query(
-                    "INSERT INTO session_contacts (id, tenant_id, session_id, contact_jid, phone_number, name, notify, \
-                     created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8) \
-                     ON CONFLICT (session_id, contact_jid) DO UPDATE SET \
-                     name = COALESCE(excluded.name, session_contacts.name), \
-                     notify = COALESCE(excluded.notify, session_contacts.notify), \
-                     phone_number = COALESCE(excluded.phone_number, session_contacts.phone_number), \
-                     updated_at = excluded.updated_at",
-                )
-                .bind_uuid(Uuid::now_v7())
-                .bind_uuid(tenant_id)
-                .bind_uuid(session_id)
-                .bind(contact.jid.as_str())
-                .bind(phone_of(&contact.jid))
-                .bind(contact.name.as_deref())
-                .bind(contact.push_name.as_deref())
-                .bind_time(now)
-                .execute()
-                .await?;
-        }
+        let contacts: Vec<ContactSighting> = piece
+            .contacts
+            .iter()
+            .map(|contact| ContactSighting {
+                jid: contact.jid.clone(),
+                lid: None,
+                name: contact.name.clone(),
+                notify: contact.push_name.clone(),
+            })
+            .collect();
+        self.upsert_contacts(tenant_id, session_id, &contacts, now).await?;
         if inserted > 0 {
             let ids: Vec<String> = piece.messages.iter().map(|m| m.message.message_id.clone()).collect();
             self.apply_pending_changes(session_id, &ids).await?;
@@ -961,6 +972,16 @@ impl MessageWrites for SqlUnitOfWork {
             .execute()
             .await?;
         Ok((rows.len() as u64, forgotten))
+    }
+
+    async fn record_contacts(
+        &mut self,
+        tenant_id: Uuid,
+        session_id: Uuid,
+        contacts: &mut [ContactSighting],
+    ) -> Result<(), StoreError> {
+        contacts.sort_by(|a, b| a.jid.cmp(&b.jid));
+        self.upsert_contacts(tenant_id, session_id, contacts, OffsetDateTime::now_utc()).await
     }
 
     async fn set_message_retention(&mut self, tenant_id: Uuid, days: Option<u32>) -> Result<(), StoreError> {
@@ -1043,6 +1064,43 @@ impl Deferred {
 }
 
 impl SqlUnitOfWork {
+    /// Creates or completes contacts (a name seen is kept until a new one is seen), in the
+    /// given order; nothing for a session that no longer exists.
+    async fn upsert_contacts(
+        &mut self,
+        tenant_id: Uuid,
+        session_id: Uuid,
+        contacts: &[ContactSighting],
+        now: OffsetDateTime,
+    ) -> Result<(), StoreError> {
+        for contact in contacts {
+            self.tx
+                .query(
+                    "INSERT INTO session_contacts (id, tenant_id, session_id, contact_jid, contact_lid, phone_number, \
+                     name, notify, created_at, updated_at) SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $9 \
+                     WHERE EXISTS (SELECT 1 FROM sessions WHERE id = $3) \
+                     ON CONFLICT (session_id, contact_jid) DO UPDATE SET \
+                     name = COALESCE(excluded.name, session_contacts.name), \
+                     notify = COALESCE(excluded.notify, session_contacts.notify), \
+                     contact_lid = COALESCE(excluded.contact_lid, session_contacts.contact_lid), \
+                     phone_number = COALESCE(excluded.phone_number, session_contacts.phone_number), \
+                     updated_at = excluded.updated_at",
+                )
+                .bind_uuid(Uuid::now_v7())
+                .bind_uuid(tenant_id)
+                .bind_uuid(session_id)
+                .bind(contact.jid.as_str())
+                .bind(contact.lid.as_deref())
+                .bind(phone_of(&contact.jid))
+                .bind(contact.name.as_deref())
+                .bind(contact.notify.as_deref())
+                .bind_time(now)
+                .execute()
+                .await?;
+        }
+        Ok(())
+    }
+
     async fn message_stored(&mut self, session_id: Uuid, message_id: &str) -> Result<bool, StoreError> {
         Ok(self
             .tx

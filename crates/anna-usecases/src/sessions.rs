@@ -807,32 +807,28 @@ impl Sessions {
 }
 
 /// The chats of a session with the rows of one chat's addresses merged (the predecessor's
-/// rule): named by the preferred address, the first name found (the preferred row's first),
-/// the latest last message, the unread counts summed; latest first.
+/// rule): named by its key (the phone JID of a chat also known by LID), the first name found
+/// (the named address's first), the latest last message, the unread counts summed; latest
+/// first.
 pub fn merge_aliased_chats(chats: Vec<ChatSummary>, aliases: &[(String, String)]) -> Vec<ChatSummary> {
-    let key_of = |jid: &str| -> String {
-        aliases.iter().find(|(alias, _)| alias == jid).map_or_else(|| jid.to_owned(), |(_, key)| key.clone())
-    };
-    let mut groups: Vec<(String, Vec<ChatSummary>)> = Vec::new();
+    let keys: std::collections::HashMap<&str, &str> =
+        aliases.iter().map(|(alias, key)| (alias.as_str(), key.as_str())).collect();
+    let mut groups: std::collections::HashMap<String, Vec<ChatSummary>> = std::collections::HashMap::new();
     for chat in chats {
-        let key = key_of(&chat.chat_jid);
-        match groups.iter_mut().find(|(known, _)| *known == key) {
-            Some((_, members)) => members.push(chat),
-            None => groups.push((key, vec![chat])),
-        }
+        let key = keys.get(chat.chat_jid.as_str()).map_or_else(|| chat.chat_jid.clone(), |key| (*key).to_owned());
+        groups.entry(key).or_default().push(chat);
     }
     let mut merged: Vec<ChatSummary> = groups
         .into_iter()
-        .filter_map(|(_, mut members)| {
-            let first = anna_store::aliases::preferred(members.iter().map(|c| c.chat_jid.as_str()))?.to_owned();
-            members.sort_by_key(|chat| chat.chat_jid != first);
+        .filter_map(|(key, mut members)| {
+            members.sort_by_key(|chat| chat.chat_jid != key);
             let name = members.iter().find_map(|chat| chat.chat_name.clone());
             let unread = members.iter().map(|chat| chat.unread_count).sum();
             let latest = members
                 .iter()
                 .max_by(|a, b| (a.last_message_ts, &a.last_message_id).cmp(&(b.last_message_ts, &b.last_message_id)))?
                 .clone();
-            Some(ChatSummary { chat_jid: first, chat_name: name, unread_count: unread, ..latest })
+            Some(ChatSummary { chat_jid: key, chat_name: name, unread_count: unread, ..latest })
         })
         .collect();
     merged.sort_by(|a, b| match (a.last_message_ts, b.last_message_ts) {

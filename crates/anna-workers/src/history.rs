@@ -9,7 +9,7 @@ use anna_domain::session::{
     SESSION_MESSAGES_REACTION,
 };
 use anna_media::{MediaStorage, ObjectKey};
-use anna_store::{ChatTouch, MessageMedia, StoredMessage, UnitOfWork};
+use anna_store::{ChatTouch, ContactSighting, MessageMedia, StoredMessage, UnitOfWork};
 use anna_streams::consumer::{Effect, HandlerError, ReceivedEvent, Subscriber};
 use anna_whatsapp::Jid;
 use serde_json::Value;
@@ -74,6 +74,8 @@ impl Subscriber for MessageHistory {
     ) -> Result<(), (Option<usize>, HandlerError)> {
         let mut touches: Vec<ChatTouch> = Vec::new();
         let mut inserted: Vec<(Uuid, String)> = Vec::new();
+        let mut contacts: Vec<(Uuid, Uuid, ContactSighting)> = Vec::new();
+        let mut aliases: Vec<(Uuid, Uuid, (String, String))> = Vec::new();
         for (position, received) in events.iter().enumerate() {
             let failed = |error: HandlerError| (Some(position), error);
             match received.event.event_name.as_str() {
@@ -82,9 +84,13 @@ impl Subscriber for MessageHistory {
                     let media = sent_media(received).map_err(failed)?;
                     uow.link_message_media(&media).await.map_err(|e| failed(e.into()))?;
                     if let Some(alias) = chat_alias(received) {
-                        uow.link_chat_aliases(message.tenant_id, message.session_id, &[alias])
-                            .await
-                            .map_err(|e| failed(e.into()))?;
+                        aliases.push((message.tenant_id, message.session_id, alias));
+                    }
+                    if let Some(contact) = contact_seen(received) {
+                        contacts.retain(|(_, session, known)| {
+                            !(*session == message.session_id && known.jid == contact.jid)
+                        });
+                        contacts.push((message.tenant_id, message.session_id, contact));
                     }
                     if uow.insert_message(&message).await.map_err(|e| failed(e.into()))? {
                         inserted.push((message.session_id, message.message_id.clone()));
@@ -105,6 +111,20 @@ impl Subscriber for MessageHistory {
             }
         }
         uow.touch_chats(&mut touches).await.map_err(|e| (None, e.into()))?;
+        // Aliases and contacts once per batch, sorted: readers never wait for each other in a
+        // cycle, and a hot contact's rows are written once per batch.
+        aliases.sort_by(|a, b| (a.1, &a.2).cmp(&(b.1, &b.2)));
+        for chunk in aliases.chunk_by(|a, b| a.1 == b.1) {
+            let Some((tenant_id, session_id, _)) = chunk.first() else { continue };
+            let pairs: Vec<(String, String)> = chunk.iter().map(|(_, _, pair)| pair.clone()).collect();
+            uow.link_chat_aliases(*tenant_id, *session_id, &pairs).await.map_err(|e| (None, e.into()))?;
+        }
+        contacts.sort_by(|a, b| (a.1, &a.2.jid).cmp(&(b.1, &b.2.jid)));
+        for chunk in contacts.chunk_by(|a, b| a.1 == b.1) {
+            let Some((tenant_id, session_id, _)) = chunk.first() else { continue };
+            let mut seen: Vec<ContactSighting> = chunk.iter().map(|(_, _, contact)| contact.clone()).collect();
+            uow.record_contacts(*tenant_id, *session_id, &mut seen).await.map_err(|e| (None, e.into()))?;
+        }
         // Changes that overtook the new messages: one look per session of the batch.
         inserted.sort();
         for chunk in inserted.chunk_by(|a, b| a.0 == b.0) {
@@ -124,6 +144,9 @@ impl Subscriber for MessageHistory {
                 uow.link_message_media(&sent_media(received)?).await?;
                 if let Some(alias) = chat_alias(received) {
                     uow.link_chat_aliases(message.tenant_id, message.session_id, &[alias]).await?;
+                }
+                if let Some(contact) = contact_seen(received) {
+                    uow.record_contacts(message.tenant_id, message.session_id, &mut [contact]).await?;
                 }
                 uow.record_message(&message, unread, chat_name.as_deref()).await?;
             }
@@ -192,6 +215,24 @@ fn chats_read(payload: &Value) -> Result<Vec<&str>, HandlerError> {
         .filter(|chat| chat.get("unreadCount").and_then(Value::as_u64) == Some(0))
         .map(|chat| text(chat, "id"))
         .collect()
+}
+
+/// The contact a received one-to-one message shows: its address (the phone JID when known),
+/// its LID, and the name it gave itself.
+fn contact_seen(received: &ReceivedEvent) -> Option<ContactSighting> {
+    let payload = &received.event.payload;
+    if received.event.event_name != SESSION_MESSAGE_RECEIVED
+        || payload.get("fromMe").and_then(Value::as_bool) == Some(true)
+    {
+        return None;
+    }
+    let chat = payload.get("chat").and_then(Value::as_str).filter(|chat| !chat.ends_with("@g.us"))?;
+    let notify = payload.get("pushName").and_then(Value::as_str).filter(|name| !name.trim().is_empty())?;
+    let alt = payload.get("chatAlt").and_then(Value::as_str).filter(|alt| !alt.is_empty());
+    let addresses = [Some(chat), alt];
+    let jid = anna_store::aliases::preferred(addresses.iter().flatten().copied())?;
+    let lid = addresses.iter().flatten().find(|address| address.ends_with("@lid")).map(|lid| (*lid).to_owned());
+    Some(ContactSighting { jid: jid.to_owned(), lid, name: None, notify: Some(notify.to_owned()) })
 }
 
 /// The chat's two addresses, when a received message names its other one (`chatAlt`).
@@ -305,6 +346,9 @@ pub struct HistoryUpkeepConfig {
     pub retention_interval: std::time::Duration,
     /// `MESSAGES_RETENTION_BATCH`: messages deleted per transaction.
     pub retention_batch: u32,
+    /// `MEDIA_SWEEP_INTERVAL_MS`: how often the media store is swept for objects whose row was
+    /// never written.
+    pub media_sweep_interval: std::time::Duration,
 }
 
 impl Default for HistoryUpkeepConfig {
@@ -315,6 +359,7 @@ impl Default for HistoryUpkeepConfig {
             retention_days: 0,
             retention_interval: std::time::Duration::from_secs(3600),
             retention_batch: 1000,
+            media_sweep_interval: std::time::Duration::from_secs(86_400),
         }
     }
 }
@@ -330,6 +375,7 @@ pub async fn run_upkeep(
     shutdown: tokio_util::sync::CancellationToken,
 ) {
     let mut last_purge: Option<tokio::time::Instant> = None;
+    let mut last_sweep: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
@@ -345,6 +391,13 @@ pub async fn run_upkeep(
             }
             if let Err(error) = purge_orphaned_media(&store, &media, &config, &shutdown).await {
                 tracing::warn!(%error, "media of deleted sessions could not be purged");
+            }
+        }
+        if last_sweep.is_none_or(|at| at.elapsed() >= config.media_sweep_interval) {
+            last_sweep = Some(tokio::time::Instant::now());
+            match sweep_unrecorded_media(&store, &media).await {
+                Ok(swept) => metrics::counter!("media_objects_swept_total").increment(swept),
+                Err(error) => tracing::warn!(%error, "the media store could not be swept"),
             }
         }
     }
@@ -402,6 +455,36 @@ async fn purge_expired(
     Ok(())
 }
 
+/// How old an object without a row must be before the sweep removes it: an object is written
+/// a moment before its row.
+const SWEEP_GRACE: time::Duration = time::Duration::hours(1);
+/// Objects the sweep looks at per round.
+const SWEEP_SCAN: usize = 100_000;
+
+/// Removes objects whose row was never written (a process that died between the two), an
+/// hour after they were written. Returns how many went.
+async fn sweep_unrecorded_media(
+    store: &std::sync::Arc<dyn anna_store::Store>,
+    media: &MediaStorage,
+) -> Result<u64, UpkeepError> {
+    let candidates = media
+        .objects_written_before(OffsetDateTime::now_utc() - SWEEP_GRACE, SWEEP_SCAN)
+        .await
+        .map_err(|e| UpkeepError::Media(e.to_string()))?;
+    let mut swept = 0;
+    for chunk in candidates.chunks(500) {
+        let ids: Vec<Uuid> = chunk.iter().map(|(_, id)| *id).collect();
+        let recorded = store.existing_media_ids(&ids).await?;
+        for (key, id) in chunk.iter().filter(|(_, id)| !recorded.contains(id)) {
+            match media.delete(key).await {
+                Ok(()) => swept += 1,
+                Err(error) => tracing::warn!(media_id = %id, %error, "an unrecorded media object could not be removed"),
+            }
+        }
+    }
+    Ok(swept)
+}
+
 /// Objects of sessions deleted since the last round: removed from the store, then forgotten.
 async fn purge_orphaned_media(
     store: &std::sync::Arc<dyn anna_store::Store>,
@@ -452,6 +535,8 @@ async fn remove_media(
 enum UpkeepError {
     #[error(transparent)]
     Store(#[from] anna_store::StoreError),
+    #[error("media store: {0}")]
+    Media(String),
 }
 
 /// The changes of a `session.messages.edit|delete|reaction` event (the predecessor's batch

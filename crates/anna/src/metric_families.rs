@@ -82,6 +82,7 @@ const FAMILIES: &[(&str, Kind, Reporter, Option<FixedLabel>)] = &[
     ("history_messages_purged_total", Counter, Consumer, None),
     ("media_objects_purged_total", Counter, Consumer, None),
     ("media_objects_purge_failures_total", Counter, Consumer, None),
+    ("media_objects_swept_total", Counter, Consumer, None),
     ("session_event_batch_size", Histogram, Sessions, None),
     ("sessions_resumed_total", Counter, Sessions, None),
     ("sessions_partition_takeovers_total", Counter, Sessions, None),

@@ -14,7 +14,8 @@ conformance!(
     history_is_recorded_paged_and_deleted,
     edits_deletions_reactions_and_reads_change_the_history,
     a_history_sync_is_stored_a_piece_at_a_time,
-    messages_expire_by_their_tenants_retention
+    messages_expire_by_their_tenants_retention,
+    contacts_seen_in_messages_are_kept
 );
 
 fn message(session: &Session, chat: &str, id: &str, at: OffsetDateTime, from_me: bool) -> StoredMessage {
@@ -416,5 +417,54 @@ async fn messages_expire_by_their_tenants_retention(store: Arc<dyn Store>) -> Te
     uow.set_message_retention(short, None).await?;
     uow.commit().await?;
     assert_eq!(store.message_retention(short).await?, None);
+    Ok(())
+}
+
+async fn contacts_seen_in_messages_are_kept(store: Arc<dyn Store>) -> TestResult {
+    use anna_store::ContactSighting;
+    let tenant = insert_user(&store, "contacts@example.com").await?;
+    let (session, _) = Session::create(Uuid::new_v4(), tenant, now());
+    let mut uow = store.begin().await?;
+    uow.insert_session(&session).await?;
+    uow.commit().await?;
+    let seen = |jid: &str, lid: Option<&str>, name: Option<&str>, notify: Option<&str>| ContactSighting {
+        jid: jid.into(),
+        lid: lid.map(str::to_owned),
+        name: name.map(str::to_owned),
+        notify: notify.map(str::to_owned),
+    };
+    let mut uow = store.begin().await?;
+    uow.record_contacts(
+        tenant,
+        session.id,
+        &mut [seen("15550001111@s.whatsapp.net", None, Some("Ann (work)"), Some("Ann"))],
+    )
+    .await?;
+    // Seen again in a message: a new push name and the LID; the address-book name stays.
+    uow.record_contacts(
+        tenant,
+        session.id,
+        &mut [
+            seen("15550002222@s.whatsapp.net", None, None, Some("Bob")),
+            seen("15550001111@s.whatsapp.net", Some("2001@lid"), None, Some("Annie")),
+        ],
+    )
+    .await?;
+    uow.commit().await?;
+    let contacts = store.list_contacts(session.id).await?;
+    let ann = contacts
+        .iter()
+        .find(|c| c.contact_jid == "15550001111@s.whatsapp.net")
+        .ok_or(StoreError::Corrupt("no Ann".into()))?;
+    assert_eq!((ann.name.as_deref(), ann.notify.as_deref()), (Some("Ann (work)"), Some("Annie")));
+    assert_eq!((ann.contact_lid.as_deref(), ann.phone_number.as_deref()), (Some("2001@lid"), Some("+15550001111")));
+    assert_eq!(contacts.len(), 2);
+
+    // A session deleted meanwhile gets nothing (no error: a late event).
+    let (gone, _) = Session::create(Uuid::new_v4(), tenant, now());
+    let mut uow = store.begin().await?;
+    uow.record_contacts(tenant, gone.id, &mut [seen("15550003333@s.whatsapp.net", None, None, Some("C"))]).await?;
+    uow.commit().await?;
+    assert!(store.list_contacts(gone.id).await?.is_empty());
     Ok(())
 }

@@ -98,8 +98,8 @@ fn add_conversation(piece: &mut HistoryPiece, conversation: &wa::Conversation) {
     let name = conversation.name.clone().or_else(|| conversation.display_name.clone()).filter(|n| !n.is_empty());
     // The other address of a one-to-one chat: its phone JID when it is kept by LID, its LID
     // when kept by phone.
-    let alt = if chat.ends_with("@lid") { conversation.pn_jid.clone() } else { conversation.lid_jid.clone() };
-    let alt = alt.filter(|alt| !alt.is_empty() && *alt != chat && !chat.ends_with("@g.us"));
+    let alt = if chat.ends_with("@lid") { conversation.pn_jid.as_deref() } else { conversation.lid_jid.as_deref() };
+    let alt = alt.filter(|alt| !alt.is_empty()).map(normalized).filter(|alt| *alt != chat && !chat.ends_with("@g.us"));
     piece.chats.push(HistoryChat { jid: chat.clone(), alt, name, unread_count: conversation.unread_count });
     for history in &conversation.messages {
         if let Some(message) = history.message.as_option().and_then(|info| history_message(&chat, info)) {

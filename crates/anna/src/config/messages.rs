@@ -22,5 +22,6 @@ pub(super) fn read<F: Fn(&str) -> Option<String>>(vars: &Vars<F>) -> Result<Hist
         retention_days,
         retention_interval: vars.millis("MESSAGES_RETENTION_INTERVAL_MS", 3_600_000)?,
         retention_batch: vars.positive("MESSAGES_RETENTION_BATCH", 1000, "a positive number of messages")?,
+        media_sweep_interval: vars.millis("MEDIA_SWEEP_INTERVAL_MS", 86_400_000)?,
     })
 }

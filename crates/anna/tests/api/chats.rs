@@ -480,6 +480,19 @@ async fn a_chat_known_by_phone_and_lid_is_one_chat(backend: Backend) {
     assert_eq!(items[0]["chatJid"], CONTACT, "named by its phone JID");
     assert!(items[0]["lastMessageText"].as_str().unwrap_or_default().starts_with("Simulated reply"), "{chats}");
     assert_eq!(items[0]["chatName"], "Simulated contact 15550100123");
+    // The contact is known from its message: its push name, its phone number and its LID.
+    let contacts = until(&app, &token, "/contacts", |body| {
+        body["items"].as_array().is_some_and(|items| items.iter().any(|c| c["contactJid"] == CONTACT))
+    })
+    .await;
+    let contact =
+        contacts["items"].as_array().and_then(|items| items.iter().find(|c| c["contactJid"] == CONTACT)).cloned();
+    let contact = contact.unwrap_or_default();
+    assert_eq!(contact["notify"], "Simulated contact 15550100123", "{contact}");
+    assert_eq!(
+        (contact["contactLid"].as_str(), contact["phoneNumber"].as_str()),
+        (Some(lid.as_str()), Some("+15550100123"))
+    );
 
     let by_lid = until(&app, &token, &format!("/chats/{lid}/messages"), |body| {
         body["items"].as_array().is_some_and(|i| i.len() == 2)

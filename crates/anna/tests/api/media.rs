@@ -511,8 +511,9 @@ async fn media_goes_with_retention_and_with_its_session(backend: Backend) {
         ("MESSAGES_UPKEEP_INTERVAL_MS", "100"),
         ("MESSAGES_RETENTION_INTERVAL_MS", "200"),
         ("MESSAGES_RETENTION_BATCH", "2"),
+        ("MEDIA_SWEEP_INTERVAL_MS", "200"),
     ];
-    let (app, _bucket) = media_app(backend, &upkeep).await;
+    let (app, bucket) = media_app(backend, &upkeep).await;
     let storage = storage_of(&app);
     let (token, other) = (tenant(&app).await, tenant(&app).await);
     let (mine, theirs) = (connected_session(&app, &token).await, connected_session(&app, &other).await);
@@ -546,6 +547,35 @@ async fn media_goes_with_retention_and_with_its_session(backend: Backend) {
     assert_eq!(deleted.map(|r| r.status().as_u16()).ok(), Some(202));
     assert!(gone(&app, &storage, &kept_recent).await, "a deleted session's media stayed");
     assert!(app.store.find_media_object(kept_theirs.id).await.unwrap().is_some());
+
+    // Objects whose row was never written (a crash between the two) go an hour after they were
+    // written; younger ones stay (their row may be on its way), and so do recorded ones.
+    let on_disk = |key: &anna_media::ObjectKey| match &bucket {
+        Some(server) => server.object_path(key.as_str()),
+        None => std::path::PathBuf::from(&app.env["MEDIA_DIR"]).join(key.as_str()),
+    };
+    let stray_old = anna_media::ObjectKey::new(them, uuid::Uuid::now_v7(), "image/png");
+    let stray_new = anna_media::ObjectKey::new(them, uuid::Uuid::now_v7(), "image/png");
+    for stray in [&stray_old, &stray_new] {
+        storage.put_bytes(stray, bytes::Bytes::from_static(PNG), "image/png", "inline").await.unwrap();
+    }
+    let two_hours_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(7200);
+    for path in [on_disk(&stray_old), on_disk(&key(&kept_theirs))] {
+        let file =
+            std::fs::File::options().write(true).open(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        file.set_modified(two_hours_ago).unwrap();
+    }
+    let mut swept = false;
+    for _ in 0..200 {
+        if matches!(storage.read(&stray_old, u64::MAX).await, Err(anna_media::MediaError::NotFound)) {
+            swept = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(swept, "an old object without a row stayed");
+    assert!(storage.read(&stray_new, u64::MAX).await.is_ok(), "a young object without a row was swept");
+    assert!(storage.read(&key(&kept_theirs), u64::MAX).await.is_ok(), "a recorded object was swept");
     app.stop().await;
 }
 

@@ -154,8 +154,9 @@ pub struct ChatList {
 
 /// A message as the predecessor's clients read it. A message deleted for everyone stays,
 /// flagged. `media` (a file sent or received) carries a signed download URL valid until
-/// `urlExpiresAt`. Replies, forwards and mentions are not recorded yet: their fields say so
-/// (null, empty).
+/// `urlExpiresAt`. `replyTo` names the message it answers (with its type and text when that one
+/// is in the history); `mentions` the JIDs it mentions. Forwards are not recorded yet
+/// (`forward` is null).
 #[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct MessageView {
@@ -181,6 +182,8 @@ pub struct MessageView {
     pub forward: Option<Value>,
     #[schema(value_type = Vec<Object>)]
     pub mentions: Vec<Value>,
+    #[serde(skip)]
+    context: anna_domain::session::MessageContext,
 }
 
 /// One emoji on a message: how many reacted with it, and who.
@@ -226,6 +229,25 @@ impl MessageView {
     }
 }
 
+impl MessageView {
+    /// `replyTo` (with the quoted message's type and text when it is in the history) and
+    /// `mentions` (JIDs; names are not looked up).
+    fn quoting(mut self, quoted: &[StoredMessage]) -> Self {
+        self.mentions = self.context.mentions.iter().map(|jid| json!({"jid": jid, "name": null})).collect();
+        self.reply_to = self.context.reply_to.as_ref().map(|id| {
+            let original = quoted.iter().find(|message| &message.message_id == id);
+            json!({
+                "messageId": id,
+                "participant": self.context.reply_to_participant.clone()
+                    .or_else(|| original.and_then(|m| m.sender_jid.clone())),
+                "type": original.map(|m| m.kind.clone()),
+                "text": original.and_then(|m| m.text.clone()),
+            })
+        });
+        self
+    }
+}
+
 impl From<&StoredMessage> for MessageView {
     fn from(message: &StoredMessage) -> Self {
         Self {
@@ -246,6 +268,7 @@ impl From<&StoredMessage> for MessageView {
             reply_to: None,
             forward: None,
             mentions: Vec::new(),
+            context: message.context.clone(),
         }
     }
 }
@@ -349,10 +372,18 @@ async fn list_messages(
             let reactions = state.sessions.reactions_of(session_id, &messages).await?;
             let ids: Vec<String> = messages.iter().map(|message| message.message_id.clone()).collect();
             let media = state.media.of_messages(session_id, &ids).await?;
+            let mut quoted_ids: Vec<String> =
+                messages.iter().filter_map(|message| message.context.reply_to.clone()).collect();
+            quoted_ids.sort();
+            quoted_ids.dedup();
+            let quoted = state.sessions.stored_messages(session_id, &chat, &quoted_ids).await?;
             MessagePage {
                 session_id: Some(session_id.to_string()),
                 next_cursor: messages.last().filter(|_| full).map(encode_cursor),
-                items: messages.iter().map(|message| MessageView::new(message, &reactions, &media)).collect(),
+                items: messages
+                    .iter()
+                    .map(|message| MessageView::new(message, &reactions, &media).quoting(&quoted))
+                    .collect(),
             }
         }
         None => MessagePage { session_id: None, items: Vec::new(), next_cursor: None },
@@ -757,6 +788,7 @@ mod tests {
             status_at: None,
             edited_at: None,
             deleted_at: None,
+            context: Default::default(),
         };
         let cursor = decode_cursor(&encode_cursor(&message)).unwrap_or_else(|e| panic!("{e:?}"));
         assert_eq!((cursor.timestamp, cursor.message_id.as_str()), (message.timestamp, "ABC"));

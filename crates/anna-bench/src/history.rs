@@ -64,6 +64,7 @@ async fn fill(store: &Arc<dyn Store>, session: &Session, args: &HistoryArgs) -> 
                 status_at: None,
                 edited_at: None,
                 deleted_at: None,
+                context: Default::default(),
             };
             uow.record_message(&message, n % 3 != 0, None).await?;
         }

@@ -277,6 +277,8 @@ impl SessionRef {
                 "timestamp": iso(message.timestamp),
                 "type": message.media.as_ref().map_or("text", |media| media.kind.message_type()),
                 "chatAlt": message.chat_alt,
+                "replyTo": message.context.to_json().0,
+                "mentions": message.context.to_json().1,
                 "media": message.media.as_ref().map(IncomingMedia::summary),
             }),
         )
@@ -500,6 +502,30 @@ pub struct ReceivedMessage {
     /// The chat's other address, when WhatsApp tells it: the phone JID of a chat addressed by
     /// its LID, or the LID of one addressed by phone (one-to-one chats).
     pub chat_alt: Option<String>,
+    /// What it answers and whom it mentions.
+    pub context: MessageContext,
+}
+
+/// What a message refers to: the message it replies to (quotes) and the people it mentions.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct MessageContext {
+    /// The id of the message it replies to.
+    pub reply_to: Option<String>,
+    /// Who sent the message it replies to (in groups).
+    pub reply_to_participant: Option<String>,
+    /// The JIDs it mentions (`@name` in groups).
+    pub mentions: Vec<String>,
+}
+
+impl MessageContext {
+    /// `replyTo` (`{messageId, participant}` or null) and `mentions` of an event.
+    pub fn to_json(&self) -> (Value, Value) {
+        let reply = self
+            .reply_to
+            .as_ref()
+            .map_or(Value::Null, |id| json!({"messageId": id, "participant": self.reply_to_participant}));
+        (reply, json!(self.mentions))
+    }
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 //! Written in a unit of work by the message-history subscriber ([`MessageWrites`]); read by the
 //! chat routes ([`MessageStore`]).
 
-use anna_domain::session::{ChangeKind, HistoryPiece, MessageChange};
+use anna_domain::session::{ChangeKind, HistoryPiece, MessageChange, MessageContext};
 use async_trait::async_trait;
 use serde_json::json;
 use time::OffsetDateTime;
@@ -31,6 +31,8 @@ pub struct StoredMessage {
     pub edited_at: Option<OffsetDateTime>,
     /// When it was deleted for everyone (it stays in the history, flagged).
     pub deleted_at: Option<OffsetDateTime>,
+    /// What it answers and whom it mentions.
+    pub context: MessageContext,
 }
 
 impl StoredMessage {
@@ -313,7 +315,8 @@ macro_rules! select_messages {
             "SELECT tenant_id, session_id, chat_jid, message_id, from_me, sender_jid, \
              COALESCE(timestamp, created_at) AS shown_at, type, text, status, status_at, \
              CASE WHEN is_edited THEN COALESCE(edited_at, updated_at) END AS edited_at, \
-             CASE WHEN is_deleted THEN COALESCE(deleted_at, updated_at) END AS deleted_at FROM session_messages WHERE ",
+             CASE WHEN is_deleted THEN COALESCE(deleted_at, updated_at) END AS deleted_at, \
+             reply_to_message_id, reply_to_participant, mentions FROM session_messages WHERE ",
             $where,
             $order,
             $limit
@@ -606,8 +609,9 @@ impl MessageWrites for SqlUnitOfWork {
             .tx
             .query(
                 "INSERT INTO session_messages (id, tenant_id, session_id, chat_jid, message_id, from_me, sender_jid, \
-                 timestamp, type, text, status, status_at, created_at, updated_at) \
-                 SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $13 \
+                 timestamp, type, text, status, status_at, created_at, updated_at, reply_to_message_id, \
+                 reply_to_participant, mentions) \
+                 SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $13, $14, $15, $16 \
                  WHERE EXISTS (SELECT 1 FROM sessions WHERE id = $3 AND tenant_id = $2) \
                  ON CONFLICT (session_id, message_id) DO NOTHING",
             )
@@ -624,6 +628,11 @@ impl MessageWrites for SqlUnitOfWork {
             .bind(message.status.as_deref())
             .bind_opt_time(message.status_at)
             .bind_time(now)
+            .bind(message.context.reply_to.as_deref())
+            .bind(message.context.reply_to_participant.as_deref())
+            .bind(
+                (!message.context.mentions.is_empty()).then(|| serde_json::json!(message.context.mentions).to_string()),
+            )
             .execute()
             .await?;
         if inserted == 0 {
@@ -1296,6 +1305,14 @@ fn message_from_row(row: &Row) -> Result<StoredMessage, StoreError> {
         status_at: row.opt_time("status_at")?,
         edited_at: row.opt_time("edited_at")?,
         deleted_at: row.opt_time("deleted_at")?,
+        context: MessageContext {
+            reply_to: row.get("reply_to_message_id")?,
+            reply_to_participant: row.get("reply_to_participant")?,
+            mentions: row
+                .get::<Option<String>>("mentions")?
+                .and_then(|json| serde_json::from_str(&json).ok())
+                .unwrap_or_default(),
+        },
     })
 }
 

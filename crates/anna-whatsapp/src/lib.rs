@@ -118,7 +118,7 @@ pub struct MessageTarget {
 /// A change to a message: the domain's own type, like [`IncomingMessage`].
 pub use anna_domain::media::{IncomingMedia, MediaKind};
 pub use anna_domain::session::{ChangeKind, HistoryChat, HistoryContact, HistoryMessage, HistoryPiece, MessageChange};
-pub use anna_domain::session::{Presence, PresenceChange};
+pub use anna_domain::session::{MessageContext, Presence, PresenceChange};
 
 /// How far a sent message got.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -226,7 +226,7 @@ pub enum DriverEvent {
     /// unless it says so.
     Disconnected { reason: CloseReason, will_retry: bool },
     /// A message arrived (or was sent from the phone).
-    Message(IncomingMessage),
+    Message(Box<IncomingMessage>),
     /// A piece of the history the phone sends after pairing (bounded in size: a large history
     /// comes as many pieces).
     History(HistoryPiece, HistorySlot),

@@ -37,8 +37,8 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     ChangeKind, CloseReason, DriverError, DriverEvent, HISTORY_PIECE_MESSAGES, HistoryChat, HistoryContact,
     HistoryMessage, HistoryPiece, HistorySlot, IncomingMedia, IncomingMessage, Jid, LiveSession, MediaKind,
-    MessageChange, MessageTarget, OutgoingMedia, OutgoingText, Presence, PresenceChange, ReceiptStatus, SessionDriver,
-    SessionKey, Simulation, jid,
+    MessageChange, MessageContext, MessageTarget, OutgoingMedia, OutgoingText, Presence, PresenceChange, ReceiptStatus,
+    SessionDriver, SessionKey, Simulation, jid,
 };
 
 /// What a simulated contact does, besides replying, when the text it receives asks for it.
@@ -319,6 +319,7 @@ impl Connection {
                     timestamp: now - span + time::Duration::seconds(offset),
                     media: None,
                     chat_alt: None,
+                    context: Default::default(),
                 },
                 status: from_me.then(|| "read".to_owned()),
             });
@@ -480,7 +481,7 @@ impl Connection {
                     };
                     let (chat, chat_alt) =
                         if script.by_lid { (lid_of(&to), Some(to.clone())) } else { (to.clone(), None) };
-                    DriverEvent::Message(IncomingMessage {
+                    DriverEvent::Message(Box::new(IncomingMessage {
                         message_id: id,
                         chat: chat.clone(),
                         sender: chat,
@@ -490,7 +491,9 @@ impl Connection {
                         timestamp: now,
                         media,
                         chat_alt,
-                    })
+                        // The contact quotes the message it answers.
+                        context: MessageContext { reply_to: Some(message_id.clone()), ..MessageContext::default() },
+                    }))
                 }
                 Step::EditReply => {
                     let Some(reply) = reply_id.as_deref() else { continue };
@@ -513,7 +516,7 @@ impl Connection {
                 return;
             }
             let contact = format!("1555030{:04}@{}", n % 10, jid::USER_SERVER);
-            self.emit(DriverEvent::Message(IncomingMessage {
+            self.emit(DriverEvent::Message(Box::new(IncomingMessage {
                 message_id: format!("3EB0{:016X}", seed.wrapping_add(n)),
                 chat: contact.clone(),
                 sender: contact,
@@ -523,7 +526,8 @@ impl Connection {
                 timestamp: OffsetDateTime::now_utc(),
                 media: None,
                 chat_alt: None,
-            }))
+                context: Default::default(),
+            })))
             .await;
         }
     }

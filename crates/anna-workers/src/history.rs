@@ -4,9 +4,9 @@
 //! so each event is applied once, and a redelivered one changes nothing.
 
 use anna_domain::session::{
-    ChangeKind, MessageChange, SESSION_CHATS_UPDATE, SESSION_DELETED, SESSION_MESSAGE_RECEIVED, SESSION_MESSAGE_SENT,
-    SESSION_MESSAGE_STATUS, SESSION_MESSAGES_DELETE, SESSION_MESSAGES_EDIT, SESSION_MESSAGES_MEDIA,
-    SESSION_MESSAGES_REACTION,
+    ChangeKind, MessageChange, MessageContext, SESSION_CHATS_UPDATE, SESSION_DELETED, SESSION_MESSAGE_RECEIVED,
+    SESSION_MESSAGE_SENT, SESSION_MESSAGE_STATUS, SESSION_MESSAGES_DELETE, SESSION_MESSAGES_EDIT,
+    SESSION_MESSAGES_MEDIA, SESSION_MESSAGES_REACTION,
 };
 use anna_media::{MediaStorage, ObjectKey};
 use anna_store::{ChatTouch, ContactSighting, MessageMedia, StoredMessage, UnitOfWork};
@@ -235,6 +235,21 @@ fn contact_seen(received: &ReceivedEvent) -> Option<ContactSighting> {
     Some(ContactSighting { jid: jid.to_owned(), lid, name: None, notify: Some(notify.to_owned()) })
 }
 
+/// What a message's event says it answers (`replyTo`) and whom it mentions (`mentions`).
+fn message_context(payload: &Value) -> MessageContext {
+    let reply = payload.get("replyTo");
+    let field = |name: &str| reply.and_then(|r| r.get(name)).and_then(Value::as_str).map(str::to_owned);
+    MessageContext {
+        reply_to: field("messageId"),
+        reply_to_participant: field("participant"),
+        mentions: payload
+            .get("mentions")
+            .and_then(Value::as_array)
+            .map(|jids| jids.iter().filter_map(Value::as_str).map(str::to_owned).collect())
+            .unwrap_or_default(),
+    }
+}
+
 /// The chat's two addresses, when a received message names its other one (`chatAlt`).
 fn chat_alias(received: &ReceivedEvent) -> Option<(String, String)> {
     let payload = &received.event.payload;
@@ -306,6 +321,7 @@ fn new_message(received: &ReceivedEvent) -> Result<(StoredMessage, bool, Option<
             status_at: Some(sent_at),
             edited_at: None,
             deleted_at: None,
+            context: message_context(payload),
         };
         return Ok((message, false, None));
     }
@@ -324,6 +340,7 @@ fn new_message(received: &ReceivedEvent) -> Result<(StoredMessage, bool, Option<
         status_at: None,
         edited_at: None,
         deleted_at: None,
+        context: message_context(payload),
     };
     // A message of one's own (sent from the phone) is not unread; the contact's name names a
     // one-to-one chat (in a group it is the sender's, not the group's).
@@ -614,6 +631,7 @@ mod tests {
                 timestamp: now + time::Duration::seconds(seconds),
                 media: None,
                 chat_alt: None,
+                context: Default::default(),
             };
             session.message_received(&message, now)
         };

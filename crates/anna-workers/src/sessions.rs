@@ -914,6 +914,9 @@ impl SessionsWorker {
                 let chat = Jid::parse(to).map_or_else(|_| to.to_owned(), |jid| jid.to_string());
                 event.payload["chat"] = chat.clone().into();
                 event.payload["text"] = payload["content"].clone();
+                if let Some(reply_to) = payload["replyToMessageId"].as_str() {
+                    event.payload["replyTo"] = serde_json::json!({"messageId": reply_to, "participant": null});
+                }
                 if let Some(mut media) = media {
                     media.message_id = message_id.clone();
                     media.chat = chat;
@@ -1356,6 +1359,7 @@ mod tests {
             status_at: None,
             edited_at: None,
             deleted_at: None,
+            context: Default::default(),
         };
         uow.record_message(&stored, false, None).await?;
         uow.commit().await?;

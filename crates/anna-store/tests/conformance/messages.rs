@@ -33,6 +33,7 @@ fn message(session: &Session, chat: &str, id: &str, at: OffsetDateTime, from_me:
         status_at: from_me.then_some(at),
         edited_at: None,
         deleted_at: None,
+        context: Default::default(),
     }
 }
 
@@ -287,6 +288,7 @@ async fn a_history_sync_is_stored_a_piece_at_a_time(store: Arc<dyn Store>) -> Te
             timestamp: at,
             media: None,
             chat_alt: None,
+            context: Default::default(),
         },
         status: from_me.then(|| "read".to_owned()),
     };

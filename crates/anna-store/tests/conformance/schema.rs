@@ -69,6 +69,9 @@ const CONTRACT: &[(&str, &[&str])] = &[
             "deleted_at",
             "created_at",
             "updated_at",
+            "reply_to_message_id",
+            "reply_to_participant",
+            "mentions",
         ],
     ),
     (

@@ -166,7 +166,7 @@ fn incoming(
     let alt = if from_me { info.source.recipient_alt.as_ref() } else { info.source.sender_alt.as_ref() };
     let chat_alt =
         alt.filter(|_| !info.source.is_group).map(|alt| alt.to_non_ad().to_string()).filter(|alt| *alt != chat);
-    Some(DriverEvent::Message(IncomingMessage {
+    Some(DriverEvent::Message(Box::new(IncomingMessage {
         message_id: info.id.to_string(),
         chat: chat.clone(),
         sender: sender.clone(),
@@ -176,7 +176,8 @@ fn incoming(
         timestamp: at,
         media: super::media::incoming_media(message),
         chat_alt,
-    }))
+        context: super::media::context_of(message),
+    })))
 }
 
 /// The detail of a logout reason; empty for the plain "unlinked" case.

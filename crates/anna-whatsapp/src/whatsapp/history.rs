@@ -143,6 +143,7 @@ fn history_message(chat: &str, info: &wa::WebMessageInfo) -> Option<HistoryMessa
             timestamp: time::OffsetDateTime::from_unix_timestamp(seconds).unwrap_or(time::OffsetDateTime::UNIX_EPOCH),
             media: None,
             chat_alt: None,
+            context: Default::default(),
         },
         status: status.map(str::to_owned),
     })

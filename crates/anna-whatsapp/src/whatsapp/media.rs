@@ -65,6 +65,27 @@ impl whatsapp_rust::download::DownloadWriter for LimitedFile {
     }
 }
 
+/// What a message answers and whom it mentions, from its context info (text and media
+/// messages carry one).
+pub fn context_of(message: &wa::Message) -> crate::MessageContext {
+    let base = message.get_base_message();
+    let context = base
+        .extended_text_message
+        .as_option()
+        .and_then(|m| m.context_info.as_option())
+        .or_else(|| base.image_message.as_option().and_then(|m| m.context_info.as_option()))
+        .or_else(|| base.video_message.as_option().and_then(|m| m.context_info.as_option()))
+        .or_else(|| base.audio_message.as_option().and_then(|m| m.context_info.as_option()))
+        .or_else(|| base.document_message.as_option().and_then(|m| m.context_info.as_option()))
+        .or_else(|| base.sticker_message.as_option().and_then(|m| m.context_info.as_option()));
+    let Some(context) = context else { return crate::MessageContext::default() };
+    crate::MessageContext {
+        reply_to: context.stanza_id.clone().filter(|id| !id.is_empty()),
+        reply_to_participant: context.participant.clone().filter(|jid| !jid.is_empty()),
+        mentions: context.mentioned_jid.iter().filter(|jid| !jid.is_empty()).take(256).cloned().collect(),
+    }
+}
+
 /// The library's media type of a kind.
 pub fn media_type(kind: MediaKind) -> MediaType {
     match kind {
@@ -305,6 +326,24 @@ mod tests {
         assert_eq!(params.direct_path, "/v/t62/abc");
         assert_eq!(params.media_key.as_deref(), Some([1u8; 32].as_slice()));
         assert_eq!(params.file_length, 1234);
+    }
+
+    #[test]
+    fn replies_and_mentions_come_from_the_context_info() {
+        let message = wa::Message::text_with_context(
+            "hi @ann",
+            wa::ContextInfo {
+                stanza_id: Some("3EB0QUOTED".into()),
+                participant: Some("15550001111@s.whatsapp.net".into()),
+                mentioned_jid: vec!["15550002222@s.whatsapp.net".into()],
+                ..Default::default()
+            },
+        );
+        let context = context_of(&message);
+        assert_eq!(context.reply_to.as_deref(), Some("3EB0QUOTED"));
+        assert_eq!(context.reply_to_participant.as_deref(), Some("15550001111@s.whatsapp.net"));
+        assert_eq!(context.mentions, ["15550002222@s.whatsapp.net"]);
+        assert_eq!(context_of(&wa::Message::text("plain")), crate::MessageContext::default());
     }
 
     #[test]

@@ -62,6 +62,13 @@ async fn history_of_sent_and_received_messages(backend: Backend) {
     assert_eq!(reply["senderJid"], CONTACT);
     assert_eq!((reply["isDeleted"].as_bool(), reply["reactions"].clone()), (Some(false), json!([])));
     assert_eq!(page["nextCursor"], Value::Null, "a page that is not full is the last");
+    // The contact's reply quotes the message it answers, with that one's text.
+    assert_eq!(reply["replyTo"]["messageId"], mine["id"], "{reply}");
+    assert_eq!(
+        (reply["replyTo"]["text"].as_str(), reply["replyTo"]["type"].as_str()),
+        (Some("hello history"), Some("text"))
+    );
+    assert_eq!((mine["replyTo"].clone(), mine["mentions"].clone()), (Value::Null, json!([])));
     // The contact came online and typed before replying (`session.presence.update`).
     let mut presences: Vec<String> = Vec::new();
     for _ in 0..200 {
@@ -122,6 +129,23 @@ async fn history_of_sent_and_received_messages(backend: Backend) {
         assert_eq!(foreign.body["items"], json!([]), "{path}");
     }
     assert_eq!(app.get("/chats").send().await.status, 401);
+
+    // A reply sent through the API quotes what it answers, too.
+    let answered = app
+        .post(&format!("/chats/{CONTACT}/messages"))
+        .bearer(&token)
+        .json(json!({"content": "answering you", "replyToMessageId": reply["id"]}))
+        .send()
+        .await;
+    assert_eq!(answered.status, 202, "{answered:?}");
+    let page = until(&app, &token, &path, |body| {
+        body["items"].as_array().is_some_and(|items| items.iter().any(|i| i["text"] == "answering you"))
+    })
+    .await;
+    let mine = page["items"].as_array().and_then(|items| items.iter().find(|i| i["text"] == "answering you")).cloned();
+    let mine = mine.unwrap_or_default();
+    assert_eq!(mine["replyTo"]["messageId"], reply["id"], "{mine}");
+    assert!(mine["replyTo"]["text"].as_str().is_some_and(|t| t.starts_with("Simulated reply")), "{mine}");
 
     // Deleting the session deletes its history.
     let deleted = app.http.delete(format!("{}/sessions/{id}", app.base)).bearer_auth(&token).send().await;

@@ -344,6 +344,7 @@ impl SessionRef {
             json!({
                 "syncType": piece.sync_type, "progress": piece.progress, "chatsCount": piece.chats.len(),
                 "contactsCount": piece.contacts.len(), "messagesCount": piece.messages.len(),
+                "reactionsCount": piece.reactions.len(),
                 "messagesTruncated": false,
             }),
         )
@@ -449,11 +450,13 @@ pub struct HistoryPiece {
     pub chats: Vec<HistoryChat>,
     pub messages: Vec<HistoryMessage>,
     pub contacts: Vec<HistoryContact>,
+    /// Reactions to the history's messages (each actor's latest).
+    pub reactions: Vec<MessageChange>,
 }
 
 impl HistoryPiece {
     pub fn is_empty(&self) -> bool {
-        self.chats.is_empty() && self.messages.is_empty() && self.contacts.is_empty()
+        self.chats.is_empty() && self.messages.is_empty() && self.contacts.is_empty() && self.reactions.is_empty()
     }
 }
 

@@ -947,6 +947,9 @@ impl MessageWrites for SqlUnitOfWork {
             let ids: Vec<String> = piece.messages.iter().map(|m| m.message.message_id.clone()).collect();
             self.apply_pending_changes(session_id, &ids).await?;
         }
+        for reaction in &piece.reactions {
+            self.record_message_change(tenant_id, session_id, reaction).await?;
+        }
         let aliases: Vec<(String, String)> =
             piece.chats.iter().filter_map(|chat| Some((chat.jid.clone(), chat.alt.clone()?))).collect();
         if !aliases.is_empty() {

@@ -302,6 +302,7 @@ impl Connection {
                 .map(|chat| HistoryContact { jid: contact(chat), push_name: Some(name(chat)), name: None })
                 .collect(),
             messages: Vec::new(),
+            reactions: Vec::new(),
         };
         for n in 0..total {
             let chat = contact(n % chats);
@@ -323,6 +324,17 @@ impl Connection {
                 },
                 status: from_me.then(|| "read".to_owned()),
             });
+            // Contacts reacted to some of the account's messages.
+            if from_me && n % 9 == 0 {
+                piece.reactions.push(MessageChange {
+                    chat: contact(n % chats),
+                    message_id: format!("3EB0{:016X}", seed.wrapping_add(n)),
+                    actor: contact(n % chats),
+                    from_me: false,
+                    at: now - span + time::Duration::seconds(offset + 60),
+                    kind: ChangeKind::Reaction { emoji: Some("❤️".into()) },
+                });
+            }
             if piece.messages.len() >= HISTORY_PIECE_MESSAGES {
                 piece.progress = Some(u32::try_from((n + 1) * 100 / total).unwrap_or(100));
                 if self.cancel.is_cancelled() {

@@ -314,6 +314,15 @@ async fn a_history_sync_is_stored_a_piece_at_a_time(store: Arc<dyn Store>) -> Te
             HistoryContact { jid: bob.into(), push_name: Some("Bob".into()), name: None },
             HistoryContact { jid: ann.into(), push_name: Some("Annie".into()), name: Some("Ann Smith".into()) },
         ],
+        // Ann reacted to the account's message.
+        reactions: vec![MessageChange {
+            chat: ann.into(),
+            message_id: "h2".into(),
+            actor: ann.into(),
+            from_me: false,
+            at: t + Duration::seconds(5),
+            kind: ChangeKind::Reaction { emoji: Some("❤️".into()) },
+        }],
     };
     let mut uow = store.begin().await?;
     assert_eq!(uow.record_history(tenant, session.id, &piece).await?, Some(3), "a message given twice is stored once");
@@ -342,6 +351,12 @@ async fn a_history_sync_is_stored_a_piece_at_a_time(store: Arc<dyn Store>) -> Te
     );
     let page = store.list_messages(session.id, ann, None, 10).await?;
     assert_eq!(page.iter().map(|m| m.message_id.as_str()).collect::<Vec<_>>(), vec!["live", "h2", "h1"]);
+    let reactions = store.list_reactions(session.id, &["h2".to_owned()]).await?;
+    assert_eq!(
+        reactions,
+        vec![ReactionSummary { message_id: "h2".into(), emoji: "❤️".into(), actors: vec![ann.to_owned()] }],
+        "the history's reactions, once though the piece came twice"
+    );
     assert_eq!(
         (page[1].from_me, page[1].status.as_deref(), page[1].status_at),
         (true, Some("read"), Some(t + Duration::seconds(1)))

@@ -9,7 +9,10 @@ use whatsapp_rust::wacore::proto_helpers::MessageExt;
 use whatsapp_rust::waproto::whatsapp as wa;
 use whatsapp_rust::waproto::whatsapp::web_message_info::Status;
 
-use crate::{HISTORY_PIECE_MESSAGES, HistoryChat, HistoryContact, HistoryMessage, HistoryPiece, IncomingMessage, Jid};
+use crate::{
+    ChangeKind, HISTORY_PIECE_MESSAGES, HistoryChat, HistoryContact, HistoryMessage, HistoryPiece, IncomingMessage,
+    Jid, MessageChange,
+};
 
 /// Pieces waiting for the worker, per history chunk.
 const PIECES_IN_FLIGHT: usize = 2;
@@ -102,10 +105,61 @@ fn add_conversation(piece: &mut HistoryPiece, conversation: &wa::Conversation) {
     let alt = alt.filter(|alt| !alt.is_empty()).map(normalized).filter(|alt| *alt != chat && !chat.ends_with("@g.us"));
     piece.chats.push(HistoryChat { jid: chat.clone(), alt, name, unread_count: conversation.unread_count });
     for history in &conversation.messages {
-        if let Some(message) = history.message.as_option().and_then(|info| history_message(&chat, info)) {
+        let Some(info) = history.message.as_option() else { continue };
+        if let Some(message) = history_message(&chat, info) {
             piece.messages.push(message);
         }
+        piece.reactions.extend(history_reactions(&chat, info));
     }
+}
+
+/// The reactions a message of the history carries (its `reactions`), or the one it is (a
+/// reaction message). An own reaction is kept only when it names its actor (the account's JID
+/// is not in the history), so it never counts twice.
+fn history_reactions(chat: &str, info: &wa::WebMessageInfo) -> Vec<MessageChange> {
+    let at_ms = |ms: Option<i64>| {
+        ms.and_then(|ms| time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000).ok())
+            .unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
+    };
+    let actor_of = |key: &wa::MessageKey| -> Option<(String, bool)> {
+        let from_me = key.from_me.unwrap_or(false);
+        let actor = key.participant.as_deref().filter(|p| !p.is_empty()).map(normalized);
+        match (actor, from_me) {
+            (Some(actor), _) => Some((actor, from_me)),
+            (None, false) if !chat.ends_with("@g.us") => Some((chat.to_owned(), false)),
+            _ => None,
+        }
+    };
+    let mut changes = Vec::new();
+    let target = info.key.as_option().and_then(|key| key.id.clone()).filter(|id| !id.is_empty());
+    if let Some(target) = target.as_ref() {
+        for reaction in &info.reactions {
+            let Some((actor, from_me)) = reaction.key.as_option().and_then(actor_of) else { continue };
+            changes.push(MessageChange {
+                chat: chat.to_owned(),
+                message_id: target.clone(),
+                actor,
+                from_me,
+                at: at_ms(reaction.sender_timestamp_ms),
+                kind: ChangeKind::Reaction { emoji: reaction.text.clone().filter(|emoji| !emoji.is_empty()) },
+            });
+        }
+    }
+    let reaction_message = info.message.as_option().and_then(|m| m.get_base_message().reaction_message.as_option());
+    if let (Some(reaction), Some(key)) = (reaction_message, info.key.as_option())
+        && let Some(target) = reaction.key.as_option().and_then(|k| k.id.clone()).filter(|id| !id.is_empty())
+        && let Some((actor, from_me)) = actor_of(key)
+    {
+        changes.push(MessageChange {
+            chat: chat.to_owned(),
+            message_id: target,
+            actor,
+            from_me,
+            at: at_ms(reaction.sender_timestamp_ms),
+            kind: ChangeKind::Reaction { emoji: reaction.text.clone().filter(|emoji| !emoji.is_empty()) },
+        });
+    }
+    changes
 }
 
 fn history_message(chat: &str, info: &wa::WebMessageInfo) -> Option<HistoryMessage> {
@@ -189,6 +243,7 @@ mod tests {
     fn conversations_become_chats_and_messages() {
         let reaction = wa::Message {
             reaction_message: buffa::MessageField::some(wa::message::ReactionMessage {
+                key: buffa::MessageField::some(wa::MessageKey { id: Some("A2".into()), ..Default::default() }),
                 text: Some("👍".into()),
                 ..Default::default()
             }),
@@ -221,6 +276,10 @@ mod tests {
             }]
         );
         assert_eq!(piece.messages.len(), 2, "the reaction is not a message");
+        assert_eq!(piece.reactions.len(), 1, "but a reaction to A2: {:?}", piece.reactions);
+        let reaction = &piece.reactions[0];
+        assert_eq!((reaction.message_id.as_str(), reaction.actor.as_str()), ("A2", "15551234567@s.whatsapp.net"));
+        assert_eq!(reaction.kind, ChangeKind::Reaction { emoji: Some("👍".into()) });
         let (theirs, mine) = (&piece.messages[0], &piece.messages[1]);
         assert_eq!((theirs.message.text.as_deref(), theirs.status.as_deref()), (Some("hello"), None));
         assert_eq!(theirs.message.sender, "15551234567@s.whatsapp.net");

@@ -70,24 +70,12 @@ async fn history_of_sent_and_received_messages(backend: Backend) {
     );
     assert_eq!((mine["replyTo"].clone(), mine["mentions"].clone()), (Value::Null, json!([])));
     // The contact came online and typed before replying (`session.presence.update`).
-    let mut presences: Vec<String> = Vec::new();
-    for _ in 0..200 {
-        let events = app.store.outbox_events_for_aggregate(&id).await.unwrap_or_default();
-        let mut found: Vec<_> = events
-            .iter()
-            .filter(|r| r.event.event_name == "session.presence.update")
-            .filter(|r| r.event.payload["chatJid"] == CONTACT && r.event.payload["updates"][0]["jid"] == CONTACT)
-            .map(|r| {
-                (r.event.occurred_on, r.event.payload["updates"][0]["presence"].as_str().unwrap_or_default().to_owned())
-            })
-            .collect();
-        found.sort_by_key(|(at, _)| *at);
-        presences = found.into_iter().map(|(_, presence)| presence).collect();
-        if presences.len() >= 3 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let presences = app.events_until(&id, "session.presence.update", |found| found.len() >= 3).await;
+    let presences: Vec<&Value> = presences
+        .iter()
+        .filter(|p| p["chatJid"] == CONTACT && p["updates"][0]["jid"] == CONTACT)
+        .map(|p| &p["updates"][0]["presence"])
+        .collect();
     assert_eq!(presences, ["available", "composing", "unavailable"]);
 
     // A page at a time; the phone number names the same chat.
@@ -364,22 +352,25 @@ async fn the_phone_history_arrives_after_pairing(backend: Backend) {
 
     // Every message of the history, a page at a time: 400 in the first chat.
     let session = uuid::Uuid::parse_str(&id).unwrap_or_default();
-    let mut seen = 0;
+    let (mut seen, mut reacted) = (0, 0);
     let mut cursor = String::new();
     for _ in 0..100 {
         let page = app.get(&format!("/chats/{first}/messages?limit=200&cursor={cursor}")).bearer(&token).send().await;
-        seen += page.body["items"].as_array().map_or(0, Vec::len);
+        let items = page.body["items"].as_array().cloned().unwrap_or_default();
+        seen += items.len();
+        reacted += items.iter().filter(|item| item["reactions"][0]["emoji"] == "❤️").count();
         match page.body["nextCursor"].as_str() {
             Some(next) => cursor = next.to_owned(),
-            None if seen == 400 => break,
+            None if seen == 400 && reacted == 134 => break,
             // Still arriving: start over.
             None => {
-                (seen, cursor) = (0, String::new());
+                (seen, reacted, cursor) = (0, 0, String::new());
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
     }
     assert_eq!(seen, 400);
+    assert_eq!(reacted, 134, "the reactions of the history (every ninth message's)");
 
     // Progress summaries, never the messages themselves.
     let mut synced = 0;
@@ -546,19 +537,8 @@ async fn a_chat_known_by_phone_and_lid_is_one_chat(backend: Backend) {
     let again =
         app.post(&format!("/chats/{lid}/messages")).bearer(&token).json(json!({"content": "to the lid"})).send().await;
     assert_eq!(again.status, 202, "{again:?}");
-    let mut sent_to = Vec::new();
-    for _ in 0..200 {
-        let events = app.store.outbox_events_for_aggregate(&id).await.unwrap_or_default();
-        sent_to = events
-            .iter()
-            .filter(|r| r.event.event_name == "session.message.sent")
-            .map(|r| r.event.payload["chat"].as_str().unwrap_or_default().to_owned())
-            .collect();
-        if sent_to.len() == 2 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let sent = app.events_until(&id, "session.message.sent", |found| found.len() == 2).await;
+    let sent_to: Vec<&Value> = sent.iter().map(|p| &p["chat"]).collect();
     assert_eq!(sent_to, [CONTACT, CONTACT]);
     let chats = until(&app, &token, "/chats", |body| {
         body["items"][0]["lastMessageText"]

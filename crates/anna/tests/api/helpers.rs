@@ -294,3 +294,22 @@ macro_rules! on_both_backends {
         }
     };
 }
+
+impl TestApp {
+    /// The payloads of `name` events of the session (in the order they happened), once `done`
+    /// holds for them; those of the last look when it never does.
+    pub async fn events_until(&self, session: &str, name: &str, done: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+        let mut payloads = Vec::new();
+        for _ in 0..200 {
+            let mut events = self.store.outbox_events_for_aggregate(session).await.unwrap_or_default();
+            events.retain(|record| record.event.event_name == name);
+            events.sort_by_key(|record| record.event.occurred_on);
+            payloads = events.into_iter().map(|record| record.event.payload).collect();
+            if done(&payloads) {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        payloads
+    }
+}

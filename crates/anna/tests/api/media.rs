@@ -417,19 +417,8 @@ async fn media_at_urls_are_fetched_under_the_address_policy(backend: Backend) {
             .await;
         assert_eq!(sent.status, 202, "{sent:?}");
     }
-    let mut reasons = Vec::new();
-    for _ in 0..200 {
-        let events = guarded.store.outbox_events_for_aggregate(&session).await.unwrap();
-        reasons = events
-            .iter()
-            .filter(|r| r.event.event_name == "session.message.failed")
-            .map(|r| r.event.payload["reason"].as_str().unwrap_or_default().to_owned())
-            .collect();
-        if reasons.len() == 2 {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    let failed = guarded.events_until(&session, "session.message.failed", |found| found.len() == 2).await;
+    let reasons: Vec<&str> = failed.iter().map(|p| p["reason"].as_str().unwrap_or_default()).collect();
     assert_eq!(reasons.len(), 2, "{reasons:?}");
     assert!(reasons.iter().all(|reason| reason.contains("may not reach")), "{reasons:?}");
     guarded.stop().await;

@@ -231,9 +231,18 @@ impl MessageView {
 
 impl MessageView {
     /// `replyTo` (with the quoted message's type and text when it is in the history) and
-    /// `mentions` (JIDs; names are not looked up).
-    fn quoting(mut self, quoted: &[StoredMessage]) -> Self {
-        self.mentions = self.context.mentions.iter().map(|jid| json!({"jid": jid, "name": null})).collect();
+    /// `mentions` (with the contact's name: address book, push name or verified name).
+    fn quoting(mut self, quoted: &[StoredMessage], contacts: &[ContactSummary]) -> Self {
+        self.mentions = self
+            .context
+            .mentions
+            .iter()
+            .map(|jid| {
+                let contact = contacts.iter().find(|c| &c.contact_jid == jid || c.contact_lid.as_ref() == Some(jid));
+                let name = contact.and_then(|c| c.name.clone().or(c.notify.clone()).or(c.verified_name.clone()));
+                json!({"jid": jid, "name": name})
+            })
+            .collect();
         self.reply_to = self.context.reply_to.as_ref().map(|id| {
             let original = quoted.iter().find(|message| &message.message_id == id);
             json!({
@@ -377,12 +386,17 @@ async fn list_messages(
             quoted_ids.sort();
             quoted_ids.dedup();
             let quoted = state.sessions.stored_messages(session_id, &chat, &quoted_ids).await?;
+            let mut mentioned: Vec<String> =
+                messages.iter().flat_map(|message| message.context.mentions.iter().cloned()).collect();
+            mentioned.sort();
+            mentioned.dedup();
+            let named = state.sessions.contacts_named(session_id, &mentioned).await?;
             MessagePage {
                 session_id: Some(session_id.to_string()),
                 next_cursor: messages.last().filter(|_| full).map(encode_cursor),
                 items: messages
                     .iter()
-                    .map(|message| MessageView::new(message, &reactions, &media).quoting(&quoted))
+                    .map(|message| MessageView::new(message, &reactions, &media).quoting(&quoted, &named))
                     .collect(),
             }
         }
@@ -771,6 +785,60 @@ async fn react(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn replies_name_what_they_quote_and_mentions_name_whom() {
+        let message = |id: &str, text: &str, context| StoredMessage {
+            tenant_id: Uuid::nil(),
+            session_id: Uuid::nil(),
+            chat_jid: "120363000000000001@g.us".into(),
+            message_id: id.into(),
+            from_me: false,
+            sender_jid: Some("15550001111@s.whatsapp.net".into()),
+            timestamp: time::macros::datetime!(2026-12-06 21:00:00 UTC),
+            kind: "text".into(),
+            text: Some(text.into()),
+            status: None,
+            status_at: None,
+            edited_at: None,
+            deleted_at: None,
+            context,
+        };
+        let original = message("Q1", "the question", Default::default());
+        let answer = message(
+            "A1",
+            "@ann look",
+            anna_domain::session::MessageContext {
+                reply_to: Some("Q1".into()),
+                reply_to_participant: None,
+                mentions: vec!["200015550002222@lid".into(), "15550003333@s.whatsapp.net".into()],
+            },
+        );
+        let ann = ContactSummary {
+            contact_jid: "15550002222@s.whatsapp.net".into(),
+            contact_lid: Some("200015550002222@lid".into()),
+            phone_number: None,
+            name: None,
+            notify: Some("Ann".into()),
+            verified_name: None,
+            img_url: None,
+            status: None,
+        };
+        let view = MessageView::new(&answer, &[], &[]).quoting(&[original], &[ann]);
+        assert_eq!(
+            view.reply_to,
+            Some(
+                json!({"messageId": "Q1", "participant": "15550001111@s.whatsapp.net", "type": "text", "text": "the question"})
+            )
+        );
+        assert_eq!(
+            view.mentions,
+            vec![
+                json!({"jid": "200015550002222@lid", "name": "Ann"}),
+                json!({"jid": "15550003333@s.whatsapp.net", "name": null})
+            ]
+        );
+    }
 
     #[test]
     fn cursors_round_trip_and_refuse_junk() {

@@ -362,6 +362,11 @@ impl SessionRef {
         )
     }
 
+    /// The account's phone marked a chat read: it has nothing unread any more.
+    pub fn chat_read_on_phone(self, chat: &str, at: OffsetDateTime) -> DomainEvent {
+        self.event(SESSION_CHATS_UPDATE, at, json!({"source": "phone", "chats": [{"id": chat, "unreadCount": 0}]}))
+    }
+
     /// A command (read, edit, delete, react) that could not be carried out, and why.
     pub fn command_failed(self, command_id: Uuid, command: &str, reason: &str, now: OffsetDateTime) -> DomainEvent {
         self.event(

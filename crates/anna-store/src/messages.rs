@@ -179,6 +179,9 @@ pub trait MessageStore: Send + Sync {
     /// The session's contacts, by name (address book, then push name), then JID.
     async fn list_contacts(&self, session_id: Uuid) -> Result<Vec<ContactSummary>, StoreError>;
 
+    /// The contacts with these JIDs (or LIDs).
+    async fn find_contacts(&self, session_id: Uuid, jids: &[String]) -> Result<Vec<ContactSummary>, StoreError>;
+
     /// The tenant's own message retention in days, if it set one.
     async fn message_retention(&self, tenant_id: Uuid) -> Result<Option<u32>, StoreError>;
 
@@ -490,6 +493,28 @@ impl MessageStore for SqlStore {
         Ok(purged)
     }
 
+    async fn find_contacts(&self, session_id: Uuid, jids: &[String]) -> Result<Vec<ContactSummary>, StoreError> {
+        if jids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows = self
+            .pool
+            .query(Sql::PerBackend {
+                sqlite: "SELECT contact_jid, contact_lid, phone_number, name, notify, verified_name, img_url, status \
+                         FROM session_contacts WHERE session_id = $1 \
+                         AND (contact_jid IN (SELECT value FROM json_each($2)) \
+                         OR contact_lid IN (SELECT value FROM json_each($2)))",
+                postgres: "SELECT contact_jid, contact_lid, phone_number, name, notify, verified_name, img_url, status \
+                           FROM session_contacts WHERE session_id = $1 \
+                           AND (contact_jid = ANY($2) OR contact_lid = ANY($2))",
+            })
+            .bind_uuid(session_id)
+            .bind_text_set(jids)
+            .fetch_all()
+            .await?;
+        rows.iter().map(contact_from_row).collect()
+    }
+
     async fn list_contacts(&self, session_id: Uuid) -> Result<Vec<ContactSummary>, StoreError> {
         let rows = self
             .pool
@@ -502,20 +527,7 @@ impl MessageStore for SqlStore {
             .bind_uuid(session_id)
             .fetch_all()
             .await?;
-        rows.iter()
-            .map(|row| {
-                Ok(ContactSummary {
-                    contact_jid: row.get("contact_jid")?,
-                    contact_lid: row.get("contact_lid")?,
-                    phone_number: row.get("phone_number")?,
-                    name: row.get("name")?,
-                    notify: row.get("notify")?,
-                    verified_name: row.get("verified_name")?,
-                    img_url: row.get("img_url")?,
-                    status: row.get("status")?,
-                })
-            })
-            .collect()
+        rows.iter().map(contact_from_row).collect()
     }
 
     async fn find_messages(
@@ -1291,6 +1303,19 @@ fn phone_of(jid: &str) -> Option<String> {
     let (user, server) = jid.split_once('@')?;
     (server == "s.whatsapp.net" && !user.is_empty() && user.bytes().all(|b| b.is_ascii_digit()))
         .then(|| format!("+{user}"))
+}
+
+fn contact_from_row(row: &Row) -> Result<ContactSummary, StoreError> {
+    Ok(ContactSummary {
+        contact_jid: row.get("contact_jid")?,
+        contact_lid: row.get("contact_lid")?,
+        phone_number: row.get("phone_number")?,
+        name: row.get("name")?,
+        notify: row.get("notify")?,
+        verified_name: row.get("verified_name")?,
+        img_url: row.get("img_url")?,
+        status: row.get("status")?,
+    })
 }
 
 fn message_from_row(row: &Row) -> Result<StoredMessage, StoreError> {

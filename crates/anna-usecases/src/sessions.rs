@@ -499,6 +499,11 @@ impl Sessions {
     }
 
     /// The stored messages of a chat among `message_ids`, for the worker to address them.
+    /// The contacts of the session with these JIDs or LIDs (mention names).
+    pub async fn contacts_named(&self, session_id: Uuid, jids: &[String]) -> Result<Vec<ContactSummary>, SessionError> {
+        Ok(self.store.find_contacts(session_id, jids).await?)
+    }
+
     pub async fn stored_messages(
         &self,
         session_id: Uuid,

@@ -234,6 +234,8 @@ pub enum DriverEvent {
     Changed(MessageChange),
     /// Someone came online or went offline, or typed, recorded or paused in a chat.
     Presence(PresenceChange),
+    /// The account's phone (or another of its devices) marked a chat read.
+    ChatRead { chat: String, at: OffsetDateTime },
     /// A sent message progressed.
     Receipt { message_id: String, chat: String, status: ReceiptStatus, at: OffsetDateTime },
     /// The server refused a message that `send_text` had reported written.

@@ -202,9 +202,10 @@ fn touch_of<'a>(touches: &'a mut Vec<ChatTouch>, tenant_id: Uuid, session_id: Uu
     &mut touches[at]
 }
 
-/// The chats a `session.chats.update` says were read (only reads change the history's chats).
+/// The chats a `session.chats.update` says were read — through the API (`read`) or on the
+/// phone (`phone`); only reads change the history's chats.
 fn chats_read(payload: &Value) -> Result<Vec<&str>, HandlerError> {
-    if payload.get("source").and_then(Value::as_str) != Some("read") {
+    if !matches!(payload.get("source").and_then(Value::as_str), Some("read" | "phone")) {
         return Ok(Vec::new());
     }
     payload
@@ -601,6 +602,15 @@ mod tests {
     use uuid::Uuid;
 
     use super::*;
+
+    #[test]
+    fn chats_read_through_the_api_or_on_the_phone_are_read() {
+        let read = |source: &str| serde_json::json!({"source": source, "chats": [{"id": "1@s.whatsapp.net", "unreadCount": 0}]});
+        for source in ["read", "phone"] {
+            assert_eq!(chats_read(&read(source)).ok(), Some(vec!["1@s.whatsapp.net"]), "{source}");
+        }
+        assert_eq!(chats_read(&read("event")).ok(), Some(Vec::new()));
+    }
 
     /// In a batch, a read resets what came before it; messages after it count; each chat is
     /// moved once.

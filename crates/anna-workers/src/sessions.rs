@@ -672,6 +672,7 @@ impl SessionsWorker {
             DriverEvent::Message(_)
             | DriverEvent::Changed(_)
             | DriverEvent::Presence(_)
+            | DriverEvent::ChatRead { .. }
             | DriverEvent::Receipt { .. }
             | DriverEvent::SendRejected { .. } => {
                 if let Some(recorded) = plain_event(key, event) {
@@ -1226,6 +1227,7 @@ fn plain_event(key: SessionKey, event: &DriverEvent) -> Option<DomainEvent> {
         DriverEvent::Message(message) => reference(key).message_received(message, now),
         DriverEvent::Changed(change) => reference(key).message_changed(change, None),
         DriverEvent::Presence(change) => reference(key).presence_updated(change, now),
+        DriverEvent::ChatRead { chat, at } => reference(key).chat_read_on_phone(chat, *at),
         DriverEvent::Receipt { message_id, chat, status, at } => {
             reference(key).message_status(message_id, chat, status.as_str(), *at)
         }

@@ -85,6 +85,9 @@ pub(crate) fn translate(event: &Event, context: &Context) -> Vec<DriverEvent> {
                 .map(|id| DriverEvent::Receipt { message_id: id.to_string(), chat: chat.clone(), status, at })
                 .collect()
         }
+        Event::MarkChatAsReadUpdate(update) if update.action.read == Some(true) => {
+            vec![DriverEvent::ChatRead { chat: update.jid.to_non_ad().to_string(), at: to_offset(&update.timestamp) }]
+        }
         Event::Presence(update) => {
             let contact = update.from.to_non_ad().to_string();
             vec![DriverEvent::Presence(PresenceChange {
@@ -208,6 +211,29 @@ mod tests {
 
     fn context() -> Context {
         Context { qr_ttl: Duration::from_secs(30), own_phone: Some("15551234567:7@s.whatsapp.net".into()) }
+    }
+
+    #[test]
+    fn a_chat_read_on_the_phone_is_read() {
+        use whatsapp_rust::Jid as WaJid;
+        use whatsapp_rust::types::events::MarkChatAsReadUpdate;
+        use whatsapp_rust::waproto::whatsapp::sync_action_value::MarkChatAsReadAction;
+        let update = |read| {
+            Event::MarkChatAsReadUpdate(
+                MarkChatAsReadUpdate::builder()
+                    .jid(WaJid::pn("15550001111"))
+                    .timestamp(whatsapp_rust::chrono::Utc::now())
+                    .action(Box::new(MarkChatAsReadAction { read: Some(read), ..Default::default() }))
+                    .from_full_sync(false)
+                    .build(),
+            )
+        };
+        let translated = translate(&update(true), &context());
+        assert!(
+            matches!(translated.as_slice(), [DriverEvent::ChatRead { chat, .. }] if chat == "15550001111@s.whatsapp.net"),
+            "{translated:?}"
+        );
+        assert!(translate(&update(false), &context()).is_empty(), "marked unread changes nothing");
     }
 
     #[test]

@@ -155,8 +155,7 @@ pub struct ChatList {
 /// A message as the predecessor's clients read it. A message deleted for everyone stays,
 /// flagged. `media` (a file sent or received) carries a signed download URL valid until
 /// `urlExpiresAt`. `replyTo` names the message it answers (with its type and text when that one
-/// is in the history); `mentions` the JIDs it mentions. Forwards are not recorded yet
-/// (`forward` is null).
+/// is in the history); `mentions` the JIDs it mentions; `forward` whether it is a forward.
 #[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct MessageView {
@@ -216,6 +215,7 @@ impl MessageView {
         let mut view = Self::from(message);
         view.reactions =
             reactions.iter().filter(|r| r.message_id == message.message_id).map(ReactionView::from).collect();
+        view.forward = Some(message.context.forward_json()).filter(|forward| !forward.is_null());
         view.media = media.iter().find(|(item, _)| item.message_id == message.message_id).map(|(item, url)| {
             json!({
                 "mediaId": item.media_id.map(|id| id.to_string()),
@@ -495,13 +495,14 @@ pub struct ChatSendRequest {
     session_id: Option<String>,
     /// The WhatsApp id of the message this one replies to.
     reply_to_message_id: Option<String>,
-    /// Forward this stored message: not available yet (501).
+    /// Forward this stored message of the session (from any chat): its text, or its file with
+    /// its caption, marked as forwarded.
     forward_message_id: Option<String>,
 }
 
 /// Send a text or a file into the chat (the predecessor's validation messages). 409 when the
 /// session is not connected; 429 over the session's send rate; 404 for media that is not
-/// yours. Forwards are not available yet (501).
+/// yours or a message to forward that is not in the session's history.
 #[utoipa::path(post, path = "/chats/{jid}/messages", tag = "chats", request_body = ChatSendRequest,
     security(("bearer" = [])), params(("jid" = String, Path, description = "the chat's JID (or a phone number)"),
         ("Idempotency-Key" = Option<String>, Header, description = "repeats of a request with this key get the first answer")),
@@ -530,13 +531,6 @@ async fn send_to_chat(
     if !present(&body.content) && !has_media && !present(&body.forward_message_id) {
         return Err(ApiError::bad_request("missing_fields", "content or media is required unless forwarding"));
     }
-    if present(&body.forward_message_id) {
-        return Err(ApiError::new(
-            StatusCode::NOT_IMPLEMENTED,
-            "not_implemented",
-            "forwarding is not available yet; send the text or the media again",
-        ));
-    }
     let media = match body.media.as_ref().filter(|media| !media.is_null()) {
         Some(media) => Some(media_to_send(media, body.ptt.unwrap_or(false))?),
         None => None,
@@ -558,6 +552,7 @@ async fn send_to_chat(
         reply_to: optional_id(body.reply_to_message_id, "replyToMessageId")?,
         client_message_id: optional_id(body.message_id, "messageId")?,
         media,
+        forward: optional_id(body.forward_message_id, "forwardMessageId")?,
     };
     let requested = session_param(body.session_id.as_deref())?;
     let key = idempotency::key(&headers)?;
@@ -568,7 +563,8 @@ async fn send_to_chat(
         request.text,
         request.reply_to,
         request.client_message_id,
-        format!("{:?}", request.media)
+        format!("{:?}", request.media),
+        request.forward
     ])
     .to_string();
     Ok(idempotency::once(&state, &scope, key, &fingerprint, || async {
@@ -812,6 +808,7 @@ mod tests {
                 reply_to: Some("Q1".into()),
                 reply_to_participant: None,
                 mentions: vec!["200015550002222@lid".into(), "15550003333@s.whatsapp.net".into()],
+                forwarding_score: None,
             },
         );
         let ann = ContactSummary {

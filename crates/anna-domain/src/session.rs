@@ -279,6 +279,7 @@ impl SessionRef {
                 "chatAlt": message.chat_alt,
                 "replyTo": message.context.to_json().0,
                 "mentions": message.context.to_json().1,
+                "forward": message.context.forward_json(),
                 "media": message.media.as_ref().map(IncomingMedia::summary),
             }),
         )
@@ -523,6 +524,8 @@ pub struct MessageContext {
     pub reply_to_participant: Option<String>,
     /// The JIDs it mentions (`@name` in groups).
     pub mentions: Vec<String>,
+    /// How many times it was forwarded on its way (`None`: not a forward).
+    pub forwarding_score: Option<u32>,
 }
 
 impl MessageContext {
@@ -533,6 +536,11 @@ impl MessageContext {
             .as_ref()
             .map_or(Value::Null, |id| json!({"messageId": id, "participant": self.reply_to_participant}));
         (reply, json!(self.mentions))
+    }
+
+    /// `forward` of an event and a page: `{isForwarded, forwardingScore}` or null.
+    pub fn forward_json(&self) -> Value {
+        self.forwarding_score.map_or(Value::Null, |score| json!({"isForwarded": true, "forwardingScore": score}))
     }
 }
 

@@ -176,6 +176,13 @@ pub trait MessageStore: Send + Sync {
         message_ids: &[String],
     ) -> Result<Vec<StoredMessage>, StoreError>;
 
+    /// A message of the session by its id, in whichever chat (the source of a forward).
+    async fn find_message_in_session(
+        &self,
+        session_id: Uuid,
+        message_id: &str,
+    ) -> Result<Option<StoredMessage>, StoreError>;
+
     /// The session's contacts, by name (address book, then push name), then JID.
     async fn list_contacts(&self, session_id: Uuid) -> Result<Vec<ContactSummary>, StoreError>;
 
@@ -319,7 +326,7 @@ macro_rules! select_messages {
              COALESCE(timestamp, created_at) AS shown_at, type, text, status, status_at, \
              CASE WHEN is_edited THEN COALESCE(edited_at, updated_at) END AS edited_at, \
              CASE WHEN is_deleted THEN COALESCE(deleted_at, updated_at) END AS deleted_at, \
-             reply_to_message_id, reply_to_participant, mentions FROM session_messages WHERE ",
+             reply_to_message_id, reply_to_participant, mentions, forwarding_score FROM session_messages WHERE ",
             $where,
             $order,
             $limit
@@ -493,6 +500,21 @@ impl MessageStore for SqlStore {
         Ok(purged)
     }
 
+    async fn find_message_in_session(
+        &self,
+        session_id: Uuid,
+        message_id: &str,
+    ) -> Result<Option<StoredMessage>, StoreError> {
+        let row = self
+            .pool
+            .query(select_messages!("session_id = $1 AND message_id = $2", "", ""))
+            .bind_uuid(session_id)
+            .bind(message_id)
+            .fetch_optional()
+            .await?;
+        row.as_ref().map(message_from_row).transpose()
+    }
+
     async fn find_contacts(&self, session_id: Uuid, jids: &[String]) -> Result<Vec<ContactSummary>, StoreError> {
         if jids.is_empty() {
             return Ok(Vec::new());
@@ -622,8 +644,8 @@ impl MessageWrites for SqlUnitOfWork {
             .query(
                 "INSERT INTO session_messages (id, tenant_id, session_id, chat_jid, message_id, from_me, sender_jid, \
                  timestamp, type, text, status, status_at, created_at, updated_at, reply_to_message_id, \
-                 reply_to_participant, mentions) \
-                 SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $13, $14, $15, $16 \
+                 reply_to_participant, mentions, forwarding_score) \
+                 SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $13, $14, $15, $16, $17 \
                  WHERE EXISTS (SELECT 1 FROM sessions WHERE id = $3 AND tenant_id = $2) \
                  ON CONFLICT (session_id, message_id) DO NOTHING",
             )
@@ -645,6 +667,7 @@ impl MessageWrites for SqlUnitOfWork {
             .bind(
                 (!message.context.mentions.is_empty()).then(|| serde_json::json!(message.context.mentions).to_string()),
             )
+            .bind(message.context.forwarding_score.map(|score| i32::try_from(score).unwrap_or(i32::MAX)))
             .execute()
             .await?;
         if inserted == 0 {
@@ -1340,6 +1363,7 @@ fn message_from_row(row: &Row) -> Result<StoredMessage, StoreError> {
                 .get::<Option<String>>("mentions")?
                 .and_then(|json| serde_json::from_str(&json).ok())
                 .unwrap_or_default(),
+            forwarding_score: row.get::<Option<i32>>("forwarding_score")?.and_then(|score| u32::try_from(score).ok()),
         },
     })
 }

@@ -145,6 +145,9 @@ pub enum SessionError {
     /// The media to send is not the tenant's (or does not exist).
     #[error("media not found")]
     MediaNotFound,
+    /// The message to forward is not in the session's history.
+    #[error("forward message not found: {0}")]
+    ForwardNotFound(String),
     /// The message cannot take this change (someone else's, deleted already…).
     #[error("{0}")]
     MessageConflict(String),
@@ -189,6 +192,9 @@ pub struct SendRequest {
     /// The tenant's own id for the message, carried through to the events.
     pub client_message_id: Option<String>,
     pub media: Option<MediaToSend>,
+    /// Forward this stored message of the session (its text, or its file and caption);
+    /// `text` and `media` are then taken from it.
+    pub forward: Option<String>,
 }
 
 /// A file to send.
@@ -605,6 +611,25 @@ impl Sessions {
         if session.status != SessionStatus::Connected {
             return Err(SessionError::NotConnected { id, status: session.status.as_str() });
         }
+        let mut forwarding_score = None;
+        if let Some(source_id) = request.forward.clone() {
+            let source = self
+                .store
+                .find_message_in_session(id, &source_id)
+                .await?
+                .filter(|message| !message.is_deleted())
+                .ok_or_else(|| SessionError::ForwardNotFound(source_id.clone()))?;
+            let file = self.store.list_message_media(id, std::slice::from_ref(&source_id)).await?.into_iter().next();
+            request.media = file.and_then(|file| {
+                let kind = MediaKind::parse(&file.kind)?;
+                Some(MediaToSend { kind, source: MediaSource::Stored(file.media_id?), ptt: false })
+            });
+            request.text = source.text.clone().unwrap_or_default();
+            if request.media.is_none() && request.text.is_empty() {
+                return Err(SessionError::Invalid(format!("message {source_id} has nothing anna can forward")));
+            }
+            forwarding_score = Some(source.context.forwarding_score.unwrap_or(0).saturating_add(1));
+        }
         let chars = request.text.chars().count();
         let least = if request.media.is_some() { 0 } else { 1 };
         if chars < least || chars > self.config.max_text_chars {
@@ -635,6 +660,9 @@ impl Sessions {
         }
         admit.await.map_err(SessionError::RateLimited)?;
         let mut fields = json!({"to": request.to, "content": request.text});
+        if let Some(score) = forwarding_score {
+            fields["forwardingScore"] = json!(score);
+        }
         if let Some(media) = &request.media {
             fields["media"] = match &media.source {
                 MediaSource::Stored(id) => json!({"kind": media.kind.as_str(), "mediaId": id.to_string()}),

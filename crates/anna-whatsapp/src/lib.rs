@@ -84,6 +84,8 @@ pub struct OutgoingText {
     pub text: String,
     /// WhatsApp id of the message this one answers, in the same chat.
     pub reply_to: Option<String>,
+    /// A forward: how many times the content was forwarded, this time included.
+    pub forwarding_score: Option<u32>,
 }
 
 /// A file to send. The bytes are whole: WhatsApp encrypts a file with a key of its own before
@@ -101,6 +103,8 @@ pub struct OutgoingMedia {
     /// An audio file sent as a voice note.
     pub ptt: bool,
     pub reply_to: Option<String>,
+    /// A forward: how many times the file was forwarded, this time included.
+    pub forwarding_score: Option<u32>,
 }
 
 /// A stored message a command acts on (read, edit, delete, react): what WhatsApp needs to

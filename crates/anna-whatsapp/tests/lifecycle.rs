@@ -116,7 +116,12 @@ async fn an_unpaired_connection_refuses_what_needs_a_paired_one() {
     let (events, mut received) = mpsc::channel(16);
     let live = driver.connect(new_session(), events).await.unwrap();
 
-    let message = OutgoingText { to: Jid::parse("+15551234567").unwrap(), text: "hello".into(), reply_to: None };
+    let message = OutgoingText {
+        to: Jid::parse("+15551234567").unwrap(),
+        text: "hello".into(),
+        reply_to: None,
+        forwarding_score: None,
+    };
     assert!(matches!(live.send_text(&message).await, Err(DriverError::NotConnected)));
     let empty = OutgoingText { text: String::new(), ..message };
     assert!(matches!(live.send_text(&empty).await, Err(DriverError::Invalid(_))));
@@ -128,8 +133,13 @@ async fn an_unpaired_connection_refuses_what_needs_a_paired_one() {
     let closed = tokio::time::timeout(Duration::from_secs(5), received.recv()).await.unwrap();
     assert_eq!(closed, Some(DriverEvent::Closed { reason: CloseReason::Stopped }));
     assert!(matches!(
-        live.send_text(&OutgoingText { to: Jid::parse("+15551234567").unwrap(), text: "late".into(), reply_to: None })
-            .await,
+        live.send_text(&OutgoingText {
+            to: Jid::parse("+15551234567").unwrap(),
+            text: "late".into(),
+            reply_to: None,
+            forwarding_score: None
+        })
+        .await,
         Err(DriverError::NotConnected)
     ));
     store.close().await;

@@ -59,7 +59,12 @@ fn key() -> SessionKey {
 }
 
 fn text(to: &str) -> OutgoingText {
-    OutgoingText { to: Jid::parse(to).unwrap_or_else(|e| panic!("{e}")), text: "hello".into(), reply_to: None }
+    OutgoingText {
+        to: Jid::parse(to).unwrap_or_else(|e| panic!("{e}")),
+        text: "hello".into(),
+        reply_to: None,
+        forwarding_score: None,
+    }
 }
 
 #[tokio::test]

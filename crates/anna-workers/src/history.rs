@@ -248,6 +248,11 @@ fn message_context(payload: &Value) -> MessageContext {
             .and_then(Value::as_array)
             .map(|jids| jids.iter().filter_map(Value::as_str).map(str::to_owned).collect())
             .unwrap_or_default(),
+        forwarding_score: payload
+            .get("forward")
+            .and_then(|forward| forward.get("forwardingScore"))
+            .and_then(Value::as_u64)
+            .and_then(|score| u32::try_from(score).ok()),
     }
 }
 

@@ -882,6 +882,7 @@ impl SessionsWorker {
                             to: jid,
                             text: payload["content"].as_str().unwrap_or_default().to_owned(),
                             reply_to: payload["replyToMessageId"].as_str().map(str::to_owned),
+                            forwarding_score: forwarding_score(payload),
                         };
                         live.send_text(&message).await.map(|id| (id, None)).map_err(|e| e.to_string())
                     }
@@ -915,6 +916,9 @@ impl SessionsWorker {
                 let chat = Jid::parse(to).map_or_else(|_| to.to_owned(), |jid| jid.to_string());
                 event.payload["chat"] = chat.clone().into();
                 event.payload["text"] = payload["content"].clone();
+                if let Some(score) = forwarding_score(payload) {
+                    event.payload["forward"] = serde_json::json!({"isForwarded": true, "forwardingScore": score});
+                }
                 if let Some(reply_to) = payload["replyToMessageId"].as_str() {
                     event.payload["replyTo"] = serde_json::json!({"messageId": reply_to, "participant": null});
                 }
@@ -971,6 +975,7 @@ impl SessionsWorker {
             caption,
             ptt: payload["ptt"].as_bool().unwrap_or(false) && kind == MediaKind::Audio,
             reply_to: payload["replyToMessageId"].as_str().map(str::to_owned),
+            forwarding_score: forwarding_score(payload),
         };
         let message_id = live.send_media(&outgoing).await.map_err(|e| e.to_string())?;
         let sent = StoredMedia {
@@ -1221,6 +1226,11 @@ impl Subscriber for SessionCommands {
 
 /// The event recording a driver event that changes nothing of its session (a message, a
 /// receipt, a change to a message); `None` for the others.
+/// The forwarding score a send command carries, when it is a forward.
+fn forwarding_score(payload: &serde_json::Value) -> Option<u32> {
+    payload["forwardingScore"].as_u64().and_then(|score| u32::try_from(score).ok())
+}
+
 fn plain_event(key: SessionKey, event: &DriverEvent) -> Option<DomainEvent> {
     let now = OffsetDateTime::now_utc();
     Some(match event {

@@ -184,6 +184,7 @@ impl From<SessionError> for ApiError {
             SessionError::NoSession => ApiError::not_found("session_not_found", message),
             SessionError::MessageNotFound => ApiError::not_found("message_not_found", message),
             SessionError::MediaNotFound => ApiError::not_found("media_not_found", message),
+            SessionError::ForwardNotFound(_) => ApiError::not_found("message_not_found", message),
             SessionError::MessageConflict(_) => ApiError::conflict("message_conflict", message),
             SessionError::RateLimited(retry_after) => ApiError::too_many_requests(retry_after),
             SessionError::Failed(failure) => failure.into(),
@@ -363,6 +364,7 @@ async fn send_message(
         reply_to: short(body.reply_to_message_id, "replyToMessageId")?,
         client_message_id: short(body.message_id, "messageId")?,
         media,
+        forward: None,
     };
     let key = idempotency::key(&headers)?;
     let scope = format!("POST /sessions/{id}/messages {}", caller.user_id);

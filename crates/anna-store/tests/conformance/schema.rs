@@ -72,6 +72,7 @@ const CONTRACT: &[(&str, &[&str])] = &[
             "reply_to_message_id",
             "reply_to_participant",
             "mentions",
+            "forwarding_score",
         ],
     ),
     (

@@ -37,14 +37,24 @@ pub fn from_wa_jid(jid: &WaJid) -> Result<Jid, JidError> {
 /// The message `send_text` sends. A reply quotes by message id only: the contract carries no
 /// copy of the quoted message, and WhatsApp clients resolve the quote from their own history
 /// by its stanza id (same chat, so no `remote_jid`).
-pub fn build_text_message(text: &str, reply_to: Option<&str>) -> wa::Message {
-    match reply_to {
+pub fn build_text_message(text: &str, reply_to: Option<&str>, forwarding_score: Option<u32>) -> wa::Message {
+    match outgoing_context(reply_to, forwarding_score) {
         None => wa::Message::text(text),
-        Some(id) => {
-            let context = wa::ContextInfo { stanza_id: Some(id.to_owned()), ..Default::default() };
-            wa::Message::text_with_context(text, context)
-        }
+        Some(context) => wa::Message::text_with_context(text, context),
     }
+}
+
+/// The context of a message anna sends: the message it quotes, and whether it is a forward.
+pub fn outgoing_context(reply_to: Option<&str>, forwarding_score: Option<u32>) -> Option<wa::ContextInfo> {
+    if reply_to.is_none() && forwarding_score.is_none() {
+        return None;
+    }
+    Some(wa::ContextInfo {
+        stanza_id: reply_to.map(str::to_owned),
+        is_forwarded: forwarding_score.map(|_| true),
+        forwarding_score,
+        ..Default::default()
+    })
 }
 
 /// How WhatsApp addresses a stored message (reactions): in groups, another member's message
@@ -128,7 +138,7 @@ mod tests {
 
     #[test]
     fn a_plain_text_is_a_conversation() {
-        let message = build_text_message("hello", None);
+        let message = build_text_message("hello", None, None);
         assert_eq!(message.conversation.as_deref(), Some("hello"));
         assert!(message.extended_text_message.as_option().is_none());
         assert_eq!(message.text_content(), Some("hello"));
@@ -136,7 +146,7 @@ mod tests {
 
     #[test]
     fn a_reply_quotes_the_message_id() {
-        let message = build_text_message("yes", Some("3EB0ABCDEF"));
+        let message = build_text_message("yes", Some("3EB0ABCDEF"), None);
         assert!(message.conversation.is_none());
         let extended = message.extended_text_message.as_option().unwrap();
         assert_eq!(extended.text.as_deref(), Some("yes"));

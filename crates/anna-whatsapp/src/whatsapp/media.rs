@@ -83,6 +83,10 @@ pub fn context_of(message: &wa::Message) -> crate::MessageContext {
         reply_to: context.stanza_id.clone().filter(|id| !id.is_empty()),
         reply_to_participant: context.participant.clone().filter(|jid| !jid.is_empty()),
         mentions: context.mentioned_jid.iter().filter(|jid| !jid.is_empty()).take(256).cloned().collect(),
+        forwarding_score: context
+            .is_forwarded
+            .filter(|forwarded| *forwarded)
+            .map(|_| context.forwarding_score.unwrap_or(1)),
     }
 }
 
@@ -236,10 +240,7 @@ pub fn download_params(media: &IncomingMedia) -> Option<DownloadParams> {
 
 /// The message that sends an uploaded file, quoting `reply_to` when given.
 pub fn media_message(upload: UploadResponse, message: &OutgoingMedia) -> wa::Message {
-    let context = message
-        .reply_to
-        .as_ref()
-        .map(|id| Box::new(wa::ContextInfo { stanza_id: Some(id.clone()), ..Default::default() }));
+    let context = super::convert::outgoing_context(message.reply_to.as_deref(), message.forwarding_score).map(Box::new);
     let mime = Some(message.mime.clone());
     match message.kind {
         MediaKind::Image => whatsapp_rust::media::image_message(

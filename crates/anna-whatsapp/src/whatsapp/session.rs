@@ -208,7 +208,7 @@ impl LiveSession for WaLiveSession {
         if self.shared.closed.is_cancelled() {
             return Err(DriverError::NotConnected);
         }
-        let built = build_text_message(&message.text, message.reply_to.as_deref());
+        let built = build_text_message(&message.text, message.reply_to.as_deref(), message.forwarding_score);
         let sent = self.client.send_message(to_wa_jid(&message.to), built).await.map_err(map_send_error)?;
         Ok(sent.message_id)
     }
@@ -276,7 +276,7 @@ impl LiveSession for WaLiveSession {
             return Err(DriverError::Invalid("the text is empty".into()));
         }
         self.client
-            .edit_message(to_wa_jid(&target.chat), target.message_id.clone(), build_text_message(text, None))
+            .edit_message(to_wa_jid(&target.chat), target.message_id.clone(), build_text_message(text, None, None))
             .await
             .map_err(map_send_error)?;
         Ok(())

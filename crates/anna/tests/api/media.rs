@@ -300,6 +300,31 @@ async fn media_is_sent_received_and_downloaded(backend: Backend) {
     assert_eq!(echo["media"]["size"], PNG.len());
     assert!(fetch_shown(&app, mine).await == PNG && fetch_shown(&app, echo).await == PNG, "a file changed on the way");
     let received_id = echo["media"]["mediaId"].as_str().unwrap_or_default().to_owned();
+
+    // Forwarded to another chat: the same file, marked as a forward; a text too.
+    let other_contact = "15550100124@s.whatsapp.net";
+    for source in [echo["id"].clone(), json!("nope")] {
+        let forwarded = app
+            .post(&format!("/chats/{other_contact}/messages"))
+            .bearer(&token)
+            .json(json!({"forwardMessageId": source}))
+            .send()
+            .await;
+        let expected = if source == "nope" { 404 } else { 202 };
+        assert_eq!(forwarded.status, expected, "{forwarded:?}");
+    }
+    let path = format!("/chats/{other_contact}/messages");
+    let page = crate::chats::until(&app, &token, &path, |body| {
+        body["items"]
+            .as_array()
+            .is_some_and(|items| items.iter().any(|i| i["fromMe"] == true && i["media"].is_object()))
+    })
+    .await;
+    let items = page["items"].as_array().cloned().unwrap_or_default();
+    let forward = items.iter().find(|i| i["fromMe"] == true).cloned().unwrap_or_default();
+    assert_eq!(forward["media"]["mediaId"], received_id.as_str(), "{forward}");
+    assert_eq!(forward["forward"], json!({"isForwarded": true, "forwardingScore": 1}));
+    assert_eq!(forward["type"], "imageMessage");
     assert_eq!(download(&app, &token, &received_id).await.0, 200);
     assert_eq!(download(&app, &other, &received_id).await.0, 404, "another tenant's media");
 

@@ -509,7 +509,7 @@ pub struct ChatSendRequest {
     responses((status = 202, body = ChatCommandResponse), (status = 400, body = ErrorBody),
         (status = 404, description = "no session", body = ErrorBody),
         (status = 409, description = "the session is not connected", body = ErrorBody),
-        (status = 429, body = ErrorBody), (status = 501, body = ErrorBody)))]
+        (status = 429, body = ErrorBody)))]
 async fn send_to_chat(
     State(state): State<AppState>,
     AuthUser(caller): AuthUser,

@@ -168,10 +168,6 @@ async fn not_found(method: axum::http::Method) -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "not_found", "route not found")
 }
 
-/// The largest oversized body read (and dropped) before it is refused, so the client gets the
-/// 413 rather than a reset connection.
-const DRAINED_BEFORE_REFUSAL: u64 = 1024 * 1024;
-
 /// A body whose announced length is over the limit is refused at once, before any of it is
 /// read (a body without a length, or lying about it, is cut by `DefaultBodyLimit` as it is
 /// read, or by the upload's own count of its file).
@@ -188,12 +184,7 @@ async fn refuse_announced_oversize(
         .get(axum::http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok());
-    if let Some(length) = announced.filter(|length| *length > max_body) {
-        // A body of moderate size is read and dropped first: a client still sending when the
-        // connection closes would see a reset instead of this answer. A larger one is not read.
-        if length <= DRAINED_BEFORE_REFUSAL {
-            let _ = axum::body::to_bytes(request.into_body(), DRAINED_BEFORE_REFUSAL as usize).await;
-        }
+    if announced.is_some_and(|length| length > max_body) {
         return ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", "request body is too large")
             .into_response();
     }

@@ -504,12 +504,12 @@ impl Sessions {
         self.retention(tenant_id).await
     }
 
-    /// The stored messages of a chat among `message_ids`, for the worker to address them.
     /// The contacts of the session with these JIDs or LIDs (mention names).
     pub async fn contacts_named(&self, session_id: Uuid, jids: &[String]) -> Result<Vec<ContactSummary>, SessionError> {
         Ok(self.store.find_contacts(session_id, jids).await?)
     }
 
+    /// The stored messages of a chat among `message_ids`, for the worker to address them.
     pub async fn stored_messages(
         &self,
         session_id: Uuid,
@@ -625,6 +625,11 @@ impl Sessions {
                 Some(MediaToSend { kind, source: MediaSource::Stored(file.media_id?), ptt: false })
             });
             request.text = source.text.clone().unwrap_or_default();
+            if request.media.is_none() && MediaKind::from_message_type(&source.kind).is_some() {
+                return Err(SessionError::MessageConflict(format!(
+                    "the file of message {source_id} is not (or no longer) stored: it cannot be forwarded"
+                )));
+            }
             if request.media.is_none() && request.text.is_empty() {
                 return Err(SessionError::Invalid(format!("message {source_id} has nothing anna can forward")));
             }

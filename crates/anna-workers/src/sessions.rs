@@ -1224,13 +1224,13 @@ impl Subscriber for SessionCommands {
     }
 }
 
-/// The event recording a driver event that changes nothing of its session (a message, a
-/// receipt, a change to a message); `None` for the others.
 /// The forwarding score a send command carries, when it is a forward.
 fn forwarding_score(payload: &serde_json::Value) -> Option<u32> {
     payload["forwardingScore"].as_u64().and_then(|score| u32::try_from(score).ok())
 }
 
+/// The event recording a driver event that changes nothing of its session (a message, a
+/// receipt, a change to a message); `None` for the others.
 fn plain_event(key: SessionKey, event: &DriverEvent) -> Option<DomainEvent> {
     let now = OffsetDateTime::now_utc();
     Some(match event {

@@ -85,7 +85,8 @@ pub(crate) fn translate(event: &Event, context: &Context) -> Vec<DriverEvent> {
                 .map(|id| DriverEvent::Receipt { message_id: id.to_string(), chat: chat.clone(), status, at })
                 .collect()
         }
-        Event::MarkChatAsReadUpdate(update) if update.action.read == Some(true) => {
+        // Reads of a full app-state sync are the past (a reconnect replays them): only live ones.
+        Event::MarkChatAsReadUpdate(update) if update.action.read == Some(true) && !update.from_full_sync => {
             vec![DriverEvent::ChatRead { chat: update.jid.to_non_ad().to_string(), at: to_offset(&update.timestamp) }]
         }
         Event::Presence(update) => {

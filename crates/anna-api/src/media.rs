@@ -168,7 +168,40 @@ async fn upload(
         return Err(busy);
     };
     let limit = state.config.media_max_upload_bytes;
-    let (mut kind, mut session, mut file) = (None, query.session_id, None);
+    let (kind, session, file) = match read_form(&mut form, limit, query.session_id).await {
+        Ok(parts) => parts,
+        Err(refused) => {
+            if refused.status == StatusCode::PAYLOAD_TOO_LARGE {
+                drain(&mut form).await;
+            }
+            return Err(refused);
+        }
+    };
+    let kind = kind.as_deref().and_then(MediaKind::parse).ok_or_else(|| {
+        ApiError::bad_request("invalid_kind", "kind is required (image|video|audio|document|sticker)")
+    })?;
+    let Some((staged, file_name, declared_mime)) = file else {
+        return Err(ApiError::bad_request("missing_file", "file is required"));
+    };
+    let requested = session.as_deref().filter(|s| !s.is_empty()).map(|s| parse_uuid(s, "sessionId")).transpose()?;
+    let key = idempotency::key(&headers)?;
+    let scope = format!("POST /media {}", caller.user_id);
+    let fingerprint = json!([requested, kind.as_str(), staged.sha256, staged.size, file_name]).to_string();
+    let upload = Upload { kind, file: staged, file_name, declared_mime };
+    Ok(idempotency::once(&state, &scope, key, &fingerprint, || async {
+        let (session_id, view) = state.media.upload(caller.user_id, requested, upload).await?;
+        let body = UploadResponse { session_id: session_id.to_string(), media: MediaInfo::from(&view) };
+        Ok((StatusCode::CREATED, json!(body)))
+    })
+    .await)
+}
+
+/// The fields of an upload form: kind, session, and the file staged with its name and declared type.
+type FormParts = (Option<String>, Option<String>, Option<(anna_media::StagedFile, Option<String>, Option<String>)>);
+
+/// Reads the form's fields as they arrive, the file staged to a temporary file.
+async fn read_form(form: &mut Multipart, limit: u64, session: Option<String>) -> Result<FormParts, ApiError> {
+    let (mut kind, mut session, mut file) = (None, session, None);
     let mut fields = 0;
     while let Some(mut field) = form.next_field().await.map_err(|e| form_error(e, limit))? {
         fields += 1;
@@ -196,23 +229,21 @@ async fn upload(
             _ => drop(small_field(field).await?),
         }
     }
-    let kind = kind.as_deref().and_then(MediaKind::parse).ok_or_else(|| {
-        ApiError::bad_request("invalid_kind", "kind is required (image|video|audio|document|sticker)")
-    })?;
-    let Some((staged, file_name, declared_mime)) = file else {
-        return Err(ApiError::bad_request("missing_file", "file is required"));
-    };
-    let requested = session.as_deref().filter(|s| !s.is_empty()).map(|s| parse_uuid(s, "sessionId")).transpose()?;
-    let key = idempotency::key(&headers)?;
-    let scope = format!("POST /media {}", caller.user_id);
-    let fingerprint = json!([requested, kind.as_str(), staged.sha256, staged.size, file_name]).to_string();
-    let upload = Upload { kind, file: staged, file_name, declared_mime };
-    Ok(idempotency::once(&state, &scope, key, &fingerprint, || async {
-        let (session_id, view) = state.media.upload(caller.user_id, requested, upload).await?;
-        let body = UploadResponse { session_id: session_id.to_string(), media: MediaInfo::from(&view) };
-        Ok((StatusCode::CREATED, json!(body)))
+    Ok((kind, session, file))
+}
+
+/// Longest wait for the rest of a refused upload.
+const DRAIN_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Reads and drops what is left of an upload refused as too large (the body is cut at the
+/// upload limit anyway), so the client, still sending, sees the 413 rather than a reset.
+async fn drain(form: &mut Multipart) {
+    let _ = tokio::time::timeout(DRAIN_WAIT, async {
+        while let Ok(Some(mut field)) = form.next_field().await {
+            while let Ok(Some(_)) = field.chunk().await {}
+        }
     })
-    .await)
+    .await;
 }
 
 /// A text field of the form, at most [`MAX_FIELD_BYTES`].

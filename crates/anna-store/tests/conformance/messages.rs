@@ -15,7 +15,8 @@ conformance!(
     edits_deletions_reactions_and_reads_change_the_history,
     a_history_sync_is_stored_a_piece_at_a_time,
     messages_expire_by_their_tenants_retention,
-    contacts_seen_in_messages_are_kept
+    contacts_seen_in_messages_are_kept,
+    replies_mentions_and_forwards_are_kept
 );
 
 fn message(session: &Session, chat: &str, id: &str, at: OffsetDateTime, from_me: bool) -> StoredMessage {
@@ -476,6 +477,13 @@ async fn contacts_seen_in_messages_are_kept(store: Arc<dyn Store>) -> TestResult
     assert_eq!((ann.name.as_deref(), ann.notify.as_deref()), (Some("Ann (work)"), Some("Annie")));
     assert_eq!((ann.contact_lid.as_deref(), ann.phone_number.as_deref()), (Some("2001@lid"), Some("+15550001111")));
     assert_eq!(contacts.len(), 2);
+    // Found by JID or by LID (mention names), in this session only.
+    let found =
+        store.find_contacts(session.id, &["2001@lid".to_owned(), "15550002222@s.whatsapp.net".to_owned()]).await?;
+    let mut jids: Vec<&str> = found.iter().map(|c| c.contact_jid.as_str()).collect();
+    jids.sort_unstable();
+    assert_eq!(jids, ["15550001111@s.whatsapp.net", "15550002222@s.whatsapp.net"]);
+    assert!(store.find_contacts(Uuid::new_v4(), &["2001@lid".to_owned()]).await?.is_empty());
 
     // A session deleted meanwhile gets nothing (no error: a late event).
     let (gone, _) = Session::create(Uuid::new_v4(), tenant, now());
@@ -483,5 +491,37 @@ async fn contacts_seen_in_messages_are_kept(store: Arc<dyn Store>) -> TestResult
     uow.record_contacts(tenant, gone.id, &mut [seen("15550003333@s.whatsapp.net", None, None, Some("C"))]).await?;
     uow.commit().await?;
     assert!(store.list_contacts(gone.id).await?.is_empty());
+    Ok(())
+}
+
+async fn replies_mentions_and_forwards_are_kept(store: Arc<dyn Store>) -> TestResult {
+    use anna_domain::session::MessageContext;
+    let tenant = insert_user(&store, "context@example.com").await?;
+    let (session, _) = Session::create(Uuid::new_v4(), tenant, now());
+    let mut uow = store.begin().await?;
+    uow.insert_session(&session).await?;
+    uow.commit().await?;
+    let group = "120363000000000001@g.us";
+    let mut answer = message(&session, group, "A1", now(), false);
+    answer.context = MessageContext {
+        reply_to: Some("Q1".into()),
+        reply_to_participant: Some("15550001111@s.whatsapp.net".into()),
+        mentions: vec!["15550002222@s.whatsapp.net".into(), "2001@lid".into()],
+        forwarding_score: Some(3),
+    };
+    let plain = message(&session, group, "P1", now(), true);
+    let mut uow = store.begin().await?;
+    assert!(uow.insert_message(&answer).await?);
+    assert!(uow.insert_message(&plain).await?);
+    uow.commit().await?;
+    let page = store.list_messages(session.id, group, None, 10).await?;
+    let stored = page.iter().find(|m| m.message_id == "A1").ok_or(StoreError::Corrupt("no A1".into()))?;
+    assert_eq!(stored.context, answer.context);
+    let plain_stored = page.iter().find(|m| m.message_id == "P1").ok_or(StoreError::Corrupt("no P1".into()))?;
+    assert_eq!(plain_stored.context, MessageContext::default());
+    // Found by id in the session, whichever its chat (the source of a forward); not elsewhere.
+    assert_eq!(store.find_message_in_session(session.id, "A1").await?.map(|m| m.chat_jid), Some(group.to_owned()));
+    assert_eq!(store.find_message_in_session(session.id, "nope").await?, None);
+    assert_eq!(store.find_message_in_session(Uuid::new_v4(), "A1").await?, None);
     Ok(())
 }

@@ -345,6 +345,13 @@ mod tests {
         assert_eq!(context.reply_to_participant.as_deref(), Some("15550001111@s.whatsapp.net"));
         assert_eq!(context.mentions, ["15550002222@s.whatsapp.net"]);
         assert_eq!(context_of(&wa::Message::text("plain")), crate::MessageContext::default());
+        let forwarded = wa::Message::text_with_context(
+            "fwd",
+            wa::ContextInfo { is_forwarded: Some(true), forwarding_score: Some(4), ..Default::default() },
+        );
+        assert_eq!(context_of(&forwarded).forwarding_score, Some(4));
+        let outgoing = super::super::convert::outgoing_context(None, Some(2)).unwrap_or_default();
+        assert_eq!((outgoing.is_forwarded, outgoing.forwarding_score, outgoing.stanza_id), (Some(true), Some(2), None));
     }
 
     #[test]

@@ -205,15 +205,22 @@ async fn uploads_are_checked_stored_and_downloaded_by_their_tenant_only(backend:
     let counted =
         upload(&app, &token, &[("kind", None, None, b"document"), ("file", Some("big.bin"), None, &big)]).await;
     assert_eq!((counted.status, counted.body["code"].as_str()), (413, Some("file_too_large")), "{counted:?}");
-    // A body that never shows a part boundary is cut at the limit too (not buffered whole).
+    // A body that never shows a part boundary is cut at the limit too, not buffered whole (which
+    // would end in a 400 once all of it was read). The server stops reading at the limit, so the
+    // client, still sending, may see the connection reset before it reads the 413.
     let endless: Vec<Result<Vec<u8>, std::io::Error>> = (0..40).map(|_| Ok(vec![b'x'; 16 * 1024])).collect();
     let unbounded = app
-        .post("/media")
-        .bearer(&token)
-        .raw("multipart/form-data; boundary=never", reqwest::Body::wrap_stream(futures::stream::iter(endless)))
+        .http
+        .post(format!("{}/media", app.base))
+        .bearer_auth(&token)
+        .header("content-type", "multipart/form-data; boundary=never")
+        .body(reqwest::Body::wrap_stream(futures::stream::iter(endless)))
         .send()
         .await;
-    assert_eq!((unbounded.status, unbounded.body["code"].as_str()), (413, Some("file_too_large")), "{unbounded:?}");
+    match unbounded {
+        Ok(answer) => assert_eq!(answer.status(), 413, "{answer:?}"),
+        Err(reset) => assert!(reset.is_request() || reset.is_body() || reset.is_connect(), "{reset:?}"),
+    }
     let (content_type, body) = form(&[("kind", None, None, b"document"), ("file", Some("big.bin"), None, &big)]);
     let chunks: Vec<Result<Vec<u8>, std::io::Error>> = body.chunks(16 * 1024).map(|c| Ok(c.to_vec())).collect();
     let streamed = app
@@ -312,7 +319,7 @@ async fn media_is_sent_received_and_downloaded(backend: Backend) {
     assert!(fetch_shown(&app, mine).await == PNG && fetch_shown(&app, echo).await == PNG, "a file changed on the way");
     let received_id = echo["media"]["mediaId"].as_str().unwrap_or_default().to_owned();
 
-    // Forwarded to another chat: the same file, marked as a forward; a text too.
+    // Forwarded to another chat: the same file, marked as a forward; an unknown id is a 404.
     let other_contact = "15550100124@s.whatsapp.net";
     for source in [echo["id"].clone(), json!("nope")] {
         let forwarded = app

@@ -869,10 +869,14 @@ impl MessageWrites for SqlUnitOfWork {
             .map(|history| {
                 let message = &history.message;
                 let millis = crate::sql::to_millis(message.timestamp)?;
+                let context = &message.context;
                 Ok(json!({
                     "rowId": Uuid::now_v7().to_string(), "chat": message.chat, "id": message.message_id,
                     "fromMe": message.from_me, "sender": (!message.from_me).then_some(&message.sender),
                     "ts": millis, "text": message.text, "status": history.status,
+                    "replyTo": context.reply_to, "replyFrom": context.reply_to_participant,
+                    "mentions": (!context.mentions.is_empty()).then(|| json!(context.mentions).to_string()),
+                    "forward": context.forwarding_score,
                 }))
             })
             .collect::<Result<_, StoreError>>()?;
@@ -882,21 +886,26 @@ impl MessageWrites for SqlUnitOfWork {
             self.tx
                 .query(Sql::PerBackend {
                     sqlite: "INSERT INTO session_messages (id, tenant_id, session_id, chat_jid, message_id, from_me, \
-                             sender_jid, timestamp, type, text, status, status_at, created_at, updated_at) \
+                             sender_jid, timestamp, type, text, status, status_at, created_at, updated_at, \
+                             reply_to_message_id, reply_to_participant, mentions, forwarding_score) \
                              SELECT json_extract(m.value, '$.rowId'), $1, $2, json_extract(m.value, '$.chat'), \
                              json_extract(m.value, '$.id'), json_extract(m.value, '$.fromMe'), \
                              json_extract(m.value, '$.sender'), json_extract(m.value, '$.ts'), 'text', \
                              json_extract(m.value, '$.text'), json_extract(m.value, '$.status'), \
                              CASE WHEN json_extract(m.value, '$.status') IS NOT NULL \
-                             THEN json_extract(m.value, '$.ts') END, $3, $3 \
+                             THEN json_extract(m.value, '$.ts') END, $3, $3, json_extract(m.value, '$.replyTo'), \
+                             json_extract(m.value, '$.replyFrom'), json_extract(m.value, '$.mentions'), \
+                             json_extract(m.value, '$.forward') \
                              FROM json_each($4) AS m WHERE true \
                              ON CONFLICT (session_id, message_id) DO NOTHING",
                     postgres: "INSERT INTO session_messages (id, tenant_id, session_id, chat_jid, message_id, from_me, \
-                               sender_jid, timestamp, type, text, status, status_at, created_at, updated_at) \
+                               sender_jid, timestamp, type, text, status, status_at, created_at, updated_at, \
+                               reply_to_message_id, reply_to_participant, mentions, forwarding_score) \
                                SELECT (m->>'rowId')::uuid, $1, $2, m->>'chat', m->>'id', (m->>'fromMe')::boolean, \
                                m->>'sender', to_timestamp((m->>'ts')::bigint / 1000.0), 'text', m->>'text', \
                                m->>'status', CASE WHEN m->>'status' IS NOT NULL \
-                               THEN to_timestamp((m->>'ts')::bigint / 1000.0) END, $3, $3 \
+                               THEN to_timestamp((m->>'ts')::bigint / 1000.0) END, $3, $3, m->>'replyTo', \
+                               m->>'replyFrom', m->>'mentions', (m->>'forward')::integer \
                                FROM jsonb_array_elements($4) AS m \
                                ON CONFLICT (session_id, message_id) DO NOTHING",
                 })

@@ -307,7 +307,19 @@ async fn a_history_sync_is_stored_a_piece_at_a_time(store: Arc<dyn Store>) -> Te
         ],
         messages: vec![
             history("h1", ann, t, false),
-            history("h2", ann, t + Duration::seconds(1), true),
+            // An answer to h1 that was forwarded before, mentioning Bob.
+            HistoryMessage {
+                message: ReceivedMessage {
+                    context: anna_domain::session::MessageContext {
+                        reply_to: Some("h1".into()),
+                        reply_to_participant: Some(ann.into()),
+                        mentions: vec![bob.into()],
+                        forwarding_score: Some(2),
+                    },
+                    ..history("h2", ann, t + Duration::seconds(1), true).message
+                },
+                status: Some("read".into()),
+            },
             history("h3", bob, t + Duration::seconds(2), false),
             history("h3", bob, t + Duration::seconds(2), false),
         ],
@@ -352,6 +364,10 @@ async fn a_history_sync_is_stored_a_piece_at_a_time(store: Arc<dyn Store>) -> Te
     );
     let page = store.list_messages(session.id, ann, None, 10).await?;
     assert_eq!(page.iter().map(|m| m.message_id.as_str()).collect::<Vec<_>>(), vec!["live", "h2", "h1"]);
+    let answer = &page[1].context;
+    assert_eq!((answer.reply_to.as_deref(), answer.reply_to_participant.as_deref()), (Some("h1"), Some(ann)));
+    assert_eq!((answer.mentions.clone(), answer.forwarding_score), (vec![bob.to_owned()], Some(2)));
+    assert_eq!(page[2].context, anna_domain::session::MessageContext::default());
     let reactions = store.list_reactions(session.id, &["h2".to_owned()]).await?;
     assert_eq!(
         reactions,

@@ -197,7 +197,7 @@ fn history_message(chat: &str, info: &wa::WebMessageInfo) -> Option<HistoryMessa
             timestamp: time::OffsetDateTime::from_unix_timestamp(seconds).unwrap_or(time::OffsetDateTime::UNIX_EPOCH),
             media: None,
             chat_alt: None,
-            context: Default::default(),
+            context: super::media::context_of(content),
         },
         status: status.map(str::to_owned),
     })

@@ -66,6 +66,16 @@ pub struct Upload {
     pub declared_mime: Option<String>,
 }
 
+/// How a file is placed in the store: the kind it was sent as, the kind it is served as (a
+/// file whose content is not its kind is served as a document), its checked type and the name
+/// it was given.
+struct Placed<'a> {
+    kind: MediaKind,
+    served_as: MediaKind,
+    mime: String,
+    given_name: Option<&'a str>,
+}
+
 /// A stored object with a download URL.
 #[derive(Debug, Clone)]
 pub struct MediaView {
@@ -125,30 +135,50 @@ impl Media {
         source: &str,
     ) -> Result<MediaObject, MediaUseError> {
         let mime = anna_media::inspect(upload.kind, &upload.file.head, upload.declared_mime.as_deref())?;
+        let file = Placed { kind: upload.kind, served_as: upload.kind, mime, given_name: upload.file_name.as_deref() };
+        let (object, key) = self.put_object(tenant_id, session_id, &upload.file, file, source).await?;
+        if let Err(error) = self.record(&object).await {
+            self.forget_object(&key).await;
+            return Err(error.into());
+        }
+        Ok(object)
+    }
+
+    /// Puts a staged file into the store under a new key; the row is the caller's to write.
+    async fn put_object(
+        &self,
+        tenant_id: Uuid,
+        session_id: Uuid,
+        file: &StagedFile,
+        placed: Placed<'_>,
+        source: &str,
+    ) -> Result<(MediaObject, ObjectKey), MediaUseError> {
         let id = Uuid::now_v7();
-        let key = ObjectKey::new(tenant_id, id, &mime);
-        let file_name = anna_media::display_file_name(upload.file_name.as_deref(), upload.kind, id, &mime);
-        self.storage.put_file(&key, upload.file.path(), &mime, &content_disposition(upload.kind, &file_name)).await?;
+        let key = ObjectKey::new(tenant_id, id, &placed.mime);
+        let file_name = anna_media::display_file_name(placed.given_name, placed.kind, id, &placed.mime);
+        let disposition = content_disposition(placed.served_as, &file_name);
+        self.storage.put_file(&key, file.path(), &placed.mime, &disposition).await?;
         let object = MediaObject {
             id,
             tenant_id,
             session_id,
             object_key: key.as_str().to_owned(),
-            kind: upload.kind.as_str().to_owned(),
-            mime,
-            size: upload.file.size,
+            kind: placed.served_as.as_str().to_owned(),
+            mime: placed.mime,
+            size: file.size,
             file_name,
-            sha256: upload.file.sha256.clone(),
+            sha256: file.sha256.clone(),
             source: source.into(),
             created_at: OffsetDateTime::now_utc(),
         };
-        if let Err(error) = self.record(&object).await {
-            if let Err(cleanup) = self.storage.delete(&key).await {
-                tracing::warn!(media_id = %id, error = %cleanup, "a file whose row failed stays in the media store");
-            }
-            return Err(error.into());
+        Ok((object, key))
+    }
+
+    /// Removes an object whose row could not be written (the sweep would, later).
+    async fn forget_object(&self, key: &ObjectKey) {
+        if let Err(cleanup) = self.storage.delete(key).await {
+            tracing::warn!(key = %key, error = %cleanup, "a file whose row failed stays in the media store");
         }
-        Ok(object)
     }
 
     async fn record(&self, object: &MediaObject) -> Result<(), anna_store::StoreError> {
@@ -213,42 +243,24 @@ impl Media {
             Ok(mime) => (media.kind, mime),
             Err(_) => (MediaKind::Document, anna_media::inspect(MediaKind::Document, &file.head, declared)?),
         };
-        let id = Uuid::now_v7();
-        let key = ObjectKey::new(session.tenant_id, id, &mime);
-        let file_name = anna_media::display_file_name(media.file_name.as_deref(), media.kind, id, &mime);
-        self.storage.put_file(&key, file.path(), &mime, &content_disposition(served_as, &file_name)).await?;
-        let now = OffsetDateTime::now_utc();
-        let object = MediaObject {
-            id,
-            tenant_id: session.tenant_id,
-            session_id: session.id,
-            object_key: key.as_str().to_owned(),
-            kind: served_as.as_str().to_owned(),
-            mime: mime.clone(),
-            size: file.size,
-            file_name: file_name.clone(),
-            sha256: file.sha256.clone(),
-            source: "message".into(),
-            created_at: now,
-        };
+        let placed = Placed { kind: media.kind, served_as, mime, given_name: media.file_name.as_deref() };
+        let (object, key) = self.put_object(session.tenant_id, session.id, &file, placed, "message").await?;
         let stored = StoredMedia {
-            media_id: id,
+            media_id: object.id,
             message_id: message_id.to_owned(),
             chat: chat.to_owned(),
             kind: media.kind,
-            mime,
-            size: file.size,
-            file_name,
-            sha256: file.sha256.clone(),
+            mime: object.mime.clone(),
+            size: object.size,
+            file_name: object.file_name.clone(),
+            sha256: object.sha256.clone(),
             width: media.width,
             height: media.height,
             duration: media.duration,
         };
-        let recorded = self.record_received(session, &object, &stored, now).await;
-        if !matches!(recorded, Ok(true))
-            && let Err(cleanup) = self.storage.delete(&key).await
-        {
-            tracing::warn!(media_id = %id, error = %cleanup, "a received file whose row failed stays in the media store");
+        let recorded = self.record_received(session, &object, &stored, object.created_at).await;
+        if !matches!(recorded, Ok(true)) {
+            self.forget_object(&key).await;
         }
         Ok(recorded?.then_some(stored))
     }

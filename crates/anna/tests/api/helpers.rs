@@ -240,6 +240,22 @@ impl TestApp {
     pub fn delete(&self, path: &str) -> Req<'_> {
         Req { app: self, builder: self.http.delete(format!("{}{path}", self.base)) }
     }
+    pub fn put(&self, path: &str) -> Req<'_> {
+        Req { app: self, builder: self.http.put(format!("{}{path}", self.base)) }
+    }
+
+    /// Writes `request` as it is over a new connection and returns what the server answered
+    /// before closing it (within 5 s). For requests an HTTP client would not send, or whose
+    /// answer comes before the body they announce (a client still sending could see a reset).
+    pub async fn raw_answer(&self, request: &str) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let addr = self.base.trim_start_matches("http://").to_owned();
+        let mut socket = tokio::net::TcpStream::connect(&addr).await.unwrap_or_else(|e| panic!("{e}"));
+        socket.write_all(request.as_bytes()).await.unwrap_or_else(|e| panic!("{e}"));
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), socket.read_to_end(&mut answer)).await;
+        String::from_utf8_lossy(&answer).into_owned()
+    }
 
     pub async fn register(&self, email: &str, password: &str) -> String {
         let reply =

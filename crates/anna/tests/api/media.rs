@@ -181,26 +181,46 @@ async fn uploads_are_checked_stored_and_downloaded_by_their_tenant_only(backend:
     let broken =
         app.post("/media").bearer(&token).raw("multipart/form-data; boundary=x", "--x\r\nnonsense").send().await;
     assert_eq!(broken.status, 400, "{broken:?}");
+    // As an attacker would: odd methods, NUL bytes, an id that is no UUID, forged signatures.
+    for (method, path) in
+        [("DELETE", "/media".to_owned()), ("PUT", format!("/media/{id}")), ("POST", format!("/media/{id}/content"))]
+    {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let odd = app.http.request(method, format!("{}{path}", app.base)).bearer_auth(&token).send().await.unwrap();
+        assert_eq!(odd.status(), 405, "{path}");
+    }
+    for parts in [
+        vec![("kind", None, None, b"ima\0ge".as_slice()), ("file", None, None, PNG)],
+        vec![("kind", None, None, b"image".as_slice()), ("sessionId", None, None, b"\0"), ("file", None, None, PNG)],
+        vec![
+            ("kind", None, None, b"image".as_slice()),
+            ("sessionId", None, None, &[0xff, 0xfe]),
+            ("file", None, None, PNG),
+        ],
+    ] {
+        let refused = upload(&app, &token, &parts).await;
+        assert_eq!(refused.status, 400, "{parts:?}: {refused:?}");
+    }
+    for path in [
+        format!("/media/{id}/content?expires=99999999999&signature={}", "a".repeat(10_000)),
+        format!("/media/{id}/content?expires=-1&signature=00"),
+        "/media/not-an-id/content?expires=1&signature=00".to_owned(),
+        format!("/media/{id}/content?expires=1%00&signature=00"),
+    ] {
+        assert_eq!(reqwest::get(format!("{}{path}", app.base)).await.unwrap().status(), 404, "{path}");
+    }
 
     // Over the limit: refused before reading when announced, while reading when not.
     let big = vec![0u8; 300_001];
     // Larger than the limit and the multipart framing's room together: refused by its announced
-    // length, before it is read (over a raw socket: a client still sending when the answer comes
-    // may see a reset).
-    {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let addr = app.base.trim_start_matches("http://").to_owned();
-        let mut socket = tokio::net::TcpStream::connect(&addr).await.unwrap();
-        let head = format!(
+    // length, before it is read.
+    let answer = app
+        .raw_answer(&format!(
             "POST /media HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {token}\r\n\
              content-type: multipart/form-data; boundary=b\r\ncontent-length: 400000\r\nconnection: close\r\n\r\n--b\r\n"
-        );
-        socket.write_all(head.as_bytes()).await.unwrap();
-        let mut answer = Vec::new();
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), socket.read_to_end(&mut answer)).await;
-        let answer = String::from_utf8_lossy(&answer);
-        assert!(answer.starts_with("HTTP/1.1 413") && answer.contains("payload_too_large"), "{answer}");
-    }
+        ))
+        .await;
+    assert!(answer.starts_with("HTTP/1.1 413") && answer.contains("payload_too_large"), "{answer}");
     // Within the framing's room but over the file limit: refused as the file is counted.
     let counted =
         upload(&app, &token, &[("kind", None, None, b"document"), ("file", Some("big.bin"), None, &big)]).await;
@@ -552,14 +572,8 @@ async fn media_goes_with_retention_and_with_its_session(backend: Backend) {
     let me = app.get("/users/me").bearer(&token).send().await.body["id"].as_str().unwrap().parse().unwrap();
     let them = app.get("/users/me").bearer(&other).send().await.body["id"].as_str().unwrap().parse().unwrap();
     let (mine, theirs): (uuid::Uuid, uuid::Uuid) = (mine.parse().unwrap(), theirs.parse().unwrap());
-    let set = app
-        .http
-        .put(format!("{}/settings/retention", app.base))
-        .bearer_auth(&token)
-        .json(&json!({"messageRetentionDays": 10}))
-        .send()
-        .await;
-    assert_eq!(set.map(|r| r.status().as_u16()).ok(), Some(200));
+    let set = app.put("/settings/retention").bearer(&token).json(json!({"messageRetentionDays": 10})).send().await;
+    assert_eq!(set.status, 200, "{set:?}");
 
     let mut expired = Vec::new();
     for _ in 0..5 {

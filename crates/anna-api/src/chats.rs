@@ -117,6 +117,7 @@ struct MessagesQuery {
     session_id: Option<String>,
     limit: Option<String>,
     cursor: Option<String>,
+    include_raw: Option<String>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -181,6 +182,12 @@ pub struct MessageView {
     pub forward: Option<Value>,
     #[schema(value_type = Vec<Object>)]
     pub mentions: Vec<Value>,
+    /// WhatsApp's record of the message (a `WebMessageInfo` as protobuf JSON, without what
+    /// opens its file on WhatsApp's servers), only with `includeRaw=true`; null when none was
+    /// kept.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub raw: Option<Option<Value>>,
     #[serde(skip)]
     context: anna_domain::session::MessageContext,
 }
@@ -277,6 +284,7 @@ impl From<&StoredMessage> for MessageView {
             reply_to: None,
             forward: None,
             mentions: Vec::new(),
+            raw: None,
             context: message.context.clone(),
         }
     }
@@ -355,7 +363,8 @@ async fn list_chats(
     params(("jid" = String, Path, description = "the chat's JID (or a phone number)"),
         ("sessionId" = Option<String>, Query, description = "the session; default: the first connected one, else the newest"),
         ("limit" = Option<u32>, Query, description = "1 to 200, default 50"),
-        ("cursor" = Option<String>, Query, description = "nextCursor of the previous page")),
+        ("cursor" = Option<String>, Query, description = "nextCursor of the previous page"),
+        ("includeRaw" = Option<bool>, Query, description = "true: each message with `raw`, WhatsApp's record of it")),
     responses((status = 200, body = MessagePage), (status = 400, body = ErrorBody)))]
 async fn list_messages(
     State(state): State<AppState>,
@@ -374,8 +383,17 @@ async fn list_messages(
             .map_err(|_| ApiError::bad_request("invalid_limit", "limit must be a number (1 to 200)"))?,
     };
     let cursor = query.cursor.as_deref().filter(|c| !c.is_empty()).map(decode_cursor).transpose()?;
+    let include_raw = match query.include_raw.as_deref() {
+        None | Some("" | "false" | "0") => false,
+        Some("true" | "1") => true,
+        Some(_) => return Err(ApiError::bad_request("invalid_include_raw", "includeRaw must be true or false")),
+    };
     let chat = chat_jid(&jid)?;
-    let page = match state.sessions.chat_messages(caller.user_id, requested, &chat, cursor.as_ref(), limit).await? {
+    let page = match state
+        .sessions
+        .chat_messages(caller.user_id, requested, &chat, cursor.as_ref(), limit, include_raw)
+        .await?
+    {
         Some((session_id, messages)) => {
             let full = messages.len() == usize::try_from(limit).unwrap_or(usize::MAX);
             let reactions = state.sessions.reactions_of(session_id, &messages).await?;
@@ -396,7 +414,11 @@ async fn list_messages(
                 next_cursor: messages.last().filter(|_| full).map(encode_cursor),
                 items: messages
                     .iter()
-                    .map(|message| MessageView::new(message, &reactions, &media).quoting(&quoted, &named))
+                    .map(|message| {
+                        let mut view = MessageView::new(message, &reactions, &media).quoting(&quoted, &named);
+                        view.raw = include_raw.then(|| message.raw.clone());
+                        view
+                    })
                     .collect(),
             }
         }
@@ -799,6 +821,7 @@ mod tests {
             edited_at: None,
             deleted_at: None,
             context,
+            raw: None,
         };
         let original = message("Q1", "the question", Default::default());
         let answer = message(
@@ -854,6 +877,7 @@ mod tests {
             edited_at: None,
             deleted_at: None,
             context: Default::default(),
+            raw: None,
         };
         let cursor = decode_cursor(&encode_cursor(&message)).unwrap_or_else(|e| panic!("{e:?}"));
         assert_eq!((cursor.timestamp, cursor.message_id.as_str()), (message.timestamp, "ABC"));

@@ -190,7 +190,7 @@ fn decode(fields: &anna_streams::Fields) -> Option<DecodedEvent> {
         tenant_id: Uuid::parse_str(tenant).ok()?,
         name: event.event_name,
         occurred_on: event.occurred_on,
-        payload: event.payload,
+        payload: anna_domain::events::tenant_payload(&event.payload),
     })
 }
 

@@ -49,22 +49,31 @@ async fn fill(store: &Arc<dyn Store>, session: &Session, args: &HistoryArgs) -> 
     while stored < args.messages {
         let mut uow = store.begin().await?;
         for n in stored..(stored + args.batch).min(args.messages) {
+            let (chat_jid, message_id) = (chat(n % args.chats.max(1)), format!("3EB0{n:016X}"));
+            let text = format!("message number {n} of the benchmark history");
+            // The raw message a phone records for a plain text, as the drivers keep it.
+            let raw = serde_json::json!({
+                "key": {"remoteJid": chat_jid, "fromMe": n % 3 == 0, "id": message_id},
+                "messageTimestamp": base.unix_timestamp(), "pushName": "Benchmark contact",
+                "message": {"conversation": text},
+            });
             let message = StoredMessage {
                 tenant_id: session.tenant_id,
                 session_id: session.id,
-                chat_jid: chat(n % args.chats.max(1)),
-                message_id: format!("3EB0{n:016X}"),
+                chat_jid,
+                message_id,
                 from_me: n % 3 == 0,
                 sender_jid: None,
                 // About 32 a second: many messages share a timestamp, and pages must break ties.
                 timestamp: base + time::Duration::seconds(i64::try_from(n).unwrap_or(0) * 31 / 1000),
                 kind: "text".into(),
-                text: Some(format!("message number {n} of the benchmark history")),
+                text: Some(text),
                 status: None,
                 status_at: None,
                 edited_at: None,
                 deleted_at: None,
                 context: Default::default(),
+                raw: Some(raw),
             };
             uow.record_message(&message, n % 3 != 0, None).await?;
         }
@@ -118,7 +127,7 @@ pub async fn run(args: HistoryArgs) -> anyhow::Result<()> {
         let started = Instant::now();
         for n in 0..args.reads {
             let at = Instant::now();
-            let page = store.list_messages(session.id, &chat(n % args.chats.max(1)), None, 50).await?;
+            let page = store.list_messages(session.id, &chat(n % args.chats.max(1)), None, 50, false).await?;
             latencies.push(at.elapsed());
             anyhow::ensure!(page.len() == 50, "a full first page");
         }
@@ -136,6 +145,7 @@ pub async fn run(args: HistoryArgs) -> anyhow::Result<()> {
                     &chat(n),
                     None,
                     u32::try_from(per_chat / 2).unwrap_or(u32::MAX).clamp(1, 5000),
+                    false,
                 )
                 .await?;
             if let Some(last) = page.last() {
@@ -148,7 +158,7 @@ pub async fn run(args: HistoryArgs) -> anyhow::Result<()> {
         for n in 0..args.reads {
             let (chat, cursor) = &cursors[n % cursors.len()];
             let at = Instant::now();
-            let page = store.list_messages(session.id, chat, Some(cursor), 50).await?;
+            let page = store.list_messages(session.id, chat, Some(cursor), 50, false).await?;
             latencies.push(at.elapsed());
             anyhow::ensure!(page.len() == 50, "a full deep page");
         }

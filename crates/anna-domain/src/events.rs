@@ -11,6 +11,24 @@ use crate::user::{IssuedPasswordReset, IssuedVerification, User, iso};
 
 /// Payload field holding the sealed one-time secrets (see [`Sealer`]).
 pub const SEALED_SECRETS: &str = "sealedSecrets";
+/// Payload field of message events holding the raw message for the message history. Tenants
+/// read it through the history routes (`includeRaw=true`), not in their events.
+pub const RAW_MESSAGE: &str = "raw";
+
+/// An event's payload as tenants see it (WebSocket frames, webhook deliveries): without the
+/// fields kept for anna's own subscribers.
+pub fn tenant_payload(payload: &Value) -> Value {
+    match payload {
+        Value::Object(fields) => Value::Object(
+            fields
+                .iter()
+                .filter(|(name, _)| name.as_str() != SEALED_SECRETS && name.as_str() != RAW_MESSAGE)
+                .map(|(name, value)| (name.clone(), value.clone()))
+                .collect(),
+        ),
+        other => other.clone(),
+    }
+}
 
 /// The secrets sealed into `user.verification.token_issued`.
 #[derive(Debug, serde::Serialize, serde::Deserialize, PartialEq, Eq)]

@@ -16,6 +16,7 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use crate::DomainEvent;
+use crate::events::RAW_MESSAGE;
 use crate::media::{IncomingMedia, StoredMedia};
 use crate::user::iso;
 
@@ -281,6 +282,7 @@ impl SessionRef {
                 "mentions": message.context.to_json().1,
                 "forward": message.context.forward_json(),
                 "media": message.media.as_ref().map(IncomingMedia::summary),
+                RAW_MESSAGE: message.raw.as_ref().map(RawMessage::as_json),
             }),
         )
     }
@@ -365,7 +367,11 @@ impl SessionRef {
 
     /// The account's phone marked a chat read: it has nothing unread any more.
     pub fn chat_read_on_phone(self, chat: &str, at: OffsetDateTime) -> DomainEvent {
-        self.event(SESSION_CHATS_UPDATE, at, json!({"source": "phone", "chats": [{"id": chat, "unreadCount": 0}]}))
+        self.event(
+            SESSION_CHATS_UPDATE,
+            at,
+            json!({"source": "phone", "readAt": iso(at), "chats": [{"id": chat, "unreadCount": 0}]}),
+        )
     }
 
     /// A command (read, edit, delete, react) that could not be carried out, and why.
@@ -513,6 +519,39 @@ pub struct ReceivedMessage {
     pub chat_alt: Option<String>,
     /// What it answers and whom it mentions.
     pub context: MessageContext,
+    /// WhatsApp's own record of it, when the driver has one.
+    pub raw: Option<RawMessage>,
+}
+
+/// A message as WhatsApp records it (`WebMessageInfo`), as JSON: kept with the message and
+/// returned only on request. Its `Debug` shows its size only: a message's content stays out of
+/// logs.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RawMessage(Value);
+
+impl RawMessage {
+    pub fn new(json: Value) -> Self {
+        Self(json)
+    }
+
+    pub fn as_json(&self) -> &Value {
+        &self.0
+    }
+
+    pub fn into_json(self) -> Value {
+        self.0
+    }
+
+    /// Its size as stored, in bytes.
+    pub fn stored_len(&self) -> usize {
+        self.0.to_string().len()
+    }
+}
+
+impl std::fmt::Debug for RawMessage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RawMessage({} bytes)", self.stored_len())
+    }
 }
 
 /// What a message refers to: the message it replies to (quotes) and the people it mentions.

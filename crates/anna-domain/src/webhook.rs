@@ -18,7 +18,7 @@ use sha2::Sha256;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::events::{DomainEvent, SEALED_SECRETS};
+use crate::events::{DomainEvent, tenant_payload};
 use crate::secrets::{SealError, Sealer};
 use crate::session;
 use crate::user::iso;
@@ -416,10 +416,7 @@ impl WebhookEndpoint {
 /// same bytes: `{type, timestamp, eventId, aggregateId, tenantId, data}` (and `sessionId` for
 /// session events), the shape the Standard Webhooks specification recommends.
 pub fn delivery_body(event: &DomainEvent) -> String {
-    let mut data = event.payload.clone();
-    if let Value::Object(fields) = &mut data {
-        fields.remove(SEALED_SECRETS);
-    }
+    let data = tenant_payload(&event.payload);
     let mut body = json!({
         "type": event.event_name,
         "timestamp": iso(event.occurred_on),
@@ -440,6 +437,7 @@ pub fn delivery_body(event: &DomainEvent) -> String {
 #[allow(clippy::expect_used)]
 mod tests {
     use super::*;
+    use crate::events::SEALED_SECRETS;
 
     #[test]
     fn signs_like_the_specification() {
@@ -541,7 +539,7 @@ mod tests {
             session::SESSION_CONNECTED,
             "s1",
             OffsetDateTime::UNIX_EPOCH,
-            json!({"phone": "1", SEALED_SECRETS: "x"}),
+            json!({"phone": "1", SEALED_SECRETS: "x", crate::events::RAW_MESSAGE: {"key": {"id": "3EB0"}}}),
         );
         event.tenant_id = Some("t1".into());
         let body: Value = serde_json::from_str(&delivery_body(&event)).expect("json");
@@ -549,5 +547,6 @@ mod tests {
         assert_eq!(body["sessionId"], "s1");
         assert_eq!(body["data"]["phone"], "1");
         assert!(body["data"].get(SEALED_SECRETS).is_none());
+        assert!(body["data"].get(crate::events::RAW_MESSAGE).is_none(), "the raw message is read through the API");
     }
 }

@@ -33,6 +33,9 @@ pub struct StoredMessage {
     pub deleted_at: Option<OffsetDateTime>,
     /// What it answers and whom it mentions.
     pub context: MessageContext,
+    /// WhatsApp's record of it, as JSON (see `anna_domain::session::RawMessage`); read only
+    /// when asked for.
+    pub raw: Option<serde_json::Value>,
 }
 
 impl StoredMessage {
@@ -57,6 +60,9 @@ pub struct ChatTouch {
     pub last: Option<StoredMessage>,
     /// The chat was read: the unread count becomes `unread` instead of growing by it.
     pub read: bool,
+    /// The chat was read on the account's phone at this time: what came later stays unread
+    /// (see [`MessageWrites::mark_chat_read_on_phone`]).
+    pub read_on_phone_at: Option<OffsetDateTime>,
     /// New messages not read (since the read, when there was one).
     pub unread: u32,
 }
@@ -70,6 +76,7 @@ impl ChatTouch {
             chat_name: None,
             last: None,
             read: false,
+            read_on_phone_at: None,
             unread: 0,
         }
     }
@@ -95,6 +102,11 @@ impl ChatTouch {
     pub fn mark_read(&mut self) {
         self.read = true;
         self.unread = 0;
+    }
+
+    /// The chat was read on the phone at `at` (the latest such read counts).
+    pub fn mark_read_on_phone(&mut self, at: OffsetDateTime) {
+        self.read_on_phone_at = Some(self.read_on_phone_at.map_or(at, |known| known.max(at)));
     }
 }
 
@@ -159,13 +171,15 @@ pub trait MessageStore: Send + Sync {
     async fn list_chats(&self, session_id: Uuid) -> Result<Vec<ChatSummary>, StoreError>;
 
     /// Up to `limit` messages of a chat, newest first, older than `before` when given. Stable
-    /// under concurrent inserts: a page is defined by its cursor, not by an offset.
+    /// under concurrent inserts: a page is defined by its cursor, not by an offset. Their raw
+    /// form only with `include_raw`.
     async fn list_messages(
         &self,
         session_id: Uuid,
         chat_jid: &str,
         before: Option<&HistoryCursor>,
         limit: u32,
+        include_raw: bool,
     ) -> Result<Vec<StoredMessage>, StoreError>;
 
     /// The stored messages among `message_ids` in a chat (any order).
@@ -176,7 +190,8 @@ pub trait MessageStore: Send + Sync {
         message_ids: &[String],
     ) -> Result<Vec<StoredMessage>, StoreError>;
 
-    /// A message of the session by its id, in whichever chat (the source of a forward).
+    /// A message of the session by its id, in whichever chat (the source of a forward), with
+    /// its raw form.
     async fn find_message_in_session(
         &self,
         session_id: Uuid,
@@ -301,6 +316,16 @@ pub trait MessageWrites: Send {
     /// The chat has been read: its unread count is 0. `false` when there is no such chat.
     async fn mark_chat_read(&mut self, session_id: Uuid, chat_jid: &str) -> Result<bool, StoreError>;
 
+    /// The chat was read on the account's phone at `at`: its unread count becomes the number
+    /// of received messages newer than `at` (never more than it is: a later read through the
+    /// API stands), under every address of the chat (its aliases).
+    async fn mark_chat_read_on_phone(
+        &mut self,
+        session_id: Uuid,
+        chat_jid: &str,
+        at: OffsetDateTime,
+    ) -> Result<bool, StoreError>;
+
     /// Deletes a session's history (the session was deleted).
     async fn delete_message_history(&mut self, session_id: Uuid) -> Result<u64, StoreError>;
 }
@@ -319,14 +344,18 @@ macro_rules! newer_last_message {
 /// creation time (only on Postgres, where its tables may come from the predecessor). Named
 /// apart from `timestamp`: an ORDER BY of the output alias would sort the expression and miss
 /// the index (a 50-row page of a 10,000-message chat took 16 ms instead of well under 1).
+/// `$raw`: the raw message's column (`raw`, `NULL`, or a choice by a parameter): it is large,
+/// and read only when asked for.
 macro_rules! select_messages {
-    ($where:expr, $order:expr, $limit:literal) => {
+    ($raw:literal, $where:expr, $order:expr, $limit:literal) => {
         concat!(
             "SELECT tenant_id, session_id, chat_jid, message_id, from_me, sender_jid, \
              COALESCE(timestamp, created_at) AS shown_at, type, text, status, status_at, \
              CASE WHEN is_edited THEN COALESCE(edited_at, updated_at) END AS edited_at, \
              CASE WHEN is_deleted THEN COALESCE(deleted_at, updated_at) END AS deleted_at, \
-             reply_to_message_id, reply_to_participant, mentions, forwarding_score FROM session_messages WHERE ",
+             reply_to_message_id, reply_to_participant, mentions, forwarding_score, ",
+            $raw,
+            " AS raw FROM session_messages WHERE ",
             $where,
             $order,
             $limit
@@ -400,14 +429,21 @@ impl MessageStore for SqlStore {
         chat_jid: &str,
         before: Option<&HistoryCursor>,
         limit: u32,
+        include_raw: bool,
     ) -> Result<Vec<StoredMessage>, StoreError> {
         let limit = i64::from(limit.max(1));
         let rows = match before {
             None => {
                 self.pool
                     .query(Sql::PerBackend {
-                        sqlite: select_messages!("session_id = $1 AND chat_jid = $2", newest_first!(), " LIMIT $3"),
+                        sqlite: select_messages!(
+                            "CASE WHEN $4 THEN raw END",
+                            "session_id = $1 AND chat_jid = $2",
+                            newest_first!(),
+                            " LIMIT $3"
+                        ),
                         postgres: select_messages!(
+                            "CASE WHEN $4 THEN raw END",
                             "session_id = $1 AND chat_jid = $2",
                             newest_first_pg!(),
                             " LIMIT $3"
@@ -416,20 +452,32 @@ impl MessageStore for SqlStore {
                     .bind_uuid(session_id)
                     .bind(chat_jid)
                     .bind(limit)
+                    .bind(include_raw)
                     .fetch_all()
                     .await?
             }
             Some(cursor) => {
                 self.pool
                     .query(Sql::PerBackend {
-                        sqlite: select_messages!(older_than_cursor!(), newest_first!(), " LIMIT $5"),
-                        postgres: select_messages!(older_than_cursor!(), newest_first_pg!(), " LIMIT $5"),
+                        sqlite: select_messages!(
+                            "CASE WHEN $6 THEN raw END",
+                            older_than_cursor!(),
+                            newest_first!(),
+                            " LIMIT $5"
+                        ),
+                        postgres: select_messages!(
+                            "CASE WHEN $6 THEN raw END",
+                            older_than_cursor!(),
+                            newest_first_pg!(),
+                            " LIMIT $5"
+                        ),
                     })
                     .bind_uuid(session_id)
                     .bind(chat_jid)
                     .bind_time(cursor.timestamp)
                     .bind(cursor.message_id.as_str())
                     .bind(limit)
+                    .bind(include_raw)
                     .fetch_all()
                     .await?
             }
@@ -507,7 +555,7 @@ impl MessageStore for SqlStore {
     ) -> Result<Option<StoredMessage>, StoreError> {
         let row = self
             .pool
-            .query(select_messages!("session_id = $1 AND message_id = $2", "", ""))
+            .query(select_messages!("raw", "session_id = $1 AND message_id = $2", "", ""))
             .bind_uuid(session_id)
             .bind(message_id)
             .fetch_optional()
@@ -565,11 +613,17 @@ impl MessageStore for SqlStore {
             .pool
             .query(Sql::PerBackend {
                 sqlite: select_messages!(
+                    "NULL",
                     "session_id = $1 AND chat_jid = $2 AND message_id IN (SELECT value FROM json_each($3))",
                     "",
                     ""
                 ),
-                postgres: select_messages!("session_id = $1 AND chat_jid = $2 AND message_id = ANY($3)", "", ""),
+                postgres: select_messages!(
+                    "NULL",
+                    "session_id = $1 AND chat_jid = $2 AND message_id = ANY($3)",
+                    "",
+                    ""
+                ),
             })
             .bind_uuid(session_id)
             .bind(chat_jid)
@@ -617,6 +671,56 @@ impl MessageStore for SqlStore {
     }
 }
 
+impl SqlUnitOfWork {
+    /// Moves one chat (see [`MessageWrites::touch_chats`]).
+    async fn touch_chat(&mut self, touch: &ChatTouch, now: OffsetDateTime) -> Result<(), StoreError> {
+        let Some(last) = &touch.last else {
+            if touch.read {
+                self.mark_chat_read(touch.session_id, &touch.chat_jid).await?;
+            }
+            return Ok(());
+        };
+        let last_text = last.text.clone().unwrap_or_else(|| format!("[{}]", last.kind));
+        self.tx
+            .query(concat!(
+                "INSERT INTO session_chats (id, tenant_id, session_id, chat_jid, last_message_id, last_message_ts, \
+                 last_message_text, last_message_type, unread_count, created_at, updated_at, chat_name) \
+                 SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10, $11 \
+                 WHERE EXISTS (SELECT 1 FROM sessions WHERE id = $3 AND tenant_id = $2) \
+                 ON CONFLICT (session_id, chat_jid) DO UPDATE SET \
+                 chat_name = COALESCE(excluded.chat_name, session_chats.chat_name), last_message_id = CASE WHEN ",
+                newer_last_message!(),
+                " THEN excluded.last_message_id ELSE session_chats.last_message_id END, \
+                 last_message_text = CASE WHEN ",
+                newer_last_message!(),
+                " THEN excluded.last_message_text ELSE session_chats.last_message_text END, \
+                 last_message_type = CASE WHEN ",
+                newer_last_message!(),
+                " THEN excluded.last_message_type ELSE session_chats.last_message_type END, \
+                 last_message_ts = CASE WHEN ",
+                newer_last_message!(),
+                " THEN excluded.last_message_ts ELSE session_chats.last_message_ts END, \
+                 unread_count = CASE WHEN $12 THEN excluded.unread_count \
+                 ELSE session_chats.unread_count + excluded.unread_count END, updated_at = excluded.updated_at"
+            ))
+            .bind_uuid(Uuid::now_v7())
+            .bind_uuid(touch.tenant_id)
+            .bind_uuid(touch.session_id)
+            .bind(touch.chat_jid.as_str())
+            .bind(last.message_id.as_str())
+            .bind_time(last.timestamp)
+            .bind(last_text.as_str())
+            .bind(last.kind.as_str())
+            .bind(i32::try_from(touch.unread).unwrap_or(i32::MAX))
+            .bind_time(now)
+            .bind(touch.chat_name.as_deref())
+            .bind(touch.read)
+            .execute()
+            .await?;
+        Ok(())
+    }
+}
+
 #[async_trait]
 impl MessageWrites for SqlUnitOfWork {
     async fn record_message(
@@ -644,8 +748,8 @@ impl MessageWrites for SqlUnitOfWork {
             .query(
                 "INSERT INTO session_messages (id, tenant_id, session_id, chat_jid, message_id, from_me, sender_jid, \
                  timestamp, type, text, status, status_at, created_at, updated_at, reply_to_message_id, \
-                 reply_to_participant, mentions, forwarding_score) \
-                 SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $13, $14, $15, $16, $17 \
+                 reply_to_participant, mentions, forwarding_score, raw) \
+                 SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $13, $14, $15, $16, $17, $18 \
                  WHERE EXISTS (SELECT 1 FROM sessions WHERE id = $3 AND tenant_id = $2) \
                  ON CONFLICT (session_id, message_id) DO NOTHING",
             )
@@ -668,6 +772,7 @@ impl MessageWrites for SqlUnitOfWork {
                 (!message.context.mentions.is_empty()).then(|| serde_json::json!(message.context.mentions).to_string()),
             )
             .bind(message.context.forwarding_score.map(|score| i32::try_from(score).unwrap_or(i32::MAX)))
+            .bind_opt_json(message.raw.as_ref())
             .execute()
             .await?;
         if inserted == 0 {
@@ -706,51 +811,40 @@ impl MessageWrites for SqlUnitOfWork {
         touches.sort_by(|a, b| (a.session_id, &a.chat_jid).cmp(&(b.session_id, &b.chat_jid)));
         let now = OffsetDateTime::now_utc();
         for touch in touches.iter() {
-            let Some(last) = &touch.last else {
-                if touch.read {
-                    self.mark_chat_read(touch.session_id, &touch.chat_jid).await?;
-                }
-                continue;
-            };
-            let last_text = last.text.clone().unwrap_or_else(|| format!("[{}]", last.kind));
-            self.tx
-                .query(concat!(
-                    "INSERT INTO session_chats (id, tenant_id, session_id, chat_jid, last_message_id, last_message_ts, \
-                     last_message_text, last_message_type, unread_count, created_at, updated_at, chat_name) \
-                     SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10, $11 \
-                     WHERE EXISTS (SELECT 1 FROM sessions WHERE id = $3 AND tenant_id = $2) \
-                     ON CONFLICT (session_id, chat_jid) DO UPDATE SET \
-                     chat_name = COALESCE(excluded.chat_name, session_chats.chat_name), last_message_id = CASE WHEN ",
-                    newer_last_message!(),
-                    " THEN excluded.last_message_id ELSE session_chats.last_message_id END, \
-                     last_message_text = CASE WHEN ",
-                    newer_last_message!(),
-                    " THEN excluded.last_message_text ELSE session_chats.last_message_text END, \
-                     last_message_type = CASE WHEN ",
-                    newer_last_message!(),
-                    " THEN excluded.last_message_type ELSE session_chats.last_message_type END, \
-                     last_message_ts = CASE WHEN ",
-                    newer_last_message!(),
-                    " THEN excluded.last_message_ts ELSE session_chats.last_message_ts END, \
-                     unread_count = CASE WHEN $12 THEN excluded.unread_count \
-                     ELSE session_chats.unread_count + excluded.unread_count END, updated_at = excluded.updated_at"
-                ))
-                .bind_uuid(Uuid::now_v7())
-                .bind_uuid(touch.tenant_id)
-                .bind_uuid(touch.session_id)
-                .bind(touch.chat_jid.as_str())
-                .bind(last.message_id.as_str())
-                .bind_time(last.timestamp)
-                .bind(last_text.as_str())
-                .bind(last.kind.as_str())
-                .bind(i32::try_from(touch.unread).unwrap_or(i32::MAX))
-                .bind_time(now)
-                .bind(touch.chat_name.as_deref())
-                .bind(touch.read)
-                .execute()
-                .await?;
+            self.touch_chat(touch, now).await?;
+            if let Some(at) = touch.read_on_phone_at {
+                self.mark_chat_read_on_phone(touch.session_id, &touch.chat_jid, at).await?;
+            }
         }
         Ok(())
+    }
+
+    async fn mark_chat_read_on_phone(
+        &mut self,
+        session_id: Uuid,
+        chat_jid: &str,
+        at: OffsetDateTime,
+    ) -> Result<bool, StoreError> {
+        let updated = self
+            .tx
+            .query(
+                "UPDATE session_chats SET unread_count = CASE WHEN later.unread < unread_count \
+                 THEN later.unread ELSE unread_count END, updated_at = $4 \
+                 FROM (SELECT chat_jid AS address, (SELECT count(*) FROM session_messages m \
+                       WHERE m.session_id = $1 AND m.chat_jid = addresses.chat_jid AND NOT m.from_me \
+                       AND m.timestamp > $3) AS unread \
+                       FROM (SELECT $2 AS chat_jid UNION SELECT alias FROM session_chat_aliases \
+                             WHERE session_id = $1 AND chat_key = (SELECT chat_key FROM session_chat_aliases \
+                             WHERE session_id = $1 AND alias = $2)) AS addresses) AS later \
+                 WHERE session_chats.session_id = $1 AND session_chats.chat_jid = later.address",
+            )
+            .bind_uuid(session_id)
+            .bind(chat_jid)
+            .bind_time(at)
+            .bind_time(OffsetDateTime::now_utc())
+            .execute()
+            .await?;
+        Ok(updated > 0)
     }
 
     async fn record_message_status(
@@ -877,6 +971,7 @@ impl MessageWrites for SqlUnitOfWork {
                     "replyTo": context.reply_to, "replyFrom": context.reply_to_participant,
                     "mentions": (!context.mentions.is_empty()).then(|| json!(context.mentions).to_string()),
                     "forward": context.forwarding_score,
+                    "raw": message.raw.as_ref().map(anna_domain::session::RawMessage::as_json),
                 }))
             })
             .collect::<Result<_, StoreError>>()?;
@@ -887,7 +982,7 @@ impl MessageWrites for SqlUnitOfWork {
                 .query(Sql::PerBackend {
                     sqlite: "INSERT INTO session_messages (id, tenant_id, session_id, chat_jid, message_id, from_me, \
                              sender_jid, timestamp, type, text, status, status_at, created_at, updated_at, \
-                             reply_to_message_id, reply_to_participant, mentions, forwarding_score) \
+                             reply_to_message_id, reply_to_participant, mentions, forwarding_score, raw) \
                              SELECT json_extract(m.value, '$.rowId'), $1, $2, json_extract(m.value, '$.chat'), \
                              json_extract(m.value, '$.id'), json_extract(m.value, '$.fromMe'), \
                              json_extract(m.value, '$.sender'), json_extract(m.value, '$.ts'), 'text', \
@@ -895,17 +990,18 @@ impl MessageWrites for SqlUnitOfWork {
                              CASE WHEN json_extract(m.value, '$.status') IS NOT NULL \
                              THEN json_extract(m.value, '$.ts') END, $3, $3, json_extract(m.value, '$.replyTo'), \
                              json_extract(m.value, '$.replyFrom'), json_extract(m.value, '$.mentions'), \
-                             json_extract(m.value, '$.forward') \
+                             json_extract(m.value, '$.forward'), json_extract(m.value, '$.raw') \
                              FROM json_each($4) AS m WHERE true \
                              ON CONFLICT (session_id, message_id) DO NOTHING",
                     postgres: "INSERT INTO session_messages (id, tenant_id, session_id, chat_jid, message_id, from_me, \
                                sender_jid, timestamp, type, text, status, status_at, created_at, updated_at, \
-                               reply_to_message_id, reply_to_participant, mentions, forwarding_score) \
+                               reply_to_message_id, reply_to_participant, mentions, forwarding_score, raw) \
                                SELECT (m->>'rowId')::uuid, $1, $2, m->>'chat', m->>'id', (m->>'fromMe')::boolean, \
                                m->>'sender', to_timestamp((m->>'ts')::bigint / 1000.0), 'text', m->>'text', \
                                m->>'status', CASE WHEN m->>'status' IS NOT NULL \
                                THEN to_timestamp((m->>'ts')::bigint / 1000.0) END, $3, $3, m->>'replyTo', \
-                               m->>'replyFrom', m->>'mentions', (m->>'forward')::integer \
+                               m->>'replyFrom', m->>'mentions', (m->>'forward')::integer, \
+                               NULLIF(m->'raw', 'null'::jsonb) \
                                FROM jsonb_array_elements($4) AS m \
                                ON CONFLICT (session_id, message_id) DO NOTHING",
                 })
@@ -1374,6 +1470,7 @@ fn message_from_row(row: &Row) -> Result<StoredMessage, StoreError> {
                 .unwrap_or_default(),
             forwarding_score: row.get::<Option<i32>>("forwarding_score")?.and_then(|score| u32::try_from(score).ok()),
         },
+        raw: row.opt_json("raw")?,
     })
 }
 

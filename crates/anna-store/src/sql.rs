@@ -231,6 +231,11 @@ impl<'c> Query<'c> {
         self.bind_each(value, |q, v| q.bind(v.to_string()), |q, v| q.bind(Json(v)))
     }
 
+    /// JSON or NULL (not JSON's `null`).
+    pub(crate) fn bind_opt_json(self, value: Option<&serde_json::Value>) -> Self {
+        self.bind_each(value, |q, v| q.bind(v.map(ToString::to_string)), |q, v| q.bind(v.map(Json)))
+    }
+
     /// Runs the query; returns the number of rows it changed.
     pub(crate) async fn execute(self) -> Result<u64, StoreError> {
         if let Some(error) = self.error {

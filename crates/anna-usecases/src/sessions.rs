@@ -272,17 +272,21 @@ impl Sessions {
         chat_jid: &str,
         before: Option<&HistoryCursor>,
         limit: u32,
+        include_raw: bool,
     ) -> Result<Option<(Uuid, Vec<StoredMessage>)>, SessionError> {
         let Some(session) = self.resolve_for_chats(tenant_id, requested).await? else { return Ok(None) };
         let addresses = self.store.chat_addresses(session.id, chat_jid).await?;
         if let [only] = addresses.as_slice() {
-            return Ok(Some((session.id, self.store.list_messages(session.id, only, before, limit).await?)));
+            return Ok(Some((
+                session.id,
+                self.store.list_messages(session.id, only, before, limit, include_raw).await?,
+            )));
         }
         // A page of each address, merged: each holds the newest `limit` of its own older than
         // the cursor, so the merge holds the newest `limit` of the chat.
         let mut page = Vec::new();
         for address in &addresses {
-            page.extend(self.store.list_messages(session.id, address, before, limit).await?);
+            page.extend(self.store.list_messages(session.id, address, before, limit, include_raw).await?);
         }
         page.sort_by(|a, b| (b.timestamp, &b.message_id).cmp(&(a.timestamp, &a.message_id)));
         page.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
@@ -620,9 +624,12 @@ impl Sessions {
                 .filter(|message| !message.is_deleted())
                 .ok_or_else(|| SessionError::ForwardNotFound(source_id.clone()))?;
             let file = self.store.list_message_media(id, std::slice::from_ref(&source_id)).await?.into_iter().next();
+            // A voice note goes on as one: WhatsApp's record of the message says so.
+            let voice_note =
+                source.raw.as_ref().and_then(|raw| raw.pointer("/message/audioMessage/ptt")) == Some(&json!(true));
             request.media = file.and_then(|file| {
                 let kind = MediaKind::parse(&file.kind)?;
-                Some(MediaToSend { kind, source: MediaSource::Stored(file.media_id?), ptt: false })
+                Some(MediaToSend { kind, source: MediaSource::Stored(file.media_id?), ptt: voice_note })
             });
             request.text = source.text.clone().unwrap_or_default();
             if request.media.is_none() && MediaKind::from_message_type(&source.kind).is_some() {

@@ -122,7 +122,15 @@ pub struct MessageTarget {
 /// A change to a message: the domain's own type, like [`IncomingMessage`].
 pub use anna_domain::media::{IncomingMedia, MediaKind};
 pub use anna_domain::session::{ChangeKind, HistoryChat, HistoryContact, HistoryMessage, HistoryPiece, MessageChange};
-pub use anna_domain::session::{MessageContext, Presence, PresenceChange};
+pub use anna_domain::session::{MessageContext, Presence, PresenceChange, RawMessage};
+
+/// A message written to the connection: its WhatsApp id, and its raw form when the driver has
+/// one (stored with the message, see [`RawMessage`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SentMessage {
+    pub message_id: String,
+    pub raw: Option<RawMessage>,
+}
 
 /// How far a sent message got.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -290,12 +298,12 @@ impl Simulation {
 /// One live connection of one session.
 #[async_trait]
 pub trait LiveSession: Send + Sync {
-    /// Sends a text; returns the WhatsApp message id. `Ok` means written to the connection,
-    /// not accepted: acceptance arrives as a `Receipt` (or a `SendRejected`).
-    async fn send_text(&self, message: &OutgoingText) -> Result<String, DriverError>;
+    /// Sends a text. `Ok` means written to the connection, not accepted: acceptance arrives as
+    /// a `Receipt` (or a `SendRejected`).
+    async fn send_text(&self, message: &OutgoingText) -> Result<SentMessage, DriverError>;
 
-    /// Uploads a file to WhatsApp and sends it; returns the message id, like `send_text`.
-    async fn send_media(&self, message: &OutgoingMedia) -> Result<String, DriverError>;
+    /// Uploads a file to WhatsApp and sends it, like `send_text`.
+    async fn send_media(&self, message: &OutgoingMedia) -> Result<SentMessage, DriverError>;
 
     /// Fetches the file of a received message into `into` (a new, empty file), never writing
     /// more than `limit` bytes: a larger file fails. Returns its size.

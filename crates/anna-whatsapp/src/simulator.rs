@@ -37,8 +37,8 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     ChangeKind, CloseReason, DriverError, DriverEvent, HISTORY_PIECE_MESSAGES, HistoryChat, HistoryContact,
     HistoryMessage, HistoryPiece, HistorySlot, IncomingMedia, IncomingMessage, Jid, LiveSession, MediaKind,
-    MessageChange, MessageContext, MessageTarget, OutgoingMedia, OutgoingText, Presence, PresenceChange, ReceiptStatus,
-    SessionDriver, SessionKey, Simulation, jid,
+    MessageChange, MessageContext, MessageTarget, OutgoingMedia, OutgoingText, Presence, PresenceChange, RawMessage,
+    ReceiptStatus, SentMessage, SessionDriver, SessionKey, Simulation, jid,
 };
 
 /// What a simulated contact does, besides replying, when the text it receives asks for it.
@@ -321,7 +321,9 @@ impl Connection {
                     media: None,
                     chat_alt: None,
                     context: Default::default(),
-                },
+                    raw: None,
+                }
+                .with_simulated_raw(),
                 status: from_me.then(|| "read".to_owned()),
             });
             // Contacts reacted to some of the account's messages.
@@ -493,19 +495,23 @@ impl Connection {
                     };
                     let (chat, chat_alt) =
                         if script.by_lid { (lid_of(&to), Some(to.clone())) } else { (to.clone(), None) };
-                    DriverEvent::Message(Box::new(IncomingMessage {
-                        message_id: id,
-                        chat: chat.clone(),
-                        sender: chat,
-                        push_name: Some(format!("Simulated contact {}", to.split('@').next().unwrap_or_default())),
-                        text: Some(format!("Simulated reply to: {quoted}")),
-                        from_me: false,
-                        timestamp: now,
-                        media,
-                        chat_alt,
-                        // The contact quotes the message it answers.
-                        context: MessageContext { reply_to: Some(message_id.clone()), ..MessageContext::default() },
-                    }))
+                    DriverEvent::Message(Box::new(
+                        IncomingMessage {
+                            message_id: id,
+                            chat: chat.clone(),
+                            sender: chat,
+                            push_name: Some(format!("Simulated contact {}", to.split('@').next().unwrap_or_default())),
+                            text: Some(format!("Simulated reply to: {quoted}")),
+                            from_me: false,
+                            timestamp: now,
+                            media,
+                            chat_alt,
+                            // The contact quotes the message it answers.
+                            context: MessageContext { reply_to: Some(message_id.clone()), ..MessageContext::default() },
+                            raw: None,
+                        }
+                        .with_simulated_raw(),
+                    ))
                 }
                 Step::EditReply => {
                     let Some(reply) = reply_id.as_deref() else { continue };
@@ -528,18 +534,22 @@ impl Connection {
                 return;
             }
             let contact = format!("1555030{:04}@{}", n % 10, jid::USER_SERVER);
-            self.emit(DriverEvent::Message(Box::new(IncomingMessage {
-                message_id: format!("3EB0{:016X}", seed.wrapping_add(n)),
-                chat: contact.clone(),
-                sender: contact,
-                push_name: Some(format!("Burst contact {}", n % 10)),
-                text: Some(format!("Burst message {n}")),
-                from_me: false,
-                timestamp: OffsetDateTime::now_utc(),
-                media: None,
-                chat_alt: None,
-                context: Default::default(),
-            })))
+            self.emit(DriverEvent::Message(Box::new(
+                IncomingMessage {
+                    message_id: format!("3EB0{:016X}", seed.wrapping_add(n)),
+                    chat: contact.clone(),
+                    sender: contact,
+                    push_name: Some(format!("Burst contact {}", n % 10)),
+                    text: Some(format!("Burst message {n}")),
+                    from_me: false,
+                    timestamp: OffsetDateTime::now_utc(),
+                    media: None,
+                    chat_alt: None,
+                    context: Default::default(),
+                    raw: None,
+                }
+                .with_simulated_raw(),
+            )))
             .await;
         }
     }
@@ -574,7 +584,7 @@ enum Step {
 
 #[async_trait]
 impl LiveSession for SimulatedConnection {
-    async fn send_text(&self, message: &OutgoingText) -> Result<String, DriverError> {
+    async fn send_text(&self, message: &OutgoingText) -> Result<SentMessage, DriverError> {
         let connection = &self.0;
         connection.ensure_connected().await?;
         let message_id = message_id_like_whatsapp();
@@ -582,10 +592,16 @@ impl LiveSession for SimulatedConnection {
         let (id, to, text, group) =
             (message_id.clone(), message.to.to_string(), message.text.clone(), message.to.is_group());
         tokio::spawn(async move { answering.contact_answers(id, to, text, group, None).await });
-        Ok(message_id)
+        let context = MessageContext {
+            reply_to: message.reply_to.clone(),
+            forwarding_score: message.forwarding_score,
+            ..MessageContext::default()
+        };
+        let raw = sent_raw(&message_id, &message.to, Some(&message.text), None, &context, false);
+        Ok(SentMessage { message_id, raw: Some(raw) })
     }
 
-    async fn send_media(&self, message: &OutgoingMedia) -> Result<String, DriverError> {
+    async fn send_media(&self, message: &OutgoingMedia) -> Result<SentMessage, DriverError> {
         let connection = &self.0;
         connection.ensure_connected().await?;
         if message.bytes.is_empty() {
@@ -605,7 +621,24 @@ impl LiveSession for SimulatedConnection {
         let text = message.caption.clone().unwrap_or_else(|| format!("[{}]", message.kind.as_str()));
         let (id, to, group) = (message_id.clone(), message.to.to_string(), message.to.is_group());
         tokio::spawn(async move { answering.contact_answers(id, to, text, group, Some(file)).await });
-        Ok(message_id)
+        let described = IncomingMedia {
+            kind: message.kind,
+            mime: Some(message.mime.clone()),
+            file_name: Some(message.file_name.clone()),
+            size: Some(message.bytes.len() as u64),
+            width: None,
+            height: None,
+            duration: None,
+            download: serde_json::Value::Null,
+        };
+        let context = MessageContext {
+            reply_to: message.reply_to.clone(),
+            forwarding_score: message.forwarding_score,
+            ..MessageContext::default()
+        };
+        let raw =
+            sent_raw(&message_id, &message.to, message.caption.as_deref(), Some(&described), &context, message.ptt);
+        Ok(SentMessage { message_id, raw: Some(raw) })
     }
 
     async fn download_media(
@@ -742,6 +775,95 @@ fn pair_code() -> String {
 pub fn lid_of(phone_jid: &str) -> String {
     let digits: u64 = phone_jid.split('@').next().and_then(|user| user.parse().ok()).unwrap_or_default();
     format!("{}@{}", 200_000_000_000_000 + digits % 100_000_000_000_000, jid::LID_SERVER)
+}
+
+/// A simulated message with the raw form a phone would record for it: a `WebMessageInfo` as
+/// protobuf JSON, the shape the real driver stores.
+trait WithSimulatedRaw {
+    fn with_simulated_raw(self) -> Self;
+}
+
+impl WithSimulatedRaw for IncomingMessage {
+    fn with_simulated_raw(mut self) -> Self {
+        let group = self.chat.ends_with("@g.us");
+        let participant = (group && !self.from_me).then_some(self.sender.as_str());
+        let content = message_content(self.text.as_deref(), self.media.as_ref(), &self.context);
+        let mut info = json!({
+            "key": {"remoteJid": self.chat, "fromMe": self.from_me, "id": self.message_id},
+            "messageTimestamp": self.timestamp.unix_timestamp(),
+            "message": content,
+        });
+        if let Some(participant) = participant {
+            info["key"]["participant"] = json!(participant);
+        }
+        if let Some(name) = &self.push_name {
+            info["pushName"] = json!(name);
+        }
+        self.raw = Some(RawMessage::new(info));
+        self
+    }
+}
+
+/// The raw form of a message the simulated account sent (`ptt`: an audio file sent as a voice
+/// note).
+fn sent_raw(
+    message_id: &str,
+    to: &Jid,
+    text: Option<&str>,
+    media: Option<&IncomingMedia>,
+    context: &MessageContext,
+    ptt: bool,
+) -> RawMessage {
+    let mut content = message_content(text, media, context);
+    if ptt && let Some(audio) = content.get_mut("audioMessage") {
+        audio["ptt"] = json!(true);
+    }
+    RawMessage::new(json!({
+        "key": {"remoteJid": to.to_string(), "fromMe": true, "id": message_id},
+        "messageTimestamp": OffsetDateTime::now_utc().unix_timestamp(),
+        "message": content,
+    }))
+}
+
+/// A message's content as WhatsApp's protobuf JSON names it: a plain `conversation`, a text
+/// with context (`extendedTextMessage`), or a media message with its caption.
+fn message_content(text: Option<&str>, media: Option<&IncomingMedia>, context: &MessageContext) -> serde_json::Value {
+    let mut info = serde_json::Map::new();
+    if let Some(id) = &context.reply_to {
+        info.insert("stanzaId".into(), json!(id));
+    }
+    if let Some(participant) = &context.reply_to_participant {
+        info.insert("participant".into(), json!(participant));
+    }
+    if !context.mentions.is_empty() {
+        info.insert("mentionedJid".into(), json!(context.mentions));
+    }
+    if let Some(score) = context.forwarding_score {
+        info.insert("isForwarded".into(), json!(true));
+        info.insert("forwardingScore".into(), json!(score));
+    }
+    let mut fields = serde_json::Map::new();
+    let kind = match media {
+        Some(media) => {
+            let described = [
+                ("mimetype", json!(media.mime)),
+                ("fileName", json!(media.file_name)),
+                ("fileLength", json!(media.size)),
+                ("caption", json!(text)),
+            ];
+            fields.extend(described.into_iter().filter(|(_, value)| !value.is_null()).map(|(k, v)| (k.to_owned(), v)));
+            media.kind.message_type()
+        }
+        None if info.is_empty() => return json!({"conversation": text.unwrap_or_default()}),
+        None => {
+            fields.insert("text".into(), json!(text.unwrap_or_default()));
+            "extendedTextMessage"
+        }
+    };
+    if !info.is_empty() {
+        fields.insert("contextInfo".into(), serde_json::Value::Object(info));
+    }
+    json!({ kind: fields })
 }
 
 /// WhatsApp Web message ids: `3EB0` and 16 upper-case hex digits.

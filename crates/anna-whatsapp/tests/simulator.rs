@@ -110,7 +110,15 @@ async fn a_scan_pairs_restarts_and_the_device_resumes_from_the_store() {
     let live = other_worker.connect(session, tx).await.unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(next(&mut events).await, DriverEvent::Connected { phone: phone.clone() });
 
-    let id = live.send_text(&text("+1 555 0100 123")).await.unwrap_or_else(|e| panic!("{e}"));
+    let sent = live.send_text(&text("+1 555 0100 123")).await.unwrap_or_else(|e| panic!("{e}"));
+    let id = sent.message_id.clone();
+    // The raw form of the sent message, as the phone would record it.
+    let raw = sent.raw.as_ref().map(|raw| raw.as_json().clone()).unwrap_or_default();
+    assert_eq!(raw["key"]["id"], id.as_str());
+    assert_eq!(
+        (raw["key"]["fromMe"].as_bool(), raw["key"]["remoteJid"].as_str()),
+        (Some(true), Some("15550100123@s.whatsapp.net"))
+    );
     let (mut statuses, mut presences) = (Vec::new(), Vec::new());
     let mut replied = false;
     while statuses.len() < 3 || !replied || !presences.contains(&Presence::Unavailable) {
@@ -129,6 +137,9 @@ async fn a_scan_pairs_restarts_and_the_device_resumes_from_the_store() {
             }
             DriverEvent::Message(message) => {
                 assert_eq!(message.sender, "15550100123@s.whatsapp.net");
+                let raw = message.raw.as_ref().map(|raw| raw.as_json().clone()).unwrap_or_default();
+                assert_eq!(raw["key"]["id"], message.message_id.as_str(), "the reply's raw form names it");
+                assert_eq!(raw["message"]["extendedTextMessage"]["contextInfo"]["stanzaId"], id.as_str());
                 assert!(message.text.unwrap_or_default().contains("hello"));
                 replied = true;
             }
@@ -252,7 +263,7 @@ async fn contacts_react_edit_and_delete_when_asked_and_own_changes_are_checked()
     let live = simulator.connect(session, tx).await.unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(next(&mut events).await, DriverEvent::Connected { phone });
     let message = OutgoingText { text: "hi #react #edit #delete".into(), ..text("+1 555 0100 123") };
-    let id = live.send_text(&message).await.unwrap_or_else(|e| panic!("{e}"));
+    let id = live.send_text(&message).await.unwrap_or_else(|e| panic!("{e}")).message_id;
     let (mut reply, mut changes) = (None, Vec::new());
     while changes.len() < 3 {
         match next(&mut events).await {

@@ -103,8 +103,13 @@ impl Subscriber for MessageHistory {
                 }
                 SESSION_CHATS_UPDATE => {
                     let (tenant_id, session_id) = ids(received).map_err(failed)?;
-                    for chat in chats_read(&received.event.payload).map_err(failed)? {
-                        touch_of(&mut touches, tenant_id, session_id, chat).mark_read();
+                    let (chats, read_at) = chats_read(received).map_err(failed)?;
+                    for chat in chats {
+                        let touch = touch_of(&mut touches, tenant_id, session_id, chat);
+                        match read_at {
+                            Some(at) => touch.mark_read_on_phone(at),
+                            None => touch.mark_read(),
+                        }
                     }
                 }
                 _ => self.handle(received, Some(&mut *uow)).await.map_err(failed)?,
@@ -176,8 +181,12 @@ impl Subscriber for MessageHistory {
             }
             SESSION_CHATS_UPDATE => {
                 let (_, session_id) = ids(received)?;
-                for chat in chats_read(payload)? {
-                    uow.mark_chat_read(session_id, chat).await?;
+                let (chats, read_at) = chats_read(received)?;
+                for chat in chats {
+                    match read_at {
+                        Some(at) => uow.mark_chat_read_on_phone(session_id, chat, at).await?,
+                        None => uow.mark_chat_read(session_id, chat).await?,
+                    };
                 }
             }
             SESSION_DELETED => {
@@ -202,20 +211,28 @@ fn touch_of<'a>(touches: &'a mut Vec<ChatTouch>, tenant_id: Uuid, session_id: Uu
     &mut touches[at]
 }
 
-/// The chats a `session.chats.update` says were read — through the API (`read`) or on the
-/// phone (`phone`); only reads change the history's chats.
-fn chats_read(payload: &Value) -> Result<Vec<&str>, HandlerError> {
-    if !matches!(payload.get("source").and_then(Value::as_str), Some("read" | "phone")) {
-        return Ok(Vec::new());
-    }
-    payload
+/// The chats a `session.chats.update` says were read — through the API (`read`), or on the
+/// phone (`phone`, with when: messages received later stay unread); only reads change the
+/// history's chats.
+fn chats_read(received: &ReceivedEvent) -> Result<(Vec<&str>, Option<OffsetDateTime>), HandlerError> {
+    let payload = &received.event.payload;
+    let read_at = match payload.get("source").and_then(Value::as_str) {
+        Some("read") => None,
+        Some("phone") => Some(match payload.get("readAt") {
+            Some(_) => time_of(payload, "readAt")?,
+            None => received.event.occurred_on,
+        }),
+        _ => return Ok((Vec::new(), None)),
+    };
+    let chats = payload
         .get("chats")
         .and_then(Value::as_array)
         .into_iter()
         .flatten()
         .filter(|chat| chat.get("unreadCount").and_then(Value::as_u64) == Some(0))
         .map(|chat| text(chat, "id"))
-        .collect()
+        .collect::<Result<_, _>>()?;
+    Ok((chats, read_at))
 }
 
 /// The contact a received one-to-one message shows: its address (the phone JID when known),
@@ -328,6 +345,7 @@ fn new_message(received: &ReceivedEvent) -> Result<(StoredMessage, bool, Option<
             edited_at: None,
             deleted_at: None,
             context: message_context(payload),
+            raw: raw_of(payload),
         };
         return Ok((message, false, None));
     }
@@ -347,12 +365,18 @@ fn new_message(received: &ReceivedEvent) -> Result<(StoredMessage, bool, Option<
         edited_at: None,
         deleted_at: None,
         context: message_context(payload),
+        raw: raw_of(payload),
     };
     // A message of one's own (sent from the phone) is not unread; the contact's name names a
     // one-to-one chat (in a group it is the sender's, not the group's).
     let name = payload.get("pushName").and_then(Value::as_str).filter(|name| !name.trim().is_empty());
     let chat_name = name.filter(|_| !from_me && !message.chat_jid.ends_with("@g.us")).map(str::to_owned);
     Ok((message, !from_me, chat_name))
+}
+
+/// The raw message a message event carries for the history, if any.
+fn raw_of(payload: &Value) -> Option<Value> {
+    payload.get(anna_domain::events::RAW_MESSAGE).filter(|raw| raw.is_object()).cloned()
 }
 
 /// Upkeep of the message history (`MESSAGES_*`): changes kept for messages that arrived late,
@@ -602,7 +626,7 @@ fn changes(name: &str, payload: &Value) -> Result<Vec<MessageChange>, HandlerErr
 mod tests {
     use std::sync::Arc;
 
-    use anna_domain::SessionRef;
+    use anna_domain::{DomainEvent, SessionRef};
     use time::OffsetDateTime;
     use uuid::Uuid;
 
@@ -610,11 +634,42 @@ mod tests {
 
     #[test]
     fn chats_read_through_the_api_or_on_the_phone_are_read() {
-        let read = |source: &str| serde_json::json!({"source": source, "chats": [{"id": "1@s.whatsapp.net", "unreadCount": 0}]});
-        for source in ["read", "phone"] {
-            assert_eq!(chats_read(&read(source)).ok(), Some(vec!["1@s.whatsapp.net"]), "{source}");
-        }
-        assert_eq!(chats_read(&read("event")).ok(), Some(Vec::new()));
+        let at = OffsetDateTime::from_unix_timestamp(1_790_000_000).unwrap_or(OffsetDateTime::UNIX_EPOCH);
+        let read = |source: &str| {
+            let payload =
+                serde_json::json!({"source": source, "chats": [{"id": "1@s.whatsapp.net", "unreadCount": 0}]});
+            let event = DomainEvent::new(SESSION_CHATS_UPDATE, Uuid::new_v4().to_string(), at, payload);
+            ReceivedEvent { event, entry_id: "1-0".into(), delivery_count: 1 }
+        };
+        assert_eq!(chats_read(&read("read")).ok(), Some((vec!["1@s.whatsapp.net"], None)));
+        assert_eq!(
+            chats_read(&read("phone")).ok(),
+            Some((vec!["1@s.whatsapp.net"], Some(at))),
+            "read when it happened"
+        );
+        assert_eq!(chats_read(&read("event")).ok(), Some((Vec::new(), None)));
+        let session = SessionRef { id: Uuid::new_v4(), tenant_id: Uuid::new_v4() };
+        let on_phone = session.chat_read_on_phone("1@s.whatsapp.net", at);
+        let received = ReceivedEvent { event: on_phone, entry_id: "1-0".into(), delivery_count: 1 };
+        assert_eq!(chats_read(&received).ok(), Some((vec!["1@s.whatsapp.net"], Some(at))));
+    }
+
+    /// Applies `events` as one batch of the subscriber, in one unit of work.
+    async fn apply_batch(
+        store: &Arc<dyn anna_store::Store>,
+        events: impl IntoIterator<Item = DomainEvent>,
+    ) -> Result<(), Box<dyn std::error::Error>> {
+        use anna_streams::consumer::Subscriber;
+        let delivered: Vec<ReceivedEvent> = events
+            .into_iter()
+            .enumerate()
+            .map(|(n, event)| ReceivedEvent { event, entry_id: format!("{n}-0"), delivery_count: 1 })
+            .collect();
+        let batch: Vec<&ReceivedEvent> = delivered.iter().collect();
+        let mut uow = store.begin().await?;
+        MessageHistory.handle_batch(&batch, uow.as_mut()).await.map_err(|(_, e)| format!("{e}"))?;
+        uow.commit().await?;
+        Ok(())
     }
 
     /// In a batch, a read resets what came before it; messages after it count; each chat is
@@ -623,7 +678,6 @@ mod tests {
     async fn a_batch_counts_unread_messages_around_a_read() -> Result<(), Box<dyn std::error::Error>> {
         use anna_domain::session::ReceivedMessage;
         use anna_store::{ConnectOptions, SqlStore, Store};
-        use anna_streams::consumer::Subscriber;
 
         let sql = SqlStore::connect(&anna_testkit::sqlite::fresh_database_url(), &ConnectOptions::default()).await?;
         sql.migrate().await?;
@@ -647,6 +701,7 @@ mod tests {
                 media: None,
                 chat_alt: None,
                 context: Default::default(),
+                raw: None,
             };
             session.message_received(&message, now)
         };
@@ -658,21 +713,25 @@ mod tests {
             received("m3", a, 4),
             received("m3", a, 4),
         ];
-        let delivered: Vec<ReceivedEvent> = events
-            .into_iter()
-            .enumerate()
-            .map(|(n, event)| ReceivedEvent { event, entry_id: format!("{n}-0"), delivery_count: 1 })
-            .collect();
-        let batch: Vec<&ReceivedEvent> = delivered.iter().collect();
-        let mut uow = store.begin().await?;
-        MessageHistory.handle_batch(&batch, uow.as_mut()).await.map_err(|(_, e)| format!("{e}"))?;
-        uow.commit().await?;
+        apply_batch(&store, events).await?;
         let chats = store.list_chats(id).await?;
         let summary: Vec<(&str, Option<&str>, u64, Option<&str>)> = chats
             .iter()
             .map(|c| (c.chat_jid.as_str(), c.last_message_id.as_deref(), c.unread_count, c.chat_name.as_deref()))
             .collect();
         assert_eq!(summary, vec![(a, Some("m3"), 1, Some("Ann")), (b, Some("b1"), 1, Some("Ann"))]);
+
+        // A read on the phone at 5 s reaches anna after a message of 6 s: that one stays unread.
+        // One at 10 s leaves nothing unread.
+        let events = [
+            received("b2", b, 6),
+            session.chat_read_on_phone(b, now + time::Duration::seconds(5)),
+            session.chat_read_on_phone(a, now + time::Duration::seconds(10)),
+        ];
+        apply_batch(&store, events).await?;
+        let unread: Vec<(String, u64)> =
+            store.list_chats(id).await?.into_iter().map(|c| (c.chat_jid, c.unread_count)).collect();
+        assert_eq!(unread, vec![(b.to_owned(), 1), (a.to_owned(), 0)]);
         Ok(())
     }
 

@@ -25,8 +25,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::fleet::HeldLeases;
+use anna_domain::events::RAW_MESSAGE;
 use anna_domain::media::{IncomingMedia, MediaKind, StoredMedia};
-use anna_domain::session::{ChangeKind, MessageChange};
+use anna_domain::session::{ChangeKind, MessageChange, RawMessage};
 use anna_domain::{DomainEvent, Session, SessionRef, SessionStatus};
 use anna_streams::backoff::Backoff;
 use anna_streams::consumer::{Effect, HandlerError, ReceivedEvent, Subscriber};
@@ -36,8 +37,8 @@ use anna_usecases::sessions::{
 };
 use anna_usecases::{Media, SessionError, Sessions, Upload};
 use anna_whatsapp::{
-    CloseReason, DriverError, DriverEvent, Jid, LiveSession, MessageTarget, OutgoingMedia, OutgoingText, SessionDriver,
-    SessionKey, Simulation,
+    CloseReason, DriverError, DriverEvent, Jid, LiveSession, MessageTarget, OutgoingMedia, OutgoingText, SentMessage,
+    SessionDriver, SessionKey, Simulation,
 };
 use async_trait::async_trait;
 use time::OffsetDateTime;
@@ -77,6 +78,9 @@ pub struct SessionsWorkerConfig {
     pub media_send_concurrency: usize,
     /// How files at URLs are fetched (`MEDIA_FETCH_*`).
     pub media_fetch: crate::media_fetch::FetchSettings,
+    /// `MESSAGES_RAW_MAX_BYTES`: a message's raw form (WhatsApp's record of it, returned with
+    /// `includeRaw=true`) is kept up to this size; 0 keeps none.
+    pub raw_max_bytes: usize,
 }
 
 impl Default for SessionsWorkerConfig {
@@ -95,6 +99,7 @@ impl Default for SessionsWorkerConfig {
             media_send_timeout: Duration::from_secs(120),
             media_send_concurrency: 4,
             media_fetch: crate::media_fetch::FetchSettings::default(),
+            raw_max_bytes: 64 * 1024,
         }
     }
 }
@@ -584,7 +589,7 @@ impl SessionsWorker {
             let event = match next.take() {
                 Some(event) => event,
                 None => match events.recv().await {
-                    Some(event) => event,
+                    Some(event) => keep_raw_within(event, self.config.raw_max_bytes),
                     None => break,
                 },
             };
@@ -595,6 +600,7 @@ impl SessionsWorker {
                 let mut group = vec![first];
                 while group.len() < MAX_BATCH {
                     let Ok(more) = events.try_recv() else { break };
+                    let more = keep_raw_within(more, self.config.raw_max_bytes);
                     match plain_event(key, &more) {
                         Some(recorded) => {
                             self.download_media_of(key, &more);
@@ -884,7 +890,7 @@ impl SessionsWorker {
                             reply_to: payload["replyToMessageId"].as_str().map(str::to_owned),
                             forwarding_score: forwarding_score(payload),
                         };
-                        live.send_text(&message).await.map(|id| (id, None)).map_err(|e| e.to_string())
+                        live.send_text(&message).await.map(|sent| (sent, None)).map_err(|e| e.to_string())
                     }
                     Some(media) => {
                         let timeout = self.config.media_send_timeout;
@@ -907,8 +913,11 @@ impl SessionsWorker {
         metrics::counter!("session_messages_total", "outcome" => if outcome.is_ok() { "sent" } else { "failed" })
             .increment(1);
         let event = match outcome {
-            Ok((message_id, media)) => {
+            Ok((SentMessage { message_id, raw }, media)) => {
                 let mut event = reference(key).message_sent(command.event_id, &message_id, to, now);
+                if let Some(raw) = raw_within(raw, self.config.raw_max_bytes) {
+                    event.payload[RAW_MESSAGE] = raw.into_json();
+                }
                 if let Some(client_id) = payload["messageId"].as_str() {
                     event.payload["clientMessageId"] = client_id.into();
                 }
@@ -944,7 +953,7 @@ impl SessionsWorker {
         to: Jid,
         payload: &serde_json::Value,
         media: &serde_json::Value,
-    ) -> Result<(String, Option<StoredMedia>), String> {
+    ) -> Result<(SentMessage, Option<StoredMedia>), String> {
         let kind = media["kind"].as_str().and_then(MediaKind::parse).ok_or("invalid media: no kind")?;
         let limit = self.config.media_send_max_bytes;
         let (object, bytes) = match (media["mediaId"].as_str(), media["url"].as_str()) {
@@ -977,10 +986,10 @@ impl SessionsWorker {
             reply_to: payload["replyToMessageId"].as_str().map(str::to_owned),
             forwarding_score: forwarding_score(payload),
         };
-        let message_id = live.send_media(&outgoing).await.map_err(|e| e.to_string())?;
+        let sent_message = live.send_media(&outgoing).await.map_err(|e| e.to_string())?;
         let sent = StoredMedia {
             media_id: object.id,
-            message_id: message_id.clone(),
+            message_id: sent_message.message_id.clone(),
             chat: String::new(),
             kind,
             mime: object.mime,
@@ -991,7 +1000,7 @@ impl SessionsWorker {
             height: None,
             duration: None,
         };
-        Ok((message_id, Some(sent)))
+        Ok((sent_message, Some(sent)))
     }
 
     /// Downloads the file of a received message in the background (at most
@@ -1224,6 +1233,26 @@ impl Subscriber for SessionCommands {
     }
 }
 
+/// Drops the raw form of the event's messages larger than `max_bytes` (all of them when 0):
+/// the message itself is kept, its `raw` is not.
+fn keep_raw_within(mut event: DriverEvent, max_bytes: usize) -> DriverEvent {
+    match &mut event {
+        DriverEvent::Message(message) => message.raw = raw_within(message.raw.take(), max_bytes),
+        DriverEvent::History(piece, _) => {
+            for history in &mut piece.messages {
+                history.message.raw = raw_within(history.message.raw.take(), max_bytes);
+            }
+        }
+        _ => {}
+    }
+    event
+}
+
+/// `raw` if it is at most `max_bytes` long (and `max_bytes` is not 0).
+fn raw_within(raw: Option<RawMessage>, max_bytes: usize) -> Option<RawMessage> {
+    raw.filter(|raw| max_bytes > 0 && raw.stored_len() <= max_bytes)
+}
+
 /// The forwarding score a send command carries, when it is a forward.
 fn forwarding_score(payload: &serde_json::Value) -> Option<u32> {
     payload["forwardingScore"].as_u64().and_then(|score| u32::try_from(score).ok())
@@ -1372,6 +1401,7 @@ mod tests {
             edited_at: None,
             deleted_at: None,
             context: Default::default(),
+            raw: None,
         };
         uow.record_message(&stored, false, None).await?;
         uow.commit().await?;

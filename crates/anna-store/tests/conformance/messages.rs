@@ -3,7 +3,7 @@
 
 use anna_domain::Session;
 use anna_domain::session::{
-    ChangeKind, HistoryChat, HistoryContact, HistoryMessage, HistoryPiece, MessageChange, ReceivedMessage,
+    ChangeKind, HistoryChat, HistoryContact, HistoryMessage, HistoryPiece, MessageChange, RawMessage, ReceivedMessage,
 };
 use anna_store::{HistoryCursor, ReactionSummary, StoredMessage};
 
@@ -16,7 +16,8 @@ conformance!(
     a_history_sync_is_stored_a_piece_at_a_time,
     messages_expire_by_their_tenants_retention,
     contacts_seen_in_messages_are_kept,
-    replies_mentions_and_forwards_are_kept
+    replies_mentions_and_forwards_are_kept,
+    a_read_on_the_phone_leaves_later_messages_unread
 );
 
 fn message(session: &Session, chat: &str, id: &str, at: OffsetDateTime, from_me: bool) -> StoredMessage {
@@ -35,6 +36,7 @@ fn message(session: &Session, chat: &str, id: &str, at: OffsetDateTime, from_me:
         edited_at: None,
         deleted_at: None,
         context: Default::default(),
+        raw: None,
     }
 }
 
@@ -70,15 +72,25 @@ async fn history_is_recorded_paged_and_deleted(store: Arc<dyn Store>) -> TestRes
     assert!(store.list_chats(gone.id).await?.is_empty());
 
     // Newest first; equal timestamps by message id; a cursor continues strictly older.
-    let page = store.list_messages(session.id, a, None, 2).await?;
+    let page = store.list_messages(session.id, a, None, 2, false).await?;
     assert_eq!(page.iter().map(|m| m.message_id.as_str()).collect::<Vec<_>>(), vec!["m3", "m2"]);
     let cursor = HistoryCursor { timestamp: page[1].timestamp, message_id: page[1].message_id.clone() };
     // A message inserted meanwhile at the top does not shift the next page.
     let mut uow = store.begin().await?;
     uow.record_message(&message(&session, a, "m4", t + Duration::seconds(3), false), true, None).await?;
     uow.commit().await?;
-    let next = store.list_messages(session.id, a, Some(&cursor), 2).await?;
+    let next = store.list_messages(session.id, a, Some(&cursor), 2, false).await?;
     assert_eq!(next, vec![message(&session, a, "m1", t, false)]);
+    // A message's raw form is stored with it, and read only when asked for (on a cursor too).
+    let mut uow = store.begin().await?;
+    let raw = serde_json::json!({"key": {"remoteJid": a, "id": "m0"}, "message": {"conversation": "text of m0"}});
+    let with_raw =
+        StoredMessage { raw: Some(raw.clone()), ..message(&session, a, "m0", t - Duration::seconds(1), false) };
+    uow.record_message(&with_raw, false, None).await?;
+    uow.commit().await?;
+    let older = store.list_messages(session.id, a, Some(&cursor), 2, true).await?;
+    assert_eq!(older.iter().map(|m| m.raw.clone()).collect::<Vec<_>>(), vec![None, Some(raw)]);
+    assert_eq!(store.list_messages(session.id, a, Some(&cursor), 2, false).await?[1].raw, None);
 
     // Statuses move forward only, whatever their times say (receipts come in whole seconds).
     let mut uow = store.begin().await?;
@@ -88,15 +100,15 @@ async fn history_is_recorded_paged_and_deleted(store: Arc<dyn Store>) -> TestRes
     assert!(!uow.record_message_status(session.id, "s1", "read", t + Duration::seconds(11)).await?, "as far");
     assert!(!uow.record_message_status(session.id, "nope", "read", t).await?);
     uow.commit().await?;
-    let sent = store.list_messages(session.id, b, None, 10).await?;
+    let sent = store.list_messages(session.id, b, None, 10, false).await?;
     assert_eq!(sent[0].status.as_deref(), Some("read"));
     assert_eq!(sent[0].status_at, Some(t + Duration::seconds(9)));
 
     let mut uow = store.begin().await?;
-    assert_eq!(uow.delete_message_history(session.id).await?, 6);
+    assert_eq!(uow.delete_message_history(session.id).await?, 7);
     uow.commit().await?;
     assert!(store.list_chats(session.id).await?.is_empty());
-    assert!(store.list_messages(session.id, a, None, 10).await?.is_empty());
+    assert!(store.list_messages(session.id, a, None, 10, false).await?.is_empty());
 
     // The history belongs to its session: deleting the session deletes it.
     let mut uow = store.begin().await?;
@@ -104,7 +116,7 @@ async fn history_is_recorded_paged_and_deleted(store: Arc<dyn Store>) -> TestRes
     assert!(uow.delete_session(session.id).await?);
     uow.commit().await?;
     assert!(store.list_chats(session.id).await?.is_empty());
-    assert!(store.list_messages(session.id, a, None, 10).await?.is_empty());
+    assert!(store.list_messages(session.id, a, None, 10, false).await?.is_empty());
     Ok(())
 }
 
@@ -162,7 +174,7 @@ async fn edits_deletions_reactions_and_reads_change_the_history(store: Arc<dyn S
     assert!(uow.record_message_change(tenant, session.id, &react("m3", ann, Some("❤️"), t)).await?);
     uow.commit().await?;
 
-    let page = store.list_messages(session.id, chat, None, 10).await?;
+    let page = store.list_messages(session.id, chat, None, 10, false).await?;
     let (m2, m1) = (&page[0], &page[1]);
     assert_eq!(
         (m2.text.as_deref(), m2.edited_at, m2.is_deleted()),
@@ -217,7 +229,7 @@ async fn edits_deletions_reactions_and_reads_change_the_history(store: Arc<dyn S
     assert!(!uow.record_message_status(session.id, "m6", "delivered", t + Duration::seconds(10)).await?);
     assert!(!uow.record_message_change(tenant, session.id, &change(chat, "m7", ann, t, ChangeKind::Revoked)).await?);
     uow.commit().await?;
-    assert!(store.list_messages(session.id, chat, None, 10).await?.iter().all(|m| m.message_id.as_str() < "m5"));
+    assert!(store.list_messages(session.id, chat, None, 10, false).await?.iter().all(|m| m.message_id.as_str() < "m5"));
     let mut uow = store.begin().await?;
     for (id, from_me) in [("m5", false), ("m6", true), ("m7", false)] {
         uow.record_message(&message(&session, chat, id, t + Duration::seconds(2), from_me), false, None).await?;
@@ -290,6 +302,8 @@ async fn a_history_sync_is_stored_a_piece_at_a_time(store: Arc<dyn Store>) -> Te
             media: None,
             chat_alt: None,
             context: Default::default(),
+            // WhatsApp's record of the message, kept with it.
+            raw: Some(RawMessage::new(serde_json::json!({"key": {"id": id}, "message": {"conversation": "old"}}))),
         },
         status: from_me.then(|| "read".to_owned()),
     };
@@ -362,8 +376,12 @@ async fn a_history_sync_is_stored_a_piece_at_a_time(store: Arc<dyn Store>) -> Te
         ],
         "the phone's unread counts; the last message only moves forward"
     );
-    let page = store.list_messages(session.id, ann, None, 10).await?;
+    let page = store.list_messages(session.id, ann, None, 10, false).await?;
     assert_eq!(page.iter().map(|m| m.message_id.as_str()).collect::<Vec<_>>(), vec!["live", "h2", "h1"]);
+    assert!(page.iter().all(|m| m.raw.is_none()), "the raw message is read only when asked for");
+    let with_raw = store.list_messages(session.id, ann, None, 10, true).await?;
+    assert_eq!(with_raw[0].raw, None, "none was kept for the live message");
+    assert_eq!(with_raw[2].raw, Some(serde_json::json!({"key": {"id": "h1"}, "message": {"conversation": "old"}})));
     let answer = &page[1].context;
     assert_eq!((answer.reply_to.as_deref(), answer.reply_to_participant.as_deref()), (Some("h1"), Some(ann)));
     assert_eq!((answer.mentions.clone(), answer.forwarding_score), (vec![bob.to_owned()], Some(2)));
@@ -437,15 +455,15 @@ async fn messages_expire_by_their_tenants_retention(store: Arc<dyn Store>) -> Te
     // In batches, oldest first; the chat emptied by it and its reactions go with the last one.
     let cutoff = t - Duration::days(2);
     assert_eq!(store.purge_messages(brief.id, cutoff, 2).await?, 2);
-    let left = store.list_messages(brief.id, chat, None, 10).await?;
+    let left = store.list_messages(brief.id, chat, None, 10, false).await?;
     assert_eq!(left.iter().map(|m| m.message_id.as_str()).collect::<Vec<_>>(), vec!["old4", "old3", "old2"]);
     assert_eq!(store.purge_messages(brief.id, cutoff, 2).await?, 2);
     assert_eq!(store.purge_messages(brief.id, cutoff, 2).await?, 1);
-    assert!(store.list_messages(brief.id, chat, None, 10).await?.is_empty());
+    assert!(store.list_messages(brief.id, chat, None, 10, false).await?.is_empty());
     let chats: Vec<String> = store.list_chats(brief.id).await?.into_iter().map(|c| c.chat_jid).collect();
     assert_eq!(chats, vec!["492222@s.whatsapp.net".to_owned()], "the newer chat stays");
     assert!(store.list_reactions(brief.id, &["old0".into()]).await?.is_empty());
-    assert_eq!(store.list_messages(kept.id, chat, None, 10).await?.len(), 5, "another tenant's are not touched");
+    assert_eq!(store.list_messages(kept.id, chat, None, 10, false).await?.len(), 5, "another tenant's are not touched");
 
     let mut uow = store.begin().await?;
     uow.set_message_retention(short, None).await?;
@@ -530,7 +548,7 @@ async fn replies_mentions_and_forwards_are_kept(store: Arc<dyn Store>) -> TestRe
     assert!(uow.insert_message(&answer).await?);
     assert!(uow.insert_message(&plain).await?);
     uow.commit().await?;
-    let page = store.list_messages(session.id, group, None, 10).await?;
+    let page = store.list_messages(session.id, group, None, 10, false).await?;
     let stored = page.iter().find(|m| m.message_id == "A1").ok_or(StoreError::Corrupt("no A1".into()))?;
     assert_eq!(stored.context, answer.context);
     let plain_stored = page.iter().find(|m| m.message_id == "P1").ok_or(StoreError::Corrupt("no P1".into()))?;
@@ -539,5 +557,45 @@ async fn replies_mentions_and_forwards_are_kept(store: Arc<dyn Store>) -> TestRe
     assert_eq!(store.find_message_in_session(session.id, "A1").await?.map(|m| m.chat_jid), Some(group.to_owned()));
     assert_eq!(store.find_message_in_session(session.id, "nope").await?, None);
     assert_eq!(store.find_message_in_session(Uuid::new_v4(), "A1").await?, None);
+    Ok(())
+}
+
+async fn a_read_on_the_phone_leaves_later_messages_unread(store: Arc<dyn Store>) -> TestResult {
+    let tenant = insert_user(&store, "phone-read@example.com").await?;
+    let t = now();
+    let (session, _) = Session::create(Uuid::new_v4(), tenant, t);
+    let (phone, lid) = ("15550100123@s.whatsapp.net", "200015550100123@lid");
+    let mut uow = store.begin().await?;
+    uow.insert_session(&session).await?;
+    // One chat under two addresses: messages under its LID and under its phone JID.
+    uow.record_message(&message(&session, lid, "l1", t, false), true, None).await?;
+    uow.record_message(&message(&session, lid, "l2", t + Duration::seconds(10), false), true, None).await?;
+    uow.record_message(&message(&session, lid, "own", t + Duration::seconds(11), true), false, None).await?;
+    uow.record_message(&message(&session, phone, "p1", t + Duration::seconds(5), false), true, None).await?;
+    uow.link_chat_aliases(tenant, session.id, &[(phone.to_owned(), lid.to_owned())]).await?;
+    uow.commit().await?;
+    let unread = |chats: Vec<anna_store::ChatSummary>| -> Vec<(String, u64)> {
+        let mut unread: Vec<(String, u64)> = chats.into_iter().map(|c| (c.chat_jid, c.unread_count)).collect();
+        unread.sort();
+        unread
+    };
+    assert_eq!(unread(store.list_chats(session.id).await?), vec![(phone.to_owned(), 1), (lid.to_owned(), 2)]);
+
+    // Read on the phone at 7 s, named by the phone JID: under both addresses, what came later
+    // (l2; the account's own message does not count) stays unread.
+    let mut uow = store.begin().await?;
+    assert!(uow.mark_chat_read_on_phone(session.id, phone, t + Duration::seconds(7)).await?);
+    uow.commit().await?;
+    assert_eq!(unread(store.list_chats(session.id).await?), vec![(phone.to_owned(), 0), (lid.to_owned(), 1)]);
+    // An older read arriving late changes nothing: a read never makes messages unread again.
+    let mut uow = store.begin().await?;
+    uow.mark_chat_read_on_phone(session.id, lid, t - Duration::seconds(100)).await?;
+    uow.commit().await?;
+    assert_eq!(unread(store.list_chats(session.id).await?), vec![(phone.to_owned(), 0), (lid.to_owned(), 1)]);
+    let mut uow = store.begin().await?;
+    uow.mark_chat_read_on_phone(session.id, lid, t + Duration::seconds(20)).await?;
+    assert!(!uow.mark_chat_read_on_phone(session.id, "49000@s.whatsapp.net", t).await?, "no such chat");
+    uow.commit().await?;
+    assert_eq!(unread(store.list_chats(session.id).await?), vec![(phone.to_owned(), 0), (lid.to_owned(), 0)]);
     Ok(())
 }

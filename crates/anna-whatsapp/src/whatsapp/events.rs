@@ -170,6 +170,9 @@ fn incoming(
     let alt = if from_me { info.source.recipient_alt.as_ref() } else { info.source.sender_alt.as_ref() };
     let chat_alt =
         alt.filter(|_| !info.source.is_group).map(|alt| alt.to_non_ad().to_string()).filter(|alt| *alt != chat);
+    let participant = info.source.is_group.then_some(sender.as_str());
+    let raw =
+        super::raw::live(message, &chat, &info.id, from_me, participant, at.unix_timestamp(), Some(&info.push_name));
     Some(DriverEvent::Message(Box::new(IncomingMessage {
         message_id: info.id.to_string(),
         chat: chat.clone(),
@@ -181,6 +184,7 @@ fn incoming(
         media: super::media::incoming_media(message),
         chat_alt,
         context: super::media::context_of(message),
+        raw,
     })))
 }
 

@@ -104,13 +104,23 @@ fn add_conversation(piece: &mut HistoryPiece, conversation: &wa::Conversation) {
     let alt = if chat.ends_with("@lid") { conversation.pn_jid.as_deref() } else { conversation.lid_jid.as_deref() };
     let alt = alt.filter(|alt| !alt.is_empty()).map(normalized).filter(|alt| *alt != chat && !chat.ends_with("@g.us"));
     piece.chats.push(HistoryChat { jid: chat.clone(), alt, name, unread_count: conversation.unread_count });
+    let mut reactions = Vec::new();
     for history in &conversation.messages {
         let Some(info) = history.message.as_option() else { continue };
         if let Some(message) = history_message(&chat, info) {
             piece.messages.push(message);
         }
-        piece.reactions.extend(history_reactions(&chat, info));
+        reactions.extend(history_reactions(&chat, info));
     }
+    piece.reactions.extend(latest_reactions(reactions));
+}
+
+/// Each actor's latest reaction to each message: the phone may tell one reaction twice (in its
+/// message's `reactions` and as a reaction message), and it counts once.
+fn latest_reactions(mut reactions: Vec<MessageChange>) -> Vec<MessageChange> {
+    reactions.sort_by(|a, b| (&a.message_id, &a.actor).cmp(&(&b.message_id, &b.actor)).then_with(|| b.at.cmp(&a.at)));
+    reactions.dedup_by(|later, kept| later.message_id == kept.message_id && later.actor == kept.actor);
+    reactions
 }
 
 /// The reactions a message of the history carries (its `reactions`), or the one it is (a
@@ -198,6 +208,7 @@ fn history_message(chat: &str, info: &wa::WebMessageInfo) -> Option<HistoryMessa
             media: None,
             chat_alt: None,
             context: super::media::context_of(content),
+            raw: super::raw::of(info),
         },
         status: status.map(str::to_owned),
     })
@@ -255,7 +266,23 @@ mod tests {
             unread_count: Some(2),
             messages: vec![
                 info("A1", false, wa::Message::text("hello"), None),
-                info("A2", true, wa::Message::text("hi"), Some(Status::READ)),
+                // The phone tells Ada's reaction twice: with A2, and as a message of its own.
+                {
+                    let mut mine = info("A2", true, wa::Message::text("hi"), Some(Status::READ));
+                    if let Some(message) = mine.message.as_option_mut() {
+                        message.reactions.push(wa::Reaction {
+                            key: buffa::MessageField::some(wa::MessageKey {
+                                id: Some("A3".into()),
+                                from_me: Some(false),
+                                ..Default::default()
+                            }),
+                            text: Some("👍".into()),
+                            sender_timestamp_ms: Some(1_790_000_000_000),
+                            ..Default::default()
+                        });
+                    }
+                    mine
+                },
                 info("A3", false, reaction, None),
             ],
             ..Default::default()
@@ -276,7 +303,7 @@ mod tests {
             }]
         );
         assert_eq!(piece.messages.len(), 2, "the reaction is not a message");
-        assert_eq!(piece.reactions.len(), 1, "but a reaction to A2: {:?}", piece.reactions);
+        assert_eq!(piece.reactions.len(), 1, "but a reaction to A2, once: {:?}", piece.reactions);
         let reaction = &piece.reactions[0];
         assert_eq!((reaction.message_id.as_str(), reaction.actor.as_str()), ("A2", "15551234567@s.whatsapp.net"));
         assert_eq!(reaction.kind, ChangeKind::Reaction { emoji: Some("👍".into()) });
@@ -284,6 +311,10 @@ mod tests {
         assert_eq!((theirs.message.text.as_deref(), theirs.status.as_deref()), (Some("hello"), None));
         assert_eq!(theirs.message.sender, "15551234567@s.whatsapp.net");
         assert_eq!(theirs.message.push_name.as_deref(), Some("Ada"));
+        let raw = theirs.message.raw.as_ref().expect("the raw message").as_json();
+        assert_eq!(raw["key"]["id"], "A1");
+        assert_eq!(raw["message"]["conversation"], "hello");
+        assert_eq!(raw["pushName"], "Ada");
         assert_eq!((mine.message.from_me, mine.status.as_deref()), (true, Some("read")));
         assert_eq!(mine.message.timestamp.unix_timestamp(), 1_790_000_000);
         assert_eq!(piece.contacts[0].push_name.as_deref(), Some("Ada"));

@@ -14,6 +14,7 @@ mod convert;
 mod events;
 mod history;
 mod media;
+mod raw;
 mod session;
 mod store;
 

@@ -20,7 +20,7 @@ use super::events::{Context, translate};
 use super::{WhatsAppError, map_send_error};
 use crate::{
     CloseReason, DriverError, DriverEvent, HistorySlot, IncomingMedia, Jid, LiveSession, MessageTarget, OutgoingMedia,
-    OutgoingText, SessionKey, Simulation,
+    OutgoingText, SentMessage, SessionKey, Simulation,
 };
 
 /// How long the run loop's end waits for the event that explains it (events go through the
@@ -184,6 +184,19 @@ impl WaLiveSession {
         }
     }
 
+    /// Sends a built message; its raw form is recorded as the account's phone would keep it.
+    async fn send_built(
+        &self,
+        to: &Jid,
+        built: whatsapp_rust::waproto::whatsapp::Message,
+    ) -> Result<SentMessage, DriverError> {
+        let raw_content = built.clone();
+        let sent = self.client.send_message(to_wa_jid(to), built).await.map_err(map_send_error)?;
+        let seconds = time::OffsetDateTime::now_utc().unix_timestamp();
+        let raw = super::raw::live(&raw_content, &to.to_string(), &sent.message_id, true, None, seconds, None);
+        Ok(SentMessage { message_id: sent.message_id, raw })
+    }
+
     fn ensure_open(&self) -> Result<(), DriverError> {
         if self.shared.closed.is_cancelled() || !self.client.is_logged_in() {
             return Err(DriverError::NotConnected);
@@ -201,7 +214,7 @@ impl WaLiveSession {
 
 #[async_trait]
 impl LiveSession for WaLiveSession {
-    async fn send_text(&self, message: &OutgoingText) -> Result<String, DriverError> {
+    async fn send_text(&self, message: &OutgoingText) -> Result<SentMessage, DriverError> {
         if message.text.is_empty() {
             return Err(DriverError::Invalid("the text is empty".into()));
         }
@@ -209,11 +222,10 @@ impl LiveSession for WaLiveSession {
             return Err(DriverError::NotConnected);
         }
         let built = build_text_message(&message.text, message.reply_to.as_deref(), message.forwarding_score);
-        let sent = self.client.send_message(to_wa_jid(&message.to), built).await.map_err(map_send_error)?;
-        Ok(sent.message_id)
+        self.send_built(&message.to, built).await
     }
 
-    async fn send_media(&self, message: &OutgoingMedia) -> Result<String, DriverError> {
+    async fn send_media(&self, message: &OutgoingMedia) -> Result<SentMessage, DriverError> {
         self.ensure_open()?;
         if message.bytes.is_empty() {
             return Err(DriverError::Invalid("the file is empty".into()));
@@ -224,8 +236,7 @@ impl LiveSession for WaLiveSession {
             .await
             .map_err(|e| DriverError::Failed(format!("the upload to WhatsApp failed: {e}")))?;
         let built = super::media::media_message(uploaded, message);
-        let sent = self.client.send_message(to_wa_jid(&message.to), built).await.map_err(map_send_error)?;
-        Ok(sent.message_id)
+        self.send_built(&message.to, built).await
     }
 
     async fn download_media(&self, media: &IncomingMedia, limit: u64, into: std::fs::File) -> Result<u64, DriverError> {

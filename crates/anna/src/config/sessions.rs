@@ -81,6 +81,11 @@ pub(super) fn read<F: Fn(&str) -> Option<String>>(vars: &Vars<F>) -> Result<Sess
             connect_timeout: std::time::Duration::from_secs(5),
             timeout: vars.millis("MEDIA_FETCH_TIMEOUT_MS", 30_000)?,
         },
+        raw_max_bytes: vars.parse(
+            "MESSAGES_RAW_MAX_BYTES",
+            64 * 1024,
+            "a number of bytes (0: keep no raw messages)",
+        )?,
     };
     let host = vars.string("HOSTNAME", "anna");
     let failover = vars.millis("SESSIONS_FAILOVER_MS", 15_000)?;

@@ -69,6 +69,19 @@ async fn history_of_sent_and_received_messages(backend: Backend) {
         (Some("hello history"), Some("text"))
     );
     assert_eq!((mine["replyTo"].clone(), mine["mentions"].clone()), (Value::Null, json!([])));
+    // WhatsApp's record of each message only on request: the key names the message and chat.
+    assert!(reply.get("raw").is_none() && mine.get("raw").is_none(), "{page}");
+    let raw_page = app.get(&format!("{path}&includeRaw=true")).bearer(&token).send().await;
+    let (raw_reply, raw_mine) = (&raw_page.body["items"][0]["raw"], &raw_page.body["items"][1]["raw"]);
+    assert_eq!(raw_reply["key"], json!({"remoteJid": CONTACT, "fromMe": false, "id": reply["id"]}), "{raw_page:?}");
+    assert_eq!(raw_reply["message"]["extendedTextMessage"]["contextInfo"]["stanzaId"], mine["id"]);
+    assert_eq!(raw_mine["key"]["fromMe"], true);
+    assert_eq!(raw_mine["message"], json!({"conversation": "hello history"}));
+    let refused = app.get(&format!("{path}&includeRaw=maybe")).bearer(&token).send().await;
+    assert_eq!((refused.status, refused.body["code"].as_str()), (400, Some("invalid_include_raw")));
+    // Events carry it to the history only: sockets and webhooks do not get it.
+    let received = app.events_until(&id, "session.message.received", |found| !found.is_empty()).await;
+    assert!(received.iter().all(|event| event.get("raw").is_some()), "kept in the outbox for the history");
     // The contact came online and typed before replying (`session.presence.update`).
     let presences = app.events_until(&id, "session.presence.update", |found| found.len() >= 3).await;
     let presences: Vec<&Value> = presences
@@ -143,7 +156,7 @@ async fn history_of_sent_and_received_messages(backend: Backend) {
     let session = uuid::Uuid::parse_str(&id).unwrap_or_default();
     let mut left = None;
     for _ in 0..200 {
-        left = app.store.list_messages(session, CONTACT, None, 10).await.ok().map(|m| m.len());
+        left = app.store.list_messages(session, CONTACT, None, 10, false).await.ok().map(|m| m.len());
         if left == Some(0) {
             break;
         }
@@ -409,7 +422,7 @@ async fn the_phone_history_arrives_after_pairing(backend: Backend) {
 async fn stored(app: &TestApp, session: uuid::Uuid) -> Vec<time::OffsetDateTime> {
     let mut all = Vec::new();
     for chat in app.store.list_chats(session).await.unwrap_or_default() {
-        let page = app.store.list_messages(session, &chat.chat_jid, None, 10_000).await.unwrap_or_default();
+        let page = app.store.list_messages(session, &chat.chat_jid, None, 10_000, false).await.unwrap_or_default();
         all.extend(page.into_iter().map(|m| m.timestamp));
     }
     all

@@ -366,6 +366,41 @@ async fn media_is_sent_received_and_downloaded(backend: Backend) {
     assert_eq!(download(&app, &token, &received_id).await.0, 200);
     assert_eq!(download(&app, &other, &received_id).await.0, 404, "another tenant's media");
 
+    // A voice note forwarded goes on as a voice note: WhatsApp's record of it says so.
+    let ogg: &[u8] =
+        b"OggS\0\x02\0\0\0\0\0\0\0\0\x01\0\0\0\0\0\0\0\0\0\0\0\x01\x13OpusHead\x01\x01\x38\x01\x80\xbb\0\0\0\0\0";
+    let voice = upload(&app, &token, &[("kind", None, None, b"audio"), ("file", Some("note.ogg"), None, ogg)]).await;
+    assert_eq!(voice.status, 201, "{voice:?}");
+    let voice_id = voice.body["media"]["id"].as_str().unwrap_or_default().to_owned();
+    let spoken = app
+        .post(&format!("/chats/{other_contact}/messages"))
+        .bearer(&token)
+        .json(json!({"media": {"kind": "audio", "id": voice_id}, "ptt": true}))
+        .send()
+        .await;
+    assert_eq!(spoken.status, 202, "{spoken:?}");
+    let raw_path = format!("{path}?includeRaw=true");
+    let with_raw = |body: &Value, media_id: &str, forwarded: bool| {
+        body["items"].as_array().and_then(|items| {
+            items.iter().find(|i| i["media"]["mediaId"] == media_id && i["forward"].is_object() == forwarded).cloned()
+        })
+    };
+    let page = crate::chats::until(&app, &token, &raw_path, |body| with_raw(body, &voice_id, false).is_some()).await;
+    let note = with_raw(&page, &voice_id, false).unwrap_or_default();
+    assert_eq!(note["raw"]["message"]["audioMessage"]["ptt"], true, "{note}");
+    let forwarded = app
+        .post(&format!("/chats/{CONTACT}/messages"))
+        .bearer(&token)
+        .json(json!({"forwardMessageId": note["id"]}))
+        .send()
+        .await;
+    assert_eq!(forwarded.status, 202, "{forwarded:?}");
+    let raw_path = format!("/chats/{CONTACT}/messages?includeRaw=true");
+    let page = crate::chats::until(&app, &token, &raw_path, |body| with_raw(body, &voice_id, true).is_some()).await;
+    let again = with_raw(&page, &voice_id, true).unwrap_or_default();
+    assert_eq!(again["raw"]["message"]["audioMessage"]["ptt"], true, "{again}");
+    assert_eq!(again["raw"]["message"]["audioMessage"]["contextInfo"]["isForwarded"], true, "{again}");
+
     // The events: the download's `session.messages.media`, and no download keys anywhere.
     let events = app.store.outbox_events_for_aggregate(&session).await.unwrap();
     let stored: Vec<&Value> =

@@ -172,6 +172,8 @@ async fn predecessor_client_flow(backend: Backend) {
     assert_eq!(statuses, vec![json!("server_ack"), json!("delivered"), json!("read")]);
     let reply = reply.unwrap_or_default();
     assert!(reply["payload"]["text"].as_str().unwrap_or_default().contains("hello there"));
+    assert!(reply["payload"].get("raw").is_none(), "the raw message is read through the history: {reply}");
+    assert!(message_sent["payload"].get("raw").is_none(), "{message_sent}");
 
     // Stop, then delete.
     let stopped =

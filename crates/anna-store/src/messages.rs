@@ -812,6 +812,10 @@ impl MessageWrites for SqlUnitOfWork {
         let now = OffsetDateTime::now_utc();
         for touch in touches.iter() {
             self.touch_chat(touch, now).await?;
+        }
+        // Reads on the phone once every chat has its new messages: a read named by one address
+        // counts the messages of the batch under the others too.
+        for touch in touches.iter() {
             if let Some(at) = touch.read_on_phone_at {
                 self.mark_chat_read_on_phone(touch.session_id, &touch.chat_jid, at).await?;
             }

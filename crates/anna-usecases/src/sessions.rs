@@ -624,9 +624,13 @@ impl Sessions {
                 .filter(|message| !message.is_deleted())
                 .ok_or_else(|| SessionError::ForwardNotFound(source_id.clone()))?;
             let file = self.store.list_message_media(id, std::slice::from_ref(&source_id)).await?.into_iter().next();
-            // A voice note goes on as one: WhatsApp's record of the message says so.
-            let voice_note =
-                source.raw.as_ref().and_then(|raw| raw.pointer("/message/audioMessage/ptt")) == Some(&json!(true));
+            // A voice note goes on as one: WhatsApp's record of the message says so (also when
+            // it is wrapped: disappearing, view once).
+            let voice_note = source
+                .raw
+                .as_ref()
+                .and_then(|raw| audio_message(&raw["message"]))
+                .is_some_and(|audio| audio["ptt"] == json!(true));
             request.media = file.and_then(|file| {
                 let kind = MediaKind::parse(&file.kind)?;
                 Some(MediaToSend { kind, source: MediaSource::Stored(file.media_id?), ptt: voice_note })
@@ -885,9 +889,35 @@ pub fn merge_aliased_chats(chats: Vec<ChatSummary>, aliases: &[(String, String)]
     merged
 }
 
+/// The `audioMessage` of a raw message's content, unwrapping the containers WhatsApp puts
+/// around content (`ephemeralMessage`, `viewOnceMessage`, … each holding a `message`).
+fn audio_message(content: &serde_json::Value) -> Option<&serde_json::Value> {
+    let mut content = content;
+    for _ in 0..4 {
+        if let Some(audio) = content.get("audioMessage") {
+            return Some(audio);
+        }
+        let fields = content.as_object()?;
+        content = fields.values().find_map(|wrapper| wrapper.get("message"))?;
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn voice_notes_are_found_in_their_wrappers() {
+        let plain = json!({"audioMessage": {"ptt": true}});
+        let disappearing = json!({"ephemeralMessage": {"message": {"audioMessage": {"ptt": true}}}});
+        let view_once = json!({"viewOnceMessageV2": {"message": {"audioMessage": {"seconds": 3}}}});
+        assert_eq!(audio_message(&plain), Some(&json!({"ptt": true})));
+        assert_eq!(audio_message(&disappearing), Some(&json!({"ptt": true})));
+        assert_eq!(audio_message(&view_once), Some(&json!({"seconds": 3})));
+        assert_eq!(audio_message(&json!({"conversation": "hi"})), None);
+        assert_eq!(audio_message(&serde_json::Value::Null), None);
+    }
 
     #[test]
     fn a_chats_addresses_are_listed_as_one_chat() {

@@ -115,15 +115,16 @@ impl Subscriber for MessageHistory {
                 _ => self.handle(received, Some(&mut *uow)).await.map_err(failed)?,
             }
         }
-        uow.touch_chats(&mut touches).await.map_err(|e| (None, e.into()))?;
         // Aliases and contacts once per batch, sorted: readers never wait for each other in a
-        // cycle, and a hot contact's rows are written once per batch.
+        // cycle, and a hot contact's rows are written once per batch. Aliases before the chats:
+        // a read on the phone of the batch reaches the addresses it links.
         aliases.sort_by(|a, b| (a.1, &a.2).cmp(&(b.1, &b.2)));
         for chunk in aliases.chunk_by(|a, b| a.1 == b.1) {
             let Some((tenant_id, session_id, _)) = chunk.first() else { continue };
             let pairs: Vec<(String, String)> = chunk.iter().map(|(_, _, pair)| pair.clone()).collect();
             uow.link_chat_aliases(*tenant_id, *session_id, &pairs).await.map_err(|e| (None, e.into()))?;
         }
+        uow.touch_chats(&mut touches).await.map_err(|e| (None, e.into()))?;
         contacts.sort_by(|a, b| (a.1, &a.2.jid).cmp(&(b.1, &b.2.jid)));
         for chunk in contacts.chunk_by(|a, b| a.1 == b.1) {
             let Some((tenant_id, session_id, _)) = chunk.first() else { continue };
@@ -732,6 +733,32 @@ mod tests {
         let unread: Vec<(String, u64)> =
             store.list_chats(id).await?.into_iter().map(|c| (c.chat_jid, c.unread_count)).collect();
         assert_eq!(unread, vec![(b.to_owned(), 1), (a.to_owned(), 0)]);
+
+        // A contact writes from its LID (telling its phone JID), and the phone reads the chat,
+        // named by the phone JID, later, in the same batch: nothing stays unread, whichever
+        // address sorts first.
+        let (lid, phone) = ("200015550100123@lid", "15550100123@s.whatsapp.net");
+        let from_lid = ReceivedMessage {
+            message_id: "l1".into(),
+            chat: lid.into(),
+            sender: lid.into(),
+            push_name: Some("Lia".into()),
+            text: Some("hi".into()),
+            from_me: false,
+            timestamp: now + time::Duration::seconds(1),
+            media: None,
+            chat_alt: Some(phone.into()),
+            context: Default::default(),
+            raw: None,
+        };
+        let events = [
+            session.message_received(&from_lid, now),
+            session.chat_read_on_phone(phone, now + time::Duration::seconds(5)),
+        ];
+        apply_batch(&store, events).await?;
+        let chats = store.list_chats(id).await?;
+        let lid_chat = chats.iter().find(|c| c.chat_jid == lid).map(|c| c.unread_count);
+        assert_eq!(lid_chat, Some(0), "{chats:?}");
         Ok(())
     }
 

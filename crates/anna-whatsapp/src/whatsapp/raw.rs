@@ -4,9 +4,12 @@
 //!
 //! The JSON follows the protobuf JSON mapping where it matters to readers: lowerCamelCase
 //! field names (`extendedTextMessage`, `contextInfo`), byte fields as base64, enum values by
-//! name, unset fields and empty lists left out. What locates and decrypts a file on WhatsApp's
-//! servers (a media message's `mediaKey`, `directPath`, `url`, …) and the per-message secrets
-//! are left out: anna stores the files itself, and the raw message travels in events.
+//! name, unset fields and empty lists left out. Field names are whatsapp-rust's, in
+//! lowerCamelCase (they match the protobuf names but for a few capitals, `messageC2sTimestamp`),
+//! and a `oneof` group is an object named after the group. Key material of every kind (a media
+//! message's `mediaKey`, `messageSecret`, sender keys of groups, call and poll keys) and where a
+//! file sits on WhatsApp's servers (`directPath`, `url`) are left out: anna stores the files
+//! itself, and the raw message travels in events.
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
@@ -16,12 +19,22 @@ use whatsapp_rust::waproto::whatsapp as wa;
 
 use crate::RawMessage;
 
-/// Fields of a media message (one carrying `mediaKey` or `directPath`) that give access to its
-/// file on WhatsApp's servers.
-const MEDIA_ACCESS_FIELDS: [&str; 6] =
-    ["mediaKey", "directPath", "url", "staticUrl", "thumbnailDirectPath", "mediaKeyDomain"];
-/// Secrets of a message wherever they appear (they encrypt poll votes, reactions, edits).
-const SECRET_FIELDS: [&str; 1] = ["messageSecret"];
+/// Fields of a media message (one carrying a media key or a direct path) that locate its file
+/// on WhatsApp's servers.
+const MEDIA_LOCATION_FIELDS: [&str; 2] = ["url", "staticUrl"];
+
+/// Whether a field holds a secret: key material of any kind (`mediaKey`, `callKey`, `encKey`,
+/// `masterKey`, `messageSecret`, … — byte fields named so; a `key` naming a message is kept), a
+/// sender key being distributed (group encryption), or where a file sits on WhatsApp's servers
+/// (`directPath`, `thumbnailDirectPath`, …).
+fn is_secret(name: &str, value: &Value) -> bool {
+    let key_material = (name.ends_with("Key") || name.ends_with("Secret") || name == "secret") && value.is_string();
+    key_material
+        || name.contains("SenderKeyDistribution")
+        || name.starts_with("senderKeyDistribution")
+        || name == "directPath"
+        || name.ends_with("DirectPath")
+}
 
 /// The raw form of a message received or sent live: the `WebMessageInfo` the phone would keep.
 pub(crate) fn live(
@@ -90,19 +103,27 @@ fn json_of(typed: Typed) -> Option<Value> {
         Typed::Seq(items) => Value::Array(items.into_iter().map(|item| json_of(item).unwrap_or(Value::Null)).collect()),
         Typed::Map(entries) => {
             let mut fields = Map::new();
+            let mut locates_a_file = false;
             for (key, value) in entries {
-                let Typed::String(key) = key else { continue };
-                if let Some(value) = json_of(value) {
-                    fields.insert(camel_case(&key), value);
+                let name = match key {
+                    Typed::String(name) => camel_case(&name),
+                    // Map entries with integer keys (`map<uint32, …>`).
+                    other => match json_of(other) {
+                        Some(Value::Number(number)) => number.to_string(),
+                        _ => continue,
+                    },
+                };
+                let Some(value) = json_of(value) else { continue };
+                if is_secret(&name, &value) {
+                    locates_a_file |= name == "mediaKey" || name == "directPath";
+                    continue;
                 }
+                fields.insert(name, value);
             }
-            if fields.contains_key("mediaKey") || fields.contains_key("directPath") {
-                for name in MEDIA_ACCESS_FIELDS {
+            if locates_a_file {
+                for name in MEDIA_LOCATION_FIELDS {
                     fields.remove(name);
                 }
-            }
-            for name in SECRET_FIELDS {
-                fields.remove(name);
             }
             Value::Object(fields)
         }
@@ -211,6 +232,39 @@ mod tests {
         }
         assert!(raw.as_json()["message"]["messageContextInfo"].get("messageSecret").is_none());
         assert!(!raw.as_json().to_string().contains("mmg.example.invalid"));
+    }
+
+    #[test]
+    fn key_material_of_every_kind_is_left_out() {
+        let message = wa::Message {
+            conversation: Some("hello group".into()),
+            sender_key_distribution_message: wa::message::SenderKeyDistributionMessage {
+                group_id: Some("120363000000000001@g.us".into()),
+                axolotl_sender_key_distribution_message: Some(vec![5; 64]),
+            }
+            .into(),
+            call: wa::message::Call { call_key: Some(vec![6; 32]), ..Default::default() }.into(),
+            poll_creation_message: wa::message::PollCreationMessage {
+                enc_key: Some(vec![7; 32]),
+                name: Some("Lunch?".into()),
+                ..Default::default()
+            }
+            .into(),
+            ..Default::default()
+        };
+        let raw =
+            live(&message, "120363000000000001@g.us", "3EB0G", false, Some("15550100123@s.whatsapp.net"), 1, None)
+                .expect("raw");
+        let json = raw.as_json();
+        assert_eq!(json["message"]["conversation"], "hello group");
+        assert_eq!(json["message"]["pollCreationMessage"]["name"], "Lunch?");
+        assert!(json["message"].get("senderKeyDistributionMessage").is_none(), "{json}");
+        assert!(json["message"]["call"].get("callKey").is_none(), "{json}");
+        assert!(json["message"]["pollCreationMessage"].get("encKey").is_none(), "{json}");
+        assert_eq!(json["key"]["participant"], "15550100123@s.whatsapp.net", "a message's key is no secret");
+        for secret in ["BQUF", "BgYG", "BwcH"] {
+            assert!(!json.to_string().contains(secret), "{secret} in {json}");
+        }
     }
 
     #[test]

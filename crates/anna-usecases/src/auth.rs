@@ -89,6 +89,7 @@ impl Accounts {
         uow.update_user(&user).await?;
         let grant = self.start_family(uow.as_mut(), &user, now, meta).await?;
         uow.commit().await?;
+        self.users.forget(user.id);
         tracing::info!(user_id = %user.id, "user logged in");
         Ok(grant)
     }
@@ -156,6 +157,7 @@ impl Accounts {
         }
         let revoked = uow.revoke_user_refresh_tokens(user_id, now).await?;
         uow.commit().await?;
+        self.users.forget(user_id);
         tracing::info!(%user_id, revoked, "logged out everywhere");
         Ok(revoked)
     }
@@ -191,6 +193,7 @@ impl Accounts {
             uow.update_user(&user).await?;
             uow.append_events(&traced([event])).await?;
             uow.commit().await?;
+            self.users.forget(user.id);
         }
         Ok(())
     }
@@ -216,6 +219,7 @@ impl Accounts {
         let revoked = uow.revoke_user_refresh_tokens(user.id, now).await?;
         uow.append_events(&traced([event])).await?;
         uow.commit().await?;
+        self.users.forget(user.id);
         tracing::info!(user_id = %user.id, revoked, "password reset completed");
         Ok(())
     }
@@ -235,6 +239,7 @@ impl Accounts {
         if user.check_password_reset(token, now, &self.policy, &self.secrets).is_err() {
             uow.update_user(&user).await?;
             uow.commit().await?;
+            self.users.forget(user.id);
             return Err(PasswordResetError::Refused);
         }
         Ok((uow, user))

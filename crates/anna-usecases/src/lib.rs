@@ -27,6 +27,7 @@ pub mod media;
 mod passwords;
 pub mod sessions;
 mod tokens;
+mod user_cache;
 mod users;
 pub mod webhooks;
 
@@ -69,6 +70,11 @@ pub struct AccountsConfig {
     /// Password hashes computed at once; more wait. Keeps login floods from starving the
     /// runtime and bounds the memory Argon2 takes.
     pub hashing_concurrency: usize,
+    /// How long a user loaded to authenticate a request serves later requests of this
+    /// process (`AUTH_USER_CACHE_TTL_MS`; zero: every request asks the database), and how many
+    /// users are kept (`AUTH_USER_CACHE_MAX`). See `user_cache.rs`.
+    pub user_cache_ttl: Duration,
+    pub user_cache_max: usize,
 }
 
 impl AccountsConfig {
@@ -87,6 +93,8 @@ impl AccountsConfig {
             max_secret_attempts: 5,
             argon2: Argon2Cost::default(),
             hashing_concurrency: 2,
+            user_cache_ttl: Duration::from_secs(1),
+            user_cache_max: 10_000,
         }
     }
 }
@@ -148,6 +156,7 @@ pub struct Accounts {
     policy: SecretPolicy,
     refresh_token_ttl: Duration,
     refresh_reuse_grace: Duration,
+    users: user_cache::UserCache,
 }
 
 impl Accounts {
@@ -166,6 +175,7 @@ impl Accounts {
             },
             refresh_token_ttl: config.refresh_token_ttl,
             refresh_reuse_grace: config.refresh_reuse_grace,
+            users: user_cache::UserCache::new(config.user_cache_ttl, config.user_cache_max),
         })
     }
 
@@ -174,7 +184,18 @@ impl Accounts {
     /// password since it was issued). The user is loaded for the check and handed over.
     pub async fn authenticate(&self, access_token: &str) -> Result<Option<Caller>, Failure> {
         let Some(token) = self.tokens.verify(access_token) else { return Ok(None) };
+        // A user loaded recently accepts the token without a round trip; one that would refuse
+        // it (or none) is read again: it may have logged in anew in another process since.
+        if let Some(user) = self.users.get(token.user_id)
+            && user.accepts_access_token(token.token_generation)
+        {
+            return Ok(Some(Caller { user_id: token.user_id, expires_at: token.expires_at, user: Some(user) }));
+        }
+        let ticket = self.users.ticket(token.user_id);
         let user = self.store.find_user_by_id(token.user_id).await?;
+        if let Some(user) = &user {
+            self.users.put(user, ticket);
+        }
         if let Some(user) = &user
             && !user.accepts_access_token(token.token_generation)
         {

@@ -80,6 +80,7 @@ impl Accounts {
                 uow.append_events(&traced([event])).await?;
                 let grant = self.start_family(uow.as_mut(), &user, now, meta).await?;
                 uow.commit().await?;
+                self.users.forget(user_id);
                 tracing::info!(%user_id, "user verified");
                 Ok(grant)
             }
@@ -88,6 +89,7 @@ impl Accounts {
                     // The attempt counter must stick even though the request fails.
                     uow.update_user(&user).await?;
                     uow.commit().await?;
+                    self.users.forget(user_id);
                 }
                 Err(VerifyEmailError::Refused(refused))
             }

@@ -31,6 +31,8 @@ pub(super) fn read<F: Fn(&str) -> Option<String>>(vars: &Vars<F>) -> Result<Acco
         verification_ttl: vars.millis("AUTH_VERIFICATION_TTL_MS", 3_600_000)?,
         password_reset_ttl: vars.millis("AUTH_PASSWORD_RESET_TTL_MS", 3_600_000)?,
         max_secret_attempts: vars.positive("AUTH_MAX_SECRET_ATTEMPTS", 5, "a positive whole number")?,
+        user_cache_ttl: vars.millis_or_zero("AUTH_USER_CACHE_TTL_MS", 1000)?,
+        user_cache_max: vars.parse("AUTH_USER_CACHE_MAX", dev.user_cache_max, "a number of users (0: none kept)")?,
         argon2: Argon2Cost {
             memory_kib: vars.positive(
                 "AUTH_ARGON2_MEMORY_KIB",

@@ -366,6 +366,41 @@ async fn outdated_password_hashes_are_replaced_at_login(backend: Backend) {
     app.stop().await;
 }
 
+/// Two API processes on one database: a user the second one loaded serves its requests without
+/// a database round trip, and a logout everywhere through the first one reaches it within
+/// `AUTH_USER_CACHE_TTL_MS` — never later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_logout_everywhere_reaches_other_api_processes_within_the_user_cache_ttl() {
+    let first = spawn_app(Backend::Postgres).await;
+    let database_url = first.env.get("DATABASE_URL").cloned().unwrap_or_default();
+    let second = crate::helpers::spawn_app_roles(
+        Backend::Postgres,
+        &[("DATABASE_URL", &database_url), ("AUTH_USER_CACHE_TTL_MS", "300")],
+        anna::app::Roles::API,
+    )
+    .await;
+    let email = unique_email();
+    first.active_user(&email, PASSWORD).await;
+    let session = first.login(&email, PASSWORD).await;
+    assert_eq!(second.get("/users/me").bearer(&session.access_token()).send().await.status, 200);
+    let all = first.post("/auth/logout-all").bearer(&session.access_token()).send().await;
+    assert_eq!(all.status, 204);
+    assert_eq!(first.get("/users/me").bearer(&session.access_token()).send().await.status, 401, "at once here");
+    // The other process refuses it as soon as its copy of the user is older than its TTL.
+    let started = std::time::Instant::now();
+    let mut refused = false;
+    while !refused && started.elapsed() < std::time::Duration::from_secs(10) {
+        refused = second.get("/users/me").bearer(&session.access_token()).send().await.status == 401;
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(refused, "the voided token is still accepted by the other process");
+    // A new login there is accepted at once: a cached user refusing a newer token is read again.
+    let again = first.login(&email, PASSWORD).await;
+    assert_eq!(second.get("/users/me").bearer(&again.access_token()).send().await.status, 200);
+    second.stop().await;
+    first.stop().await;
+}
+
 crate::on_both_backends!(
     outdated_password_hashes_are_replaced_at_login,
     login_does_not_enumerate,

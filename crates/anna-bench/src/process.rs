@@ -45,6 +45,9 @@ pub struct UsersMeArgs {
     /// output goes to a pipe that is read and dropped).
     #[arg(long, default_value = "info")]
     log_level: String,
+    /// anna's `AUTH_USER_CACHE_TTL_MS` (1000 by default; 0: every request reads its user).
+    #[arg(long, default_value_t = 1000)]
+    user_cache_ttl_ms: u64,
     /// The `anna` binary (default: next to this one).
     #[arg(long)]
     anna: Option<PathBuf>,
@@ -350,6 +353,7 @@ pub async fn users_me(args: UsersMeArgs) -> anyhow::Result<()> {
             ("REDIS_URL", anna_testkit::redis::shared_url()),
             ("DATABASE_MAX_CONNECTIONS", args.pool.to_string()),
             ("LOG_LEVEL", args.log_level.clone()),
+            ("AUTH_USER_CACHE_TTL_MS", args.user_cache_ttl_ms.to_string()),
         ],
     )?;
     let client = reqwest::Client::new();
@@ -383,7 +387,10 @@ pub async fn users_me(args: UsersMeArgs) -> anyhow::Result<()> {
         .and_then(|l| l.split_whitespace().nth(2))
         .and_then(|v| v.parse::<f64>().ok())
         .ok_or_else(|| anyhow::anyhow!("cannot read pgbench's output:\n{bench_out}"))?;
-    println!("| load ({} connections, {} s) | per second |", args.connections, args.seconds);
+    println!(
+        "| load ({} connections, {} s; `AUTH_USER_CACHE_TTL_MS={}`) | per second |",
+        args.connections, args.seconds, args.user_cache_ttl_ms
+    );
     println!("|---|---:|");
     println!("| anna `GET /users/me` (wrk; {non_2xx}) | {anna_rps:.0} |");
     println!("| Postgres `pgbench -S` on the same database | {pg_tps:.0} |");

@@ -88,8 +88,8 @@ impl Accounts {
         user.record_login(now);
         uow.update_user(&user).await?;
         let grant = self.start_family(uow.as_mut(), &user, now, meta).await?;
+        let _forget = self.users.forget_on_drop(user.id);
         uow.commit().await?;
-        self.users.forget(user.id);
         tracing::info!(user_id = %user.id, "user logged in");
         Ok(grant)
     }
@@ -156,8 +156,8 @@ impl Accounts {
             uow.update_user(&user).await?;
         }
         let revoked = uow.revoke_user_refresh_tokens(user_id, now).await?;
+        let _forget = self.users.forget_on_drop(user_id);
         uow.commit().await?;
-        self.users.forget(user_id);
         tracing::info!(%user_id, revoked, "logged out everywhere");
         Ok(revoked)
     }
@@ -192,8 +192,8 @@ impl Accounts {
         {
             uow.update_user(&user).await?;
             uow.append_events(&traced([event])).await?;
+            let _forget = self.users.forget_on_drop(user.id);
             uow.commit().await?;
-            self.users.forget(user.id);
         }
         Ok(())
     }
@@ -218,8 +218,8 @@ impl Accounts {
         uow.update_user(&user).await?;
         let revoked = uow.revoke_user_refresh_tokens(user.id, now).await?;
         uow.append_events(&traced([event])).await?;
+        let _forget = self.users.forget_on_drop(user.id);
         uow.commit().await?;
-        self.users.forget(user.id);
         tracing::info!(user_id = %user.id, revoked, "password reset completed");
         Ok(())
     }
@@ -238,8 +238,8 @@ impl Accounts {
         };
         if user.check_password_reset(token, now, &self.policy, &self.secrets).is_err() {
             uow.update_user(&user).await?;
+            let _forget = self.users.forget_on_drop(user.id);
             uow.commit().await?;
-            self.users.forget(user.id);
             return Err(PasswordResetError::Refused);
         }
         Ok((uow, user))

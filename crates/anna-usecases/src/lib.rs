@@ -189,8 +189,10 @@ impl Accounts {
         if let Some(user) = self.users.get(token.user_id)
             && user.accepts_access_token(token.token_generation)
         {
+            metrics::counter!("auth_user_cache_hits_total").increment(1);
             return Ok(Some(Caller { user_id: token.user_id, expires_at: token.expires_at, user: Some(user) }));
         }
+        metrics::counter!("auth_user_cache_misses_total").increment(1);
         let ticket = self.users.ticket(token.user_id);
         let user = self.store.find_user_by_id(token.user_id).await?;
         if let Some(user) = &user {

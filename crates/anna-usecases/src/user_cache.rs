@@ -20,8 +20,9 @@ use std::time::{Duration, Instant};
 use anna_domain::User;
 use uuid::Uuid;
 
-/// Counters of changes, each shared by the user ids that fall in it.
-const STRIPES: usize = 64;
+/// Counters of changes, each shared by the user ids that fall in it (a change forgets the
+/// others of its stripe too: many stripes keep that rare).
+const STRIPES: usize = 1024;
 
 pub(crate) struct UserCache {
     ttl: Duration,
@@ -37,9 +38,10 @@ struct Cached {
     changes: u64,
 }
 
-/// A read about to load a user: what its change counter was before.
+/// A read about to load a user: what its change counter was before, and when it began (the
+/// entry's age counts from then, so a slow read does not stretch the TTL).
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct ReadTicket(u64);
+pub(crate) struct ReadTicket(u64, Instant);
 
 impl UserCache {
     pub(crate) fn new(ttl: Duration, capacity: usize) -> Self {
@@ -71,11 +73,12 @@ impl UserCache {
     /// Taken before reading a user from the database, handed to [`Self::put`] with what was
     /// read.
     pub(crate) fn ticket(&self, id: Uuid) -> ReadTicket {
-        ReadTicket(self.counter(id).load(Ordering::Acquire))
+        ReadTicket(self.counter(id).load(Ordering::Acquire), Instant::now())
     }
 
     /// Keeps a user read from the database, unless it changed since the read began. When full,
-    /// expired entries go first, then all.
+    /// expired entries go first; if that frees less than a quarter, all go (one scan per
+    /// quarter of inserts at most).
     pub(crate) fn put(&self, user: &User, ticket: ReadTicket) {
         if !self.enabled() || self.counter(user.id).load(Ordering::Acquire) != ticket.0 {
             return;
@@ -83,17 +86,34 @@ impl UserCache {
         let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
         if entries.len() >= self.capacity && !entries.contains_key(&user.id) {
             entries.retain(|_, cached| cached.loaded_at.elapsed() < self.ttl);
-            if entries.len() >= self.capacity {
+            if entries.len() >= self.capacity - self.capacity / 4 {
                 entries.clear();
             }
         }
-        entries.insert(user.id, Cached { user: user.clone(), loaded_at: Instant::now(), changes: ticket.0 });
+        entries.insert(user.id, Cached { user: user.clone(), loaded_at: ticket.1, changes: ticket.0 });
+    }
+
+    /// Forgets the user when dropped: held across the commit of a change to it, so the user is
+    /// forgotten whatever becomes of the commit (done, failed, or its request given up).
+    pub(crate) fn forget_on_drop(&self, id: Uuid) -> ForgetOnDrop<'_> {
+        ForgetOnDrop { cache: self, id }
     }
 
     /// The user changed (committed): what was loaded before no longer holds.
     pub(crate) fn forget(&self, id: Uuid) {
         self.counter(id).fetch_add(1, Ordering::AcqRel);
         self.entries.lock().unwrap_or_else(PoisonError::into_inner).remove(&id);
+    }
+}
+
+pub(crate) struct ForgetOnDrop<'a> {
+    cache: &'a UserCache,
+    id: Uuid,
+}
+
+impl Drop for ForgetOnDrop<'_> {
+    fn drop(&mut self) {
+        self.cache.forget(self.id);
     }
 }
 
@@ -147,6 +167,18 @@ mod tests {
         assert!(cache.get(ada.id).is_none());
         cache.put(&ada, cache.ticket(ada.id));
         assert!(cache.get(ada.id).is_some(), "a read after the change is kept");
+    }
+
+    #[test]
+    fn a_change_forgets_when_its_guard_goes() {
+        let cache = UserCache::new(Duration::from_secs(60), 10);
+        let ada = user();
+        cache.put(&ada, cache.ticket(ada.id));
+        {
+            let _committing = cache.forget_on_drop(ada.id);
+            assert!(cache.get(ada.id).is_some(), "not before the commit is done");
+        }
+        assert!(cache.get(ada.id).is_none());
     }
 
     #[test]

@@ -79,8 +79,8 @@ impl Accounts {
                 uow.update_user(&user).await?;
                 uow.append_events(&traced([event])).await?;
                 let grant = self.start_family(uow.as_mut(), &user, now, meta).await?;
+                let _forget = self.users.forget_on_drop(user_id);
                 uow.commit().await?;
-                self.users.forget(user_id);
                 tracing::info!(%user_id, "user verified");
                 Ok(grant)
             }
@@ -88,8 +88,8 @@ impl Accounts {
                 if matches!(refused, VerifyError::Mismatch(_) | VerifyError::AttemptsExhausted(_)) {
                     // The attempt counter must stick even though the request fails.
                     uow.update_user(&user).await?;
+                    let _forget = self.users.forget_on_drop(user_id);
                     uow.commit().await?;
-                    self.users.forget(user_id);
                 }
                 Err(VerifyEmailError::Refused(refused))
             }

@@ -38,6 +38,8 @@ const FAMILIES: &[(&str, Kind, Reporter, Option<FixedLabel>)] = &[
     ("http_connections_refused_total", Counter, Api, None),
     ("auth_rate_limited_total", Counter, Api, None),
     ("auth_refresh_reuse_detected_total", Counter, Api, None),
+    ("auth_user_cache_hits_total", Counter, Api, None),
+    ("auth_user_cache_misses_total", Counter, Api, None),
     ("rate_limit_shared_failures_total", Counter, Api, None),
     ("session_commands_enqueued_total", Counter, Api, None),
     ("session_commands_refused_total", Counter, Api, None),

@@ -31,7 +31,7 @@ pub(super) fn read<F: Fn(&str) -> Option<String>>(vars: &Vars<F>) -> Result<Acco
         verification_ttl: vars.millis("AUTH_VERIFICATION_TTL_MS", 3_600_000)?,
         password_reset_ttl: vars.millis("AUTH_PASSWORD_RESET_TTL_MS", 3_600_000)?,
         max_secret_attempts: vars.positive("AUTH_MAX_SECRET_ATTEMPTS", 5, "a positive whole number")?,
-        user_cache_ttl: vars.millis_or_zero("AUTH_USER_CACHE_TTL_MS", 1000)?,
+        user_cache_ttl: user_cache_ttl(vars)?,
         user_cache_max: vars.parse("AUTH_USER_CACHE_MAX", dev.user_cache_max, "a number of users (0: none kept)")?,
         argon2: Argon2Cost {
             memory_kib: vars.positive(
@@ -56,4 +56,18 @@ pub(super) fn read<F: Fn(&str) -> Option<String>>(vars: &Vars<F>) -> Result<Acco
             "a positive number of concurrent password hashes",
         )?,
     })
+}
+
+/// At most a minute: the TTL is how late another replica may still accept an access token
+/// voided by a logout everywhere.
+fn user_cache_ttl<F: Fn(&str) -> Option<String>>(vars: &Vars<F>) -> Result<Duration, ConfigError> {
+    let ttl = vars.millis_or_zero("AUTH_USER_CACHE_TTL_MS", 1000)?;
+    if ttl > Duration::from_secs(60) {
+        return Err(ConfigError::Invalid {
+            var: "AUTH_USER_CACHE_TTL_MS",
+            shown: ttl.as_millis().to_string(),
+            expected: "at most 60000 (a minute)",
+        });
+    }
+    Ok(ttl)
 }

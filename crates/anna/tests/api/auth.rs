@@ -397,6 +397,29 @@ async fn a_logout_everywhere_reaches_other_api_processes_within_the_user_cache_t
     // A new login there is accepted at once: a cached user refusing a newer token is read again.
     let again = first.login(&email, PASSWORD).await;
     assert_eq!(second.get("/users/me").bearer(&again.access_token()).send().await.status, 200);
+    // The next request there is answered from its copy of the user (the tests' apps share one
+    // metrics registry; the first one is idle meanwhile).
+    let hits = || async {
+        let metrics = second.get("/metrics").send().await.text;
+        metrics
+            .lines()
+            .find(|line| line.starts_with("auth_user_cache_hits_total"))
+            .and_then(|line| line.rsplit(' ').next())
+            .and_then(|value| value.parse::<f64>().ok())
+            .unwrap_or_default()
+    };
+    let mut answered_from_copy = false;
+    for _ in 0..10 {
+        let before = hits().await;
+        for _ in 0..2 {
+            assert_eq!(second.get("/users/me").bearer(&again.access_token()).send().await.status, 200);
+        }
+        answered_from_copy = hits().await > before;
+        if answered_from_copy {
+            break;
+        }
+    }
+    assert!(answered_from_copy, "every request read its user");
     second.stop().await;
     first.stop().await;
 }

@@ -273,6 +273,9 @@ mod tests {
         let e =
             config(&[("AUTH_REFRESH_TOKEN_TTL_MS", "99999999999")]).err().map(|e| e.to_string()).unwrap_or_default();
         assert!(e.contains("400 days"), "{e}");
+        let e = config(&[("AUTH_USER_CACHE_TTL_MS", "3600000")]).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(e.contains("AUTH_USER_CACHE_TTL_MS") && e.contains("a minute"), "{e}");
+        assert!(config(&[("AUTH_USER_CACHE_TTL_MS", "0")]).is_ok(), "0 turns the cache off");
         let e = config(&[("DATABASE_URL", "mysql://u:hunter2@h/d")]).err().map(|e| e.to_string()).unwrap_or_default();
         assert!(e.contains("DATABASE_URL") && !e.contains("hunter2"), "{e}");
         let e = config(&[("TRUSTED_PROXIES", "10.0.0.0/8, nope")]).err().map(|e| e.to_string()).unwrap_or_default();

@@ -16,6 +16,7 @@ pub mod sessions;
 pub mod settings;
 pub mod state;
 pub mod telemetry;
+mod upload_body;
 pub mod users;
 pub mod webhooks;
 
@@ -188,14 +189,21 @@ async fn refuse_announced_oversize(
         return ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", "request body is too large")
             .into_response();
     }
+    if !upload {
+        return next.run(request).await;
+    }
     // The upload route lifts the API's body limit for its own: a body of any framing (chunked,
-    // or parts that never end) is cut at it while it is read.
-    let request = if upload {
-        request.map(|body| axum::body::Body::new(http_body_util::Limited::new(body, max_body as usize)))
-    } else {
-        request
-    };
-    next.run(request).await
+    // or parts that never end) is cut at it while it is read. What the handler leaves unread
+    // is read after its answer (see `upload_body`).
+    let (parts, body) = request.into_parts();
+    let (shared, rest) = upload_body::share(http_body_util::Limited::new(body, max_body as usize));
+    let response = next.run(axum::extract::Request::from_parts(parts, axum::body::Body::new(shared))).await;
+    // After a 413 (the file counted over the limit) and after a success (the last bytes of the
+    // framing); other refusals come before the body is read and do not wait for it.
+    if response.status() == StatusCode::PAYLOAD_TOO_LARGE || response.status().is_success() {
+        rest.drain().await;
+    }
+    response
 }
 
 /// A known path with another method: the JSON error shape too.

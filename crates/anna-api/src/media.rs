@@ -168,15 +168,8 @@ async fn upload(
         return Err(busy);
     };
     let limit = state.config.media_max_upload_bytes;
-    let (kind, session, file) = match read_form(&mut form, limit, query.session_id).await {
-        Ok(parts) => parts,
-        Err(refused) => {
-            if refused.status == StatusCode::PAYLOAD_TOO_LARGE {
-                drain(&mut form).await;
-            }
-            return Err(refused);
-        }
-    };
+    // A refused upload's unread rest is read by the body-limit middleware after this answers.
+    let (kind, session, file) = read_form(&mut form, limit, query.session_id).await?;
     let kind = kind.as_deref().and_then(MediaKind::parse).ok_or_else(|| {
         ApiError::bad_request("invalid_kind", "kind is required (image|video|audio|document|sticker)")
     })?;
@@ -230,20 +223,6 @@ async fn read_form(form: &mut Multipart, limit: u64, session: Option<String>) ->
         }
     }
     Ok((kind, session, file))
-}
-
-/// Longest wait for the rest of a refused upload.
-const DRAIN_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
-
-/// Reads and drops what is left of an upload refused as too large (the body is cut at the
-/// upload limit anyway), so the client, still sending, sees the 413 rather than a reset.
-async fn drain(form: &mut Multipart) {
-    let _ = tokio::time::timeout(DRAIN_WAIT, async {
-        while let Ok(Some(mut field)) = form.next_field().await {
-            while let Ok(Some(_)) = field.chunk().await {}
-        }
-    })
-    .await;
 }
 
 /// A text field of the form, at most [`MAX_FIELD_BYTES`].

@@ -527,7 +527,11 @@ async fn a_chat_known_by_phone_and_lid_is_one_chat(backend: Backend) {
     })
     .await;
     let by_phone = app.get(&format!("/chats/{CONTACT}/messages")).bearer(&token).send().await;
-    assert_eq!(by_lid["items"], by_phone.body["items"], "both addresses page the same chat");
+    // The same messages (their statuses may move on between the two reads).
+    let ids = |items: &Value| -> Vec<Value> {
+        items.as_array().map(|items| items.iter().map(|i| i["id"].clone()).collect()).unwrap_or_default()
+    };
+    assert_eq!(ids(&by_lid["items"]), ids(&by_phone.body["items"]), "both addresses page the same chat");
     let reply = by_lid["items"][0]["id"].as_str().unwrap_or_default().to_owned();
     assert_eq!(by_lid["items"][0]["fromMe"], false);
     let paged = app.get(&format!("/chats/{lid}/messages?limit=1")).bearer(&token).send().await;

@@ -30,6 +30,9 @@ pub struct InboundArgs {
     /// history subscriber has applied.
     #[arg(long)]
     stages: bool,
+    /// anna's `MESSAGES_RAW_MAX_BYTES` (0: no raw messages kept or carried in events).
+    #[arg(long, default_value_t = 65536)]
+    raw_max_bytes: u64,
 }
 
 pub async fn run(args: InboundArgs) -> anyhow::Result<()> {
@@ -51,6 +54,7 @@ pub async fn run(args: InboundArgs) -> anyhow::Result<()> {
             ("SESSIONS_SIMULATOR_HISTORY_MESSAGES", "0".to_owned()),
             ("SESSIONS_SIMULATOR_BURST_MESSAGES", args.messages.to_string()),
             ("SESSIONS_RESUME_STAGGER_MS", "0".to_owned()),
+            ("MESSAGES_RAW_MAX_BYTES", args.raw_max_bytes.to_string()),
         ]);
         let server = Server::start(args.anna.clone(), &vars)?;
         let (elapsed, before_kib) = burst(&server, args.sessions, total, args.stages).await?;

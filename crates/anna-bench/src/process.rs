@@ -352,7 +352,8 @@ pub async fn users_me(args: UsersMeArgs) -> anyhow::Result<()> {
             ("DATABASE_URL", database_url.clone()),
             ("REDIS_URL", anna_testkit::redis::shared_url()),
             ("DATABASE_MAX_CONNECTIONS", args.pool.to_string()),
-            ("LOG_LEVEL", args.log_level.clone()),
+            // The line saying where it listens is needed whatever the level.
+            ("LOG_LEVEL", format!("{},anna::app=info", args.log_level)),
             ("AUTH_USER_CACHE_TTL_MS", args.user_cache_ttl_ms.to_string()),
         ],
     )?;

@@ -171,7 +171,8 @@ async fn not_found(method: axum::http::Method) -> ApiError {
 
 /// A body whose announced length is over the limit is refused at once, before any of it is
 /// read (a body without a length, or lying about it, is cut by `DefaultBodyLimit` as it is
-/// read, or by the upload's own count of its file).
+/// read, or by the upload's own count of its file). An upload's body is cut at the upload
+/// limit here, and what its handler left unread is read after the answer (`upload_body`).
 async fn refuse_announced_oversize(
     max_body: u64,
     max_upload: u64,

@@ -542,9 +542,22 @@ impl RawMessage {
         self.0
     }
 
-    /// Its size as stored, in bytes.
+    /// Its size as stored, in bytes (counted as it is written out, without keeping the text).
     pub fn stored_len(&self) -> usize {
-        self.0.to_string().len()
+        struct Count(usize);
+        impl std::io::Write for Count {
+            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+                self.0 += bytes.len();
+                Ok(bytes.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut count = Count(0);
+        // Writing a `Value` to memory cannot fail.
+        let _ = serde_json::to_writer(&mut count, &self.0);
+        count.0
     }
 }
 
@@ -586,6 +599,13 @@ impl MessageContext {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_raw_message_is_measured_as_stored_and_not_shown() {
+        let raw = RawMessage::new(json!({"key": {"id": "3EB0"}, "message": {"conversation": "secret text"}}));
+        assert_eq!(raw.stored_len(), raw.as_json().to_string().len());
+        assert!(!format!("{raw:?}").contains("secret"));
+    }
 
     fn at(seconds: i64) -> OffsetDateTime {
         OffsetDateTime::from_unix_timestamp(1_790_000_000 + seconds).unwrap_or(OffsetDateTime::UNIX_EPOCH)
